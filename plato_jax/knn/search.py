@@ -1,0 +1,210 @@
+"""The public exact top-k search: tiles, ids, self-exclusion, prefixes, multi-k.
+
+Exactness contract. Scores are dot products accumulated in float32 over the stored values:
+f32 inputs use a true-f32 matmul (`Precision.HIGHEST`); bf16 (or f16) inputs on both sides
+are multiplied in that dtype with f32 accumulation, which is exact per product. Neighbours
+are ordered by (score descending, id ascending), so the result is a pure function of the
+scores and the ids: identical across tile sizes, device counts and runs. It equals a float64
+brute force wherever float32 accumulation does not reorder two scores (tests use integer data
+to make that unconditional).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax import lax
+
+from kernels.topk import BucketConfig
+from plato_jax.knn import sharding
+from plato_jax.knn.sources import MAX_ID, as_source, plan_tiles, stream_tiles
+from plato_jax.progress import Progress
+
+# Scores of one device's tile stay under this many bytes.
+SCORE_TILE_BYTES = 128 * 2**20
+NO_ID = -2  # a query id no gallery row has (padding uses -1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Neighbours:
+  """Top-k of each query: `ids` int64 [Q, k], `scores` float32 [Q, k]."""
+  ids: np.ndarray
+  scores: np.ndarray
+  gallery_size: int
+
+  @property
+  def k(self) -> int:
+    return self.ids.shape[1]
+
+  def top(self, k: int) -> "Neighbours":
+    """The k best (a prefix of the sorted lists); raises if some query has fewer than k."""
+    if not 1 <= k <= self.k:
+      raise ValueError(f"k={k} outside [1, {self.k}] for a gallery of {self.gallery_size} rows")
+    short = np.flatnonzero(~np.isfinite(self.scores[:, k - 1]))
+    if short.size:
+      raise ValueError(
+          f"k={k} exceeds the neighbours available in a gallery of {self.gallery_size} rows "
+          f"(after self-exclusion) for query rows {short[:10].tolist()}")
+    return Neighbours(self.ids[:, :k], self.scores[:, :k], self.gallery_size)
+
+
+def _ids_array(ids, n: int, what: str) -> np.ndarray:
+  ids = np.asarray(ids)
+  if ids.shape != (n,):
+    raise ValueError(f"{what} has shape {ids.shape}, expected ({n},)")
+  if not np.issubdtype(ids.dtype, np.integer):
+    raise ValueError(f"{what} must be integers, got dtype {ids.dtype}")
+  if n and (ids.min() < 0 or ids.max() >= MAX_ID):
+    bad = np.flatnonzero((ids < 0) | (ids >= MAX_ID))
+    raise ValueError(f"{what} must lie in [0, 2**31-1); rows {bad[:10].tolist()} do not")
+  return ids.astype(np.int64)
+
+
+def _check_unique(ids: np.ndarray, what: str) -> None:
+  order = np.argsort(ids, kind="stable")
+  sorted_ids = ids[order]
+  dup = np.flatnonzero(sorted_ids[1:] == sorted_ids[:-1])
+  if dup.size:
+    rows = sorted(set(order[dup].tolist()) | set(order[dup + 1].tolist()))
+    raise ValueError(f"duplicate {what}: ids {np.unique(sorted_ids[dup])[:10].tolist()} "
+                     f"at rows {rows[:10]}")
+
+
+def _compute_dtype(q_dtype, g_dtype, requested):
+  if requested is not None:
+    return np.dtype(requested)
+  half = {np.dtype(jax.numpy.bfloat16), np.dtype(np.float16)}
+  if np.dtype(q_dtype) == np.dtype(g_dtype) and np.dtype(q_dtype) in half:
+    return np.dtype(q_dtype)
+  return np.dtype(np.float32)
+
+
+def _k_list(k) -> list[int]:
+  ks = [k] if np.isscalar(k) else list(k)
+  if not ks or any(int(x) != x or x < 1 for x in ks):
+    raise ValueError(f"k must be a positive integer or a list of them, got {k!r}")
+  return [int(x) for x in ks]
+
+
+def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_self: bool = True,
+           prefix_sizes: Sequence[int] | None = None, mesh=None, tile_rows: int | None = None,
+           query_block: int = 2048, compute_dtype=None, precision=None,
+           bucket_width: int = 64, progress: bool = False):
+  """Exact k nearest neighbours (largest dot product) of `queries` in `gallery`.
+
+  Args:
+    queries: [Q, D] numpy or jax array.
+    gallery: [N, D] array, TensorStore array, list of shards, or a gallery source
+      (see `plato_jax.knn.sources`). Streamed tile by tile; never held whole.
+    k: an int, or a list of ints (multi-k: the result holds max(k); `.top(k)` slices the rest).
+    query_ids, gallery_ids: int ids in [0, 2**31-1). Gallery ids default to row numbers.
+      Query ids default to the gallery ids when `queries is gallery` (a self-join), and
+      to "no id" otherwise.
+    exclude_self: a query never gets back a gallery row with its own id.
+    prefix_sizes: increasing gallery sizes n_1 < ... < n_m; every prefix of the stream
+      order gets its own result, all from one pass.
+    mesh: a one-axis `jax.sharding.Mesh`; gallery tiles are spread over its devices.
+      Default: all devices.
+    tile_rows: gallery rows per device tile (default from a score-tile memory budget).
+    query_block: queries per pass over the gallery.
+    compute_dtype: matmul input dtype (default: bf16/f16 if both sides are, else f32).
+    precision: `lax.Precision` of the matmul (default HIGHEST for f32, DEFAULT otherwise).
+    progress: print rows/s and ETA on stderr.
+
+  Returns:
+    `Neighbours` (ids int64 [Q, max k], scores f32) sorted by (score desc, id asc); with
+    `prefix_sizes`, a list of them, one per prefix, each holding min(max k, n_j) columns.
+  """
+  ks = _k_list(k)
+  k_max = max(ks)
+  is_self_join = queries is gallery
+  source = as_source(gallery, ids=gallery_ids)
+  n = source.num_rows
+  if n == 0:
+    raise ValueError("empty gallery")
+  q_host = np.asarray(queries)
+  if q_host.ndim != 2:
+    raise ValueError(f"queries must be a 2-D [Q, D] array, got shape {q_host.shape}")
+  if q_host.shape[1] != source.dim:
+    raise ValueError(f"dimension mismatch: queries have D={q_host.shape[1]}, "
+                     f"gallery has D={source.dim}")
+  bad = np.flatnonzero(~np.isfinite(q_host.astype(np.float32)).all(axis=1))
+  if bad.size:
+    raise ValueError(f"query rows with NaN/Inf values: {bad[:10].tolist()}")
+  g_ids = _ids_array(source.ids(), n, "gallery ids")
+  _check_unique(g_ids, "gallery ids")
+  num_q = q_host.shape[0]
+  if query_ids is None:
+    q_ids = g_ids if is_self_join else np.full(num_q, NO_ID, np.int64)
+  else:
+    q_ids = _ids_array(query_ids, num_q, "query ids")
+
+  sizes = [n] if prefix_sizes is None else [int(s) for s in prefix_sizes]
+  if any(b <= a for a, b in zip(sizes[:-1], sizes[1:])) or sizes[0] < 1 or sizes[-1] > n:
+    raise ValueError(f"prefix_sizes must increase strictly within [1, {n}], got {sizes}")
+  if k_max > sizes[-1]:
+    raise ValueError(f"k={k_max} is larger than the gallery ({sizes[-1]} rows)")
+
+  mesh = sharding.default_mesh() if mesh is None else mesh
+  num_dev = mesh.devices.size
+  dtype = _compute_dtype(q_host.dtype, source.dtype, compute_dtype)
+  if precision is None:
+    precision = lax.Precision.HIGHEST if dtype == np.float32 else lax.Precision.DEFAULT
+  block = max(1, min(query_block, num_q))
+  if tile_rows is None:
+    tile_rows = max(bucket_width, SCORE_TILE_BYTES // (4 * block) // bucket_width * bucket_width)
+    per_device = -(-n // num_dev)
+    tile_rows = min(tile_rows, -(-per_device // bucket_width) * bucket_width)
+  config = BucketConfig(width=bucket_width)
+  step = sharding.sharded_step(mesh, k_max, bool(exclude_self), precision, config)
+
+  ranges = plan_tiles(n, tile_rows, sizes)
+  groups = _group_ranges(ranges, num_dev, set(sizes))
+  results = {s: ([], []) for s in sizes}
+  meter = Progress(n * -(-num_q // block), label="knn", enabled=progress)
+  for q0 in range(0, num_q, block):
+    qb = np.zeros((block, source.dim), dtype)
+    qb_ids = np.full(block, NO_ID, np.int32)
+    rows = min(block, num_q - q0)
+    qb[:rows] = q_host[q0:q0 + rows]
+    qb_ids[:rows] = q_ids[q0:q0 + rows]
+    qd, qd_ids = sharding.put_whole(mesh, qb), sharding.put_whole(mesh, qb_ids)
+    state = sharding.empty_state(mesh, block, k_max)
+    tiles = stream_tiles(source, g_ids, ranges)
+    for group in groups:
+      stacked = np.zeros((num_dev, tile_rows, source.dim), source.dtype)
+      stacked_ids = np.full((num_dev, tile_rows), -1, np.int32)
+      for d in range(len(group)):
+        tile = next(tiles)
+        stacked[d, :tile.rows.shape[0]] = tile.rows
+        stacked_ids[d, :tile.ids.shape[0]] = tile.ids
+      state = step(*state, qd, qd_ids, sharding.put_split(mesh, stacked),
+                   sharding.put_split(mesh, stacked_ids))
+      stop = group[-1][1]
+      if stop in results:
+        v, i = sharding.merge_devices(*state, k=min(k_max, stop))
+        results[stop][0].append(np.asarray(v)[:rows])
+        results[stop][1].append(np.asarray(i)[:rows].astype(np.int64))
+      meter.update(stop - group[0][0], stacked.nbytes)
+  meter.close()
+
+  out = [Neighbours(np.concatenate(results[s][1]), np.concatenate(results[s][0]), s)
+         for s in sizes]
+  if prefix_sizes is None:
+    return out[0].top(k_max)  # raises if self-exclusion left some query short
+  return out
+
+
+def _group_ranges(ranges, num_dev: int, boundaries: set[int]):
+  """Consecutive tile ranges, one per device, cut after each prefix boundary."""
+  groups, current = [], []
+  for r in ranges:
+    current.append(r)
+    if len(current) == num_dev or r[1] in boundaries:
+      groups.append(current)
+      current = []
+  if current:
+    groups.append(current)
+  return groups

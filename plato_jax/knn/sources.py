@@ -1,0 +1,172 @@
+"""Gallery sources and the prefetching tile stream.
+
+A gallery source is anything with this small protocol (duck-typed):
+
+    num_rows: int                  rows, in stream order
+    dim: int                       feature dimension
+    dtype: numpy dtype             storage dtype (float32, float16, bfloat16, ...)
+    ids() -> np.ndarray[int64]     every row's id, in stream order (ids are unique, 0 <= id < 2**31)
+    read(start, stop) -> ndarray   rows [start, stop) as a [stop-start, dim] numpy array
+
+`as_source` wraps numpy / jax arrays, TensorStore arrays (optionally one layer of an
+[N, L, D] array) and lists of sources (shards concatenated in order).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+MAX_ID = 2**31 - 1
+
+
+def _as_host_array(x) -> np.ndarray:
+  if isinstance(x, np.ndarray):
+    return x
+  return np.asarray(x)
+
+
+class ArraySource:
+  """An in-memory [N, D] array (numpy or jax)."""
+
+  def __init__(self, rows, ids=None):
+    rows = _as_host_array(rows)
+    if rows.ndim != 2:
+      raise ValueError(f"gallery must be a 2-D [N, D] array, got shape {rows.shape}")
+    self._rows = rows
+    self.num_rows, self.dim = rows.shape
+    self.dtype = rows.dtype
+    self._ids = None if ids is None else np.asarray(ids)
+
+  def ids(self) -> np.ndarray:
+    if self._ids is None:
+      return np.arange(self.num_rows, dtype=np.int64)
+    return self._ids
+
+  def read(self, start: int, stop: int) -> np.ndarray:
+    return self._rows[start:stop]
+
+
+class TensorStoreSource:
+  """A TensorStore array [N, D], or one layer of [N, L, D] (`layer`)."""
+
+  def __init__(self, array, ids=None, layer: int | None = None):
+    shape = tuple(array.shape)
+    if layer is None and len(shape) != 2:
+      raise ValueError(f"TensorStore gallery must be [N, D] or be given a layer; shape {shape}")
+    if layer is not None:
+      if len(shape) != 3:
+        raise ValueError(f"layer={layer} needs an [N, L, D] array, got shape {shape}")
+      if not -shape[1] <= layer < shape[1]:
+        raise ValueError(f"layer {layer} out of range for {shape[1]} layers")
+      array = array[:, layer, :]
+    self._array = array
+    self.num_rows, self.dim = int(array.shape[0]), int(array.shape[1])
+    self.dtype = np.dtype(array.dtype.numpy_dtype)
+    self._ids = None if ids is None else np.asarray(ids)
+
+  def ids(self) -> np.ndarray:
+    if self._ids is None:
+      return np.arange(self.num_rows, dtype=np.int64)
+    return self._ids
+
+  def read(self, start: int, stop: int) -> np.ndarray:
+    # TensorStore slicing does not clamp: callers pass stop <= num_rows.
+    return self._array[start:stop].read().result()
+
+
+class ConcatSource:
+  """Shards read one after another as one gallery."""
+
+  def __init__(self, shards: Sequence[Any]):
+    if not shards:
+      raise ValueError("empty list of gallery shards")
+    self._shards = [as_source(s) for s in shards]
+    dims = {s.dim for s in self._shards}
+    if len(dims) != 1:
+      raise ValueError(f"gallery shards have different dimensions: {sorted(dims)}")
+    self.dim = dims.pop()
+    self.dtype = np.result_type(*[s.dtype for s in self._shards])
+    self._offsets = np.cumsum([0] + [s.num_rows for s in self._shards])
+    self.num_rows = int(self._offsets[-1])
+
+  def ids(self) -> np.ndarray:
+    return np.concatenate([s.ids() for s in self._shards])
+
+  def read(self, start: int, stop: int) -> np.ndarray:
+    parts = []
+    for shard, lo, hi in zip(self._shards, self._offsets[:-1], self._offsets[1:]):
+      a, b = max(start, lo), min(stop, hi)
+      if a < b:
+        parts.append(np.asarray(shard.read(int(a - lo), int(b - lo)), dtype=self.dtype))
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def as_source(gallery, ids=None):
+  """Wraps `gallery` in a source; objects that already follow the protocol pass through."""
+  if isinstance(gallery, (list, tuple)):
+    if ids is not None:
+      raise ValueError("pass ids with each shard (wrap shards with ArraySource(rows, ids))")
+    return ConcatSource(gallery)
+  if all(hasattr(gallery, a) for a in ("num_rows", "dim", "ids", "read")):
+    if ids is not None:
+      raise ValueError("a gallery source carries its own ids")
+    return gallery
+  if type(gallery).__module__.startswith("tensorstore"):
+    return TensorStoreSource(gallery, ids=ids)
+  return ArraySource(gallery, ids=ids)
+
+
+@dataclasses.dataclass
+class Tile:
+  """Rows [start, stop) of the stream, reordered by id (ties on device break by column)."""
+  start: int
+  stop: int
+  rows: np.ndarray      # [stop-start, D], sorted by id
+  ids: np.ndarray       # int64, ascending
+
+
+def plan_tiles(num_rows: int, tile_rows: int, boundaries: Sequence[int] = ()) -> list[tuple[int, int]]:
+  """Tile ranges of at most `tile_rows` rows that never straddle a boundary (prefix size)."""
+  cuts = sorted({0, num_rows, *[b for b in boundaries if 0 < b < num_rows]})
+  ranges = []
+  for lo, hi in zip(cuts[:-1], cuts[1:]):
+    ranges.extend((s, min(s + tile_rows, hi)) for s in range(lo, hi, tile_rows))
+  return ranges
+
+
+def stream_tiles(source, ids: np.ndarray, ranges: Sequence[tuple[int, int]], *,
+                 prefetch: int = 2) -> Iterator[Tile]:
+  """Reads tiles in a background thread, `prefetch` ahead of the consumer.
+
+  Each tile is checked for NaN/Inf rows (ValueError naming their ids) and sorted by id.
+  """
+
+  def load(r):
+    start, stop = r
+    rows = np.asarray(source.read(start, stop))
+    if rows.shape != (stop - start, source.dim):
+      raise ValueError(f"gallery source returned shape {rows.shape} for rows [{start}, {stop}), "
+                       f"expected {(stop - start, source.dim)}")
+    tile_ids = ids[start:stop]
+    finite = np.isfinite(rows.astype(np.float32, copy=False)).all(axis=1)
+    if not finite.all():
+      bad = tile_ids[~finite]
+      raise ValueError(f"gallery rows with NaN/Inf values: ids {bad[:10].tolist()}"
+                       + (f" and {bad.size - 10} more" if bad.size > 10 else ""))
+    order = np.argsort(tile_ids, kind="stable")
+    if not np.all(order == np.arange(order.size)):
+      rows, tile_ids = rows[order], tile_ids[order]
+    return Tile(start, stop, rows, tile_ids)
+
+  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+    pending = [pool.submit(load, r) for r in ranges[:prefetch]]
+    nxt = len(pending)
+    while pending:
+      tile = pending.pop(0).result()
+      if nxt < len(ranges):
+        pending.append(pool.submit(load, ranges[nxt]))
+        nxt += 1
+      yield tile

@@ -1,0 +1,196 @@
+"""The exact top-k engine against a float64 brute force, faiss-cpu, and itself across layouts."""
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from plato_jax.knn import ArraySource, search
+from plato_jax.knn.sources import plan_tiles
+
+
+def brute_force(queries, gallery, k, query_ids=None, gallery_ids=None, exclude_self=True):
+  """float64 scores, rows sorted by (score desc, id asc), self excluded by id."""
+  g_ids = np.arange(len(gallery)) if gallery_ids is None else np.asarray(gallery_ids)
+  s = queries.astype(np.float64) @ gallery.astype(np.float64).T
+  if exclude_self and query_ids is not None:
+    s[np.asarray(query_ids)[:, None] == g_ids[None, :]] = -np.inf
+  order = np.stack([np.lexsort((g_ids, -row))[:k] for row in s])
+  return g_ids[order], np.take_along_axis(s, order, 1)
+
+
+def one_device_mesh():
+  return Mesh(np.array(jax.devices()[:1]), ("gallery",))
+
+
+@pytest.fixture
+def rng():
+  seed = np.random.SeedSequence().entropy
+  print("seed", seed)
+  return np.random.default_rng(seed)
+
+
+def integer_rows(rng, n, d, lo=-2, hi=3):
+  """Small integers: every f32 dot product is exact, so ties are exact too."""
+  return rng.integers(lo, hi, size=(n, d)).astype(np.float32)
+
+
+@pytest.mark.parametrize("n,tile", [(1000, 64), (1000, 128), (777, 100), (64, 1024)])
+def test_self_join_equals_brute_force_with_ties(rng, n, tile):
+  x = integer_rows(rng, n, 12)
+  x[5] = x[17]          # duplicate rows: exact ties between distinct ids
+  x[n - 1] = x[3]
+  res = search(x, x, 10, tile_rows=tile)
+  ids, scores = brute_force(x, x, 10, query_ids=np.arange(n))
+  np.testing.assert_array_equal(res.ids, ids)
+  np.testing.assert_array_equal(res.scores, scores.astype(np.float32))
+  assert res.ids.dtype == np.int64 and res.scores.dtype == np.float32
+
+
+def test_identical_across_tiles_devices_and_runs(rng):
+  x = integer_rows(rng, 1500, 8)
+  q = x[:300]
+  runs = [search(q, x, 25, query_ids=np.arange(300), tile_rows=t, mesh=m)
+          for t, m in [(64, None), (256, None), (1024, one_device_mesh()), (192, one_device_mesh())]]
+  runs.append(search(q, x, 25, query_ids=np.arange(300), tile_rows=64, query_block=7))
+  for r in runs[1:]:
+    np.testing.assert_array_equal(r.ids, runs[0].ids)
+    np.testing.assert_array_equal(r.scores, runs[0].scores)
+  assert len(jax.devices()) == 8
+
+
+def test_random_gaussian_float32_matches_float64(rng):
+  g = rng.standard_normal((4000, 48)).astype(np.float32)
+  q = rng.standard_normal((100, 48)).astype(np.float32)
+  res = search(q, g, 20)
+  ids, scores = brute_force(q, g, 20)
+  np.testing.assert_allclose(res.scores, scores, rtol=0, atol=1e-4)
+  # Sets agree except where float32 rounding swaps two scores closer than its error.
+  mismatch = res.ids != ids
+  gaps = np.abs(np.diff(scores, axis=1))
+  assert not mismatch.any() or np.all(gaps[np.nonzero(mismatch[:, :-1])] < 1e-4)
+
+
+def test_shuffled_ids_break_ties_by_id_not_position(rng):
+  n = 900
+  x = integer_rows(rng, n, 6, -1, 2)  # few distinct rows: massive ties
+  gids = rng.permutation(10 * n)[:n]
+  res = search(x, x, 15, query_ids=gids, gallery_ids=gids, tile_rows=128)
+  ids, _ = brute_force(x, x, 15, query_ids=gids, gallery_ids=gids)
+  np.testing.assert_array_equal(res.ids, ids)
+
+
+def test_query_ids_absent_from_gallery_and_no_exclusion(rng):
+  g = integer_rows(rng, 300, 8)
+  q = g[:20].copy()
+  res = search(q, g, 300, query_ids=np.arange(1000, 1020))  # k = n: nothing excluded
+  ids, _ = brute_force(q, g, 300)
+  np.testing.assert_array_equal(res.ids, ids)
+  res = search(q, g, 5, exclude_self=False, query_ids=np.arange(20))
+  np.testing.assert_array_equal(res.ids, brute_force(q, g, 5)[0])
+
+
+@pytest.mark.parametrize("k", [1, 299])
+def test_k_one_and_n_minus_one(rng, k):
+  x = integer_rows(rng, 300, 8)
+  res = search(x, x, k, tile_rows=64)
+  np.testing.assert_array_equal(res.ids, brute_force(x, x, k, query_ids=np.arange(300))[0])
+
+
+def test_prefixes_and_multi_k_in_one_pass(rng):
+  x = integer_rows(rng, 2000, 10)
+  q = x[::7]
+  qid = np.arange(0, 2000, 7)
+  sizes = [50, 333, 1024, 2000]
+  results = search(q, x, [1, 10, 40], query_ids=qid, prefix_sizes=sizes, tile_rows=96)
+  assert [r.gallery_size for r in results] == sizes
+  for size, r in zip(sizes, results):
+    alone = search(q, x[:size], 40, query_ids=qid, prefix_sizes=[size], tile_rows=64)[0]
+    np.testing.assert_array_equal(r.ids, alone.ids)
+    ids, _ = brute_force(q, x[:size], 40, query_ids=qid)
+    np.testing.assert_array_equal(r.top(40).ids, ids)
+    np.testing.assert_array_equal(r.top(10).ids, ids[:, :10])
+    np.testing.assert_array_equal(r.top(1).ids, ids[:, :1])
+
+
+def test_large_k_n_over_100(rng):
+  n = 100_000
+  g = rng.standard_normal((n, 16)).astype(np.float32)
+  q = g[:32]
+  res = search(q, g, n // 100, query_ids=np.arange(32))
+  ids, scores = brute_force(q, g, n // 100, query_ids=np.arange(32))
+  np.testing.assert_allclose(res.scores, scores, atol=1e-5)
+  agree = np.mean([len(np.intersect1d(a, b)) / (n // 100) for a, b in zip(res.ids, ids)])
+  assert agree > 0.999
+
+
+def test_bfloat16_storage_exact_on_stored_values(rng):
+  g = rng.standard_normal((3000, 32)).astype(ml_dtypes.bfloat16)
+  q = g[:50]
+  res = search(q, g, 10, query_ids=np.arange(50))
+  ids, scores = brute_force(q.astype(np.float32), g.astype(np.float32), 10, query_ids=np.arange(50))
+  np.testing.assert_allclose(res.scores, scores, atol=1e-4)
+  assert (res.ids == ids).mean() > 0.99
+
+
+def test_matches_faiss_inner_product(rng):
+  faiss = pytest.importorskip("faiss")
+  g = rng.standard_normal((5000, 64)).astype(np.float32)
+  g /= np.linalg.norm(g, axis=1, keepdims=True)
+  q = rng.standard_normal((64, 64)).astype(np.float32)
+  q /= np.linalg.norm(q, axis=1, keepdims=True)
+  index = faiss.IndexFlatIP(64)
+  index.add(g)
+  f_scores, f_ids = index.search(q, 10)
+  res = search(q, g, 10)
+  np.testing.assert_allclose(res.scores, f_scores, atol=1e-5)
+  assert (res.ids == f_ids).mean() > 0.99
+
+
+def test_tensorstore_and_shard_sources(tmp_path, rng):
+  ts = pytest.importorskip("tensorstore")
+  x = integer_rows(rng, 700, 8)
+  arr = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path / "g")}},
+                create=True, dtype=ts.float32, shape=x.shape).result()
+  arr.write(x).result()
+  expected = brute_force(x[:40], x, 12)[0]
+  np.testing.assert_array_equal(search(x[:40], arr, 12, tile_rows=128).ids, expected)
+  shards = [ArraySource(x[:250], np.arange(250)), ArraySource(x[250:], np.arange(250, 700))]
+  np.testing.assert_array_equal(search(x[:40], shards, 12, tile_rows=64).ids, expected)
+
+
+def test_plan_tiles_never_straddles_prefix():
+  ranges = plan_tiles(1000, 128, [100, 512])
+  assert ranges[0] == (0, 100) and (100, 228) in ranges and (512, 640) in ranges
+  assert sum(b - a for a, b in ranges) == 1000
+
+
+@pytest.mark.parametrize("case,match", [
+    ("k_too_big", "larger than the gallery"),
+    ("k_after_self", r"after self-exclusion\) for query rows \[0, 1, 2"),
+    ("dim", "dimension mismatch"),
+    ("nan_gallery", r"NaN/Inf values: ids \[7, 11\]"),
+    ("nan_query", r"query rows with NaN/Inf values: \[3\]"),
+    ("dup_ids", r"duplicate gallery ids: ids \[4\] at rows \[4, 9\]"),
+    ("empty", "empty gallery"),
+    ("id_len", r"query ids has shape \(5,\)"),
+    ("prefix", "prefix_sizes must increase"),
+    ("k_zero", "positive integer"),
+])
+def test_bad_input_errors(case, match):
+  x = np.random.default_rng(0).standard_normal((20, 4)).astype(np.float32)
+  q = x[:10].copy()
+  call = {
+      "k_too_big": lambda: search(q, x, 21),
+      "k_after_self": lambda: search(x, x, 20),
+      "dim": lambda: search(q[:, :3], x, 2),
+      "nan_gallery": lambda: search(q, np.where(np.isin(np.arange(20), [7, 11])[:, None], np.nan, x), 2),
+      "nan_query": lambda: search(np.where(np.arange(10)[:, None] == 3, np.inf, q), x, 2),
+      "dup_ids": lambda: search(q, x, 2, gallery_ids=np.r_[np.arange(9), 4, np.arange(10, 20)]),
+      "empty": lambda: search(q, x[:0], 1),
+      "id_len": lambda: search(q, x, 2, query_ids=np.arange(5)),
+      "prefix": lambda: search(q, x, 2, prefix_sizes=[10, 5]),
+      "k_zero": lambda: search(q, x, 0),
+  }[case]
+  with pytest.raises(ValueError, match=match):
+    call()
