@@ -24,9 +24,20 @@ from jax import lax
 
 @dataclasses.dataclass(frozen=True)
 class BucketConfig:
-  width: int = 64
+  # Columns per bucket; None picks the widest power of two (at most `max_width`) that
+  # still leaves `min_buckets_per_k`·k buckets, so large k keeps a bucket stage too.
+  width: int | None = None
+  max_width: int = 64
   # Bucket selection pays off only when the bucket count dwarfs k.
   min_buckets_per_k: int = 4
+
+  def width_for(self, columns: int, k: int) -> int:
+    if self.width is not None:
+      return self.width
+    w = 1
+    while w * 2 <= self.max_width and columns // (w * 2) >= self.min_buckets_per_k * k:
+      w *= 2
+    return w
 
 
 def reference_topk(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -42,9 +53,9 @@ def bucket_topk(scores: jax.Array, k: int, config: BucketConfig = BucketConfig()
   be selected should hold -inf.
   """
   q, t = scores.shape
-  w = config.width
+  w = config.width_for(t, k)
   n_buckets = t // w
-  if t % w or n_buckets < config.min_buckets_per_k * k:
+  if w < 2 or t % w or n_buckets < config.min_buckets_per_k * k:
     return lax.top_k(scores, k)
   buckets = scores.reshape(q, n_buckets, w)
   _, chosen = lax.top_k(buckets.max(axis=-1), k)

@@ -91,7 +91,7 @@ def _k_list(k) -> list[int]:
 def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_self: bool = True,
            prefix_sizes: Sequence[int] | None = None, mesh=None, tile_rows: int | None = None,
            query_block: int = 2048, compute_dtype=None, precision=None,
-           bucket_width: int = 64, progress: bool = False):
+           bucket_width: int | None = None, progress: bool = False):
   """Exact k nearest neighbours (largest dot product) of `queries` in `gallery`.
 
   Args:
@@ -111,6 +111,7 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
     query_block: queries per pass over the gallery.
     compute_dtype: matmul input dtype (default: bf16/f16 if both sides are, else f32).
     precision: `lax.Precision` of the matmul (default HIGHEST for f32, DEFAULT otherwise).
+    bucket_width: columns per bucket of the tile selection (default: chosen from k).
     progress: print rows/s and ETA on stderr.
 
   Returns:
@@ -154,11 +155,12 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
     precision = lax.Precision.HIGHEST if dtype == np.float32 else lax.Precision.DEFAULT
   block = max(1, min(query_block, num_q))
   if tile_rows is None:
-    tile_rows = max(bucket_width, SCORE_TILE_BYTES // (4 * block) // bucket_width * bucket_width)
+    align = 64
+    tile_rows = max(align, SCORE_TILE_BYTES // (4 * block) // align * align)
     per_device = -(-n // num_dev)
-    tile_rows = min(tile_rows, -(-per_device // bucket_width) * bucket_width)
-  config = BucketConfig(width=bucket_width)
-  step = sharding.sharded_step(mesh, k_max, bool(exclude_self), precision, config)
+    tile_rows = min(tile_rows, -(-per_device // align) * align)
+  selector = sharding.TopKSelector(k_max, BucketConfig(width=bucket_width))
+  step = sharding.sharded_step(mesh, selector, bool(exclude_self), precision)
 
   ranges = plan_tiles(n, tile_rows, sizes)
   groups = _group_ranges(ranges, num_dev, set(sizes))
@@ -171,7 +173,7 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
     qb[:rows] = q_host[q0:q0 + rows]
     qb_ids[:rows] = q_ids[q0:q0 + rows]
     qd, qd_ids = sharding.put_whole(mesh, qb), sharding.put_whole(mesh, qb_ids)
-    state = sharding.empty_state(mesh, block, k_max)
+    state = sharding.empty_state(mesh, selector, block)
     tiles = stream_tiles(source, g_ids, ranges)
     for group in groups:
       stacked = np.zeros((num_dev, tile_rows, source.dim), source.dtype)
@@ -180,11 +182,11 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
         tile = next(tiles)
         stacked[d, :tile.rows.shape[0]] = tile.rows
         stacked_ids[d, :tile.ids.shape[0]] = tile.ids
-      state = step(*state, qd, qd_ids, sharding.put_split(mesh, stacked),
+      state = step(state, qd, qd_ids, sharding.put_split(mesh, stacked),
                    sharding.put_split(mesh, stacked_ids))
       stop = group[-1][1]
       if stop in results:
-        v, i = sharding.merge_devices(*state, k=min(k_max, stop))
+        v, i = sharding.merge_devices(state, selector, k=min(k_max, stop))
         results[stop][0].append(np.asarray(v)[:rows])
         results[stop][1].append(np.asarray(i)[:rows].astype(np.int64))
       meter.update(stop - group[0][0], stacked.nbytes)

@@ -8,6 +8,7 @@ does not depend on how the gallery was split into tiles or devices.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -51,33 +52,52 @@ def score_tile(queries, query_ids, tile, tile_ids, *, exclude_self: bool, precis
   return jnp.where(s == 0, jnp.zeros_like(s), s)
 
 
-def tile_step(state_v, state_i, queries, query_ids, tile, tile_ids, *, k: int,
-              exclude_self: bool, precision, config: BucketConfig):
-  s = score_tile(queries, query_ids, tile.astype(queries.dtype), tile_ids,
-                 exclude_self=exclude_self, precision=precision)
-  v, col = bucket_topk(s, min(k, s.shape[1]), config)
-  return merge_topk(state_v, state_i, v, tile_ids[col], k)
+@dataclasses.dataclass(frozen=True)
+class TopKSelector:
+  """The running exact top-k of one device: state (values [Q, k], ids [Q, k]), kept sorted.
+
+  A selector is the unit the engine streams tiles through: `init` makes the empty state,
+  `update` folds in a tile's scores (f32 [Q, T], -inf where excluded) with the tile's ids
+  (int32 [T], ascending), `result` returns the sorted top-k. Other selectors (large k) keep
+  the same three methods.
+  """
+  k: int
+  config: BucketConfig = BucketConfig()
+
+  def init(self, num_queries: int):
+    return (np.full((num_queries, self.k), -np.inf, np.float32),
+            np.full((num_queries, self.k), -1, np.int32))
+
+  def update(self, state, scores, tile_ids):
+    v, col = bucket_topk(scores, min(self.k, scores.shape[1]), self.config)
+    return merge_topk(*state, v, tile_ids[col], self.k)
+
+  def result(self, state):
+    return state
 
 
 @functools.lru_cache(maxsize=64)
-def sharded_step(mesh: Mesh, k: int, exclude_self: bool, precision, config: BucketConfig):
-  """jit(shard_map(tile_step)): state [P, Q, k], tiles [P, T, D] and ids [P, T] split on the axis."""
+def sharded_step(mesh: Mesh, selector, exclude_self: bool, precision):
+  """jit(shard_map(score + selector.update)): per-device state [P, ...], tiles [P, T, D]."""
   axis = mesh_axis(mesh)
 
-  def local(state_v, state_i, queries, query_ids, tiles, tile_ids):
-    v, i = tile_step(state_v[0], state_i[0], queries, query_ids, tiles[0], tile_ids[0], k=k,
-                     exclude_self=exclude_self, precision=precision, config=config)
-    return v[None], i[None]
+  def local(state, queries, query_ids, tiles, tile_ids):
+    state = jax.tree.map(lambda x: x[0], state)
+    s = score_tile(queries, query_ids, tiles[0].astype(queries.dtype), tile_ids[0],
+                   exclude_self=exclude_self, precision=precision)
+    state = selector.update(state, s, tile_ids[0])
+    return jax.tree.map(lambda x: x[None], state)
 
   split, whole = P(axis), P()
-  fn = jax.shard_map(local, mesh=mesh, in_specs=(split, split, whole, whole, split, split),
-                     out_specs=(split, split))
-  return jax.jit(fn, donate_argnums=(0, 1))
+  fn = jax.shard_map(local, mesh=mesh, in_specs=(split, whole, whole, split, split),
+                     out_specs=split)
+  return jax.jit(fn, donate_argnums=(0,))
 
 
-@functools.partial(jax.jit, static_argnames=("k",))
-def merge_devices(state_v, state_i, k: int):
-  """[P, Q, k] per-device states → [Q, k]."""
+@functools.partial(jax.jit, static_argnames=("selector", "k"))
+def merge_devices(state, selector, k: int):
+  """Per-device states [P, ...] → the top-k [Q, k] of their union."""
+  state_v, state_i = jax.vmap(selector.result)(state)
   p, q, kk = state_v.shape
   v = jnp.moveaxis(state_v, 0, 1).reshape(q, p * kk)
   i = jnp.moveaxis(state_i, 0, 1).reshape(q, p * kk)
@@ -85,12 +105,10 @@ def merge_devices(state_v, state_i, k: int):
   return -neg[:, :k], ids[:, :k]
 
 
-def empty_state(mesh: Mesh, num_queries: int, k: int):
-  sharding = NamedSharding(mesh, P(mesh_axis(mesh)))
+def empty_state(mesh: Mesh, selector, num_queries: int):
   p = mesh.devices.size
-  v = jax.device_put(np.full((p, num_queries, k), -np.inf, np.float32), sharding)
-  i = jax.device_put(np.full((p, num_queries, k), -1, np.int32), sharding)
-  return v, i
+  return jax.tree.map(lambda x: put_split(mesh, np.broadcast_to(x, (p, *x.shape))),
+                      selector.init(num_queries))
 
 
 def put_split(mesh: Mesh, array: np.ndarray):
