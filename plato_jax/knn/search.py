@@ -164,6 +164,8 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
 
   ranges = plan_tiles(n, tile_rows, sizes)
   groups = _group_ranges(ranges, num_dev, set(sizes))
+  mine = sharding.local_slots(mesh)
+  my_ranges = [g[slot] for g in groups for slot in mine if slot < len(g)]
   results = {s: ([], []) for s in sizes}
   meter = Progress(n * -(-num_q // block), label="knn", enabled=progress)
   for q0 in range(0, num_q, block):
@@ -174,22 +176,24 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
     qb_ids[:rows] = q_ids[q0:q0 + rows]
     qd, qd_ids = sharding.put_whole(mesh, qb), sharding.put_whole(mesh, qb_ids)
     state = sharding.empty_state(mesh, selector, block)
-    tiles = stream_tiles(source, g_ids, ranges)
+    tiles = stream_tiles(source, g_ids, my_ranges)
     for group in groups:
-      stacked = np.zeros((num_dev, tile_rows, source.dim), source.dtype)
-      stacked_ids = np.full((num_dev, tile_rows), -1, np.int32)
-      for d in range(len(group)):
-        tile = next(tiles)
-        stacked[d, :tile.rows.shape[0]] = tile.rows
-        stacked_ids[d, :tile.ids.shape[0]] = tile.ids
-      state = step(state, qd, qd_ids, sharding.put_split(mesh, stacked),
-                   sharding.put_split(mesh, stacked_ids))
+      rows_by_slot, ids_by_slot = {}, {}
+      for slot in mine:
+        rows_by_slot[slot] = np.zeros((tile_rows, source.dim), source.dtype)
+        ids_by_slot[slot] = np.full(tile_rows, -1, np.int32)
+        if slot < len(group):
+          tile = next(tiles)
+          rows_by_slot[slot][:tile.rows.shape[0]] = tile.rows
+          ids_by_slot[slot][:tile.ids.shape[0]] = tile.ids
+      state = step(state, qd, qd_ids, sharding.put_local_slots(mesh, rows_by_slot),
+                   sharding.put_local_slots(mesh, ids_by_slot))
       stop = group[-1][1]
       if stop in results:
-        v, i = sharding.merge_devices(state, selector, k=min(k_max, stop))
+        v, i = sharding.device_merger(mesh, selector, min(k_max, stop))(state)
         results[stop][0].append(np.asarray(v)[:rows])
         results[stop][1].append(np.asarray(i)[:rows].astype(np.int64))
-      meter.update(stop - group[0][0], stacked.nbytes)
+      meter.update(stop - group[0][0], sum(r.nbytes for r in rows_by_slot.values()))
   meter.close()
 
   out = [Neighbours(np.concatenate(results[s][1]), np.concatenate(results[s][0]), s)

@@ -94,15 +94,25 @@ def sharded_step(mesh: Mesh, selector, exclude_self: bool, precision):
   return jax.jit(fn, donate_argnums=(0,))
 
 
-@functools.partial(jax.jit, static_argnames=("selector", "k"))
-def merge_devices(state, selector, k: int):
-  """Per-device states [P, ...] → the top-k [Q, k] of their union."""
-  state_v, state_i = jax.vmap(selector.result)(state)
-  p, q, kk = state_v.shape
-  v = jnp.moveaxis(state_v, 0, 1).reshape(q, p * kk)
-  i = jnp.moveaxis(state_i, 0, 1).reshape(q, p * kk)
-  neg, ids = lax.sort((-v, i), dimension=-1, num_keys=2)
-  return -neg[:, :k], ids[:, :k]
+@functools.lru_cache(maxsize=64)
+def device_merger(mesh: Mesh, selector, k: int):
+  """jit: per-device states [P, ...] → the top-k [Q, k] of their union, on every process."""
+
+  def merge(state):
+    state_v, state_i = jax.vmap(selector.result)(state)
+    p, q, kk = state_v.shape
+    v = jnp.moveaxis(state_v, 0, 1).reshape(q, p * kk)
+    i = jnp.moveaxis(state_i, 0, 1).reshape(q, p * kk)
+    neg, ids = lax.sort((-v, i), dimension=-1, num_keys=2)
+    return -neg[:, :k], ids[:, :k]
+
+  return jax.jit(merge, out_shardings=NamedSharding(mesh, P()))
+
+
+def local_slots(mesh: Mesh) -> list[int]:
+  """Positions on the mesh axis of this process's devices (each process reads its own tiles)."""
+  me = jax.process_index()
+  return [slot for slot, dev in enumerate(mesh.devices.flat) if dev.process_index == me]
 
 
 def empty_state(mesh: Mesh, selector, num_queries: int):
@@ -112,8 +122,22 @@ def empty_state(mesh: Mesh, selector, num_queries: int):
 
 
 def put_split(mesh: Mesh, array: np.ndarray):
-  return jax.device_put(array, NamedSharding(mesh, P(mesh_axis(mesh))))
+  """A host array that every process holds whole, split over the mesh axis."""
+  sharding = NamedSharding(mesh, P(mesh_axis(mesh)))
+  return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
 
 
-def put_whole(mesh: Mesh, array):
-  return jax.device_put(array, NamedSharding(mesh, P()))
+def put_local_slots(mesh: Mesh, per_slot: dict[int, np.ndarray]):
+  """[P, ...] array from this process's slots only (other processes supply theirs)."""
+  devices = mesh.devices.flat
+  some = next(iter(per_slot.values()))
+  shape = (mesh.devices.size, *some.shape)
+  arrays = [jax.device_put(a[None], devices[slot]) for slot, a in sorted(per_slot.items())]
+  return jax.make_array_from_single_device_arrays(
+      shape, NamedSharding(mesh, P(mesh_axis(mesh))), arrays)
+
+
+def put_whole(mesh: Mesh, array: np.ndarray):
+  """A host array that every process holds whole, replicated on every device."""
+  return jax.make_array_from_callback(array.shape, NamedSharding(mesh, P()),
+                                      lambda idx: array[idx])
