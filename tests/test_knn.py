@@ -194,3 +194,52 @@ def test_bad_input_errors(case, match):
   }[case]
   with pytest.raises(ValueError, match=match):
     call()
+
+
+def test_normalize_gives_cosine_neighbours(rng):
+  g = rng.standard_normal((2000, 24)).astype(np.float32) * rng.uniform(0.1, 10, (2000, 1)).astype(np.float32)
+  q = rng.standard_normal((40, 24)).astype(np.float32) * 3
+  res = search(q, g, 10, normalize=True, tile_rows=320)
+  gn = g / np.linalg.norm(g, axis=1, keepdims=True)
+  qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+  ids, scores = brute_force(qn, gn, 10)
+  np.testing.assert_allclose(res.scores, scores, atol=1e-5)
+  assert (res.ids == ids).mean() > 0.99
+  zero = g.copy()
+  zero[[3, 8]] = 0
+  with pytest.raises(ValueError, match=r"zero norm .*ids \[3, 8\]"):
+    search(q, zero, 10, normalize=True)
+  with pytest.raises(ValueError, match=r"query rows with zero norm .*\[1\]"):
+    search(np.where(np.arange(40)[:, None] == 1, 0, q), g, 10, normalize=True)
+
+
+class CrashingSource(ArraySource):
+  """Dies (like a killed process) after `limit` tile reads."""
+
+  def __init__(self, rows, limit):
+    super().__init__(rows)
+    self.limit = limit
+
+  def read(self, start, stop):
+    self.limit -= 1
+    if self.limit < 0:
+      raise KeyboardInterrupt("simulated crash")
+    return super().read(start, stop)
+
+
+def test_resume_after_crash_gives_identical_results(rng, tmp_path):
+  x = integer_rows(rng, 3000, 8)
+  q = x[:100]
+  kw = dict(query_ids=np.arange(100), prefix_sizes=[500, 3000], tile_rows=64, query_block=60)
+  clean = search(q, x, 20, **kw)
+  with pytest.raises(KeyboardInterrupt):
+    search(q, CrashingSource(x, 70), 20, resume_dir=str(tmp_path / "ck"), checkpoint_every=2, **kw)
+  assert any((tmp_path / "ck").iterdir()), "a checkpoint was written before the crash"
+  reads = CrashingSource(x, 10**9)
+  resumed = search(q, reads, 20, resume_dir=str(tmp_path / "ck"), checkpoint_every=2, **kw)
+  assert reads.limit > 10**9 - 2 * 3000 // 64, "the rerun skipped the finished tiles"
+  for a, b in zip(clean, resumed):
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_array_equal(a.scores, b.scores)
+  with pytest.raises(ValueError, match="checkpoint of another run"):
+    search(q, x, 19, resume_dir=str(tmp_path / "ck"), **kw)

@@ -11,6 +11,7 @@ to make that unconditional).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Sequence
 
 import jax
@@ -21,6 +22,7 @@ from kernels.topk import BucketConfig
 from plato_jax.knn import sharding
 from plato_jax.knn.sources import MAX_ID, as_source, plan_tiles, stream_tiles
 from plato_jax.progress import Progress
+from plato_jax.resume import ResumePoint
 
 # Scores of one device's tile stay under this many bytes.
 SCORE_TILE_BYTES = 128 * 2**20
@@ -91,7 +93,9 @@ def _k_list(k) -> list[int]:
 def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_self: bool = True,
            prefix_sizes: Sequence[int] | None = None, mesh=None, tile_rows: int | None = None,
            query_block: int = 2048, compute_dtype=None, precision=None,
-           bucket_width: int | None = None, progress: bool = False):
+           bucket_width: int | None = None, normalize: bool = False,
+           resume_dir: str | None = None, checkpoint_every: int = 16,
+           progress: bool = False):
   """Exact k nearest neighbours (largest dot product) of `queries` in `gallery`.
 
   Args:
@@ -112,6 +116,10 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
     compute_dtype: matmul input dtype (default: bf16/f16 if both sides are, else f32).
     precision: `lax.Precision` of the matmul (default HIGHEST for f32, DEFAULT otherwise).
     bucket_width: columns per bucket of the tile selection (default: chosen from k).
+    normalize: cosine similarity: queries and gallery rows are L2-normalised (gallery rows
+      on the device, per tile, in f32); all-zero rows are an error.
+    resume_dir: checkpoint the running state there every `checkpoint_every` steps; a rerun
+      with the same inputs and options continues from the last checkpoint.
     progress: print rows/s and ETA on stderr.
 
   Returns:
@@ -134,6 +142,12 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
   bad = np.flatnonzero(~np.isfinite(q_host.astype(np.float32)).all(axis=1))
   if bad.size:
     raise ValueError(f"query rows with NaN/Inf values: {bad[:10].tolist()}")
+  if normalize:
+    norms = np.linalg.norm(q_host.astype(np.float32), axis=1, keepdims=True)
+    if not norms.all():
+      raise ValueError(f"query rows with zero norm (cannot be normalised): "
+                       f"{np.flatnonzero(norms[:, 0] == 0)[:10].tolist()}")
+    q_host = q_host.astype(np.float32) / norms
   g_ids = _ids_array(source.ids(), n, "gallery ids")
   _check_unique(g_ids, "gallery ids")
   num_q = q_host.shape[0]
@@ -160,24 +174,45 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
     per_device = -(-n // num_dev)
     tile_rows = min(tile_rows, -(-per_device // align) * align)
   selector = sharding.TopKSelector(k_max, BucketConfig(width=bucket_width))
-  step = sharding.sharded_step(mesh, selector, bool(exclude_self), precision)
+  step = sharding.sharded_step(mesh, selector, bool(exclude_self), precision, bool(normalize))
 
   ranges = plan_tiles(n, tile_rows, sizes)
   groups = _group_ranges(ranges, num_dev, set(sizes))
   mine = sharding.local_slots(mesh)
-  my_ranges = [g[slot] for g in groups for slot in mine if slot < len(g)]
-  results = {s: ([], []) for s in sizes}
-  meter = Progress(n * -(-num_q // block), label="knn", enabled=progress)
-  for q0 in range(0, num_q, block):
+  num_blocks = -(-num_q // block)
+  found = {"values": {str(s): np.full((num_q, min(k_max, s)), -np.inf, np.float32) for s in sizes},
+           "ids": {str(s): np.full((num_q, min(k_max, s)), -1, np.int32) for s in sizes}}
+  start, restored_state, point = 0, None, None
+  if resume_dir is not None:
+    fingerprint = dict(
+        n=n, dim=source.dim, dtype=str(source.dtype), queries=_digest(q_host, q_ids),
+        gallery_ids=_digest(g_ids), k=k_max, sizes=sizes, tile_rows=tile_rows, block=block,
+        devices=num_dev, exclude_self=bool(exclude_self), normalize=bool(normalize),
+        compute_dtype=str(dtype), precision=str(precision), selector=repr(selector))
+    point = ResumePoint(resume_dir, fingerprint, every=checkpoint_every)
+    loaded = point.load({"state": sharding.empty_state(mesh, selector, block), **found})
+    if loaded is not None:
+      start, tree = loaded
+      found = {"values": tree["values"], "ids": tree["ids"]}
+      restored_state = tree["state"]
+
+  meter = Progress(n * num_blocks, label="knn", enabled=progress)
+  meter.update(sum(g[-1][1] - g[0][0] for g in groups) * (start // len(groups))
+               + sum(g[-1][1] - g[0][0] for g in groups[:start % len(groups)]))
+  for b in range(start // len(groups), num_blocks):
+    q0 = b * block
     qb = np.zeros((block, source.dim), dtype)
     qb_ids = np.full(block, NO_ID, np.int32)
     rows = min(block, num_q - q0)
     qb[:rows] = q_host[q0:q0 + rows]
     qb_ids[:rows] = q_ids[q0:q0 + rows]
     qd, qd_ids = sharding.put_whole(mesh, qb), sharding.put_whole(mesh, qb_ids)
-    state = sharding.empty_state(mesh, selector, block)
-    tiles = stream_tiles(source, g_ids, my_ranges)
-    for group in groups:
+    first = start % len(groups) if b == start // len(groups) else 0
+    state = restored_state if first else sharding.empty_state(mesh, selector, block)
+    tiles = stream_tiles(source, g_ids, [g[slot] for g in groups[first:] for slot in mine
+                                         if slot < len(g)], nonzero=normalize)
+    for gi in range(first, len(groups)):
+      group = groups[gi]
       rows_by_slot, ids_by_slot = {}, {}
       for slot in mine:
         rows_by_slot[slot] = np.zeros((tile_rows, source.dim), source.dtype)
@@ -189,18 +224,32 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
       state = step(state, qd, qd_ids, sharding.put_local_slots(mesh, rows_by_slot),
                    sharding.put_local_slots(mesh, ids_by_slot))
       stop = group[-1][1]
-      if stop in results:
+      if stop in sizes:
         v, i = sharding.device_merger(mesh, selector, min(k_max, stop))(state)
-        results[stop][0].append(np.asarray(v)[:rows])
-        results[stop][1].append(np.asarray(i)[:rows].astype(np.int64))
+        found["values"][str(stop)][q0:q0 + rows] = np.asarray(v)[:rows]
+        found["ids"][str(stop)][q0:q0 + rows] = np.asarray(i)[:rows]
+      if point is not None:
+        last = b == num_blocks - 1 and gi == len(groups) - 1
+        point.maybe_save(b * len(groups) + gi + 1, {"state": state, **found}, force=last)
       meter.update(stop - group[0][0], sum(r.nbytes for r in rows_by_slot.values()))
   meter.close()
+  if point is not None:
+    point.close()
 
-  out = [Neighbours(np.concatenate(results[s][1]), np.concatenate(results[s][0]), s)
+  out = [Neighbours(found["ids"][str(s)].astype(np.int64), found["values"][str(s)], s)
          for s in sizes]
   if prefix_sizes is None:
     return out[0].top(k_max)  # raises if self-exclusion left some query short
   return out
+
+
+def _digest(*arrays) -> str:
+  h = hashlib.sha256()
+  for a in arrays:
+    a = np.ascontiguousarray(a)
+    h.update(str((a.dtype, a.shape)).encode())
+    h.update(a.tobytes())
+  return h.hexdigest()[:16]
 
 
 def _group_ranges(ranges, num_dev: int, boundaries: set[int]):

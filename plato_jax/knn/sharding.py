@@ -40,10 +40,17 @@ def merge_topk(v1, i1, v2, i2, k: int):
   return -neg[..., :k], ids[..., :k]
 
 
-def score_tile(queries, query_ids, tile, tile_ids, *, exclude_self: bool, precision):
-  """f32 scores [Q, T]; padding columns (id < 0) and self matches are -inf."""
-  s = lax.dot_general(queries, tile, (((1,), (1,)), ((), ())), precision=precision,
-                      preferred_element_type=jnp.float32)
+def score_tile(queries, query_ids, tile, tile_ids, *, exclude_self: bool, precision,
+               normalize: bool = False):
+  """f32 scores [Q, T]; padding columns (id < 0) and self matches are -inf.
+
+  `normalize` divides each column by its gallery row's f32 norm (cosine when the queries
+  are unit rows), leaving the matmul in the storage dtype.
+  """
+  s = lax.dot_general(queries, tile.astype(queries.dtype), (((1,), (1,)), ((), ())),
+                      precision=precision, preferred_element_type=jnp.float32)
+  if normalize:
+    s = s / jnp.sqrt(jnp.sum(jnp.square(tile.astype(jnp.float32)), axis=-1))[None, :]
   masked = tile_ids[None, :] < 0
   if exclude_self:
     masked = masked | (tile_ids[None, :] == query_ids[:, None])
@@ -77,14 +84,14 @@ class TopKSelector:
 
 
 @functools.lru_cache(maxsize=64)
-def sharded_step(mesh: Mesh, selector, exclude_self: bool, precision):
+def sharded_step(mesh: Mesh, selector, exclude_self: bool, precision, normalize: bool = False):
   """jit(shard_map(score + selector.update)): per-device state [P, ...], tiles [P, T, D]."""
   axis = mesh_axis(mesh)
 
   def local(state, queries, query_ids, tiles, tile_ids):
     state = jax.tree.map(lambda x: x[0], state)
-    s = score_tile(queries, query_ids, tiles[0].astype(queries.dtype), tile_ids[0],
-                   exclude_self=exclude_self, precision=precision)
+    s = score_tile(queries, query_ids, tiles[0], tile_ids[0], exclude_self=exclude_self,
+                   precision=precision, normalize=normalize)
     state = selector.update(state, s, tile_ids[0])
     return jax.tree.map(lambda x: x[None], state)
 

@@ -128,6 +128,13 @@ class Tile:
   ids: np.ndarray       # int64, ascending
 
 
+def _raise_for_rows(tile_ids: np.ndarray, bad: np.ndarray, what: str) -> None:
+  if bad.any():
+    ids = tile_ids[bad]
+    raise ValueError(f"gallery rows with {what}: ids {ids[:10].tolist()}"
+                     + (f" and {ids.size - 10} more" if ids.size > 10 else ""))
+
+
 def plan_tiles(num_rows: int, tile_rows: int, boundaries: Sequence[int] = ()) -> list[tuple[int, int]]:
   """Tile ranges of at most `tile_rows` rows that never straddle a boundary (prefix size)."""
   cuts = sorted({0, num_rows, *[b for b in boundaries if 0 < b < num_rows]})
@@ -138,10 +145,11 @@ def plan_tiles(num_rows: int, tile_rows: int, boundaries: Sequence[int] = ()) ->
 
 
 def stream_tiles(source, ids: np.ndarray, ranges: Sequence[tuple[int, int]], *,
-                 prefetch: int = 2) -> Iterator[Tile]:
+                 nonzero: bool = False, prefetch: int = 2) -> Iterator[Tile]:
   """Reads tiles in a background thread, `prefetch` ahead of the consumer.
 
-  Each tile is checked for NaN/Inf rows (ValueError naming their ids) and sorted by id.
+  Each tile is checked for NaN/Inf rows (and all-zero rows when `nonzero`: they cannot be
+  normalised) — a ValueError names their ids — and sorted by id.
   """
 
   def load(r):
@@ -151,11 +159,10 @@ def stream_tiles(source, ids: np.ndarray, ranges: Sequence[tuple[int, int]], *,
       raise ValueError(f"gallery source returned shape {rows.shape} for rows [{start}, {stop}), "
                        f"expected {(stop - start, source.dim)}")
     tile_ids = ids[start:stop]
-    finite = np.isfinite(rows.astype(np.float32, copy=False)).all(axis=1)
-    if not finite.all():
-      bad = tile_ids[~finite]
-      raise ValueError(f"gallery rows with NaN/Inf values: ids {bad[:10].tolist()}"
-                       + (f" and {bad.size - 10} more" if bad.size > 10 else ""))
+    as_f32 = rows.astype(np.float32, copy=False)
+    _raise_for_rows(tile_ids, ~np.isfinite(as_f32).all(axis=1), "NaN/Inf values")
+    if nonzero:
+      _raise_for_rows(tile_ids, ~as_f32.any(axis=1), "zero norm (cannot be normalised)")
     order = np.argsort(tile_ids, kind="stable")
     if not np.all(order == np.arange(order.size)):
       rows, tile_ids = rows[order], tile_ids[order]
