@@ -8,10 +8,13 @@ import time
 class Progress:
   """Counts units of work (rows) and prints a throttled status line.
 
+  `initial` is work already done before this run (a resumed run): it counts towards the
+  total but not towards the rate.
+
   `enabled=False` keeps the counters (for callers that report rates) but prints nothing.
   """
 
-  def __init__(self, total: int, *, label: str = "", unit: str = "rows",
+  def __init__(self, total: int, *, initial: int = 0, label: str = "", unit: str = "rows",
                enabled: bool = True, every_s: float = 1.0, stream=None):
     self.total = int(total)
     self.label = label
@@ -19,10 +22,11 @@ class Progress:
     self.enabled = enabled
     self.every_s = every_s
     self.stream = stream or sys.stderr
-    self.done = 0
+    self.done = self._initial = int(initial)
     self.bytes = 0
     self._start = time.perf_counter()
     self._last_print = 0.0
+    self._printed = -1
 
   @property
   def elapsed(self) -> float:
@@ -34,12 +38,11 @@ class Progress:
     now = time.perf_counter()
     if self.enabled and (now - self._last_print >= self.every_s or self.done >= self.total):
       self._last_print = now
-      self.stream.write("\r" + self.status_line())
-      self.stream.flush()
+      self._print()
 
   def status_line(self) -> str:
     elapsed = max(self.elapsed, 1e-9)
-    rate = self.done / elapsed
+    rate = (self.done - self._initial) / elapsed
     remaining = (self.total - self.done) / rate if rate > 0 else float("inf")
     pct = 100.0 * self.done / self.total if self.total else 100.0
     eta = _fmt_seconds(remaining) if remaining != float("inf") else "?"
@@ -47,9 +50,16 @@ class Progress:
             f"{rate:,.0f} {self.unit}/s {self.bytes / elapsed / 1e6:,.1f} MB/s "
             f"elapsed {_fmt_seconds(elapsed)} ETA {eta}")
 
+  def _print(self) -> None:
+    self._printed = self.done
+    self.stream.write("\r" + self.status_line())
+    self.stream.flush()
+
   def close(self) -> None:
     if self.enabled:
-      self.stream.write("\r" + self.status_line() + "\n")
+      if self._printed != self.done:
+        self._print()
+      self.stream.write("\n")
       self.stream.flush()
 
 

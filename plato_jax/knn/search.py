@@ -196,9 +196,10 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
       found = {"values": tree["values"], "ids": tree["ids"]}
       restored_state = tree["state"]
 
-  meter = Progress(n * num_blocks, label="knn", enabled=progress)
-  meter.update(sum(g[-1][1] - g[0][0] for g in groups) * (start // len(groups))
-               + sum(g[-1][1] - g[0][0] for g in groups[:start % len(groups)]))
+  rows_per_block = sum(g[-1][1] - g[0][0] for g in groups)
+  done = rows_per_block * (start // len(groups)) + sum(
+      g[-1][1] - g[0][0] for g in groups[:start % len(groups)])
+  meter = Progress(n * num_blocks, initial=done, label="knn", enabled=progress)
   for b in range(start // len(groups), num_blocks):
     q0 = b * block
     qb = np.zeros((block, source.dim), dtype)

@@ -104,6 +104,28 @@ class ConcatSource:
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
+class OrderedSource:
+  """The rows of `base` in the order `order` (positions in `base`), read in consecutive runs."""
+
+  def __init__(self, base, order):
+    self._base = as_source(base)
+    order = np.asarray(order, dtype=np.int64)
+    if order.ndim != 1 or (order.size and (order.min() < 0 or order.max() >= self._base.num_rows)):
+      raise ValueError(f"order must index rows of a {self._base.num_rows}-row source")
+    self._order = order
+    self.num_rows, self.dim, self.dtype = order.size, self._base.dim, self._base.dtype
+
+  def ids(self) -> np.ndarray:
+    return np.asarray(self._base.ids())[self._order]
+
+  def read(self, start: int, stop: int) -> np.ndarray:
+    idx = self._order[start:stop]
+    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+    runs = zip(np.r_[0, breaks], np.r_[breaks, idx.size])
+    parts = [np.asarray(self._base.read(int(idx[a]), int(idx[b - 1]) + 1)) for a, b in runs]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
 def as_source(gallery, ids=None):
   """Wraps `gallery` in a source; objects that already follow the protocol pass through."""
   if isinstance(gallery, (list, tuple)):

@@ -1,0 +1,308 @@
+"""TensorStore feature stores: one model's per-layer features over one dataset.
+
+Layout under a store's root (a local path or a TensorStore kvstore URL: file://, gs://,
+s3://, memory://):
+
+    plato_store.json   metadata (below); written last, and `complete` only when every row is
+    features/          zarr3 [N, L, D] (bf16, f16 or f32), sharding codec: a shard holds
+                       `shard_rows` rows of ONE layer, split in inner chunks of `chunk_rows`
+                       rows — streaming one layer reads only that layer's bytes, in tiles
+    ids/               zarr3 [N] int64 row ids (stable dataset ids)
+
+One [N, L, D] array rather than L arrays keeps a row's layers under one id and lets a layer
+be chosen at read time; the [rows, 1, D] chunk shape makes one layer as cheap to stream as
+a separate array would be.
+
+Metadata: format, version, model, dataset, pooling, layers (names), num_rows, num_layers,
+dim, dtype, chunk_rows, shard_rows, rows_written, complete, plus any `extra` fields.
+
+zarr-python reads the arrays directly (float32/float16; bfloat16 is a TensorStore zarr3
+extension data type that zarr-python 3.1 does not know).
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Sequence
+
+import ml_dtypes
+import numpy as np
+import tensorstore as ts
+
+FORMAT = "plato_jax.store"
+VERSION = 1
+METADATA = "plato_store.json"
+# One context for every open: shares caches and makes memory:// stores visible across opens.
+_CONTEXT = ts.Context()
+DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+
+
+def _root_url(path: str) -> str:
+  if "://" in path:
+    return path.rstrip("/") + "/"
+  return "file://" + os.path.abspath(path) + "/"
+
+
+def _sharded_spec(url: str, shape, dtype: str, shard, chunk) -> dict:
+  return {
+      "driver": "zarr3",
+      "kvstore": url,
+      "metadata": {
+          "shape": list(shape),
+          "data_type": dtype,
+          "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(shard)}},
+          "codecs": [{"name": "sharding_indexed", "configuration": {
+              "chunk_shape": list(chunk),
+              "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+              "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                               {"name": "crc32c"}]}}],
+      },
+  }
+
+
+def _read_metadata(root: str) -> dict:
+  kv = ts.KvStore.open(root, context=_CONTEXT).result()
+  got = kv.read(METADATA).result()
+  where = root + METADATA
+  if got.state != "value":
+    raise ValueError(f"not a plato_jax feature store: {where} is missing")
+  try:
+    meta = json.loads(bytes(got.value))
+  except ValueError as e:
+    raise ValueError(f"corrupt store metadata {where}: {e}") from None
+  required = ("format", "version", "num_rows", "num_layers", "dim", "dtype", "rows_written",
+              "complete", "layers")
+  missing = [f for f in required if f not in meta]
+  if missing or meta.get("format") != FORMAT:
+    raise ValueError(f"corrupt store metadata {where}: missing fields {missing}"
+                     if missing else f"corrupt store metadata {where}: format {meta['format']!r}")
+  if meta["version"] > VERSION:
+    raise ValueError(f"{where}: store version {meta['version']} is newer than this "
+                     f"plato_jax ({VERSION})")
+  if meta["dtype"] not in DTYPES:
+    raise ValueError(f"{where}: unsupported dtype {meta['dtype']!r}")
+  return meta
+
+
+def _write_metadata(root: str, meta: dict) -> None:
+  kv = ts.KvStore.open(root, context=_CONTEXT).result()
+  kv.write(METADATA, json.dumps(meta, indent=1, sort_keys=True).encode()).result()
+
+
+class StoreWriter:
+  """Appends rows (all layers of each) in order; resumable after a crash.
+
+  Rows are buffered to whole shards, so each shard is written once, asynchronously.
+  `rows_written` in the metadata only moves once the data before it is durable, so a rerun
+  after a crash continues from there (`StoreWriter.resume`).
+  """
+
+  def __init__(self, root: str, meta: dict, features, ids):
+    self.root, self.meta = root, meta
+    self._features, self._ids = features, ids
+    self._dtype = DTYPES[meta["dtype"]]
+    self._buffer: list[tuple[np.ndarray, np.ndarray]] = []
+    self._buffered = 0
+    self._pending: list[Any] = []
+    self.rows_written = meta["rows_written"]   # durable
+    self.position = self.rows_written         # appended (buffered or in flight)
+
+  @classmethod
+  def create(cls, path: str, *, num_rows: int, num_layers: int, dim: int,
+             dtype: str = "bfloat16", model: str = "", dataset: str = "", pooling: str = "",
+             layers: Sequence[str] | None = None, chunk_rows: int = 4096,
+             shard_rows: int | None = None, overwrite: bool = False,
+             extra: dict | None = None) -> "StoreWriter":
+    if dtype not in DTYPES:
+      raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if min(num_rows, num_layers, dim) < 1:
+      raise ValueError(f"store shape must be positive, got N={num_rows} L={num_layers} D={dim}")
+    root = _root_url(path)
+    kv = ts.KvStore.open(root, context=_CONTEXT).result()
+    if kv.read(METADATA).result().state == "value" and not overwrite:
+      raise ValueError(f"a feature store already exists at {root} (resume it or overwrite=True)")
+    layers = [str(x) for x in (layers if layers is not None else range(num_layers))]
+    if len(layers) != num_layers:
+      raise ValueError(f"{len(layers)} layer names for {num_layers} layers")
+    itemsize = np.dtype(DTYPES[dtype]).itemsize
+    chunk_rows = max(1, min(chunk_rows, num_rows))
+    if shard_rows is None:
+      # A shard of every layer is buffered before it is written: keep that under ~256 MB.
+      budget = 256 * 2**20 // (num_layers * dim * itemsize)
+      shard_rows = max(chunk_rows, budget // chunk_rows * chunk_rows)
+    shard_rows = min(shard_rows, -(-num_rows // chunk_rows) * chunk_rows)
+    if shard_rows % chunk_rows:
+      raise ValueError(f"shard_rows {shard_rows} must be a multiple of chunk_rows {chunk_rows}")
+    meta = dict(format=FORMAT, version=VERSION, model=model, dataset=dataset, pooling=pooling,
+                layers=layers, num_rows=int(num_rows), num_layers=int(num_layers), dim=int(dim),
+                dtype=dtype, chunk_rows=int(chunk_rows), shard_rows=int(shard_rows),
+                rows_written=0, complete=False, **(extra or {}))
+    _write_metadata(root, meta)  # first: an interrupted create is an incomplete store
+    features = ts.open(_sharded_spec(root + "features/", (num_rows, num_layers, dim), dtype,
+                                     (shard_rows, 1, dim), (chunk_rows, 1, dim)),
+                       create=True, delete_existing=True,
+                       context=_CONTEXT).result()
+    ids = ts.open(_sharded_spec(root + "ids/", (num_rows,), "int64", (shard_rows,),
+                                (chunk_rows,)), create=True, delete_existing=True,
+                       context=_CONTEXT).result()
+    return cls(root, meta, features, ids)
+
+  @classmethod
+  def resume(cls, path: str) -> "StoreWriter":
+    root = _root_url(path)
+    meta = _read_metadata(root)
+    if meta["complete"]:
+      raise ValueError(f"store {root} is already complete")
+    features = ts.open({"driver": "zarr3", "kvstore": root + "features/"}, open=True,
+                       context=_CONTEXT).result()
+    ids = ts.open({"driver": "zarr3", "kvstore": root + "ids/"}, open=True,
+                  context=_CONTEXT).result()
+    return cls(root, meta, features, ids)
+
+  def append(self, rows, ids) -> None:
+    """rows [B, L, D] (or [B, D] for a one-layer store), ids [B] int."""
+    rows = np.asarray(rows)
+    if rows.ndim == 2 and self.meta["num_layers"] == 1:
+      rows = rows[:, None, :]
+    want = (self.meta["num_layers"], self.meta["dim"])
+    if rows.ndim != 3 or rows.shape[1:] != want:
+      raise ValueError(f"append: rows of shape {rows.shape} do not match the store's "
+                       f"[B, {want[0]}, {want[1]}]")
+    ids = np.asarray(ids)
+    if ids.shape != (rows.shape[0],) or not np.issubdtype(ids.dtype, np.integer):
+      raise ValueError(f"append: ids must be {rows.shape[0]} integers, got {ids.shape} {ids.dtype}")
+    if self.position + rows.shape[0] > self.meta["num_rows"]:
+      raise ValueError(f"append: rows {self.position}..{self.position + rows.shape[0]} "
+                       f"exceed the store's {self.meta['num_rows']} rows")
+    bad = np.flatnonzero(~np.isfinite(rows.astype(np.float32)).all(axis=(1, 2)))
+    if bad.size:
+      raise ValueError(f"append: rows with NaN/Inf features at store rows "
+                       f"{(self.position + bad[:10]).tolist()} (ids {ids[bad[:10]].tolist()})")
+    self._buffer.append((rows.astype(self._dtype), ids.astype(np.int64)))
+    self._buffered += rows.shape[0]
+    self.position += rows.shape[0]
+    start = self.position - self._buffered
+    shard = self.meta["shard_rows"]
+    if self._buffered >= shard or self.position == self.meta["num_rows"]:
+      rows_all = np.concatenate([r for r, _ in self._buffer])
+      ids_all = np.concatenate([i for _, i in self._buffer])
+      whole = len(rows_all) if self.position == self.meta["num_rows"] else \
+          (start + len(rows_all)) // shard * shard - start
+      self._issue(start, rows_all[:whole], ids_all[:whole])
+      self._buffer = [(rows_all[whole:], ids_all[whole:])] if whole < len(rows_all) else []
+      self._buffered = len(rows_all) - whole
+
+  def _issue(self, start: int, rows: np.ndarray, ids: np.ndarray) -> None:
+    stop = start + len(rows)
+    self._pending.append((stop, self._features[start:stop].write(rows),
+                          self._ids[start:stop].write(ids)))
+    if len(self._pending) > 4:
+      self.commit(wait_all=False)
+
+  def commit(self, wait_all: bool = True) -> None:
+    """Waits for issued writes and records the durable row count in the metadata."""
+    keep = 0 if wait_all else 2
+    while len(self._pending) > keep:
+      stop, f, i = self._pending.pop(0)
+      f.result()
+      i.result()
+      self.rows_written = stop
+    self.meta["rows_written"] = int(self.rows_written)
+    _write_metadata(self.root, self.meta)
+
+  def close(self) -> "FeatureStore | None":
+    """Writes everything; marks the store complete when every row is in it."""
+    self.commit()
+    if self.rows_written == self.meta["num_rows"]:
+      self.meta["complete"] = True
+      _write_metadata(self.root, self.meta)
+      return FeatureStore.open(self.root)
+    return None
+
+
+class FeatureStore:
+  """Reads a store: metadata, ids, one layer as a gallery source, random row gathers."""
+
+  def __init__(self, root: str, meta: dict, features, ids):
+    self.root, self.meta = root, meta
+    self._features, self._ids_array = features, ids
+    self._ids_cache: np.ndarray | None = None
+    self.num_rows, self.num_layers, self.dim = meta["num_rows"], meta["num_layers"], meta["dim"]
+    self.dtype = np.dtype(DTYPES[meta["dtype"]])
+
+  @classmethod
+  def open(cls, path: str, *, allow_partial: bool = False) -> "FeatureStore":
+    root = _root_url(path)
+    meta = _read_metadata(root)
+    if not meta["complete"] and not allow_partial:
+      raise ValueError(f"store {root} is incomplete ({meta['rows_written']} of "
+                       f"{meta['num_rows']} rows written); resume its writer first")
+    try:
+      features = ts.open({"driver": "zarr3", "kvstore": root + "features/"}, open=True,
+                         read=True, context=_CONTEXT).result()
+      ids = ts.open({"driver": "zarr3", "kvstore": root + "ids/"}, open=True, read=True,
+                    context=_CONTEXT).result()
+    except ValueError as e:
+      raise ValueError(f"store {root}: cannot open its arrays: {e}") from None
+    want = (meta["num_rows"], meta["num_layers"], meta["dim"])
+    if tuple(features.shape) != want or np.dtype(features.dtype.numpy_dtype) != DTYPES[meta["dtype"]]:
+      raise ValueError(f"store {root}: features array is {tuple(features.shape)} "
+                       f"{features.dtype}, metadata says {want} {meta['dtype']}")
+    if tuple(ids.shape) != (meta["num_rows"],):
+      raise ValueError(f"store {root}: ids array has shape {tuple(ids.shape)}, expected "
+                       f"({meta['num_rows']},)")
+    store = cls(root, meta, features, ids)
+    if not meta["complete"]:
+      store.num_rows = meta["rows_written"]
+    return store
+
+  def ids(self) -> np.ndarray:
+    if self._ids_cache is None:
+      self._ids_cache = self._ids_array[:self.num_rows].read().result()
+    return self._ids_cache
+
+  def layer_index(self, layer: int | str) -> int:
+    if isinstance(layer, str) and not layer.lstrip("-").isdigit():
+      if layer not in self.meta["layers"]:
+        raise ValueError(f"store {self.root}: no layer named {layer!r}; layers are "
+                         f"{self.meta['layers']}")
+      return self.meta["layers"].index(layer)
+    layer = int(layer)
+    if not -self.num_layers <= layer < self.num_layers:
+      raise ValueError(f"store {self.root}: layer {layer} out of range for "
+                       f"{self.num_layers} layers")
+    return layer % self.num_layers
+
+  def layer(self, layer: int | str) -> "LayerSource":
+    return LayerSource(self, self.layer_index(layer))
+
+  def gather(self, rows: Sequence[int], layer: int | str | None = None) -> np.ndarray:
+    """Rows (store positions) in the given order: [len, L, D], or [len, D] for one layer."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
+      raise ValueError(f"store {self.root}: rows out of range [0, {self.num_rows})")
+    view = self._features if layer is None else self._features[:, self.layer_index(layer)]
+    order = np.argsort(rows)
+    got = view[ts.d[0].translate_to[0]][rows[order].tolist()].read().result() if rows.size else \
+        np.zeros((0, *view.shape[1:]), self.dtype)
+    out = np.empty_like(got)
+    out[order] = got
+    return out
+
+  def read_layer(self, layer: int | str, start: int = 0, stop: int | None = None) -> np.ndarray:
+    stop = self.num_rows if stop is None else min(stop, self.num_rows)
+    return self._features[start:stop, self.layer_index(layer)].read().result()
+
+
+class LayerSource:
+  """One layer of a store as a gallery source (`plato_jax.knn` protocol)."""
+
+  def __init__(self, store: FeatureStore, layer: int):
+    self.store, self.layer = store, layer
+    self.num_rows, self.dim, self.dtype = store.num_rows, store.dim, store.dtype
+
+  def ids(self) -> np.ndarray:
+    return self.store.ids()
+
+  def read(self, start: int, stop: int) -> np.ndarray:
+    return self.store._features[start:stop, self.layer].read().result()

@@ -1,0 +1,107 @@
+"""TensorStore feature stores: round trips, resume, zarr-python interop, errors."""
+import json
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from plato_jax.store import FeatureStore, StoreWriter
+
+
+@pytest.fixture
+def rng():
+  seed = np.random.SeedSequence().entropy
+  print("seed", seed)
+  return np.random.default_rng(seed)
+
+
+def _write(path, x, ids, dtype, batch=333, **kw):
+  w = StoreWriter.create(str(path), num_rows=len(x), num_layers=x.shape[1], dim=x.shape[2],
+                         dtype=dtype, model="m", dataset="d", pooling="mean", chunk_rows=256,
+                         shard_rows=1024, **kw)
+  for s in range(0, len(x), batch):
+    w.append(x[s:s + batch], ids[s:s + batch])
+  return w.close()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_round_trip_is_bit_exact(tmp_path, rng, dtype):
+  x = rng.standard_normal((2500, 3, 20)).astype(np.float32)
+  ids = rng.permutation(10**6)[:2500]
+  store = _write(tmp_path / "s", x, ids, dtype)
+  want = x.astype({"bfloat16": ml_dtypes.bfloat16}.get(dtype, dtype))
+  assert store.dtype == want.dtype and store.meta["complete"]
+  np.testing.assert_array_equal(store.ids(), ids)
+  for layer in range(3):
+    got = store.read_layer(layer)
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got.view(np.uint8), want[:, layer].view(np.uint8))
+    tiles = np.concatenate([store.layer(layer).read(s, min(s + 300, 2500)) for s in range(0, 2500, 300)])
+    np.testing.assert_array_equal(tiles.view(np.uint8), want[:, layer].view(np.uint8))
+  rows = [2499, 0, 17, 1024]
+  np.testing.assert_array_equal(store.gather(rows).view(np.uint8), want[rows].view(np.uint8))
+  np.testing.assert_array_equal(store.gather(rows, layer=1).view(np.uint8), want[rows, 1].view(np.uint8))
+  assert store.layer_index("2") == 2 and store.layer_index(-1) == 2
+
+
+def test_kvstore_url_memory(rng):
+  x = rng.standard_normal((300, 2, 8)).astype(np.float32)
+  store = _write("memory://plato_test_store/", x, np.arange(300), "float32")
+  np.testing.assert_array_equal(FeatureStore.open("memory://plato_test_store/").read_layer(0), x[:, 0])
+
+
+def test_partial_store_is_never_complete_and_resumes(tmp_path, rng):
+  x = rng.standard_normal((5000, 2, 16)).astype(np.float32)
+  ids = np.arange(5000) * 3
+  w = StoreWriter.create(str(tmp_path / "s"), num_rows=5000, num_layers=2, dim=16,
+                         dtype="float32", chunk_rows=256, shard_rows=1024)
+  for s in range(0, 2600, 200):
+    w.append(x[s:s + 200], ids[s:s + 200])
+  w.commit()
+  del w  # crash: the buffered tail and the metadata's later updates are lost
+  with pytest.raises(ValueError, match="incomplete"):
+    FeatureStore.open(str(tmp_path / "s"))
+  partial = FeatureStore.open(str(tmp_path / "s"), allow_partial=True)
+  assert 0 < partial.num_rows < 2600 and partial.num_rows % 1024 == 0
+  w = StoreWriter.resume(str(tmp_path / "s"))
+  start = w.rows_written
+  for s in range(start, 5000, 700):
+    w.append(x[s:s + 700], ids[s:s + 700])
+  store = w.close()
+  np.testing.assert_array_equal(store.read_layer(1), x[:, 1])
+  np.testing.assert_array_equal(store.ids(), ids)
+
+
+def test_zarr_python_reads_the_arrays(tmp_path, rng):
+  zarr = pytest.importorskip("zarr")
+  x = rng.standard_normal((1500, 3, 12)).astype(np.float16)
+  store = _write(tmp_path / "s", x, np.arange(1500) + 7, "float16")
+  feats = zarr.open_array(str(tmp_path / "s" / "features"), mode="r")
+  np.testing.assert_array_equal(feats[:], x)
+  np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "s" / "ids"), mode="r")[:], store.ids())
+
+
+def test_bad_inputs_name_the_problem(tmp_path, rng):
+  x = rng.standard_normal((100, 2, 4)).astype(np.float32)
+  w = StoreWriter.create(str(tmp_path / "s"), num_rows=100, num_layers=2, dim=4, dtype="float32")
+  with pytest.raises(ValueError, match=r"do not match the store's \[B, 2, 4\]"):
+    w.append(x[:, :, :3], np.arange(100))
+  bad = x.copy()
+  bad[[4, 9], 1, 2] = np.nan
+  with pytest.raises(ValueError, match=r"NaN/Inf features at store rows \[4, 9\]"):
+    w.append(bad, np.arange(100))
+  with pytest.raises(ValueError, match="already exists"):
+    StoreWriter.create(str(tmp_path / "s"), num_rows=100, num_layers=2, dim=4)
+  with pytest.raises(ValueError, match="plato_store.json is missing"):
+    FeatureStore.open(str(tmp_path / "nothing"))
+  (tmp_path / "s" / "plato_store.json").write_text("{not json")
+  with pytest.raises(ValueError, match="corrupt store metadata"):
+    FeatureStore.open(str(tmp_path / "s"))
+  store = _write(tmp_path / "t", x, np.arange(100), "float32")
+  meta = json.loads((tmp_path / "t" / "plato_store.json").read_text())
+  meta["dim"] = 5
+  (tmp_path / "t" / "plato_store.json").write_text(json.dumps(meta))
+  with pytest.raises(ValueError, match=r"metadata says \(100, 2, 5\)"):
+    FeatureStore.open(str(tmp_path / "t"))
+  with pytest.raises(ValueError, match="no layer named 'x'"):
+    store.layer("x")
