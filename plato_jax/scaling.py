@@ -1,0 +1,168 @@
+"""Mutual k-NN as the gallery grows (Koepke et al. §4.1): one pass per model, every size, every k.
+
+Protocol. The gallery order is one seeded permutation of the stores' rows: the queries come
+first, then whole chunks of `chunk_rows` consecutive store rows in random order (so tiles are
+read as whole chunks, never row by row). Gallery sizes are prefixes of that order, so the
+smallest size (= the number of queries) is the queries' all-vs-all gallery, as WIT-1024 is
+in the paper. Queries sit inside every gallery and are excluded as self. Each model's layer
+is fixed once (`auto`: the best mutual-kNN pair on the queries, k=10, as both papers do).
+Similarity is cosine (rows L2-normalised; no outlier clamp, which Koepke et al. do not
+state at scale).
+
+For each size n and each k (an int or `n/100`), m_NN = mean over queries of
+|N_a(q) ∩ N_b(q)| / k, the chance level k/(n-1), and per modality the mean cosine of the
+top-1 and top-10 neighbours (Koepke Table 1).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Sequence
+
+import numpy as np
+
+from plato_jax import metrics
+from plato_jax.knn import OrderedSource, search
+from plato_jax.store import FeatureStore
+
+DEFAULT_SIZES = ("1024", "10k", "50k", "100k", "500k", "1m", "5m", "10m", "15m")
+DEFAULT_KS = ("1", "10", "n/100")
+
+
+def parse_count(text: str | int) -> int:
+  """'1024', '10k', '1.5m', '15M' → int."""
+  if isinstance(text, (int, np.integer)):
+    return int(text)
+  t = str(text).strip().lower().replace("_", "")
+  scale = {"k": 10**3, "m": 10**6, "b": 10**9}.get(t[-1:], 1)
+  try:
+    value = float(t[:-1] if scale > 1 else t) * scale
+  except ValueError:
+    raise ValueError(f"not a count: {text!r} (use e.g. 1024, 10k, 1.5m)") from None
+  if value != int(value) or value < 1:
+    raise ValueError(f"not a positive whole count: {text!r}")
+  return int(value)
+
+
+def resolve_k(spec: str, n: int) -> int:
+  """'10' → 10; 'n/100' → n // 100 (at least 1)."""
+  s = str(spec).strip().lower()
+  if s.startswith("n/"):
+    return max(1, n // parse_count(s[2:]))
+  return parse_count(s)
+
+
+def gallery_order(num_rows: int, query_rows: np.ndarray, chunk_rows: int, seed: int) -> np.ndarray:
+  """Queries first, then the other rows in seeded random order of whole chunks."""
+  rng = np.random.default_rng(seed)
+  chunks = rng.permutation(-(-num_rows // chunk_rows))
+  rest = np.concatenate([np.arange(c * chunk_rows, min((c + 1) * chunk_rows, num_rows))
+                         for c in chunks]) if num_rows else np.zeros(0, np.int64)
+  rest = rest[~np.isin(rest, query_rows)]
+  return np.concatenate([np.asarray(query_rows, np.int64), rest])
+
+
+def choose_queries(num_rows: int, count: int, chunk_rows: int, seed: int) -> np.ndarray:
+  """`count` distinct store rows drawn with the run's seed (sorted for cheap gathers)."""
+  if not 1 <= count <= num_rows:
+    raise ValueError(f"--queries={count} must lie in [1, {num_rows}] (the stores' rows)")
+  rng = np.random.default_rng([seed, 1])
+  return np.sort(rng.choice(num_rows, count, replace=False))
+
+
+@dataclasses.dataclass
+class ScalingResult:
+  layer_a: int
+  layer_b: int
+  layer_table: list | None
+  num_queries: int
+  rows: list[dict]            # one per (size, k): size, k_spec, k, mutual_knn, chance
+  quality: list[dict]         # one per (size, modality): mean cosine of top-1 / top-10
+
+
+def run_scaling(store_a: FeatureStore, store_b: FeatureStore, *, layer_a="auto", layer_b="auto",
+                queries: int | Sequence[int] = 1024, sizes: Sequence[str | int] = DEFAULT_SIZES,
+                ks: Sequence[str] = DEFAULT_KS, seed: int = 0, resume_dir: str | None = None,
+                mesh=None, tile_rows: int | None = None, progress: bool = True) -> ScalingResult:
+  """Runs the scaling protocol on two stores of the same rows (see the module docstring).
+
+  `queries` is a count (drawn with `seed`) or explicit row ids present in both stores.
+  Sizes above the stores' rows are an error; `sizes` are counts like '10k'.
+  """
+  ids = store_a.ids()
+  ids_b = store_b.ids()
+  if ids.shape != ids_b.shape or not np.array_equal(ids, ids_b):
+    diff = (np.flatnonzero(ids[:len(ids_b)] != ids_b[:len(ids)])[:1].tolist()
+            if len(ids) and len(ids_b) else [])
+    where = (f"first differing row {diff[0]}: id {ids[diff[0]]} vs {ids_b[diff[0]]}" if diff
+             else f"{len(ids)} vs {len(ids_b)} rows")
+    raise ValueError(f"the two stores do not hold the same rows ({store_a.root} vs "
+                     f"{store_b.root}): {where}")
+  n_total = len(ids)
+  chunk_rows = int(store_a.meta.get("chunk_rows", 4096))
+  if isinstance(queries, (int, np.integer)):
+    query_rows = choose_queries(n_total, int(queries), chunk_rows, seed)
+  else:
+    wanted = np.asarray(queries, dtype=np.int64)
+    position = {int(v): i for i, v in enumerate(ids)}
+    missing = [int(q) for q in wanted if int(q) not in position]
+    if missing:
+      raise ValueError(f"query ids not in the stores: {missing[:10]}")
+    if len(set(wanted.tolist())) != len(wanted):
+      raise ValueError("query ids repeat")
+    query_rows = np.asarray([position[int(q)] for q in wanted], np.int64)
+  num_q = len(query_rows)
+  size_list = sorted({parse_count(s) for s in sizes})
+  if size_list[0] < num_q:
+    raise ValueError(f"gallery size {size_list[0]} is smaller than the {num_q} queries it "
+                     f"must contain")
+  if size_list[-1] > n_total:
+    raise ValueError(f"gallery size {size_list[-1]:,} exceeds the stores' {n_total:,} rows")
+  k_by_size = {n: {spec: resolve_k(spec, n) for spec in ks} for n in size_list}
+  for n, by_spec in k_by_size.items():
+    for spec, k in by_spec.items():
+      if k > n - 1:
+        raise ValueError(f"k={spec} gives {k} > {n - 1} neighbours available at gallery "
+                         f"size {n}")
+  k_max = max(max(v.values()) for v in k_by_size.values())
+  k_search = max(k_max, min(10, size_list[-1] - 1))  # top-10 quality needs 10
+
+  q_a = store_a.gather(query_rows).astype(np.float32)
+  q_b = store_b.gather(query_rows).astype(np.float32)
+  table = None
+  if layer_a == "auto" or layer_b == "auto":
+    pair = metrics.compute_score(
+        q_a if layer_a == "auto" else q_a[:, [store_a.layer_index(layer_a)]],
+        q_b if layer_b == "auto" else q_b[:, [store_b.layer_index(layer_b)]],
+        "mutual_knn", topk=min(10, num_q - 1))
+    if pair.indices is None:
+      raise ValueError("no layer pair has positive mutual kNN on the queries")
+    table = np.asarray(pair.table).tolist()
+    la = pair.indices[0] if layer_a == "auto" else store_a.layer_index(layer_a)
+    lb = pair.indices[1] if layer_b == "auto" else store_b.layer_index(layer_b)
+  else:
+    la, lb = store_a.layer_index(layer_a), store_b.layer_index(layer_b)
+
+  order = gallery_order(n_total, query_rows, chunk_rows, seed)[:size_list[-1]]
+  found = {}
+  for name, store, layer, q in (("a", store_a, la, q_a), ("b", store_b, lb, q_b)):
+    if progress:
+      print(f"model {name}: layer {layer} of {store.root}", flush=True)
+    found[name] = search(
+        q[:, layer], OrderedSource(store.layer(layer), order), k_search,
+        query_ids=ids[query_rows], prefix_sizes=size_list, normalize=True, mesh=mesh,
+        tile_rows=tile_rows, progress=progress,
+        resume_dir=None if resume_dir is None else os.path.join(resume_dir, name))
+
+  rows, quality = [], []
+  for i, n in enumerate(size_list):
+    na, nb = found["a"][i], found["b"][i]
+    for spec, k in k_by_size[n].items():
+      rows.append(dict(size=n, k_spec=spec, k=k,
+                       mutual_knn=metrics.mutual_knn_from_neighbours(na.top(k).ids, nb.top(k).ids),
+                       chance=k / (n - 1)))
+    for name, nbrs in (("a", na), ("b", nb)):
+      top = nbrs.top(min(10, nbrs.k))
+      quality.append(dict(size=n, model=name, top1_cosine=float(top.scores[:, 0].mean()),
+                          top10_cosine=float(top.scores.mean())))
+  return ScalingResult(int(la), int(lb), table, num_q, rows, quality)
