@@ -33,6 +33,7 @@ flags.DEFINE_bool("resume", True, "checkpoint the searches under --out/resume an
                   "from there after a crash")
 flags.DEFINE_string("world_dir", os.path.join(os.path.expanduser("~"), ".cache", "plato_jax"),
                     "cache directory of the synthetic world")
+flags.DEFINE_integer("checkpoint_every", 16, "engine steps between checkpoints")
 flags.DEFINE_integer("tile_rows", None, "engine tile rows per device (default: engine's choice)")
 flags.DEFINE_bool("progress", True, "show progress bars")
 
@@ -98,7 +99,8 @@ def main(argv):
   result = run_scaling(store_a, store_b, layer_a=FLAGS.layer_a, layer_b=FLAGS.layer_b,
                        queries=queries, sizes=sizes, ks=FLAGS.k, seed=FLAGS.seed,
                        resume_dir=os.path.join(FLAGS.out, "resume") if FLAGS.resume else None,
-                       tile_rows=FLAGS.tile_rows, progress=FLAGS.progress)
+                       checkpoint_every=FLAGS.checkpoint_every, tile_rows=FLAGS.tile_rows,
+                       progress=FLAGS.progress)
   config = {name: FLAGS[name].value for name in ("features_a", "features_b", "layer_a", "layer_b",
                                                  "queries", "gallery", "k", "seed")}
   config.update(store_a=store_a.root, store_b=store_b.root, sizes=sizes)

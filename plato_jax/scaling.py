@@ -83,7 +83,7 @@ class ScalingResult:
 def run_scaling(store_a: FeatureStore, store_b: FeatureStore, *, layer_a="auto", layer_b="auto",
                 queries: int | Sequence[int] = 1024, sizes: Sequence[str | int] = DEFAULT_SIZES,
                 ks: Sequence[str] = DEFAULT_KS, seed: int = 0, resume_dir: str | None = None,
-                mesh=None, tile_rows: int | None = None, progress: bool = True) -> ScalingResult:
+                checkpoint_every: int = 16, mesh=None, tile_rows: int | None = None, progress: bool = True) -> ScalingResult:
   """Runs the scaling protocol on two stores of the same rows (see the module docstring).
 
   `queries` is a count (drawn with `seed`) or explicit row ids present in both stores.
@@ -152,7 +152,8 @@ def run_scaling(store_a: FeatureStore, store_b: FeatureStore, *, layer_a="auto",
         q[:, layer], OrderedSource(store.layer(layer), order), k_search,
         query_ids=ids[query_rows], prefix_sizes=size_list, normalize=True, mesh=mesh,
         tile_rows=tile_rows, progress=progress,
-        resume_dir=None if resume_dir is None else os.path.join(resume_dir, name))
+        resume_dir=None if resume_dir is None else os.path.join(resume_dir, name),
+        checkpoint_every=checkpoint_every)
 
   rows, quality = [], []
   for i, n in enumerate(size_list):

@@ -1,0 +1,141 @@
+"""The scaling protocol against a brute force per size and k; resume after kill -9; flag errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from plato_jax import metrics
+from plato_jax.scaling import gallery_order, parse_count, resolve_k, run_scaling
+from plato_jax.synthetic import WorldConfig, build_world
+
+SMALL = WorldConfig(num_concepts=20, dims=(16, 24), layers=(3, 4))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  return build_world(str(tmp_path_factory.mktemp("worlds")), 6000, SMALL, progress=False)
+
+
+def brute_mutual_knn(xa, xb, k):
+  """float64 cosine top-k of each query (rows 0..q-1 of both) in all rows, self excluded."""
+  def top(x):
+    x = x.astype(np.float64)
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    s = x[:QUERIES] @ x.T
+    s[np.arange(QUERIES), np.arange(QUERIES)] = -np.inf
+    return np.argsort(-s, axis=1, kind="stable")[:, :k]
+  a, b = top(xa), top(xb)
+  return np.mean([len(np.intersect1d(r, t)) for r, t in zip(a, b)]) / k
+
+
+QUERIES = 300
+
+
+def test_results_equal_brute_force_per_size_and_k(world):
+  store_a, store_b = world
+  sizes = [QUERIES, 1000, 6000]
+  res = run_scaling(store_a, store_b, queries=QUERIES, sizes=sizes, ks=["1", "10", "n/100"],
+                    seed=3, layer_a="auto", layer_b="auto", progress=False, tile_rows=512)
+  rows = {(r["size"], r["k_spec"]): r for r in res.rows}
+  assert len(rows) == 9
+  # the same order the run used: queries first, then chunks
+  from plato_jax.scaling import choose_queries
+  qrows = choose_queries(6000, QUERIES, store_a.meta["chunk_rows"], 3)
+  order = gallery_order(6000, qrows, store_a.meta["chunk_rows"], 3)
+  xa = store_a.read_layer(res.layer_a).astype(np.float32)[order]
+  xb = store_b.read_layer(res.layer_b).astype(np.float32)[order]
+  for n in sizes:
+    for spec in ["1", "10", "n/100"]:
+      k = resolve_k(spec, n)
+      want = brute_mutual_knn(xa[:n], xb[:n], k)
+      assert rows[(n, spec)]["mutual_knn"] == pytest.approx(want, abs=2.0 / (QUERIES * k)), (n, spec)
+      assert rows[(n, spec)]["chance"] == pytest.approx(k / (n - 1))
+  # at n = queries the gallery is the queries alone: the PRH all-vs-all mutual_knn
+  want = metrics.mutual_knn(xa[:QUERIES] / np.linalg.norm(xa[:QUERIES], axis=1, keepdims=True),
+                            xb[:QUERIES] / np.linalg.norm(xb[:QUERIES], axis=1, keepdims=True), 10)
+  assert rows[(QUERIES, "10")]["mutual_knn"] == pytest.approx(want, abs=1e-3)
+  # the planted best layers (last of a, second-to-last of b) are found
+  assert (res.layer_a, res.layer_b) == (2, 2)
+  # the synthetic world shows the papers' shape: fixed-k alignment falls, n/100 holds
+  assert rows[(6000, "10")]["mutual_knn"] < 0.5 * rows[(QUERIES, "10")]["mutual_knn"]
+  assert rows[(6000, "n/100")]["mutual_knn"] > 0.5 * rows[(1000, "n/100")]["mutual_knn"]
+  top1 = [q["top1_cosine"] for q in res.quality if q["model"] == "a"]
+  assert top1 == sorted(top1), "neighbours get closer as the gallery grows"
+
+
+def test_argument_errors(world):
+  store_a, store_b = world
+  with pytest.raises(ValueError, match="exceeds the stores' 6,000 rows"):
+    run_scaling(store_a, store_b, queries=100, sizes=[100, 7000], progress=False)
+  with pytest.raises(ValueError, match="smaller than the 100 queries"):
+    run_scaling(store_a, store_b, queries=100, sizes=[50, 1000], progress=False)
+  with pytest.raises(ValueError, match="gives 200 > 99 neighbours"):
+    run_scaling(store_a, store_b, queries=100, sizes=[100, 1000], ks=["200"], progress=False)
+  with pytest.raises(ValueError, match=r"query ids not in the stores: \[99999\]"):
+    run_scaling(store_a, store_b, queries=[1, 2, 99999], sizes=[3, 100], progress=False)
+  with pytest.raises(ValueError, match="not a count"):
+    parse_count("ten")
+  assert parse_count("1.5m") == 1_500_000 and parse_count("10k") == 10_000
+
+
+def test_stores_with_different_rows_are_refused(tmp_path, world):
+  other = build_world(str(tmp_path), 5000, SMALL, progress=False)
+  with pytest.raises(ValueError, match="do not hold the same rows"):
+    run_scaling(world[0], other[1], queries=100, sizes=[100], progress=False)
+
+
+def _run_cli(args, **kw):
+  return subprocess.Popen([sys.executable, "-m", "experiments.scaling", *args], cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_cli_kill_9_then_resume_gives_identical_results(world, tmp_path):
+  store_a, store_b = world
+  common = [f"--features_a={store_a.root}", f"--features_b={store_b.root}", "--queries=200",
+            "--sizes=200,1000,6000", "--k=1,10,n/100", "--tile_rows=128", "--checkpoint_every=1",
+            "--noprogress"]
+  clean = _run_cli(common + [f"--out={tmp_path / 'clean'}"])
+  out = clean.communicate(timeout=300)[0]
+  assert clean.returncode == 0, out[-3000:]
+
+  crashed = _run_cli(common + [f"--out={tmp_path / 'crash'}"])
+  deadline = time.time() + 120
+  resume = tmp_path / "crash" / "resume" / "b"
+  while time.time() < deadline and not (resume.exists() and any(resume.iterdir())):
+    time.sleep(0.05)
+  assert crashed.poll() is None, "the run ended before it could be killed"
+  os.kill(crashed.pid, signal.SIGKILL)
+  crashed.wait()
+  assert not (tmp_path / "crash" / "scaling.json").exists()
+  again = _run_cli(common + [f"--out={tmp_path / 'crash'}"])
+  out = again.communicate(timeout=300)[0]
+  assert again.returncode == 0, out[-3000:]
+  a = json.loads((tmp_path / "clean" / "scaling.json").read_text())
+  b = json.loads((tmp_path / "crash" / "scaling.json").read_text())
+  assert a["rows"] == b["rows"] and a["quality"] == b["quality"]
+  for name in ("scaling.csv", "scaling.png"):
+    assert (tmp_path / "crash" / name).stat().st_size > 0
+
+
+def test_cli_flag_errors(tmp_path):
+  p = _run_cli(["--features_a=x", "--noprogress"])
+  out = p.communicate(timeout=120)[0]
+  assert p.returncode != 0 and "give both --features_a and --features_b" in out
+
+
+def test_mutual_knn_from_neighbours_counts_shared_ids():
+  rng = np.random.default_rng()
+  for q, k in [(50, 1), (40, 10), (7, 3000)]:
+    a = np.stack([rng.choice(4 * k, k, replace=False) for _ in range(q)])
+    b = np.stack([rng.choice(4 * k, k, replace=False) for _ in range(q)])  # overlap by chance
+    want = np.mean([len(np.intersect1d(x, y)) for x, y in zip(a, b)]) / k
+    assert metrics.mutual_knn_from_neighbours(a, b) == pytest.approx(want, abs=1e-12)
+  assert metrics.mutual_knn_from_neighbours(a, a) == 1.0
+  with pytest.raises(ValueError, match="both be"):
+    metrics.mutual_knn_from_neighbours(a, a[:, :5])
