@@ -20,7 +20,8 @@ from jax import lax
 
 from kernels.topk import BucketConfig
 from plato_jax.knn import sharding
-from plato_jax.knn.sources import MAX_ID, as_source, plan_tiles, stream_tiles
+from plato_jax.knn.sources import (MAX_ID, as_source, plan_tiles, raise_for_bad_rows,
+                                   stream_tiles)
 from plato_jax.progress import Progress
 from plato_jax.resume import ResumePoint
 
@@ -182,7 +183,7 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
   num_blocks = -(-num_q // block)
   found = {"values": {str(s): np.full((num_q, min(k_max, s)), -np.inf, np.float32) for s in sizes},
            "ids": {str(s): np.full((num_q, min(k_max, s)), -1, np.int32) for s in sizes}}
-  start, restored_state, point = 0, None, None
+  start, restored_state, restored_bad, point = 0, None, None, None
   if resume_dir is not None:
     fingerprint = dict(
         n=n, dim=source.dim, dtype=str(source.dtype), queries=_digest(q_host, q_ids),
@@ -190,11 +191,12 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
         devices=num_dev, exclude_self=bool(exclude_self), normalize=bool(normalize),
         compute_dtype=str(dtype), precision=str(precision), selector=repr(selector))
     point = ResumePoint(resume_dir, fingerprint, every=checkpoint_every)
-    loaded = point.load({"state": sharding.empty_state(mesh, selector, block), **found})
+    loaded = point.load({"state": sharding.empty_state(mesh, selector, block),
+                         "bad": sharding.put_split(mesh, np.zeros(num_dev, np.int32)), **found})
     if loaded is not None:
       start, tree = loaded
       found = {"values": tree["values"], "ids": tree["ids"]}
-      restored_state = tree["state"]
+      restored_state, restored_bad = tree["state"], tree["bad"]
 
   rows_per_block = sum(g[-1][1] - g[0][0] for g in groups)
   done = rows_per_block * (start // len(groups)) + sum(
@@ -209,29 +211,36 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
     qb_ids[:rows] = q_ids[q0:q0 + rows]
     qd, qd_ids = sharding.put_whole(mesh, qb), sharding.put_whole(mesh, qb_ids)
     first = start % len(groups) if b == start // len(groups) else 0
-    state = restored_state if first else sharding.empty_state(mesh, selector, block)
+    if first:
+      state, bad = restored_state, restored_bad
+    else:
+      state = sharding.empty_state(mesh, selector, block)
+      bad = sharding.put_split(mesh, np.zeros(num_dev, np.int32))
     tiles = stream_tiles(source, g_ids, [g[slot] for g in groups[first:] for slot in mine
-                                         if slot < len(g)], nonzero=normalize)
+                                         if slot < len(g)])
     for gi in range(first, len(groups)):
       group = groups[gi]
       rows_by_slot, ids_by_slot = {}, {}
       for slot in mine:
-        rows_by_slot[slot] = np.zeros((tile_rows, source.dim), source.dtype)
-        ids_by_slot[slot] = np.full(tile_rows, -1, np.int32)
-        if slot < len(group):
-          tile = next(tiles)
-          rows_by_slot[slot][:tile.rows.shape[0]] = tile.rows
-          ids_by_slot[slot][:tile.ids.shape[0]] = tile.ids
-      state = step(state, qd, qd_ids, sharding.put_local_slots(mesh, rows_by_slot),
-                   sharding.put_local_slots(mesh, ids_by_slot))
+        tile = next(tiles) if slot < len(group) else None
+        rows_by_slot[slot], ids_by_slot[slot] = _padded(tile, tile_rows, source)
+      state, bad = step(state, bad, qd, qd_ids, sharding.put_local_slots(mesh, rows_by_slot),
+                        sharding.put_local_slots(mesh, ids_by_slot))
       stop = group[-1][1]
+      if stop in sizes or gi == len(groups) - 1:
+        num_bad = int(sharding.replicated_sum(mesh)(bad))
+        if num_bad:
+          raise_for_bad_rows(source, g_ids, ranges, nonzero=normalize)
+          raise ValueError(f"{num_bad} gallery rows have non-finite or overflowing norms on the "
+                           f"device, but a host scan could not name them")
       if stop in sizes:
         v, i = sharding.device_merger(mesh, selector, min(k_max, stop))(state)
         found["values"][str(stop)][q0:q0 + rows] = np.asarray(v)[:rows]
         found["ids"][str(stop)][q0:q0 + rows] = np.asarray(i)[:rows]
       if point is not None:
         last = b == num_blocks - 1 and gi == len(groups) - 1
-        point.maybe_save(b * len(groups) + gi + 1, {"state": state, **found}, force=last)
+        point.maybe_save(b * len(groups) + gi + 1, {"state": state, "bad": bad, **found},
+                         force=last)
       meter.update(stop - group[0][0], sum(r.nbytes for r in rows_by_slot.values()))
   meter.close()
   if point is not None:
@@ -242,6 +251,18 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
   if prefix_sizes is None:
     return out[0].top(k_max)  # raises if self-exclusion left some query short
   return out
+
+
+def _padded(tile, tile_rows: int, source):
+  """A device slot's rows and int32 ids, padded to `tile_rows` (id -1: never selected)."""
+  if tile is not None and tile.rows.shape[0] == tile_rows:
+    return np.ascontiguousarray(tile.rows), tile.ids.astype(np.int32)
+  rows = np.zeros((tile_rows, source.dim), source.dtype)
+  ids = np.full(tile_rows, -1, np.int32)
+  if tile is not None:
+    rows[:tile.rows.shape[0]] = tile.rows
+    ids[:tile.ids.shape[0]] = tile.ids
+  return rows, ids
 
 
 def _digest(*arrays) -> str:

@@ -41,16 +41,16 @@ def merge_topk(v1, i1, v2, i2, k: int):
 
 
 def score_tile(queries, query_ids, tile, tile_ids, *, exclude_self: bool, precision,
-               normalize: bool = False):
+               row_sumsq=None):
   """f32 scores [Q, T]; padding columns (id < 0) and self matches are -inf.
 
-  `normalize` divides each column by its gallery row's f32 norm (cosine when the queries
-  are unit rows), leaving the matmul in the storage dtype.
+  With `row_sumsq` (the gallery rows' f32 squared norms) each column is divided by its row's
+  norm — cosine when the queries are unit rows — leaving the matmul in the storage dtype.
   """
   s = lax.dot_general(queries, tile.astype(queries.dtype), (((1,), (1,)), ((), ())),
                       precision=precision, preferred_element_type=jnp.float32)
-  if normalize:
-    s = s / jnp.sqrt(jnp.sum(jnp.square(tile.astype(jnp.float32)), axis=-1))[None, :]
+  if row_sumsq is not None:
+    s = s / jnp.sqrt(row_sumsq)[None, :]
   masked = tile_ids[None, :] < 0
   if exclude_self:
     masked = masked | (tile_ids[None, :] == query_ids[:, None])
@@ -83,22 +83,42 @@ class TopKSelector:
     return state
 
 
+def count_bad_rows(row_sumsq, tile_ids, normalize: bool):
+  """Rows (not padding) whose f32 squared norm is NaN/Inf — a NaN/Inf value, or an overflow —
+  or zero when they must be normalised. One pass over the tile serves this and the norms."""
+  bad = ~jnp.isfinite(row_sumsq)
+  if normalize:
+    bad = bad | (row_sumsq == 0)
+  return jnp.sum(bad & (tile_ids >= 0), dtype=jnp.int32)
+
+
 @functools.lru_cache(maxsize=64)
 def sharded_step(mesh: Mesh, selector, exclude_self: bool, precision, normalize: bool = False):
-  """jit(shard_map(score + selector.update)): per-device state [P, ...], tiles [P, T, D]."""
+  """jit(shard_map(score + selector.update)): per-device state [P, ...], tiles [P, T, D].
+
+  Also adds the tile's bad rows (`count_bad_rows`) to a per-device counter [P]: rows are
+  validated on the device, where they are anyway, and named on the host only on error.
+  """
   axis = mesh_axis(mesh)
 
-  def local(state, queries, query_ids, tiles, tile_ids):
+  def local(state, bad, queries, query_ids, tiles, tile_ids):
     state = jax.tree.map(lambda x: x[0], state)
+    sumsq = jnp.sum(jnp.square(tiles[0].astype(jnp.float32)), axis=-1)
     s = score_tile(queries, query_ids, tiles[0], tile_ids[0], exclude_self=exclude_self,
-                   precision=precision, normalize=normalize)
+                   precision=precision, row_sumsq=sumsq if normalize else None)
     state = selector.update(state, s, tile_ids[0])
-    return jax.tree.map(lambda x: x[None], state)
+    bad = bad + count_bad_rows(sumsq, tile_ids[0], normalize)
+    return jax.tree.map(lambda x: x[None], state), bad
 
   split, whole = P(axis), P()
-  fn = jax.shard_map(local, mesh=mesh, in_specs=(split, whole, whole, split, split),
-                     out_specs=split)
-  return jax.jit(fn, donate_argnums=(0,))
+  fn = jax.shard_map(local, mesh=mesh, in_specs=(split, split, whole, whole, split, split),
+                     out_specs=(split, split))
+  return jax.jit(fn, donate_argnums=(0, 1))
+
+
+@functools.lru_cache(maxsize=8)
+def replicated_sum(mesh: Mesh):
+  return jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))
 
 
 @functools.lru_cache(maxsize=64)

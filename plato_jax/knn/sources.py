@@ -166,13 +166,25 @@ def plan_tiles(num_rows: int, tile_rows: int, boundaries: Sequence[int] = ()) ->
   return ranges
 
 
-def stream_tiles(source, ids: np.ndarray, ranges: Sequence[tuple[int, int]], *,
-                 nonzero: bool = False, prefetch: int = 2) -> Iterator[Tile]:
-  """Reads tiles in a background thread, `prefetch` ahead of the consumer.
+def raise_for_bad_rows(source, ids: np.ndarray, ranges: Sequence[tuple[int, int]], *,
+                       nonzero: bool) -> None:
+  """Scans the rows on the host and raises a ValueError naming the NaN/Inf rows, rows whose
+  float32 squared norm overflows, and (with `nonzero`) all-zero rows. The engine counts such
+  rows on the device and calls this only when the count is not zero."""
+  for start, stop in ranges:
+    rows = np.asarray(source.read(start, stop)).astype(np.float32)
+    tile_ids = ids[start:stop]
+    _raise_for_rows(tile_ids, ~np.isfinite(rows).all(axis=1), "NaN/Inf values")
+    with np.errstate(over="ignore"):
+      _raise_for_rows(tile_ids, ~np.isfinite(np.square(rows).sum(axis=1)),
+                      "a squared norm that overflows float32")
+    if nonzero:
+      _raise_for_rows(tile_ids, ~rows.any(axis=1), "zero norm (cannot be normalised)")
 
-  Each tile is checked for NaN/Inf rows (and all-zero rows when `nonzero`: they cannot be
-  normalised) — a ValueError names their ids — and sorted by id.
-  """
+
+def stream_tiles(source, ids: np.ndarray, ranges: Sequence[tuple[int, int]], *,
+                 prefetch: int = 2) -> Iterator[Tile]:
+  """Reads tiles in a background thread, `prefetch` ahead of the consumer; sorts each by id."""
 
   def load(r):
     start, stop = r
@@ -181,10 +193,6 @@ def stream_tiles(source, ids: np.ndarray, ranges: Sequence[tuple[int, int]], *,
       raise ValueError(f"gallery source returned shape {rows.shape} for rows [{start}, {stop}), "
                        f"expected {(stop - start, source.dim)}")
     tile_ids = ids[start:stop]
-    as_f32 = rows.astype(np.float32, copy=False)
-    _raise_for_rows(tile_ids, ~np.isfinite(as_f32).all(axis=1), "NaN/Inf values")
-    if nonzero:
-      _raise_for_rows(tile_ids, ~as_f32.any(axis=1), "zero norm (cannot be normalised)")
     order = np.argsort(tile_ids, kind="stable")
     if not np.all(order == np.arange(order.size)):
       rows, tile_ids = rows[order], tile_ids[order]
