@@ -90,9 +90,12 @@ def test_stores_with_different_rows_are_refused(tmp_path, world):
     run_scaling(world[0], other[1], queries=100, sizes=[100], progress=False)
 
 
-def _run_cli(args, **kw):
+def _run_cli(args, log=None):
+  """The experiment as a subprocess; output to `log` (a file: an unread pipe would fill up
+  and stall a run that is never waited on)."""
+  out = subprocess.PIPE if log is None else open(log, "w")
   return subprocess.Popen([sys.executable, "-m", "experiments.scaling", *args], cwd=REPO,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+                          stdout=out, stderr=subprocess.STDOUT, text=True)
 
 
 def test_cli_kill_9_then_resume_gives_identical_results(world, tmp_path):
@@ -104,12 +107,13 @@ def test_cli_kill_9_then_resume_gives_identical_results(world, tmp_path):
   out = clean.communicate(timeout=300)[0]
   assert clean.returncode == 0, out[-3000:]
 
-  crashed = _run_cli(common + [f"--out={tmp_path / 'crash'}"])
+  crashed = _run_cli(common + [f"--out={tmp_path / 'crash'}"], log=tmp_path / "crash.log")
   deadline = time.time() + 120
   resume = tmp_path / "crash" / "resume" / "b"
   while time.time() < deadline and not (resume.exists() and any(resume.iterdir())):
     time.sleep(0.05)
-  assert crashed.poll() is None, "the run ended before it could be killed"
+  assert crashed.poll() is None, "the run ended before it could be killed: " + \
+      (tmp_path / "crash.log").read_text()[-2000:]
   os.kill(crashed.pid, signal.SIGKILL)
   crashed.wait()
   assert not (tmp_path / "crash" / "scaling.json").exists()
