@@ -28,7 +28,18 @@ def _as_host_array(x) -> np.ndarray:
   return np.asarray(x)
 
 
-class ArraySource:
+class _RowNumberIds:
+  """Ids given at construction, or row numbers."""
+  num_rows: int
+  _ids: np.ndarray | None = None
+
+  def ids(self) -> np.ndarray:
+    if self._ids is None:
+      return np.arange(self.num_rows, dtype=np.int64)
+    return self._ids
+
+
+class ArraySource(_RowNumberIds):
   """An in-memory [N, D] array (numpy or jax)."""
 
   def __init__(self, rows, ids=None):
@@ -40,16 +51,11 @@ class ArraySource:
     self.dtype = rows.dtype
     self._ids = None if ids is None else np.asarray(ids)
 
-  def ids(self) -> np.ndarray:
-    if self._ids is None:
-      return np.arange(self.num_rows, dtype=np.int64)
-    return self._ids
-
   def read(self, start: int, stop: int) -> np.ndarray:
     return self._rows[start:stop]
 
 
-class TensorStoreSource:
+class TensorStoreSource(_RowNumberIds):
   """A TensorStore array [N, D], or one layer of [N, L, D] (`layer`)."""
 
   def __init__(self, array, ids=None, layer: int | None = None):
@@ -66,11 +72,6 @@ class TensorStoreSource:
     self.num_rows, self.dim = int(array.shape[0]), int(array.shape[1])
     self.dtype = np.dtype(array.dtype.numpy_dtype)
     self._ids = None if ids is None else np.asarray(ids)
-
-  def ids(self) -> np.ndarray:
-    if self._ids is None:
-      return np.arange(self.num_rows, dtype=np.int64)
-    return self._ids
 
   def read(self, start: int, stop: int) -> np.ndarray:
     # TensorStore slicing does not clamp: callers pass stop <= num_rows.
