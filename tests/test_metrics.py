@@ -507,6 +507,26 @@ def test_compute_score_equals_loop_over_pairs(rng, metric):
     assert type(result.score) is float
 
 
+@pytest.mark.parametrize("metric", ["mutual_knn", "cknna", "cycle_knn"])
+def test_compute_score_one_device_equals_eight(rng, monkeypatch, metric):
+  import jax
+  from jax.sharding import Mesh
+
+  from plato_jax.knn import sharding
+  z = rng.normal(size=(300, 4))
+  feats_A = np.stack([z @ rng.normal(size=(4, 8)) + s * rng.normal(size=(300, 8))
+                      for s in (0.2, 1.0)], axis=1).astype(np.float32)
+  feats_B = np.stack([z @ rng.normal(size=(4, 6)) + s * rng.normal(size=(300, 6))
+                      for s in (0.5, 2.0, 0.1)], axis=1).astype(np.float32)
+  eight = compute_score(feats_A, feats_B, metric=metric, topk=7)
+  assert len(jax.devices()) == 8
+  monkeypatch.setattr(sharding, "default_mesh",
+                      lambda devices=None: Mesh(np.array(jax.devices()[:1]), (sharding.AXIS,)))
+  one = compute_score(feats_A, feats_B, metric=metric, topk=7)
+  np.testing.assert_array_equal(one.table, eight.table)
+  assert one.indices == eight.indices
+
+
 def test_compute_score_ties_keep_the_first_pair_visited(rng):
   x, y = draw(rng, lambda r: planted(r, 100, 0.5, dims=(12, 12)), 5)
   feats_A, feats_B = np.stack([x, x], axis=1), np.stack([y, y, y], axis=1)
