@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("features_a", None, "feature store of model a (path or kvstore URL); "
@@ -72,6 +72,8 @@ def _plot(result, path):
 
 def main(argv):
   del argv
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # checkpointing logs a dozen INFO lines per save
   from plato_jax import report
   from plato_jax.scaling import parse_count, run_scaling
   from plato_jax.store import FeatureStore

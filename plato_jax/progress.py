@@ -27,6 +27,7 @@ class Progress:
     self._start = time.perf_counter()
     self._last_print = 0.0
     self._printed = -1
+    self._width = 0
 
   @property
   def elapsed(self) -> float:
@@ -52,7 +53,9 @@ class Progress:
 
   def _print(self) -> None:
     self._printed = self.done
-    self.stream.write("\r" + self.status_line())
+    line = self.status_line()
+    self.stream.write("\r" + line.ljust(self._width))  # pad over a longer previous line
+    self._width = len(line)
     self.stream.flush()
 
   def close(self) -> None:

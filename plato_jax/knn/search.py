@@ -20,6 +20,7 @@ from jax import lax
 
 from kernels.topk import BucketConfig
 from plato_jax.knn import sharding
+from plato_jax.knn.large_k import choose_selector
 from plato_jax.knn.sources import (MAX_ID, as_source, plan_tiles, raise_for_bad_rows,
                                    stream_tiles)
 from plato_jax.progress import Progress
@@ -174,7 +175,7 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
     tile_rows = max(align, SCORE_TILE_BYTES // (4 * block) // align * align)
     per_device = -(-n // num_dev)
     tile_rows = min(tile_rows, -(-per_device // align) * align)
-  selector = sharding.TopKSelector(k_max, BucketConfig(width=bucket_width))
+  selector = choose_selector(k_max, tile_rows, bucket_width)
   step = sharding.sharded_step(mesh, selector, bool(exclude_self), precision, bool(normalize))
 
   ranges = plan_tiles(n, tile_rows, sizes)
