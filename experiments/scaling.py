@@ -36,6 +36,10 @@ flags.DEFINE_string("world_dir", os.path.join(os.path.expanduser("~"), ".cache",
 flags.DEFINE_integer("checkpoint_every", 16, "engine steps between checkpoints")
 flags.DEFINE_integer("tile_rows", None, "engine tile rows per device (default: engine's choice)")
 flags.DEFINE_bool("progress", True, "show progress bars")
+flags.DEFINE_string("coordinator", None, "multi-host: coordinator host:port for "
+                    "jax.distributed.initialize (every process runs the same command)")
+flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
+flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
 
 SYNTHETIC_ROWS = 200_000
 
@@ -74,6 +78,13 @@ def main(argv):
   del argv
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # checkpointing logs a dozen INFO lines per save
+  import jax
+  if FLAGS.coordinator:
+    if FLAGS.features_a is None:
+      raise app.UsageError("multi-host runs read --features_a/--features_b stores that every "
+                           "process can reach")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; GPUs use NCCL
+    jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
   from plato_jax import report
   from plato_jax.scaling import parse_count, run_scaling
   from plato_jax.store import FeatureStore
@@ -103,6 +114,8 @@ def main(argv):
                        resume_dir=os.path.join(FLAGS.out, "resume") if FLAGS.resume else None,
                        checkpoint_every=FLAGS.checkpoint_every, tile_rows=FLAGS.tile_rows,
                        progress=FLAGS.progress)
+  if jax.process_index() != 0:
+    return  # every process holds the same results; one writes them
   config = {name: FLAGS[name].value for name in ("features_a", "features_b", "layer_a", "layer_b",
                                                  "queries", "gallery", "k", "seed")}
   config.update(store_a=store_a.root, store_b=store_b.root, sizes=sizes)

@@ -127,6 +127,29 @@ def test_cli_kill_9_then_resume_gives_identical_results(world, tmp_path):
     assert (tmp_path / "crash" / name).stat().st_size > 0
 
 
+def test_cli_two_processes_equal_one(world, tmp_path):
+  import socket
+  store_a, store_b = world
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  common = [f"--features_a={store_a.root}", f"--features_b={store_b.root}", "--queries=150",
+            "--sizes=150,2000,6000", "--tile_rows=256", "--noprogress", "--noresume"]
+  single = _run_cli(common + [f"--out={tmp_path / 'one'}"], log=tmp_path / "one.log")
+  assert single.wait(timeout=300) == 0, (tmp_path / "one.log").read_text()[-3000:]
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "experiments.scaling", *common, f"--out={tmp_path / 'two'}",
+       f"--coordinator=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+      cwd=REPO, env=env, stdout=open(tmp_path / f"p{i}.log", "w"), stderr=subprocess.STDOUT)
+      for i in range(2)]
+  for i, p in enumerate(procs):
+    assert p.wait(timeout=300) == 0, (tmp_path / f"p{i}.log").read_text()[-3000:]
+  a = json.loads((tmp_path / "one" / "scaling.json").read_text())
+  b = json.loads((tmp_path / "two" / "scaling.json").read_text())
+  assert a["rows"] == b["rows"] and a["quality"] == b["quality"]
+
+
 def test_cli_flag_errors(tmp_path):
   p = _run_cli(["--features_a=x", "--noprogress"])
   out = p.communicate(timeout=120)[0]

@@ -18,7 +18,6 @@ import jax
 import numpy as np
 from jax import lax
 
-from kernels.topk import BucketConfig
 from plato_jax.knn import sharding
 from plato_jax.knn.large_k import choose_selector
 from plato_jax.knn.sources import (MAX_ID, as_source, plan_tiles, raise_for_bad_rows,
