@@ -75,11 +75,13 @@ def _check_unique(ids: np.ndarray, what: str) -> None:
                      f"at rows {rows[:10]}")
 
 
-def _compute_dtype(q_dtype, g_dtype, requested):
+def _compute_dtype(q_dtype, g_dtype, requested, platform: str):
   if requested is not None:
     return np.dtype(requested)
   half = {np.dtype(jax.numpy.bfloat16), np.dtype(np.float16)}
-  if np.dtype(q_dtype) == np.dtype(g_dtype) and np.dtype(q_dtype) in half:
+  # XLA:CPU runs half-precision matmuls as f32 ones after a slow on-device conversion; the
+  # same exact products and f32 accumulation come cheaper from tiles converted on the host.
+  if np.dtype(q_dtype) == np.dtype(g_dtype) and np.dtype(q_dtype) in half and platform != "cpu":
     return np.dtype(q_dtype)
   return np.dtype(np.float32)
 
@@ -165,7 +167,11 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
 
   mesh = sharding.default_mesh() if mesh is None else mesh
   num_dev = mesh.devices.size
-  dtype = _compute_dtype(q_host.dtype, source.dtype, compute_dtype)
+  dtype = _compute_dtype(q_host.dtype, source.dtype, compute_dtype,
+                         mesh.devices.flat[0].platform)
+  # Tiles travel in the storage dtype, unless the matmul runs wider anyway (CPU).
+  tile_dtype = dtype if np.dtype(dtype).itemsize > np.dtype(source.dtype).itemsize else \
+      np.dtype(source.dtype)
   if precision is None:
     precision = lax.Precision.HIGHEST if dtype == np.float32 else lax.Precision.DEFAULT
   block = max(1, min(query_block, num_q))
@@ -217,13 +223,13 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
       state = sharding.empty_state(mesh, selector, block)
       bad = sharding.put_split(mesh, np.zeros(num_dev, np.int32))
     tiles = stream_tiles(source, g_ids, [g[slot] for g in groups[first:] for slot in mine
-                                         if slot < len(g)])
+                                         if slot < len(g)], dtype=tile_dtype)
     for gi in range(first, len(groups)):
       group = groups[gi]
       rows_by_slot, ids_by_slot = {}, {}
       for slot in mine:
         tile = next(tiles) if slot < len(group) else None
-        rows_by_slot[slot], ids_by_slot[slot] = _padded(tile, tile_rows, source)
+        rows_by_slot[slot], ids_by_slot[slot] = _padded(tile, tile_rows, source.dim, tile_dtype)
       state, bad = step(state, bad, qd, qd_ids, sharding.put_local_slots(mesh, rows_by_slot),
                         sharding.put_local_slots(mesh, ids_by_slot))
       stop = group[-1][1]
@@ -253,11 +259,11 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
   return out
 
 
-def _padded(tile, tile_rows: int, source):
+def _padded(tile, tile_rows: int, dim: int, dtype):
   """A device slot's rows and int32 ids, padded to `tile_rows` (id -1: never selected)."""
   if tile is not None and tile.rows.shape[0] == tile_rows:
     return np.ascontiguousarray(tile.rows), tile.ids.astype(np.int32)
-  rows = np.zeros((tile_rows, source.dim), source.dtype)
+  rows = np.zeros((tile_rows, dim), dtype)
   ids = np.full(tile_rows, -1, np.int32)
   if tile is not None:
     rows[:tile.rows.shape[0]] = tile.rows
