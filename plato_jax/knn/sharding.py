@@ -128,6 +128,8 @@ def device_merger(mesh: Mesh, selector, k: int):
   def merge(state):
     state_v, state_i = jax.vmap(selector.result)(state)
     p, q, kk = state_v.shape
+    if p == 1:  # one device: its result is already sorted
+      return state_v[0, :, :k], state_i[0, :, :k]
     v = jnp.moveaxis(state_v, 0, 1).reshape(q, p * kk)
     i = jnp.moveaxis(state_i, 0, 1).reshape(q, p * kk)
     neg, ids = lax.sort((-v, i), dimension=-1, num_keys=2)
