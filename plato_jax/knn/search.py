@@ -20,8 +20,8 @@ from jax import lax
 
 from plato_jax.knn import sharding
 from plato_jax.knn.large_k import choose_selector
-from plato_jax.knn.sources import (MAX_ID, as_source, plan_tiles, raise_for_bad_rows,
-                                   stream_tiles)
+from plato_jax.knn.sources import (MAX_ID, aligned_empty, as_source, plan_tiles,
+                                   raise_for_bad_rows, stream_tiles)
 from plato_jax.progress import Progress
 from plato_jax.resume import ResumePoint
 
@@ -262,8 +262,9 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
 def _padded(tile, tile_rows: int, dim: int, dtype):
   """A device slot's rows and int32 ids, padded to `tile_rows` (id -1: never selected)."""
   if tile is not None and tile.rows.shape[0] == tile_rows:
-    return np.ascontiguousarray(tile.rows), tile.ids.astype(np.int32)
-  rows = np.zeros((tile_rows, dim), dtype)
+    return tile.rows, tile.ids.astype(np.int32)
+  rows = aligned_empty((tile_rows, dim), dtype)
+  rows[...] = 0
   ids = np.full(tile_rows, -1, np.int32)
   if tile is not None:
     rows[:tile.rows.shape[0]] = tile.rows

@@ -151,6 +151,27 @@ class Tile:
   ids: np.ndarray       # int64, ascending
 
 
+def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
+  """An uninitialised C-contiguous array whose data starts on an `align`-byte boundary."""
+  nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+  buf = np.empty(nbytes + align, np.uint8)
+  offset = (-buf.ctypes.data) % align
+  return buf[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
+def host_aligned(rows: np.ndarray) -> np.ndarray:
+  """`rows` as a 64-byte-aligned C-contiguous array (copied only when it is not one).
+
+  The CPU backend takes such arrays without a copy (measured: 0.2 ms instead of 90 ms for
+  a 100 MB tile); the copy, when needed, happens here in a reader thread.
+  """
+  if rows.flags.c_contiguous and rows.ctypes.data % 64 == 0:
+    return rows
+  out = aligned_empty(rows.shape, rows.dtype)
+  out[...] = rows
+  return out
+
+
 def _raise_for_rows(tile_ids: np.ndarray, bad: np.ndarray, what: str) -> None:
   if bad.any():
     ids = tile_ids[bad]
@@ -204,7 +225,7 @@ def stream_tiles(source, ids: np.ndarray, ranges: Sequence[tuple[int, int]], *,
     order = np.argsort(tile_ids, kind="stable")
     if not np.all(order == np.arange(order.size)):
       rows, tile_ids = rows[order], tile_ids[order]
-    return Tile(start, stop, rows, tile_ids)
+    return Tile(start, stop, host_aligned(rows), tile_ids)
 
   with concurrent.futures.ThreadPoolExecutor(max_workers=prefetch) as pool:
     pending = [pool.submit(load, r) for r in ranges[:prefetch]]
