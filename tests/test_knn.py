@@ -3,36 +3,10 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
-from jax.sharding import Mesh
+from knn_reference import brute_force, integer_rows, one_device_mesh
 
 from plato_jax.knn import ArraySource, search
 from plato_jax.knn.sources import plan_tiles
-
-
-def brute_force(queries, gallery, k, query_ids=None, gallery_ids=None, exclude_self=True):
-  """float64 scores, rows sorted by (score desc, id asc), self excluded by id."""
-  g_ids = np.arange(len(gallery)) if gallery_ids is None else np.asarray(gallery_ids)
-  s = queries.astype(np.float64) @ gallery.astype(np.float64).T
-  if exclude_self and query_ids is not None:
-    s[np.asarray(query_ids)[:, None] == g_ids[None, :]] = -np.inf
-  order = np.stack([np.lexsort((g_ids, -row))[:k] for row in s])
-  return g_ids[order], np.take_along_axis(s, order, 1)
-
-
-def one_device_mesh():
-  return Mesh(np.array(jax.devices()[:1]), ("gallery",))
-
-
-@pytest.fixture
-def rng():
-  seed = np.random.SeedSequence().entropy
-  print("seed", seed)
-  return np.random.default_rng(seed)
-
-
-def integer_rows(rng, n, d, lo=-2, hi=3):
-  """Small integers: every f32 dot product is exact, so ties are exact too."""
-  return rng.integers(lo, hi, size=(n, d)).astype(np.float32)
 
 
 @pytest.mark.parametrize("n,tile", [(1000, 64), (1000, 128), (777, 100), (64, 1024)])

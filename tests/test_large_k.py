@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh
+from knn_reference import brute_force, integer_rows, one_device_mesh
 
 from plato_jax.knn import large_k, search
 from plato_jax.knn.large_k import ThresholdSelector, choose_selector
@@ -18,37 +18,12 @@ from plato_jax.knn.sharding import TopKSelector
 MAX_ID = np.iinfo(np.int32).max
 
 
-def brute_force(queries, gallery, k, query_ids=None, gallery_ids=None, exclude_self=True):
-  """float64 scores; each row's top-k by (score desc, id asc), self excluded by id."""
-  g_ids = np.arange(len(gallery)) if gallery_ids is None else np.asarray(gallery_ids)
-  s = queries.astype(np.float64) @ gallery.astype(np.float64).T
-  if exclude_self and query_ids is not None:
-    s[np.asarray(query_ids)[:, None] == g_ids[None, :]] = -np.inf
-  order = np.stack([np.lexsort((g_ids, -row))[:k] for row in s])
-  return g_ids[order], np.take_along_axis(s, order, 1)
-
-
-@pytest.fixture
-def rng():
-  seed = np.random.SeedSequence().entropy
-  print("seed", seed)
-  return np.random.default_rng(seed)
-
-
-def integer_rows(rng, n, d, lo=-2, hi=3):
-  return rng.integers(lo, hi, size=(n, d)).astype(np.float32)
-
-
 def with_duplicates(rng, x, count):
   """Copies `count` random rows over others: exact ties between distinct ids."""
   x = x.copy()
   src, dst = rng.choice(len(x), size=(2, count), replace=False)
   x[dst] = x[src]
   return x
-
-
-def one_device_mesh():
-  return Mesh(np.array(jax.devices()[:1]), ("gallery",))
 
 
 def assert_exact(res, queries, gallery, k, **kw):

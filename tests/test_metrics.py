@@ -169,13 +169,6 @@ def unit_rows(x):
 # Data
 
 
-@pytest.fixture
-def rng():
-  seed = np.random.SeedSequence().entropy
-  print("seed", seed)  # pytest shows it when the test fails
-  return np.random.default_rng(seed)
-
-
 def planted(rng, n, noise, dims=(32, 24), rank=8, normalize=True):
   """A = z W_A + noise·ε_A, B = z W_B + noise·ε_B: a shared latent z seen by both."""
   z = rng.normal(size=(n, rank))

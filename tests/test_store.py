@@ -8,13 +8,6 @@ import pytest
 from plato_jax.store import FeatureStore, StoreWriter
 
 
-@pytest.fixture
-def rng():
-  seed = np.random.SeedSequence().entropy
-  print("seed", seed)
-  return np.random.default_rng(seed)
-
-
 def _write(path, x, ids, dtype, batch=333, **kw):
   w = StoreWriter.create(str(path), num_rows=len(x), num_layers=x.shape[1], dim=x.shape[2],
                          dtype=dtype, model="m", dataset="d", pooling="mean", chunk_rows=256,
