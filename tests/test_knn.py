@@ -219,3 +219,19 @@ def test_resume_after_crash_gives_identical_results(rng, tmp_path):
     np.testing.assert_array_equal(a.scores, b.scores)
   with pytest.raises(ValueError, match="checkpoint of another run"):
     search(q, x, 19, resume_dir=str(tmp_path / "ck"), **kw)
+
+
+def test_rows_past_the_largest_prefix_are_never_read(rng):
+  x = integer_rows(rng, 1000, 6)
+
+  class Recording(ArraySource):
+    stops = []
+
+    def read(self, start, stop):
+      self.stops.append(stop)
+      return super().read(start, stop)
+
+  source = Recording(x)
+  res = search(x[:30], source, 5, query_ids=np.arange(30), prefix_sizes=[100, 400], tile_rows=64)
+  assert max(source.stops) == 400
+  np.testing.assert_array_equal(res[1].ids, brute_force(x[:30], x[:400], 5, query_ids=np.arange(30))[0])

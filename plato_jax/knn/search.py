@@ -183,7 +183,7 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
   selector = choose_selector(k_max, tile_rows, bucket_width)
   step = sharding.sharded_step(mesh, selector, bool(exclude_self), precision, bool(normalize))
 
-  ranges = plan_tiles(n, tile_rows, sizes)
+  ranges = plan_tiles(sizes[-1], tile_rows, sizes)  # rows past the largest prefix: never read
   groups = _group_ranges(ranges, num_dev, set(sizes))
   mine = sharding.local_slots(mesh)
   num_blocks = -(-num_q // block)
@@ -204,10 +204,9 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
       found = {"values": tree["values"], "ids": tree["ids"]}
       restored_state, restored_bad = tree["state"], tree["bad"]
 
-  rows_per_block = sum(g[-1][1] - g[0][0] for g in groups)
-  done = rows_per_block * (start // len(groups)) + sum(
-      g[-1][1] - g[0][0] for g in groups[:start % len(groups)])
-  meter = Progress(n * num_blocks, initial=done, label="knn", enabled=progress)
+  done = sizes[-1] * (start // len(groups)) + (groups[start % len(groups) - 1][-1][1]
+                                               if start % len(groups) else 0)
+  meter = Progress(sizes[-1] * num_blocks, initial=done, label="knn", enabled=progress)
   for b in range(start // len(groups), num_blocks):
     q0 = b * block
     qb = np.zeros((block, source.dim), dtype)
@@ -233,13 +232,12 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
       state, bad = step(state, bad, qd, qd_ids, sharding.put_local_slots(mesh, rows_by_slot),
                         sharding.put_local_slots(mesh, ids_by_slot))
       stop = group[-1][1]
-      if stop in sizes or gi == len(groups) - 1:
+      if stop in sizes:
         num_bad = int(sharding.replicated_sum(mesh)(bad))
         if num_bad:
           raise_for_bad_rows(source, g_ids, ranges, nonzero=normalize)
           raise ValueError(f"{num_bad} gallery rows have non-finite or overflowing norms on the "
                            f"device, but a host scan could not name them")
-      if stop in sizes:
         v, i = sharding.device_merger(mesh, selector, min(k_max, stop))(state)
         found["values"][str(stop)][q0:q0 + rows] = np.asarray(v)[:rows]
         found["ids"][str(stop)][q0:q0 + rows] = np.asarray(i)[:rows]
