@@ -124,8 +124,8 @@ def run_scaling(store_a: FeatureStore, store_b: FeatureStore, *, layer_a="auto",
       if k > n - 1:
         raise ValueError(f"k={spec} gives {k} > {n - 1} neighbours available at gallery "
                          f"size {n}")
-  k_max = max(max(v.values()) for v in k_by_size.values())
-  k_search = max(k_max, min(10, size_list[-1] - 1))  # top-10 quality needs 10
+  # Per size: its largest k, and 10 for the top-10 cosine.
+  keep = [max(*k_by_size[n].values(), min(10, n - 1)) for n in size_list]
 
   q_a = store_a.gather(query_rows).astype(np.float32)
   q_b = store_b.gather(query_rows).astype(np.float32)
@@ -149,8 +149,9 @@ def run_scaling(store_a: FeatureStore, store_b: FeatureStore, *, layer_a="auto",
     if progress:
       print(f"model {name}: layer {layer} of {store.root}", flush=True)
     found[name] = search(
-        q[:, layer], OrderedSource(store.layer(layer), order), k_search,
-        query_ids=ids[query_rows], prefix_sizes=size_list, normalize=True, mesh=mesh,
+        q[:, layer], OrderedSource(store.layer(layer), order), max(keep),
+        query_ids=ids[query_rows], prefix_sizes=size_list, prefix_k=keep, normalize=True,
+        mesh=mesh,
         tile_rows=tile_rows, progress=progress,
         resume_dir=None if resume_dir is None else os.path.join(resume_dir, name),
         checkpoint_every=checkpoint_every)

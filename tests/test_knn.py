@@ -78,6 +78,13 @@ def test_prefixes_and_multi_k_in_one_pass(rng):
   sizes = [50, 333, 1024, 2000]
   results = search(q, x, [1, 10, 40], query_ids=qid, prefix_sizes=sizes, tile_rows=96)
   assert [r.gallery_size for r in results] == sizes
+  kept = search(q, x, [1, 10, 40], query_ids=qid, prefix_sizes=sizes, prefix_k=[3, 40, 7, 1],
+                tile_rows=96)
+  for r, kr, kk in zip(results, kept, [3, 40, 7, 1]):
+    assert kr.k == kk
+    np.testing.assert_array_equal(kr.ids, r.top(kk).ids)
+  with pytest.raises(ValueError, match="one k <= 40 per prefix"):
+    search(q, x, 40, query_ids=qid, prefix_sizes=sizes, prefix_k=[41, 1, 1, 1])
   for size, r in zip(sizes, results):
     alone = search(q, x[:size], 40, query_ids=qid, prefix_sizes=[size], tile_rows=64)[0]
     np.testing.assert_array_equal(r.ids, alone.ids)

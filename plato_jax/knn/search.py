@@ -94,7 +94,8 @@ def _k_list(k) -> list[int]:
 
 
 def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_self: bool = True,
-           prefix_sizes: Sequence[int] | None = None, mesh=None, tile_rows: int | None = None,
+           prefix_sizes: Sequence[int] | None = None, prefix_k: Sequence[int] | None = None,
+           mesh=None, tile_rows: int | None = None,
            query_block: int = 2048, compute_dtype=None, precision=None,
            bucket_width: int | None = None, normalize: bool = False,
            resume_dir: str | None = None, checkpoint_every: int = 16,
@@ -112,6 +113,8 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
     exclude_self: a query never gets back a gallery row with its own id.
     prefix_sizes: increasing gallery sizes n_1 < ... < n_m; every prefix of the stream
       order gets its own result, all from one pass.
+    prefix_k: neighbours kept per prefix (each <= max k; default max k), e.g. n_j/100:
+      the results of small prefixes then stay small.
     mesh: a one-axis `jax.sharding.Mesh`; gallery tiles are spread over its devices.
       Default: all devices.
     tile_rows: gallery rows per device tile (default from a score-tile memory budget).
@@ -127,7 +130,7 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
 
   Returns:
     `Neighbours` (ids int64 [Q, max k], scores f32) sorted by (score desc, id asc); with
-    `prefix_sizes`, a list of them, one per prefix, each holding min(max k, n_j) columns.
+    `prefix_sizes`, a list of them, one per prefix, each holding min(prefix k, n_j) columns.
   """
   ks = _k_list(k)
   k_max = max(ks)
@@ -164,6 +167,10 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
     raise ValueError(f"prefix_sizes must increase strictly within [1, {n}], got {sizes}")
   if k_max > sizes[-1]:
     raise ValueError(f"k={k_max} is larger than the gallery ({sizes[-1]} rows)")
+  wanted = [k_max] * len(sizes) if prefix_k is None else _k_list(prefix_k)
+  if len(wanted) != len(sizes) or max(wanted) > k_max:
+    raise ValueError(f"prefix_k must give one k <= {k_max} per prefix size, got {prefix_k}")
+  keep = {s: min(kk, s) for s, kk in zip(sizes, wanted)}
 
   mesh = sharding.default_mesh() if mesh is None else mesh
   num_dev = mesh.devices.size
@@ -187,13 +194,13 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
   groups = _group_ranges(ranges, num_dev, set(sizes))
   mine = sharding.local_slots(mesh)
   num_blocks = -(-num_q // block)
-  found = {"values": {str(s): np.full((num_q, min(k_max, s)), -np.inf, np.float32) for s in sizes},
-           "ids": {str(s): np.full((num_q, min(k_max, s)), -1, np.int32) for s in sizes}}
+  found = {"values": {str(s): np.full((num_q, keep[s]), -np.inf, np.float32) for s in sizes},
+           "ids": {str(s): np.full((num_q, keep[s]), -1, np.int32) for s in sizes}}
   start, restored_state, restored_bad, point = 0, None, None, None
   if resume_dir is not None:
     fingerprint = dict(
         n=n, dim=source.dim, dtype=str(source.dtype), queries=_digest(q_host, q_ids),
-        gallery_ids=_digest(g_ids), k=k_max, sizes=sizes, tile_rows=tile_rows, block=block,
+        gallery_ids=_digest(g_ids), k=k_max, keep=list(keep.values()), sizes=sizes, tile_rows=tile_rows, block=block,
         devices=num_dev, exclude_self=bool(exclude_self), normalize=bool(normalize),
         compute_dtype=str(dtype), precision=str(precision), selector=repr(selector))
     point = ResumePoint(resume_dir, fingerprint, every=checkpoint_every)
@@ -238,7 +245,7 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
           raise_for_bad_rows(source, g_ids, ranges, nonzero=normalize)
           raise ValueError(f"{num_bad} gallery rows have non-finite or overflowing norms on the "
                            f"device, but a host scan could not name them")
-        v, i = sharding.device_merger(mesh, selector, min(k_max, stop))(state)
+        v, i = sharding.device_merger(mesh, selector, keep[stop])(state)
         found["values"][str(stop)][q0:q0 + rows] = np.asarray(v)[:rows]
         found["ids"][str(stop)][q0:q0 + rows] = np.asarray(i)[:rows]
       if point is not None:
