@@ -10,6 +10,8 @@ Writes scaling.json, scaling.csv and scaling.png under --out and prints the tabl
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 
 from absl import app, flags, logging
@@ -29,7 +31,7 @@ flags.DEFINE_list("sizes", None, "gallery sizes (default 1024,10k,50k,100k,500k,
 flags.DEFINE_list("k", ["1", "10", "n/100"], "k values: integers or n/100")
 flags.DEFINE_integer("seed", 0, "seed of the query draw and of the gallery order")
 flags.DEFINE_string("out", "results/scaling", "output directory")
-flags.DEFINE_bool("resume", True, "checkpoint the searches under --out/resume and continue "
+flags.DEFINE_bool("resume", True, "checkpoint the searches under --out/resume/<run> and continue "
                   "from there after a crash")
 flags.DEFINE_string("world_dir", os.path.join(os.path.expanduser("~"), ".cache", "plato_jax"),
                     "cache directory of the synthetic world")
@@ -109,16 +111,20 @@ def main(argv):
   num_queries = queries if isinstance(queries, int) else len(queries)
   # The smallest gallery is the queries alone (WIT-1024 in the paper).
   sizes = sorted(set(_gallery_sizes(largest)) | {num_queries})
+  config = {name: FLAGS[name].value for name in ("features_a", "features_b", "layer_a", "layer_b",
+                                                 "queries", "gallery", "k", "seed")}
+  config.update(store_a=store_a.root, store_b=store_b.root, sizes=sizes)
+  # One resume directory per configuration: a rerun with other flags starts afresh beside it.
+  layout = dict(config, tile_rows=FLAGS.tile_rows, devices=jax.device_count())
+  run_id = hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()[:12]
   result = run_scaling(store_a, store_b, layer_a=FLAGS.layer_a, layer_b=FLAGS.layer_b,
                        queries=queries, sizes=sizes, ks=FLAGS.k, seed=FLAGS.seed,
-                       resume_dir=os.path.join(FLAGS.out, "resume") if FLAGS.resume else None,
+                       resume_dir=(os.path.join(FLAGS.out, "resume", run_id) if FLAGS.resume
+                                   else None),
                        checkpoint_every=FLAGS.checkpoint_every, tile_rows=FLAGS.tile_rows,
                        progress=FLAGS.progress)
   if jax.process_index() != 0:
     return  # every process holds the same results; one writes them
-  config = {name: FLAGS[name].value for name in ("features_a", "features_b", "layer_a", "layer_b",
-                                                 "queries", "gallery", "k", "seed")}
-  config.update(store_a=store_a.root, store_b=store_b.root, sizes=sizes)
   report.write_json(os.path.join(FLAGS.out, "scaling.json"),
                     {"config": config, **dataclasses.asdict(result)})
   report.write_csv(os.path.join(FLAGS.out, "scaling.csv"), result.rows)

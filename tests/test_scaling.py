@@ -109,8 +109,10 @@ def test_cli_kill_9_then_resume_gives_identical_results(world, tmp_path):
 
   crashed = _run_cli(common + [f"--out={tmp_path / 'crash'}"], log=tmp_path / "crash.log")
   deadline = time.time() + 120
-  resume = tmp_path / "crash" / "resume" / "b"
-  while time.time() < deadline and not (resume.exists() and any(resume.iterdir())):
+  def b_checkpointed():
+    runs = list((tmp_path / "crash" / "resume").glob("*/b"))
+    return bool(runs) and any(runs[0].iterdir())
+  while time.time() < deadline and not b_checkpointed():
     time.sleep(0.05)
   assert crashed.poll() is None, "the run ended before it could be killed: " + \
       (tmp_path / "crash.log").read_text()[-2000:]
