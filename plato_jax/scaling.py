@@ -62,7 +62,7 @@ def gallery_order(num_rows: int, query_rows: np.ndarray, chunk_rows: int, seed: 
   return np.concatenate([np.asarray(query_rows, np.int64), rest])
 
 
-def choose_queries(num_rows: int, count: int, chunk_rows: int, seed: int) -> np.ndarray:
+def choose_queries(num_rows: int, count: int, seed: int) -> np.ndarray:
   """`count` distinct store rows drawn with the run's seed (sorted for cheap gathers)."""
   if not 1 <= count <= num_rows:
     raise ValueError(f"--queries={count} must lie in [1, {num_rows}] (the stores' rows)")
@@ -101,7 +101,7 @@ def run_scaling(store_a: FeatureStore, store_b: FeatureStore, *, layer_a="auto",
   n_total = len(ids)
   chunk_rows = int(store_a.meta.get("chunk_rows", 4096))
   if isinstance(queries, (int, np.integer)):
-    query_rows = choose_queries(n_total, int(queries), chunk_rows, seed)
+    query_rows = choose_queries(n_total, int(queries), seed)
   else:
     wanted = np.asarray(queries, dtype=np.int64)
     position = {int(v): i for i, v in enumerate(ids)}

@@ -46,7 +46,7 @@ massive ties the exact fallback — `TopKSelector`'s cost, still exact.
 Everything is static-shaped and stays on device (no host sync per tile): the choices are
 `lax.while_loop`s and `lax.cond`s. A loop that runs at most once stands in for a `cond`
 on the hot path, because XLA copies the pool into the branches of a `cond`. Under `vmap`
-(`sharding.merge_devices`), `result` maps over devices (`custom_vmap`), so its `cond`s
+(`sharding.device_merger`), `result` maps over devices (`custom_vmap`), so its `cond`s
 still skip what they do not take.
 """
 from __future__ import annotations
@@ -60,7 +60,7 @@ from jax import lax
 from jax.custom_batching import custom_vmap
 
 from kernels.topk import BucketConfig, bucket_topk
-from plato_jax.knn.sharding import TopKSelector
+from plato_jax.knn.sharding import TopKSelector, top_by_score_then_id
 
 INT_MIN = np.iinfo(np.int32).min
 NO_ID = -2  # τ's id while no threshold exists (below every id and the filler's -1)
@@ -71,8 +71,7 @@ LANES = 32  # columns per bit-packed filter code
 
 def _sort_merge(uv, ui, k: int):
   """Exact top-k of the union [Q, m] by a two-key sort (the fallback)."""
-  neg, ids = lax.sort((-uv, ui), dimension=-1, num_keys=2)
-  return -neg[:, :k], ids[:, :k]
+  return top_by_score_then_id(uv, ui, k)
 
 
 def _odd_even_pass(vals, ids, start: int):
@@ -451,7 +450,7 @@ class ThresholdSelector:
 
 @functools.lru_cache(maxsize=None)
 def _result_fn(selector: ThresholdSelector):
-  """`selector._result`; under `vmap` (merge_devices) it maps, so its switch/cond stay real."""
+  """`selector._result`; under `vmap` (device_merger) it maps, so its switch/cond stay real."""
 
   @custom_vmap
   def result(*state):

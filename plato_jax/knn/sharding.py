@@ -2,7 +2,7 @@
 
 Every device keeps its own [Q, k] state (values f32, ids int32). A step scores the queries
 against the device's tile, selects the tile's top-k exactly (kernels.topk) and merges it into
-the state. `merge_devices` folds the per-device states into one result. Because the merge
+the state. `device_merger` folds the per-device states into one result. Because the merge
 orders by (score descending, id ascending) — a total order, ids being unique — the result
 does not depend on how the gallery was split into tiles or devices.
 """
@@ -33,11 +33,15 @@ def mesh_axis(mesh: Mesh) -> str:
   return mesh.axis_names[0]
 
 
+def top_by_score_then_id(values, ids, k: int):
+  """The first k of each row ordered by (value descending, id ascending): a two-key sort."""
+  neg, ids = lax.sort((-values, ids), dimension=-1, num_keys=2)
+  return -neg[..., :k], ids[..., :k]
+
+
 def merge_topk(v1, i1, v2, i2, k: int):
   """Top-k of the union of two candidate lists by (value descending, id ascending)."""
-  neg, ids = lax.sort((-jnp.concatenate([v1, v2], -1), jnp.concatenate([i1, i2], -1)),
-                      dimension=-1, num_keys=2)
-  return -neg[..., :k], ids[..., :k]
+  return top_by_score_then_id(jnp.concatenate([v1, v2], -1), jnp.concatenate([i1, i2], -1), k)
 
 
 def score_tile(queries, query_ids, tile, tile_ids, *, exclude_self: bool, precision,
@@ -130,10 +134,8 @@ def device_merger(mesh: Mesh, selector, k: int):
     p, q, kk = state_v.shape
     if p == 1:  # one device: its result is already sorted
       return state_v[0, :, :k], state_i[0, :, :k]
-    v = jnp.moveaxis(state_v, 0, 1).reshape(q, p * kk)
-    i = jnp.moveaxis(state_i, 0, 1).reshape(q, p * kk)
-    neg, ids = lax.sort((-v, i), dimension=-1, num_keys=2)
-    return -neg[:, :k], ids[:, :k]
+    return top_by_score_then_id(jnp.moveaxis(state_v, 0, 1).reshape(q, p * kk),
+                                jnp.moveaxis(state_i, 0, 1).reshape(q, p * kk), k)
 
   return jax.jit(merge, out_shardings=NamedSharding(mesh, P()))
 
