@@ -13,7 +13,7 @@ from knn_reference import brute_force, integer_rows, one_device_mesh
 
 from plato_jax.knn import large_k, search
 from plato_jax.knn.large_k import ThresholdSelector, choose_selector
-from plato_jax.knn.sharding import TopKSelector
+from plato_jax.knn.sharding import ScoreTile, TopKSelector
 
 MAX_ID = np.iinfo(np.int32).max
 
@@ -113,7 +113,7 @@ def stream(selector, tiles):
   update, result = compiled(selector)
   states = []
   for scores, ids in tiles:
-    state = update(state, scores, ids)
+    state = update(state, ScoreTile(scores, ids))
     states.append(state)
   return result(state), states
 

@@ -372,8 +372,9 @@ class ThresholdSelector:
 
   # ---- update ----------------------------------------------------------------------------------
 
-  def update(self, state, scores, tile_ids):
-    scores, tile_ids, codes, group_count, count, fits = self.plan(state, scores, tile_ids)
+  def update(self, state, tile):
+    scores, tile_ids, codes, group_count, count, fits = self.plan(state, tile.scores(),
+                                                                 tile.tile_ids)
 
     # Runs at most once: a while loop rather than a cond, because XLA copies the pool into
     # both branches of a cond, and this runs every tile.

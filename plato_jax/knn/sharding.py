@@ -44,23 +44,53 @@ def merge_topk(v1, i1, v2, i2, k: int):
   return top_by_score_then_id(jnp.concatenate([v1, v2], -1), jnp.concatenate([i1, i2], -1), k)
 
 
-def score_tile(queries, query_ids, tile, tile_ids, *, exclude_self: bool, precision,
-               row_sumsq=None):
-  """f32 scores [Q, T]; padding columns (id < 0) and self matches are -inf.
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ScoreTile:
+  """One device tile's f32 scores [Q, T], kept lazy.
 
-  With `row_sumsq` (the gallery rows' f32 squared norms) each column is divided by its row's
-  norm — cosine when the queries are unit rows — leaving the matmul in the storage dtype.
+  `raw` is the matmul output. Column j's score is raw · `inv_norms[j]` (with normalize: the
+  reciprocal of the gallery row's norm; 0 for padding), -inf for padding (tile id < 0,
+  always the last columns: `num_valid` columns are real) and, with self-exclusion, for the
+  query's own id (`query_ids`). -0.0 and +0.0 are one value for the tie rule (a zero row
+  dotted with a negative query gives -0.0): both read as +0.0. Selectors pass these to
+  `kernels.topk.bucket_topk`, which applies them without a pass over the tile, or
+  materialise `scores()`.
+  """
+  raw: jax.Array
+  tile_ids: jax.Array
+  query_ids: jax.Array | None = None
+  inv_norms: jax.Array | None = None
+
+  @property
+  def num_valid(self):
+    return jnp.sum(self.tile_ids >= 0, dtype=jnp.int32)
+
+  def scores(self):
+    """The whole finished [Q, T] tile (materialised: for selectors that read every score)."""
+    s = self.raw if self.inv_norms is None else self.raw * self.inv_norms[None, :]
+    masked = self.tile_ids[None, :] < 0
+    if self.query_ids is not None:
+      masked = masked | (self.tile_ids[None, :] == self.query_ids[:, None])
+    s = jnp.where(masked, -jnp.inf, s)
+    return jnp.where(s == 0, jnp.zeros_like(s), s)
+
+
+def score_tile(queries, query_ids, tile, tile_ids, *, exclude_self: bool, precision,
+               row_sumsq=None) -> ScoreTile:
+  """The scores of `queries` against `tile` rows; see `ScoreTile` for what is excluded.
+
+  With `row_sumsq` (the gallery rows' f32 squared norms) each column is multiplied by the
+  reciprocal of its row's norm — cosine when the queries are unit rows — leaving the matmul
+  in the storage dtype. (A product, not a division: XLA may turn x / y into x · (1/y) in
+  one place and not in another, and the selection needs one number per score.)
   """
   s = lax.dot_general(queries, tile.astype(queries.dtype), (((1,), (1,)), ((), ())),
                       precision=precision, preferred_element_type=jnp.float32)
+  inv_norms = None
   if row_sumsq is not None:
-    s = s / jnp.sqrt(row_sumsq)[None, :]
-  masked = tile_ids[None, :] < 0
-  if exclude_self:
-    masked = masked | (tile_ids[None, :] == query_ids[:, None])
-  s = jnp.where(masked, -jnp.inf, s)
-  # -0.0 and +0.0 compare equal but sort apart; make them one value.
-  return jnp.where(s == 0, jnp.zeros_like(s), s)
+    inv_norms = jnp.where(row_sumsq > 0, 1 / jnp.sqrt(jnp.where(row_sumsq > 0, row_sumsq, 1)), 0)
+  return ScoreTile(s, tile_ids, query_ids if exclude_self else None, inv_norms)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +98,8 @@ class TopKSelector:
   """The running exact top-k of one device: state (values [Q, k], ids [Q, k]), kept sorted.
 
   A selector is the unit the engine streams tiles through: `init` makes the empty state,
-  `update` folds in a tile's scores (f32 [Q, T], -inf where excluded) with the tile's ids
-  (int32 [T], ascending), `result` returns the sorted top-k. Other selectors (large k) keep
+  `update` folds in a tile's `ScoreTile` (its ids int32 [T] ascending), `result` returns
+  the sorted top-k. Other selectors (large k) keep
   the same three methods.
   """
   k: int
@@ -79,9 +109,11 @@ class TopKSelector:
     return (np.full((num_queries, self.k), -np.inf, np.float32),
             np.full((num_queries, self.k), -1, np.int32))
 
-  def update(self, state, scores, tile_ids):
-    v, col = bucket_topk(scores, min(self.k, scores.shape[1]), self.config)
-    return merge_topk(*state, v, tile_ids[col], self.k)
+  def update(self, state, tile: ScoreTile):
+    v, col = bucket_topk(tile.raw, min(self.k, tile.raw.shape[1]), self.config,
+                         column_scale=tile.inv_norms, num_valid=tile.num_valid,
+                         column_ids=tile.tile_ids, row_ids=tile.query_ids)
+    return merge_topk(*state, v, tile.tile_ids[col], self.k)
 
   def result(self, state):
     return state
@@ -110,7 +142,7 @@ def sharded_step(mesh: Mesh, selector, exclude_self: bool, precision, normalize:
     sumsq = jnp.sum(jnp.square(tiles[0].astype(jnp.float32)), axis=-1)
     s = score_tile(queries, query_ids, tiles[0], tile_ids[0], exclude_self=exclude_self,
                    precision=precision, row_sumsq=sumsq if normalize else None)
-    state = selector.update(state, s, tile_ids[0])
+    state = selector.update(state, s)
     bad = bad + count_bad_rows(sumsq, tile_ids[0], normalize)
     return jax.tree.map(lambda x: x[None], state), bad
 
