@@ -159,16 +159,18 @@ def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
   return buf[offset:offset + nbytes].view(dtype).reshape(shape)
 
 
-def host_aligned(rows: np.ndarray) -> np.ndarray:
-  """`rows` as a 64-byte-aligned C-contiguous array (copied only when it is not one).
+def host_aligned(rows: np.ndarray, dtype=None) -> np.ndarray:
+  """`rows` as a 64-byte-aligned C-contiguous array of `dtype` (default: its own), copied
+  only when it is not one already; a conversion and the alignment share one copy.
 
   The CPU backend takes such arrays without a copy (measured: 0.2 ms instead of 90 ms for
   a 100 MB tile); the copy, when needed, happens here in a reader thread.
   """
-  if rows.flags.c_contiguous and rows.ctypes.data % 64 == 0:
+  dtype = rows.dtype if dtype is None else np.dtype(dtype)
+  if rows.dtype == dtype and rows.flags.c_contiguous and rows.ctypes.data % 64 == 0:
     return rows
-  out = aligned_empty(rows.shape, rows.dtype)
-  out[...] = rows
+  out = aligned_empty(rows.shape, dtype)
+  np.copyto(out, rows, casting="unsafe" if rows.dtype != dtype else "no")
   return out
 
 
@@ -216,8 +218,6 @@ def stream_tiles(source, ids: np.ndarray, ranges: Sequence[tuple[int, int]], *,
   def load(r):
     start, stop = r
     rows = np.asarray(source.read(start, stop))
-    if dtype is not None:
-      rows = rows.astype(dtype, copy=False)
     if rows.shape != (stop - start, source.dim):
       raise ValueError(f"gallery source returned shape {rows.shape} for rows [{start}, {stop}), "
                        f"expected {(stop - start, source.dim)}")
@@ -225,7 +225,7 @@ def stream_tiles(source, ids: np.ndarray, ranges: Sequence[tuple[int, int]], *,
     order = np.argsort(tile_ids, kind="stable")
     if not np.all(order == np.arange(order.size)):
       rows, tile_ids = rows[order], tile_ids[order]
-    return Tile(start, stop, host_aligned(rows), tile_ids)
+    return Tile(start, stop, host_aligned(rows, dtype), tile_ids)
 
   with concurrent.futures.ThreadPoolExecutor(max_workers=prefetch) as pool:
     pending = [pool.submit(load, r) for r in ranges[:prefetch]]
