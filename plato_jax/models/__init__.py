@@ -1,0 +1,85 @@
+"""Flax (nnx) encoders that load Hugging Face checkpoint directories without torch.
+
+    model = plato_jax.models.from_pretrained("/ckpt/open_llama_3b", dtype=jnp.bfloat16)
+    hidden_states = model(input_ids, attention_mask)      # [L+1] x [B, T, D]
+
+One file per architecture family; each model's parameter paths are the checkpoint's tensor
+names, so loading is a walk over the model's parameters, reading each tensor once.
+"""
+from __future__ import annotations
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from plato_jax.models.hf import Checkpoint, CheckpointError
+
+# model_type → (module, config class, model class, checkpoint prefixes to try)
+ARCHITECTURES = {
+    "llama": ("llama", "LlamaConfig", "Llama", ("", "model.")),
+    "mistral": ("llama", "LlamaConfig", "Llama", ("", "model.")),
+    "qwen2": ("llama", "LlamaConfig", "Llama", ("", "model.")),
+    "qwen3": ("llama", "LlamaConfig", "Llama", ("", "model.")),
+}
+# Checkpoint tensors that no encoder needs (output heads, cached buffers).
+IGNORED_SUFFIXES = ("lm_head.weight", "rotary_emb.inv_freq")
+
+
+def architecture(config: dict):
+  kind = config.get("model_type")
+  if kind not in ARCHITECTURES:
+    raise CheckpointError(f"config.json: unsupported model_type {kind!r} "
+                          f"(supported: {sorted(ARCHITECTURES)})")
+  module, config_cls, model_cls, prefixes = ARCHITECTURES[kind]
+  mod = importlib.import_module(f"plato_jax.models.{module}")
+  return getattr(mod, config_cls), getattr(mod, model_cls), prefixes
+
+
+def from_pretrained(checkpoint_dir: str, dtype=jnp.float32):
+  """The encoder of a local Hugging Face checkpoint directory, parameters in `dtype`.
+
+  Tensors are read one at a time from memory-mapped safetensors, converted on the host and
+  placed on the default device. Errors name the missing or mis-shaped tensor, or the field.
+  """
+  ckpt = Checkpoint(checkpoint_dir)
+  config_cls, model_cls, prefixes = architecture(ckpt.config)
+  config = config_cls.from_hf(ckpt.config)
+  abstract = nnx.eval_shape(lambda: model_cls(config, dtype=dtype))
+  graphdef, state = nnx.split(abstract)
+  flat = nnx.to_flat_state(state)
+  names = [".".join(str(p) for p in path) for path, _ in flat]
+  prefix = next((p for p in prefixes if all(p + n in ckpt for n in names)), None)
+  if prefix is None:  # name the first missing tensor under the likeliest prefix
+    best = max(prefixes, key=lambda p: sum(p + n in ckpt for n in names))
+    missing = [best + n for n in names if best + n not in ckpt]
+    raise CheckpointError(f"{checkpoint_dir}: {len(missing)} tensors the "
+                          f"{ckpt.config['model_type']} model needs are missing, e.g. "
+                          f"{missing[:3]}")
+  for (path, var), name in zip(flat, names):
+    key = prefix + name
+    shape = ckpt.shape(key)
+    if tuple(shape) != tuple(var.get_value().shape):
+      raise CheckpointError(f"{checkpoint_dir}: tensor {key!r} has shape {list(shape)}, the "
+                            f"config implies {list(var.get_value().shape)}")
+    var.set_value(jnp.asarray(np.asarray(ckpt.get(key)).astype(var.get_value().dtype)))
+  used = {prefix + n for n in names}
+  unused = [k for k in ckpt.keys() if k not in used and not k.endswith(IGNORED_SUFFIXES)]
+  if unused:
+    logging.warning("%s: %d checkpoint tensors not used by the encoder, e.g. %s",
+                    checkpoint_dir, len(unused), unused[:5])
+  return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def hidden_states_fn(model):
+  """A jitted function (params, *inputs) → hidden states, and the params to pass it."""
+  graphdef, params = nnx.split(model)
+
+  @jax.jit
+  def run(params, *inputs):
+    return nnx.merge(graphdef, params)(*inputs)
+
+  return run, params

@@ -1,0 +1,179 @@
+"""Hugging Face checkpoint directories, read without torch: config.json + safetensors.
+
+A checkpoint directory holds `config.json` and either `model.safetensors` or shards named
+by `model.safetensors.index.json` (`weight_map`: tensor name → shard file). Tensors are
+memory-mapped and read one at a time, so loading needs about one tensor of host memory
+above the parameters themselves.
+
+The safetensors format is small enough to read directly: an 8-byte little-endian header
+length, a JSON header {name: {dtype, shape, data_offsets: [begin, end]}}, then the raw
+little-endian bytes. bf16 and fp8 come through `ml_dtypes`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Iterator
+
+import ml_dtypes
+import numpy as np
+
+SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be loaded; the message names the file, tensor or field."""
+
+
+def read_config(checkpoint_dir: str) -> dict:
+  path = os.path.join(checkpoint_dir, "config.json")
+  if not os.path.isfile(path):
+    raise CheckpointError(f"{checkpoint_dir}: no config.json (not a Hugging Face checkpoint "
+                          f"directory)")
+  try:
+    with open(path) as f:
+      config = json.load(f)
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+  if not isinstance(config, dict):
+    raise CheckpointError(f"{path}: expected a JSON object")
+  return config
+
+
+class SafetensorsFile:
+  """One .safetensors file: its header, and tensors as read-only memory maps."""
+
+  def __init__(self, path: str):
+    self.path = path
+    try:
+      with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+          raise CheckpointError(f"{path}: truncated (no safetensors header)")
+        (n,) = struct.unpack("<Q", raw)
+        size = os.fstat(f.fileno()).st_size
+        if n > size - 8:
+          raise CheckpointError(f"{path}: header length {n} exceeds the file ({size} bytes)")
+        header = json.loads(f.read(n))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from None
+    self.metadata = header.pop("__metadata__", None) or {}
+    self._entries = header
+    self._data_start = 8 + n
+    self._size = size
+    self._map = None
+
+  def keys(self) -> list[str]:
+    return list(self._entries)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self._entries[name]["shape"])
+
+  def get(self, name: str) -> np.ndarray:
+    entry = self._entries[name]
+    dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+    if dtype is None:
+      raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {entry['dtype']}")
+    begin, end = entry["data_offsets"]
+    shape = tuple(entry["shape"])
+    expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    if end - begin != expected or self._data_start + end > self._size:
+      raise CheckpointError(f"{self.path}: tensor {name!r} has {end - begin} bytes at "
+                            f"[{begin}, {end}) for shape {list(shape)} {entry['dtype']} "
+                            f"(expected {expected}; file is {self._size} bytes)")
+    if self._map is None:
+      self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+    data = self._map[self._data_start + begin:self._data_start + end]
+    return data.view(dtype).reshape(shape)
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata=None) -> None:
+  """Writes numpy arrays as one safetensors file (tests and converted checkpoints)."""
+  names = {np.dtype(v): k for k, v in SAFETENSORS_DTYPES.items()}
+  header, offset, blobs = {}, 0, []
+  for name, array in tensors.items():
+    array = np.ascontiguousarray(array)
+    blob = array.tobytes()
+    header[name] = {"dtype": names[array.dtype], "shape": list(array.shape),
+                    "data_offsets": [offset, offset + len(blob)]}
+    offset += len(blob)
+    blobs.append(blob)
+  if metadata:
+    header["__metadata__"] = metadata
+  text = json.dumps(header).encode()
+  text += b" " * ((-len(text)) % 8)
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(text)))
+    f.write(text)
+    for blob in blobs:
+      f.write(blob)
+
+
+class Checkpoint:
+  """The tensors of a checkpoint directory by name, across shards, read lazily."""
+
+  def __init__(self, checkpoint_dir: str):
+    self.dir = checkpoint_dir
+    self.config = read_config(checkpoint_dir)
+    index = os.path.join(checkpoint_dir, "model.safetensors.index.json")
+    single = os.path.join(checkpoint_dir, "model.safetensors")
+    self._files: dict[str, SafetensorsFile] = {}
+    self._where: dict[str, str] = {}
+    if os.path.isfile(index):
+      try:
+        with open(index) as f:
+          weight_map = json.load(f)["weight_map"]
+      except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: no readable weight_map ({e!r})") from None
+      for name, shard in weight_map.items():
+        self._where[name] = shard
+      for shard in sorted(set(weight_map.values())):
+        path = os.path.join(checkpoint_dir, shard)
+        if not os.path.isfile(path):
+          raise CheckpointError(f"{index} names shard {shard!r}, which is missing")
+        f = self._files[shard] = SafetensorsFile(path)
+        absent = [n for n, s in weight_map.items() if s == shard and n not in f._entries]
+        if absent:
+          raise CheckpointError(f"{path}: tensors listed in the index are absent: {absent[:5]}")
+    elif os.path.isfile(single):
+      f = self._files["model.safetensors"] = SafetensorsFile(single)
+      self._where = {name: "model.safetensors" for name in f.keys()}
+    else:
+      other = [n for n in os.listdir(checkpoint_dir) if n.endswith((".bin", ".pth", ".pt"))]
+      raise CheckpointError(
+          f"{checkpoint_dir}: no model.safetensors or model.safetensors.index.json"
+          + (f" (found {other[:3]}: PyTorch pickles are not read; convert them to "
+             f"safetensors)" if other else ""))
+
+  def __contains__(self, name: str) -> bool:
+    return name in self._where
+
+  def keys(self) -> list[str]:
+    return list(self._where)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return self._files[self._where[name]].shape(name)
+
+  def get(self, name: str) -> np.ndarray:
+    if name not in self._where:
+      raise CheckpointError(f"{self.dir}: tensor {name!r} is missing")
+    return self._files[self._where[name]].get(name)
+
+  def items(self) -> Iterator[tuple[str, np.ndarray]]:
+    for name in self._where:
+      yield name, self.get(name)
+
+
+def config_value(config: dict, key: str, default=None, *, required: bool = False,
+                 where: str = "config.json"):
+  if key in config and config[key] is not None:
+    return config[key]
+  if required:
+    raise CheckpointError(f"{where}: required field {key!r} is missing")
+  return default

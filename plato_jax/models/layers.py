@@ -1,0 +1,224 @@
+"""Building blocks shared by the encoders, with Hugging Face parameter names and layouts.
+
+Parameters are named and shaped as in the PyTorch checkpoints (`weight` [out, in] for
+linear layers, `weight`/`bias` for norms), so a checkpoint tensor `a.b.0.c.weight` is the
+module path a → b → 0 → c → weight, and loading is a rename-free walk (`hf.load_into`).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def _param(shape, dtype, value=0.0):
+  return nnx.Param(jnp.full(shape, value, dtype))
+
+
+class Linear(nnx.Module):
+  def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype):
+    self.weight = _param((out_features, in_features), dtype)
+    self.bias = _param((out_features,), dtype) if bias else None
+
+  def __call__(self, x):
+    y = jnp.einsum("...i,oi->...o", x, self.weight[...].astype(x.dtype))
+    return y if self.bias is None else y + self.bias[...].astype(x.dtype)
+
+
+class Embedding(nnx.Module):
+  def __init__(self, num: int, dim: int, *, dtype):
+    self.weight = _param((num, dim), dtype)
+
+  def __call__(self, ids):
+    return jnp.take(self.weight[...], ids, axis=0)
+
+
+class RMSNorm(nnx.Module):
+  """x / rms(x) in f32, cast back, times `weight` (or 1 + `weight`: Gemma)."""
+
+  def __init__(self, dim: int, *, eps: float, dtype, plus_one: bool = False):
+    self.weight = _param((dim,), dtype, 0.0 if plus_one else 1.0)
+    self.eps, self.plus_one = eps, plus_one
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    if self.plus_one:  # Gemma multiplies in f32 before the cast
+      return (normed * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
+    return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+  def __init__(self, dim: int, *, eps: float, dtype, affine: bool = True):
+    self.weight = _param((dim,), dtype, 1.0) if affine else None
+    self.bias = _param((dim,), dtype) if affine else None
+    self.eps = eps
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    if self.weight is not None:
+      y = y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu, "swish": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str, where: str = "config.json hidden_act"):
+  if name not in ACTIVATIONS:
+    from plato_jax.models.hf import CheckpointError
+    raise CheckpointError(f"{where}: unsupported activation {name!r} "
+                          f"(supported: {sorted(ACTIVATIONS)})")
+  return ACTIVATIONS[name]
+
+
+# ---- rotary position embeddings -----------------------------------------------------------
+
+def rope_parameters(config: dict) -> dict:
+  """The rope settings of a config, old (`rope_scaling` + `rope_theta`) or new
+  (`rope_parameters`) style, as one dict with `rope_type` and `rope_theta`."""
+  params = dict(config.get("rope_parameters") or {})
+  if not params:
+    params = dict(config.get("rope_scaling") or {})
+    params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+  params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
+  return params
+
+
+def rope_frequencies(config: dict, head_dim: int, seq_len: int) -> tuple[np.ndarray, float]:
+  """Inverse frequencies [rotary_dim/2] and the cos/sin scale, as transformers computes
+  them for rope types default, linear, dynamic, llama3 and yarn (float32)."""
+  from plato_jax.models.hf import CheckpointError
+  p = rope_parameters(config)
+  kind, base = p["rope_type"], float(p["rope_theta"])
+  dim = int(head_dim * p.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)))
+  max_pos = config.get("max_position_embeddings", 2048)
+
+  def default(base):
+    return 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+
+  def need(key):
+    if p.get(key) is None:
+      raise CheckpointError(f"config.json rope parameters: {kind!r} needs {key!r}")
+    return p[key]
+
+  if kind == "default":
+    return default(base).astype(np.float32), 1.0
+  if kind == "linear":
+    return (default(base) / np.float32(need("factor"))).astype(np.float32), 1.0
+  if kind == "dynamic":
+    factor = float(need("factor"))
+    length = max(seq_len, max_pos)
+    base = base * ((factor * length / max_pos) - (factor - 1)) ** (dim / (dim - 2))
+    return default(base).astype(np.float32), 1.0
+  if kind == "llama3":
+    inv = default(base)
+    factor, low, high = (float(need(k)) for k in ("factor", "low_freq_factor",
+                                                    "high_freq_factor"))
+    old = float(need("original_max_position_embeddings"))
+    wavelen = 2 * np.pi / inv
+    scaled = np.where(wavelen > old / low, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32), 1.0
+  if kind == "yarn":
+    factor = p.get("factor")
+    original = float(need("original_max_position_embeddings"))
+    if factor is None:
+      factor = max_pos / original
+    factor = float(factor)
+
+    def mscale(scale, m=1.0):
+      return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = p.get("attention_factor")
+    if attention is None:
+      if p.get("mscale") and p.get("mscale_all_dim"):
+        attention = mscale(factor, p["mscale"]) / mscale(factor, p["mscale_all_dim"])
+      else:
+        attention = mscale(factor)
+    fast, slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
+
+    def correction(rotations):
+      return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    lo, hi = correction(fast), correction(slow)
+    if p.get("truncate", True):
+      lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, dim - 1)
+    if lo == hi:
+      hi += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - lo) / (hi - lo), 0, 1)
+    extrapolation = 1 - ramp
+    pos = base ** (np.arange(0, dim, 2).astype(np.float32) / dim)
+    inv = (1.0 / (factor * pos)) * (1 - extrapolation) + (1.0 / pos) * extrapolation
+    return inv.astype(np.float32), float(attention)
+  raise CheckpointError(f"config.json rope parameters: unsupported rope_type {kind!r} "
+                        f"(supported: default, linear, dynamic, llama3, yarn)")
+
+
+def rope_cos_sin(inv_freq: np.ndarray, scale: float, positions, dtype):
+  """cos, sin [..., T, rotary_dim] for integer positions [..., T] (computed in f32)."""
+  freqs = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return (jnp.cos(emb) * scale).astype(dtype), (jnp.sin(emb) * scale).astype(dtype)
+
+
+def apply_rope(x, cos, sin):
+  """x [B, T, H, hd]; cos/sin [B or 1, T, rotary_dim]; rotates the first rotary_dim dims
+  with the rotate-half convention."""
+  rot = cos.shape[-1]
+  x_rot, x_pass = x[..., :rot], x[..., rot:]
+  half = rot // 2
+  rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
+  out = x_rot * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+  return jnp.concatenate([out, x_pass], axis=-1) if x_pass.shape[-1] else out
+
+
+# ---- attention ------------------------------------------------------------------------------
+
+def attention(q, k, v, mask, *, scaling: float, bias=None, softcap: float | None = None):
+  """Softmax attention, eager-style: q [B, T, H, hd], k/v [B, S, KV, hd] (KV divides H);
+  mask [B, 1 or H, T, S] bool (True = attend); bias added to the logits (ALiBi).
+  Softmax in f32, probabilities cast back to the input dtype, like transformers' eager path.
+  """
+  b, t, h, hd = q.shape
+  groups = h // k.shape[2]
+  if groups > 1:
+    k = jnp.repeat(k, groups, axis=2)
+    v = jnp.repeat(v, groups, axis=2)
+  logits = jnp.einsum("bthd,bshd->bhts", q, k) * jnp.asarray(scaling, q.dtype)
+  if softcap is not None:
+    logits = jnp.tanh(logits / softcap) * softcap
+  if bias is not None:
+    logits = logits + bias.astype(logits.dtype)
+  logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
+  return jnp.einsum("bhts,bshd->bthd", probs, v)
+
+
+def causal_mask(attention_mask, sliding_window: int | None = None):
+  """[B, 1, T, T] bool from a [B, T] padding mask (1 = token): causal, keys must be tokens,
+  and with a sliding window only the last `sliding_window` positions (as transformers)."""
+  t = attention_mask.shape[1]
+  i = jnp.arange(t)[:, None]
+  j = jnp.arange(t)[None, :]
+  allowed = j <= i
+  if sliding_window is not None:
+    allowed = allowed & (i - j < sliding_window)
+  return allowed[None, None] & attention_mask[:, None, None, :].astype(bool)

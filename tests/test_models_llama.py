@@ -1,0 +1,146 @@
+"""LLaMA-family parity: every hidden state of our Flax port equals transformers' PyTorch
+model (eager, f32) within 1e-4 relative, through save_pretrained → from_pretrained."""
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from model_reference import assert_close_rel, save_tiny
+
+from plato_jax.models import from_pretrained
+from plato_jax.models.hf import CheckpointError
+
+SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+ROPE = {
+    "default": None,
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8},
+}
+
+
+def batch(rng, b=3, t=11, vocab=97, pad_rows=(1, 2)):
+  ids = rng.integers(0, vocab, (b, t))
+  mask = np.ones((b, t), np.int64)
+  for row, n in zip(pad_rows, (3, 7)):
+    mask[row, :n] = 0  # left padding
+  return ids, mask
+
+
+def check_parity(torch_model, path, ids, mask):
+  with torch.no_grad():
+    theirs = torch_model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
+                         output_hidden_states=True).hidden_states
+  ours = from_pretrained(str(path))(jnp.asarray(ids), jnp.asarray(mask))
+  assert len(ours) == len(theirs)
+  real = mask.astype(bool)  # padding positions hold junk in both
+  for i, (a, b) in enumerate(zip(ours, theirs)):
+    assert_close_rel(np.asarray(a)[real], b.numpy()[real], where=f"hidden state {i}")
+
+
+@pytest.mark.parametrize("rope", sorted(ROPE))
+def test_llama_rope_variants_and_gqa(rng, tmp_path, rope):
+  cfg = transformers.LlamaConfig(**SMALL, rope_scaling=ROPE[rope])
+  model = save_tiny(transformers.LlamaForCausalLM, cfg, tmp_path)   # "model." prefix
+  ids, mask = batch(rng)
+  if rope == "dynamic":  # longer than max_position_embeddings: the base is rescaled
+    ids, mask = batch(rng, t=40)
+  check_parity(model.model, tmp_path, ids, mask)
+
+
+def test_llama_bare_model_sharded_checkpoint_with_biases(rng, tmp_path):
+  cfg = transformers.LlamaConfig(**SMALL, attention_bias=True, mlp_bias=True, head_dim=32)
+  model = save_tiny(transformers.LlamaModel, cfg, tmp_path, max_shard_size="40KB")
+  assert (tmp_path / "model.safetensors.index.json").exists()
+  check_parity(model, tmp_path, *batch(rng))
+
+
+def test_mistral_sliding_window(rng, tmp_path):
+  cfg = transformers.MistralConfig(**SMALL, sliding_window=4)
+  model = save_tiny(transformers.MistralForCausalLM, cfg, tmp_path)
+  check_parity(model.model, tmp_path, *batch(rng))
+
+
+def test_qwen2_qkv_bias_and_sliding_layers(rng, tmp_path):
+  cfg = transformers.Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=4,
+                                 max_window_layers=1)
+  model = save_tiny(transformers.Qwen2ForCausalLM, cfg, tmp_path)
+  assert model.model.layers[0].self_attn.q_proj.bias is not None
+  check_parity(model.model, tmp_path, *batch(rng))
+
+
+def test_qwen3_qk_norm(rng, tmp_path):
+  cfg = transformers.Qwen3Config(**SMALL, head_dim=24)
+  model = save_tiny(transformers.Qwen3ForCausalLM, cfg, tmp_path)
+  check_parity(model.model, tmp_path, *batch(rng))
+
+
+def test_left_padding_gives_each_row_alone(rng, tmp_path):
+  """Pooled (masked mean) features of a left-padded batch equal each row run alone."""
+  cfg = transformers.LlamaConfig(**SMALL)
+  save_tiny(transformers.LlamaForCausalLM, cfg, tmp_path)
+  model = from_pretrained(str(tmp_path))
+  ids, mask = batch(rng)
+  states = model(jnp.asarray(ids), jnp.asarray(mask))
+  for row in range(ids.shape[0]):
+    real = mask[row].astype(bool)
+    alone = model(jnp.asarray(ids[row:row + 1, real]))
+    for layer, (a, b) in enumerate(zip(states, alone)):
+      pooled_batch = np.asarray(a)[row, real].mean(0)
+      pooled_alone = np.asarray(b)[0].mean(0)
+      assert_close_rel(pooled_batch, pooled_alone, rtol=1e-5, where=f"row {row} layer {layer}")
+
+
+def test_bf16_checkpoint_loads_in_requested_dtype(rng, tmp_path):
+  cfg = transformers.LlamaConfig(**SMALL)
+  model = save_tiny(transformers.LlamaForCausalLM, cfg, tmp_path)
+  model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+  ours = from_pretrained(str(tmp_path / "bf16"), dtype=jnp.float32)
+  assert ours.embed_tokens.weight[...].dtype == jnp.float32
+  np.testing.assert_array_equal(  # bf16 → f32 is exact
+      np.asarray(ours.embed_tokens.weight[...]),
+      model.model.embed_tokens.weight.detach().float().numpy())
+  ours16 = from_pretrained(str(tmp_path / "bf16"), dtype=jnp.bfloat16)
+  assert ours16(jnp.asarray(batch(rng)[0]))[-1].dtype == jnp.bfloat16
+
+
+def test_bad_checkpoints_name_the_problem(tmp_path):
+  cfg = transformers.LlamaConfig(**SMALL)
+  save_tiny(transformers.LlamaModel, cfg, tmp_path)
+  config = json.loads((tmp_path / "config.json").read_text())
+
+  def write(**change):
+    (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
+
+  write(intermediate_size=100)
+  with pytest.raises(CheckpointError, match=r"layers.0.mlp.down_proj.weight.*\[64, 96\].*\[64, 100\]"):
+    from_pretrained(str(tmp_path))
+  write(model_type="gpt_unknown")
+  with pytest.raises(CheckpointError, match="unsupported model_type 'gpt_unknown'"):
+    from_pretrained(str(tmp_path))
+  write(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4})
+  with pytest.raises(CheckpointError, match="unsupported rope_type 'longrope'"):
+    from_pretrained(str(tmp_path))(jnp.zeros((1, 3), jnp.int32))
+  write(num_hidden_layers=4)
+  with pytest.raises(CheckpointError, match=r"missing, e.g. \['layers.3"):
+    from_pretrained(str(tmp_path))
+  write(num_attention_heads=3)
+  with pytest.raises(CheckpointError, match="not a multiple of num_key_value_heads"):
+    from_pretrained(str(tmp_path))
+  write()
+  del config["hidden_size"]
+  write()
+  with pytest.raises(CheckpointError, match="'hidden_size' is missing"):
+    from_pretrained(str(tmp_path))
+  (tmp_path / "model.safetensors").write_bytes(b"\x10\x00")
+  with pytest.raises(CheckpointError, match="model.safetensors: truncated"):
+    from_pretrained(str(tmp_path))
+  (tmp_path / "model.safetensors").unlink()
+  (tmp_path / "pytorch_model.bin").write_bytes(b"")
+  with pytest.raises(CheckpointError, match="no model.safetensors.*pytorch_model.bin"):
+    from_pretrained(str(tmp_path))
