@@ -9,6 +9,7 @@ names, so loading is a walk over the model's parameters, reading each tensor onc
 from __future__ import annotations
 
 import importlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -19,39 +20,56 @@ from flax import nnx
 from plato_jax.models.hf import Checkpoint, CheckpointError
 
 # model_type → (module, config class, model class, checkpoint prefixes to try)
+_LLAMA = ("llama", "LlamaConfig", "Llama", ("", "model."))
+_VIT = ("vit", "VitConfig", "Vit", ("", "vit.", "vision_model.", "dinov2."))
+_CLIP_TEXT = ("clip", "ClipTextConfig", "ClipText", ("", "text_model."))
 ARCHITECTURES = {
-    "llama": ("llama", "LlamaConfig", "Llama", ("", "model.")),
-    "mistral": ("llama", "LlamaConfig", "Llama", ("", "model.")),
-    "qwen2": ("llama", "LlamaConfig", "Llama", ("", "model.")),
-    "qwen3": ("llama", "LlamaConfig", "Llama", ("", "model.")),
+    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA,
+    "vit": _VIT, "vit_mae": _VIT, "dinov2": _VIT, "dinov2_with_registers": _VIT,
+    "clip_vision_model": _VIT, "clip_text_model": _CLIP_TEXT,
 }
-# Checkpoint tensors that no encoder needs (output heads, cached buffers).
-IGNORED_SUFFIXES = ("lm_head.weight", "rotary_emb.inv_freq")
+# Two-tower checkpoints: model_type → {tower: architecture}.
+TOWERS = {"clip": {"vision": _VIT, "text": _CLIP_TEXT}}
+# Checkpoint tensors that no encoder needs (output heads, cached buffers, final norms that
+# the hidden states do not include, the other tower of a two-tower checkpoint).
+IGNORED = re.compile("|".join([
+    r"lm_head\.weight$", r"rotary_emb\.inv_freq$", r"(^|\.)layernorm\.", r"^pooler\.",
+    r"post_layernorm\.", r"mask_token$", r"^decoder\.", r"^text_model\.",
+    r"^vision_model\.", r"final_layer_norm\.",
+    r"^text_projection", r"^visual_projection", r"^logit_scale", r"^classifier\."]))
 
 
-def architecture(config: dict):
+def architecture(config: dict, tower: str | None = None):
   kind = config.get("model_type")
-  if kind not in ARCHITECTURES:
+  if kind in TOWERS:
+    if tower not in TOWERS[kind]:
+      raise CheckpointError(f"config.json: a {kind} checkpoint holds the towers "
+                            f"{sorted(TOWERS[kind])}; choose one with tower=, got {tower!r}")
+    module, config_cls, model_cls, prefixes = TOWERS[kind][tower]
+  elif kind in ARCHITECTURES:
+    module, config_cls, model_cls, prefixes = ARCHITECTURES[kind]
+  else:
     raise CheckpointError(f"config.json: unsupported model_type {kind!r} "
-                          f"(supported: {sorted(ARCHITECTURES)})")
-  module, config_cls, model_cls, prefixes = ARCHITECTURES[kind]
+                          f"(supported: {sorted({*ARCHITECTURES, *TOWERS})})")
   mod = importlib.import_module(f"plato_jax.models.{module}")
   return getattr(mod, config_cls), getattr(mod, model_cls), prefixes
 
 
-def from_pretrained(checkpoint_dir: str, dtype=jnp.float32):
-  """The encoder of a local Hugging Face checkpoint directory, parameters in `dtype`.
+def from_pretrained(checkpoint_dir: str, dtype=jnp.float32, *, tower: str | None = None):
+  """The encoder of a local Hugging Face checkpoint directory, parameters in `dtype`;
+  `tower` ("vision" or "text") picks one tower of a two-tower (CLIP) checkpoint.
 
   Tensors are read one at a time from memory-mapped safetensors, converted on the host and
   placed on the default device. Errors name the missing or mis-shaped tensor, or the field.
   """
   ckpt = Checkpoint(checkpoint_dir)
-  config_cls, model_cls, prefixes = architecture(ckpt.config)
+  config_cls, model_cls, prefixes = architecture(ckpt.config, tower)
   config = config_cls.from_hf(ckpt.config)
   abstract = nnx.eval_shape(lambda: model_cls(config, dtype=dtype))
   graphdef, state = nnx.split(abstract)
   flat = nnx.to_flat_state(state)
-  names = [".".join(str(p) for p in path) for path, _ in flat]
+  rename = getattr(abstract, "checkpoint_key", lambda name: name)
+  names = [rename(".".join(str(p) for p in path)) for path, _ in flat]
   prefix = next((p for p in prefixes if all(p + n in ckpt for n in names)), None)
   if prefix is None:  # name the first missing tensor under the likeliest prefix
     best = max(prefixes, key=lambda p: sum(p + n in ckpt for n in names))
@@ -67,7 +85,8 @@ def from_pretrained(checkpoint_dir: str, dtype=jnp.float32):
                             f"config implies {list(var.get_value().shape)}")
     var.set_value(jnp.asarray(np.asarray(ckpt.get(key)).astype(var.get_value().dtype)))
   used = {prefix + n for n in names}
-  unused = [k for k in ckpt.keys() if k not in used and not k.endswith(IGNORED_SUFFIXES)]
+  unused = [k for k in ckpt.keys() if k not in used
+            and not IGNORED.search(k[len(prefix):] if k.startswith(prefix) else k)]
   if unused:
     logging.warning("%s: %d checkpoint tensors not used by the encoder, e.g. %s",
                     checkpoint_dir, len(unused), unused[:5])

@@ -1,0 +1,299 @@
+"""Vision transformers: ViT (HF and timm augreg naming), DINOv2 (layer scale, SwiGLU,
+register tokens), the MAE encoder (no masking) and CLIP's vision tower.
+
+One module serves all of them; a `VitConfig` decoded from config.json says which parts a
+family has, and `checkpoint_key` renames our parameter paths (the HF ViT names) to the
+family's checkpoint names. `Vit(...)(pixel_values)` returns the hidden states transformers'
+`output_hidden_states` gives: the embedding output (after CLIP's pre-norm), then every
+block's output, **before** the final norm ([L+1] arrays of [B, tokens, D]; the papers'
+features are the CLS token, index 0, of entries 1..L). Position embeddings are
+interpolated bicubically (as torch, a = -0.75) for any input size.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from plato_jax.models import layers
+from plato_jax.models.hf import CheckpointError, config_value
+
+MODEL_TYPES = ("vit", "vit_mae", "dinov2", "dinov2_with_registers", "clip_vision_model", "clip")
+
+
+def rename(name: str, family: str) -> str:
+  """Our parameter path (HF ViT names) → the family's checkpoint name."""
+  for pattern, repl in _RENAMES.get(family, []):
+    name = re.sub(pattern, repl, name)
+  return name
+
+# Our paths (HF ViT names) → each family's checkpoint names.
+_RENAMES = {
+    "dinov2": [(r"\.layernorm_before\.", ".norm1."), (r"\.layernorm_after\.", ".norm2."),
+               (r"(layer\.\d+)\.intermediate\.dense\.", r"\1.mlp.fc1."),
+               (r"(layer\.\d+)\.output\.dense\.", r"\1.mlp.fc2.")],
+    "clip": [(r"^embeddings\.cls_token$", "embeddings.class_embedding"),
+             (r"^embeddings\.position_embeddings$", "embeddings.position_embedding.weight"),
+             (r"^embeddings\.patch_embeddings\.projection\.", "embeddings.patch_embedding."),
+             (r"^pre_layernorm\.", "pre_layrnorm."), (r"^encoder\.layer\.", "encoder.layers."),
+             (r"\.layernorm_before\.", ".layer_norm1."), (r"\.layernorm_after\.", ".layer_norm2."),
+             (r"\.attention\.attention\.query\.", ".self_attn.q_proj."),
+             (r"\.attention\.attention\.key\.", ".self_attn.k_proj."),
+             (r"\.attention\.attention\.value\.", ".self_attn.v_proj."),
+             (r"\.attention\.output\.dense\.", ".self_attn.out_proj."),
+             (r"(layers\.\d+)\.intermediate\.dense\.", r"\1.mlp.fc1."),
+             (r"(layers\.\d+)\.output\.dense\.", r"\1.mlp.fc2.")],
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class VitConfig:
+  family: str               # "vit" (also MAE), "dinov2", "clip"
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  intermediate_size: int
+  image_size: int
+  patch_size: int
+  num_channels: int
+  layer_norm_eps: float
+  hidden_act: str
+  qkv_bias: bool = True
+  layer_scale: bool = False     # DINOv2
+  swiglu: bool = False          # DINOv2 giant
+  num_registers: int = 0        # DINOv2 with registers
+  clip: bool = False            # class/position embedding shapes, no patch bias, pre-norm
+
+  @classmethod
+  def from_hf(cls, config: dict) -> "VitConfig":
+    kind = config.get("model_type")
+    if kind == "clip":
+      if "vision_config" not in config:
+        raise CheckpointError("config.json: a clip config without 'vision_config'")
+      config = {**config["vision_config"], "model_type": "clip_vision_model"}
+      kind = "clip_vision_model"
+    if kind not in MODEL_TYPES:
+      raise CheckpointError(f"config.json model_type {kind!r} is not a vision transformer")
+    need = lambda key: config_value(config, key, required=True)  # noqa: E731
+    get = lambda key, default=None: config_value(config, key, default)  # noqa: E731
+    hidden = int(need("hidden_size"))
+    family = {"vit": "vit", "vit_mae": "vit", "dinov2": "dinov2",
+              "dinov2_with_registers": "dinov2", "clip_vision_model": "clip"}[kind]
+    if family == "dinov2":
+      inter = int(hidden * float(get("mlp_ratio", 4)))
+    else:
+      inter = int(need("intermediate_size"))
+    swiglu = bool(get("use_swiglu_ffn", False))
+    if swiglu:
+      inter = (int(inter * 2 / 3) + 7) // 8 * 8
+    return cls(family=family, hidden_size=hidden, num_layers=int(need("num_hidden_layers")),
+               num_heads=int(need("num_attention_heads")), intermediate_size=inter,
+               image_size=int(need("image_size")), patch_size=int(need("patch_size")),
+               num_channels=int(get("num_channels", 3)),
+               layer_norm_eps=float(get("layer_norm_eps", 1e-12)),
+               hidden_act=str(get("hidden_act", "gelu")),
+               qkv_bias=bool(get("qkv_bias", True)), layer_scale=family == "dinov2",
+               swiglu=swiglu, num_registers=int(get("num_register_tokens", 0)),
+               clip=family == "clip")
+
+  @property
+  def grid(self) -> int:
+    return self.image_size // self.patch_size
+
+
+def bicubic_matrix(in_size: int, out_size: int, antialias: bool = False) -> np.ndarray:
+  """[out, in] weights of torch's bicubic resize (align_corners=False), so resizing an axis
+  is one matrix product. Plain: a = -0.75, edge indices clamped. `antialias` (torch's
+  antialias=True, PIL's filter): a = -0.5, the kernel widened by the scale when shrinking,
+  truncated at the edges and renormalised."""
+  scale = in_size / out_size
+  m = np.zeros((out_size, in_size), np.float64)
+
+  def cubic(x, a):
+    x = np.abs(x)
+    return np.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                    np.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, 0.0))
+
+  if antialias:
+    support = 2 * max(scale, 1.0)
+    inv = 1 / scale if scale >= 1 else 1.0
+    for i in range(out_size):
+      center = scale * (i + 0.5)
+      lo = max(int(center - support + 0.5), 0)
+      hi = min(int(center + support + 0.5), in_size)
+      w = cubic((np.arange(lo, hi) - center + 0.5) * inv, -0.5)
+      m[i, lo:hi] = w / w.sum()
+    return m.astype(np.float32)
+  real = scale * (np.arange(out_size) + 0.5) - 0.5
+  base = np.floor(real).astype(np.int64)
+  t = real - base
+  for j in range(4):
+    np.add.at(m, (np.arange(out_size), np.clip(base - 1 + j, 0, in_size - 1)),
+              cubic(t + 1 - j, -0.75))
+  return m.astype(np.float32)
+
+
+class Embeddings(nnx.Module):
+  def __init__(self, c: VitConfig, dtype):
+    d, p = c.hidden_size, c.patch_size
+    self.cls_token = nnx.Param(jnp.zeros((d,) if c.clip else (1, 1, d), dtype))
+    n = c.grid ** 2 + 1
+    self.position_embeddings = nnx.Param(jnp.zeros((n, d) if c.clip else (1, n, d), dtype))
+    self.patch_embeddings = PatchEmbed(c, dtype)
+    if c.num_registers:
+      self.register_tokens = nnx.Param(jnp.zeros((1, c.num_registers, d), dtype))
+    self.c = c
+
+  def positions(self, rows: int, cols: int):
+    pos = self.position_embeddings[...].reshape(-1, self.c.hidden_size)
+    g = self.c.grid
+    if (rows, cols) == (g, g):
+      return pos
+    patch = pos[1:].reshape(g, g, -1).astype(jnp.float32)
+    # DINOv2 with registers resizes with torch's antialias=True; the others without.
+    aa = self.c.num_registers > 0
+    patch = jnp.einsum("hH,HWd,wW->hwd", bicubic_matrix(g, rows, aa), patch,
+                       bicubic_matrix(g, cols, aa), precision=jax.lax.Precision.HIGHEST)
+    return jnp.concatenate([pos[:1], patch.reshape(rows * cols, -1).astype(pos.dtype)], axis=0)
+
+  def __call__(self, pixels):
+    b = pixels.shape[0]
+    patches, rows, cols = self.patch_embeddings(pixels)
+    cls = jnp.broadcast_to(self.cls_token[...].reshape(1, 1, -1), (b, 1, patches.shape[-1]))
+    x = jnp.concatenate([cls.astype(patches.dtype), patches], axis=1)
+    x = x + self.positions(rows, cols)[None].astype(x.dtype)
+    if self.c.num_registers:
+      regs = jnp.broadcast_to(self.register_tokens[...], (b, *self.register_tokens.shape[1:]))
+      x = jnp.concatenate([x[:, :1], regs.astype(x.dtype), x[:, 1:]], axis=1)
+    return x
+
+
+class PatchEmbed(nnx.Module):
+  def __init__(self, c: VitConfig, dtype):
+    self.projection = layers.Linear(c.num_channels * c.patch_size ** 2, c.hidden_size,
+                                    bias=not c.clip, dtype=dtype)
+    self.projection.weight = nnx.Param(
+        jnp.zeros((c.hidden_size, c.num_channels, c.patch_size, c.patch_size), dtype))
+    self.p = c.patch_size
+
+  def __call__(self, pixels):
+    """pixels [B, C, H, W] (channels first, as the checkpoints) → [B, rows·cols, D]."""
+    b, ch, h, w = pixels.shape
+    p = self.p
+    rows, cols = h // p, w // p
+    x = pixels[:, :, :rows * p, :cols * p].reshape(b, ch, rows, p, cols, p)
+    x = x.transpose(0, 2, 4, 1, 3, 5).reshape(b, rows * cols, ch * p * p)
+    weight = self.projection.weight[...].reshape(self.projection.weight.shape[0], -1)
+    y = jnp.einsum("bni,oi->bno", x.astype(weight.dtype), weight)
+    if self.projection.bias is not None:
+      y = y + self.projection.bias[...]
+    return y, rows, cols
+
+
+class SelfAttention(nnx.Module):
+  def __init__(self, c: VitConfig, dtype):
+    d = c.hidden_size
+    self.query = layers.Linear(d, d, bias=c.qkv_bias, dtype=dtype)
+    self.key = layers.Linear(d, d, bias=c.qkv_bias, dtype=dtype)
+    self.value = layers.Linear(d, d, bias=c.qkv_bias, dtype=dtype)
+    self.heads = c.num_heads
+
+
+class Output(nnx.Module):
+  def __init__(self, d_in: int, d_out: int, dtype):
+    self.dense = layers.Linear(d_in, d_out, bias=True, dtype=dtype)
+
+
+class Attention(nnx.Module):
+  def __init__(self, c: VitConfig, dtype):
+    self.attention = SelfAttention(c, dtype)
+    self.output = Output(c.hidden_size, c.hidden_size, dtype)
+
+  def __call__(self, x, mask=None):
+    b, n, d = x.shape
+    a = self.attention
+    h = a.heads
+    q, k, v = (f(x).reshape(b, n, h, d // h) for f in (a.query, a.key, a.value))
+    if mask is None:
+      mask = jnp.ones((1, 1, n, n), bool)
+    out = layers.attention(q, k, v, mask, scaling=(d // h) ** -0.5)
+    return self.output.dense(out.reshape(b, n, d))
+
+
+class LayerScale(nnx.Module):
+  def __init__(self, d: int, dtype):
+    self.lambda1 = nnx.Param(jnp.ones((d,), dtype))
+
+
+class SwiGLU(nnx.Module):
+  def __init__(self, c: VitConfig, dtype):
+    self.weights_in = layers.Linear(c.hidden_size, 2 * c.intermediate_size, bias=True, dtype=dtype)
+    self.weights_out = layers.Linear(c.intermediate_size, c.hidden_size, bias=True, dtype=dtype)
+
+  def __call__(self, x):
+    gate, up = jnp.split(self.weights_in(x), 2, axis=-1)
+    return self.weights_out(jax.nn.silu(gate) * up)
+
+
+class Block(nnx.Module):
+  def __init__(self, c: VitConfig, dtype):
+    d = c.hidden_size
+    self.layernorm_before = layers.LayerNorm(d, eps=c.layer_norm_eps, dtype=dtype)
+    self.attention = Attention(c, dtype)
+    self.layernorm_after = layers.LayerNorm(d, eps=c.layer_norm_eps, dtype=dtype)
+    if c.swiglu:
+      self.mlp = SwiGLU(c, dtype)
+    else:
+      self.intermediate = Output(d, c.intermediate_size, dtype)
+      self.output = Output(c.intermediate_size, d, dtype)
+      self.act = layers.activation(c.hidden_act)
+    if c.layer_scale:
+      self.layer_scale1 = LayerScale(d, dtype)
+      self.layer_scale2 = LayerScale(d, dtype)
+    self.c = c
+
+  def __call__(self, x, mask=None):
+    y = self.attention(self.layernorm_before(x), mask)
+    if self.c.layer_scale:
+      y = y * self.layer_scale1.lambda1[...]
+    x = x + y
+    h = self.layernorm_after(x)
+    y = self.mlp(h) if self.c.swiglu else self.output.dense(self.act(self.intermediate.dense(h)))
+    if self.c.layer_scale:
+      y = y * self.layer_scale2.lambda1[...]
+    return x + y
+
+
+class Encoder(nnx.Module):
+  def __init__(self, c: VitConfig, dtype):
+    self.layer = nnx.List([Block(c, dtype) for _ in range(c.num_layers)])
+
+
+class Vit(nnx.Module):
+  def __init__(self, config: VitConfig, *, dtype=jnp.float32):
+    c = config
+    self.config = c
+    self.embeddings = Embeddings(c, dtype)
+    if c.clip:
+      self.pre_layernorm = layers.LayerNorm(c.hidden_size, eps=c.layer_norm_eps, dtype=dtype)
+    self.encoder = Encoder(c, dtype)
+
+  def checkpoint_key(self, name: str) -> str:
+    return rename(name, self.config.family)
+
+  def __call__(self, pixel_values):
+    """pixel_values [B, C, H, W] → the L+1 hidden states [B, 1 + registers + patches, D]."""
+    x = self.embeddings(pixel_values)
+    if self.config.clip:
+      x = self.pre_layernorm(x)
+    states = [x]
+    for block in self.encoder.layer:
+      x = block(x)
+      states.append(x)
+    return states
+
+
