@@ -76,3 +76,79 @@ def test_bicubic_matrix_equals_torch_interpolate(rng, antialias):
                                           align_corners=False, antialias=antialias)
     np.testing.assert_allclose(bicubic_matrix(n_in, n_out, antialias) @ x[0, 0], ref[0, 0],
                                atol=1e-5)
+
+
+_TIMM_BLOCK = {  # HF block tensor (legacy names of ViT, DINOv2, CLIP) → timm's
+    "layernorm_before": "norm1", "layer_norm1": "norm1", "norm1": "norm1",
+    "layernorm_after": "norm2", "layer_norm2": "norm2", "norm2": "norm2",
+    "attention.output.dense": "attn.proj", "self_attn.out_proj": "attn.proj",
+    "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2", "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2", "mlp.weights_in": "mlp.fc1", "mlp.weights_out": "mlp.fc2"}
+_TIMM_TOP = {
+    "embeddings.cls_token": "cls_token", "embeddings.class_embedding": "cls_token",
+    "embeddings.position_embeddings": "pos_embed", "embeddings.position_embedding.weight": "pos_embed",
+    "embeddings.register_tokens": "reg_token",
+    "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+    "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+    "embeddings.patch_embedding.weight": "patch_embed.proj.weight",
+    "pre_layrnorm.weight": "norm_pre.weight", "pre_layrnorm.bias": "norm_pre.bias"}
+_QKV = {"query": 0, "key": 1, "value": 2, "q_proj": 0, "k_proj": 1, "v_proj": 2}
+
+
+def to_timm(tensors: dict) -> dict:
+  """HF checkpoint tensors → timm's layout, written out independently of the loader: fused
+  qkv [3D, D] in q, k, v order, cls_token [1, 1, D], pos_embed [1, N, D], ls1/ls2.gamma."""
+  import re
+  out, qkv = {}, {}
+  for key, value in tensors.items():
+    block = re.match(r"encoder\.layers?\.(\d+)\.(.+)\.(weight|bias|lambda1)$", key)
+    if block:
+      i, name, leaf = block.groups()
+      head = name.rsplit(".", 1)[-1]
+      if leaf == "lambda1":
+        out[f"blocks.{i}.ls{name[-1]}.gamma"] = value
+      elif head in _QKV:
+        qkv.setdefault((i, leaf), [None] * 3)[_QKV[head]] = value
+      else:
+        out[f"blocks.{i}.{_TIMM_BLOCK[name]}.{leaf}"] = value
+    elif key in _TIMM_TOP:
+      name = _TIMM_TOP[key]
+      if name == "cls_token":
+        value = value.reshape(1, 1, -1)
+      if name == "pos_embed":
+        value = value.reshape(1, *value.shape[-2:])
+      out[name] = value
+  for (i, leaf), parts in qkv.items():
+    out[f"blocks.{i}.attn.qkv.{leaf}"] = np.concatenate(parts, axis=0)
+  return out
+
+
+TIMM_CASES = {
+    "vit_tiny_patch14_224": CASES["vit"][:1] + (transformers.ViTConfig(**BASE, layer_norm_eps=1e-6),),
+    "vit_small_patch14_dinov2": CASES["dinov2"],
+    "vit_small_patch14_reg4_dinov2": CASES["dinov2_registers"],
+    "vit_giant_patch14_dinov2": CASES["dinov2_swiglu"],
+    "vit_base_patch14_clip_quickgelu_224": CASES["clip_vision"],
+}
+
+
+@pytest.mark.parametrize("arch", sorted(TIMM_CASES))
+def test_timm_checkpoints_load(tmp_path, arch):
+  """A timm-format directory (config.json with `architecture`, timm tensor names, fused
+  qkv) gives the hidden states of the same weights under transformers."""
+  import json
+  from plato_jax.models.hf import Checkpoint, write_safetensors
+  model_cls, config = TIMM_CASES[arch]
+  model = save_tiny(model_cls, config, tmp_path / "hf")
+  hf = Checkpoint(str(tmp_path / "hf"))
+  (tmp_path / "timm").mkdir()
+  write_safetensors(str(tmp_path / "timm" / "model.safetensors"),
+                    to_timm({k: np.asarray(v) for k, v in hf.items()}))
+  (tmp_path / "timm" / "config.json").write_text(json.dumps(
+      {"architecture": arch, "model_args": {"num_heads": 2}, "num_classes": 0}))
+  x = torch.randn(2, 3, 28, 28)
+  with torch.no_grad():
+    theirs = model(x, output_hidden_states=True).hidden_states
+  ours = from_pretrained(str(tmp_path / "timm"))(jnp.asarray(x.numpy()))
+  for i, (a, b) in enumerate(zip(ours, theirs)):
+    assert_close_rel(a, b.numpy(), where=f"{arch} hidden state {i}")

@@ -36,7 +36,8 @@ IGNORED = re.compile("|".join([
     r"lm_head\.weight$", r"rotary_emb\.inv_freq$", r"(^|\.)layernorm\.", r"^pooler\.",
     r"post_layernorm\.", r"mask_token$", r"^decoder\.", r"^text_model\.",
     r"^vision_model\.", r"final_layer_norm\.",
-    r"^text_projection", r"^visual_projection", r"^logit_scale", r"^classifier\."]))
+    r"^text_projection", r"^visual_projection", r"^logit_scale", r"^classifier\.",
+    r"^norm\.", r"^fc_norm\.", r"^head\."]))  # (the last three: timm)
 
 
 def architecture(config: dict, tower: str | None = None):
@@ -63,27 +64,37 @@ def from_pretrained(checkpoint_dir: str, dtype=jnp.float32, *, tower: str | None
   placed on the default device. Errors name the missing or mis-shaped tensor, or the field.
   """
   ckpt = Checkpoint(checkpoint_dir)
-  config_cls, model_cls, prefixes = architecture(ckpt.config, tower)
-  config = config_cls.from_hf(ckpt.config)
+  if "model_type" not in ckpt.config and "architecture" in ckpt.config:  # a timm checkpoint
+    from plato_jax.models import vit
+    config = vit.timm_config(ckpt.config, lambda n: ckpt.shape(n) if n in ckpt else None)
+    model_cls, prefixes = vit.Vit, ("", "model.")
+  else:
+    config_cls, model_cls, prefixes = architecture(ckpt.config, tower)
+    config = config_cls.from_hf(ckpt.config)
   abstract = nnx.eval_shape(lambda: model_cls(config, dtype=dtype))
   graphdef, state = nnx.split(abstract)
   flat = nnx.to_flat_state(state)
   rename = getattr(abstract, "checkpoint_key", lambda name: name)
-  names = [rename(".".join(str(p) for p in path)) for path, _ in flat]
+  # Each parameter is a checkpoint tensor, or a slice of one: (name, index).
+  sources = [rename(".".join(str(p) for p in path)) for path, _ in flat]
+  sources = [s if isinstance(s, tuple) else (s, ()) for s in sources]
+  names = [name for name, _ in sources]
   prefix = next((p for p in prefixes if all(p + n in ckpt for n in names)), None)
   if prefix is None:  # name the first missing tensor under the likeliest prefix
     best = max(prefixes, key=lambda p: sum(p + n in ckpt for n in names))
     missing = [best + n for n in names if best + n not in ckpt]
     raise CheckpointError(f"{checkpoint_dir}: {len(missing)} tensors the "
-                          f"{ckpt.config['model_type']} model needs are missing, e.g. "
+                          f"{type(config).__name__} model needs are missing, e.g. "
                           f"{missing[:3]}")
-  for (path, var), name in zip(flat, names):
+  for (path, var), (name, index) in zip(flat, sources):
     key = prefix + name
-    shape = ckpt.shape(key)
-    if tuple(shape) != tuple(var.get_value().shape):
-      raise CheckpointError(f"{checkpoint_dir}: tensor {key!r} has shape {list(shape)}, the "
-                            f"config implies {list(var.get_value().shape)}")
-    var.set_value(jnp.asarray(np.asarray(ckpt.get(key)).astype(var.get_value().dtype)))
+    tensor = ckpt.get(key)[index]
+    if tuple(tensor.shape) != tuple(var.get_value().shape):
+      part = f" (part {index})" if index else ""
+      raise CheckpointError(f"{checkpoint_dir}: tensor {key!r}{part} has shape "
+                            f"{list(tensor.shape)}, the config implies "
+                            f"{list(var.get_value().shape)}")
+    var.set_value(jnp.asarray(np.asarray(tensor).astype(var.get_value().dtype)))
   used = {prefix + n for n in names}
   unused = [k for k in ckpt.keys() if k not in used
             and not IGNORED.search(k[len(prefix):] if k.startswith(prefix) else k)]

@@ -1,4 +1,4 @@
-"""CLIP's text tower (the vision tower is `vit.Vit` with the clip family).
+"""CLIP's text tower (the vision tower is `vit.Vit` with the clip naming).
 
 Token + learned position embeddings, then pre-norm blocks (quick-GELU) under a causal mask
 that also hides padding. `ClipText(...)(input_ids, attention_mask)` returns transformers'
@@ -39,7 +39,7 @@ class ClipTextConfig:
         num_layers=int(need("num_hidden_layers")), num_heads=int(need("num_attention_heads")),
         intermediate_size=int(need("intermediate_size")), image_size=1, patch_size=1,
         num_channels=0, layer_norm_eps=float(config_value(config, "layer_norm_eps", 1e-5)),
-        hidden_act=str(config_value(config, "hidden_act", "quick_gelu")), clip=True)
+        hidden_act=str(config_value(config, "hidden_act", "quick_gelu")))
     return cls(vocab_size=int(need("vocab_size")),
                max_positions=int(need("max_position_embeddings")), block=block)
 

@@ -22,14 +22,8 @@ from flax import nnx
 from plato_jax.models import layers
 from plato_jax.models.hf import CheckpointError, config_value
 
-MODEL_TYPES = ("vit", "vit_mae", "dinov2", "dinov2_with_registers", "clip_vision_model", "clip")
-
-
-def rename(name: str, family: str) -> str:
-  """Our parameter path (HF ViT names) → the family's checkpoint name."""
-  for pattern, repl in _RENAMES.get(family, []):
-    name = re.sub(pattern, repl, name)
-  return name
+MODEL_TYPES = ("vit", "vit_mae", "dinov2", "dinov2_with_registers", "clip_vision_model", "clip",
+               "timm")
 
 # Our paths (HF ViT names) → each family's checkpoint names.
 _RENAMES = {
@@ -52,7 +46,7 @@ _RENAMES = {
 
 @dataclasses.dataclass(frozen=True)
 class VitConfig:
-  family: str               # "vit" (also MAE), "dinov2", "clip"
+  family: str               # checkpoint naming: "vit" (also MAE), "dinov2", "clip", "timm"
   hidden_size: int
   num_layers: int
   num_heads: int
@@ -66,7 +60,10 @@ class VitConfig:
   layer_scale: bool = False     # DINOv2
   swiglu: bool = False          # DINOv2 giant
   num_registers: int = 0        # DINOv2 with registers
-  clip: bool = False            # class/position embedding shapes, no patch bias, pre-norm
+  pre_norm: bool = False        # CLIP: a layer norm before the blocks
+  patch_bias: bool = True       # CLIP: none
+  flat_embeddings: bool = False  # HF CLIP: class embedding [D], positions [N, D]
+  antialias: bool = False       # position resize with torch's antialias=True
 
   @classmethod
   def from_hf(cls, config: dict) -> "VitConfig":
@@ -98,12 +95,83 @@ class VitConfig:
                hidden_act=str(get("hidden_act", "gelu")),
                qkv_bias=bool(get("qkv_bias", True)), layer_scale=family == "dinov2",
                swiglu=swiglu, num_registers=int(get("num_register_tokens", 0)),
-               clip=family == "clip")
+               pre_norm=family == "clip", patch_bias=family != "clip",
+               flat_embeddings=family == "clip",
+               antialias=kind == "dinov2_with_registers")
 
   @property
   def grid(self) -> int:
     return self.image_size // self.patch_size
 
+
+_RENAMES["timm"] = [
+    (r"^embeddings\.cls_token$", "cls_token"), (r"^embeddings\.position_embeddings$", "pos_embed"),
+    (r"^embeddings\.register_tokens$", "reg_token"),
+    (r"^embeddings\.patch_embeddings\.projection\.", "patch_embed.proj."),
+    (r"^pre_layernorm\.", "norm_pre."), (r"^encoder\.layer\.", "blocks."),
+    (r"\.layernorm_before\.", ".norm1."), (r"\.layernorm_after\.", ".norm2."),
+    (r"\.attention\.output\.dense\.", ".attn.proj."),
+    (r"\.layer_scale(\d)\.lambda1$", r".ls\1.gamma"),
+    (r"(blocks\.\d+)\.intermediate\.dense\.", r"\1.mlp.fc1."),
+    (r"(blocks\.\d+)\.output\.dense\.", r"\1.mlp.fc2."),
+    (r"\.mlp\.weights_in\.", ".mlp.fc1."), (r"\.mlp\.weights_out\.", ".mlp.fc2.")]
+_TIMM_QKV = re.compile(r"^(blocks\.\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)$")
+
+
+def rename(name: str, family: str, hidden_size: int = 0):
+  """Our parameter path (HF ViT names) → the family's checkpoint name, or (name, index)
+  when the parameter is a slice of a checkpoint tensor (timm's fused qkv)."""
+  for pattern, repl in _RENAMES.get(family, []):
+    name = re.sub(pattern, repl, name)
+  qkv = _TIMM_QKV.match(name) if family == "timm" else None
+  if qkv:
+    part = ("query", "key", "value").index(qkv.group(2))
+    return f"{qkv.group(1)}.attn.qkv.{qkv.group(3)}", \
+        (slice(part * hidden_size, (part + 1) * hidden_size),)
+  return name
+
+
+# timm model names → heads (the sizes themselves come from the tensors).
+_TIMM_HEADS = {"tiny": 3, "small": 6, "base": 12, "large": 16, "huge": 16, "giant": 24,
+               "gigantic": 16}
+
+
+def timm_config(config: dict, shapes) -> VitConfig:
+  """A VitConfig for a timm checkpoint (config.json with `architecture`, no model_type),
+  sizes read from the tensors' shapes (`shapes(name)` → shape or None)."""
+  arch = str(config.get("architecture", ""))
+  args = config.get("model_args") or {}
+  size = re.search(r"vit_(tiny|small|base|large|huge|giant|gigantic)_", arch)
+  heads = args.get("num_heads") or (size and _TIMM_HEADS[size.group(1)])
+  if not arch.startswith("vit_") or not heads:
+    raise CheckpointError(f"config.json: timm architecture {arch!r} is not a supported ViT "
+                          f"(vit_<tiny|small|base|large|huge|giant>_..., or model_args.num_heads)")
+
+  def need(name):
+    shape = shapes(name)
+    if shape is None:
+      raise CheckpointError(f"timm checkpoint ({arch}): tensor {name!r} is missing")
+    return shape
+
+  hidden = need("cls_token")[-1]
+  proj = need("patch_embed.proj.weight")
+  depth = 0
+  while shapes(f"blocks.{depth}.norm1.weight") is not None:
+    depth += 1
+  fc1, fc2 = need("blocks.0.mlp.fc1.weight"), need("blocks.0.mlp.fc2.weight")
+  swiglu = fc1[0] == 2 * fc2[1]  # packed gate and value (DINOv2 giant)
+  regs = shapes("reg_token")
+  grid = int(round((need("pos_embed")[1] - 1) ** 0.5))
+  clip = "clip" in arch
+  return VitConfig(
+      family="timm", hidden_size=hidden, num_layers=depth, num_heads=int(heads),
+      intermediate_size=fc2[1], image_size=grid * proj[-1], patch_size=proj[-1],
+      num_channels=proj[1], layer_norm_eps=1e-5 if clip else 1e-6,
+      hidden_act="quick_gelu" if "quickgelu" in arch or "openai" in arch else "gelu",
+      qkv_bias=shapes("blocks.0.attn.qkv.bias") is not None,
+      layer_scale=shapes("blocks.0.ls1.gamma") is not None, swiglu=bool(swiglu),
+      num_registers=regs[1] if regs else 0, pre_norm=shapes("norm_pre.weight") is not None,
+      patch_bias=shapes("patch_embed.proj.bias") is not None, antialias=True)
 
 def bicubic_matrix(in_size: int, out_size: int, antialias: bool = False) -> np.ndarray:
   """[out, in] weights of torch's bicubic resize (align_corners=False), so resizing an axis
@@ -140,9 +208,10 @@ def bicubic_matrix(in_size: int, out_size: int, antialias: bool = False) -> np.n
 class Embeddings(nnx.Module):
   def __init__(self, c: VitConfig, dtype):
     d, p = c.hidden_size, c.patch_size
-    self.cls_token = nnx.Param(jnp.zeros((d,) if c.clip else (1, 1, d), dtype))
+    self.cls_token = nnx.Param(jnp.zeros((d,) if c.flat_embeddings else (1, 1, d), dtype))
     n = c.grid ** 2 + 1
-    self.position_embeddings = nnx.Param(jnp.zeros((n, d) if c.clip else (1, n, d), dtype))
+    self.position_embeddings = nnx.Param(
+        jnp.zeros((n, d) if c.flat_embeddings else (1, n, d), dtype))
     self.patch_embeddings = PatchEmbed(c, dtype)
     if c.num_registers:
       self.register_tokens = nnx.Param(jnp.zeros((1, c.num_registers, d), dtype))
@@ -154,8 +223,7 @@ class Embeddings(nnx.Module):
     if (rows, cols) == (g, g):
       return pos
     patch = pos[1:].reshape(g, g, -1).astype(jnp.float32)
-    # DINOv2 with registers resizes with torch's antialias=True; the others without.
-    aa = self.c.num_registers > 0
+    aa = self.c.antialias
     patch = jnp.einsum("hH,HWd,wW->hwd", bicubic_matrix(g, rows, aa), patch,
                        bicubic_matrix(g, cols, aa), precision=jax.lax.Precision.HIGHEST)
     return jnp.concatenate([pos[:1], patch.reshape(rows * cols, -1).astype(pos.dtype)], axis=0)
@@ -175,7 +243,7 @@ class Embeddings(nnx.Module):
 class PatchEmbed(nnx.Module):
   def __init__(self, c: VitConfig, dtype):
     self.projection = layers.Linear(c.num_channels * c.patch_size ** 2, c.hidden_size,
-                                    bias=not c.clip, dtype=dtype)
+                                    bias=c.patch_bias, dtype=dtype)
     self.projection.weight = nnx.Param(
         jnp.zeros((c.hidden_size, c.num_channels, c.patch_size, c.patch_size), dtype))
     self.p = c.patch_size
@@ -278,17 +346,17 @@ class Vit(nnx.Module):
     c = config
     self.config = c
     self.embeddings = Embeddings(c, dtype)
-    if c.clip:
+    if c.pre_norm:
       self.pre_layernorm = layers.LayerNorm(c.hidden_size, eps=c.layer_norm_eps, dtype=dtype)
     self.encoder = Encoder(c, dtype)
 
-  def checkpoint_key(self, name: str) -> str:
-    return rename(name, self.config.family)
+  def checkpoint_key(self, name: str):
+    return rename(name, self.config.family, self.config.hidden_size)
 
   def __call__(self, pixel_values):
     """pixel_values [B, C, H, W] → the L+1 hidden states [B, 1 + registers + patches, D]."""
     x = self.embeddings(pixel_values)
-    if self.config.clip:
+    if self.config.pre_norm:
       x = self.pre_layernorm(x)
     states = [x]
     for block in self.encoder.layer:
