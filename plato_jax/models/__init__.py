@@ -23,10 +23,14 @@ from plato_jax.models.hf import Checkpoint, CheckpointError
 _LLAMA = ("llama", "LlamaConfig", "Llama", ("", "model."))
 _VIT = ("vit", "VitConfig", "Vit", ("", "vit.", "vision_model.", "dinov2."))
 _CLIP_TEXT = ("clip", "ClipTextConfig", "ClipText", ("", "text_model."))
+_BLOOM = ("bloom", "BloomConfig", "Bloom", ("", "transformer."))
+_GEMMA = ("gemma", "GemmaConfig", "Gemma",
+          ("", "model.", "model.language_model.", "language_model.model."))
 ARCHITECTURES = {
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA,
     "vit": _VIT, "vit_mae": _VIT, "dinov2": _VIT, "dinov2_with_registers": _VIT,
-    "clip_vision_model": _VIT, "clip_text_model": _CLIP_TEXT,
+    "clip_vision_model": _VIT, "clip_text_model": _CLIP_TEXT, "bloom": _BLOOM,
+    "gemma": _GEMMA, "gemma2": _GEMMA, "gemma3_text": _GEMMA, "gemma3": _GEMMA,
 }
 # Two-tower checkpoints: model_type → {tower: architecture}.
 TOWERS = {"clip": {"vision": _VIT, "text": _CLIP_TEXT}}
@@ -37,7 +41,8 @@ IGNORED = re.compile("|".join([
     r"post_layernorm\.", r"mask_token$", r"^decoder\.", r"^text_model\.",
     r"^vision_model\.", r"final_layer_norm\.",
     r"^text_projection", r"^visual_projection", r"^logit_scale", r"^classifier\.",
-    r"^norm\.", r"^fc_norm\.", r"^head\."]))  # (the last three: timm)
+    r"^norm\.", r"^fc_norm\.", r"^head\.", r"^(model\.)?vision_tower\.",
+    r"^(model\.)?multi_modal_projector\."]))  # (the last three: timm)
 
 
 def architecture(config: dict, tower: str | None = None):

@@ -1,4 +1,4 @@
-"""LLaMA-family parity: every hidden state of our Flax port equals transformers' PyTorch
+"""Decoder parity (LLaMA family, BLOOM, Gemma, OLMo): every hidden state of our Flax port equals
 model (eager, f32) within 1e-4 relative, through save_pretrained → from_pretrained."""
 import json
 
@@ -144,3 +144,38 @@ def test_bad_checkpoints_name_the_problem(tmp_path):
   (tmp_path / "pytorch_model.bin").write_bytes(b"")
   with pytest.raises(CheckpointError, match="no model.safetensors.*pytorch_model.bin"):
     from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("heads,post_norm", [(4, False), (6, True)])  # 6: not a power of 2
+def test_bloom_alibi_and_embedding_norm(rng, tmp_path, heads, post_norm):
+  cfg = transformers.BloomConfig(vocab_size=97, hidden_size=48, n_layer=2, n_head=heads,
+                                 apply_residual_connection_post_layernorm=post_norm)
+  model = save_tiny(transformers.BloomForCausalLM, cfg, tmp_path)   # "transformer." prefix
+  check_parity(model.transformer, tmp_path, *batch(rng))
+
+
+GEMMA = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+             max_position_embeddings=64)
+
+
+def test_gemma1(rng, tmp_path):
+  model = save_tiny(transformers.GemmaForCausalLM, transformers.GemmaConfig(**GEMMA), tmp_path)
+  check_parity(model.model, tmp_path, *batch(rng))
+
+
+def test_gemma2_softcap_query_scale_and_sliding_layers(rng, tmp_path):
+  cfg = transformers.Gemma2Config(**GEMMA, sliding_window=4, attn_logit_softcapping=2.0,
+                                  query_pre_attn_scalar=16)
+  model = save_tiny(transformers.Gemma2ForCausalLM, cfg, tmp_path)
+  check_parity(model.model, tmp_path, *batch(rng))
+
+
+def test_gemma3_qk_norm_and_two_rope_bases(rng, tmp_path):
+  cfg = transformers.Gemma3TextConfig(**GEMMA, sliding_window=4, sliding_window_pattern=2,
+                                      query_pre_attn_scalar=16, rope_theta=1e6,
+                                      rope_local_base_freq=10.0)
+  model = save_tiny(transformers.Gemma3ForCausalLM, cfg, tmp_path)
+  config = json.loads((tmp_path / "config.json").read_text())
+  assert config["layer_types"][:2] == ["sliding_attention", "full_attention"]
+  check_parity(model.model, tmp_path, *batch(rng))
