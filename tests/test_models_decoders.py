@@ -179,3 +179,22 @@ def test_gemma3_qk_norm_and_two_rope_bases(rng, tmp_path):
   config = json.loads((tmp_path / "config.json").read_text())
   assert config["layer_types"][:2] == ["sliding_attention", "full_attention"]
   check_parity(model.model, tmp_path, *batch(rng))
+
+
+def test_olmo_clip_qkv_and_parameter_free_norms(rng, tmp_path):
+  cfg = transformers.OlmoConfig(**SMALL, clip_qkv=0.5)
+  model = save_tiny(transformers.OlmoForCausalLM, cfg, tmp_path)
+  check_parity(model.model, tmp_path, *batch(rng))
+
+
+def test_olmo2_post_norms_and_full_qk_norm(rng, tmp_path):
+  model = save_tiny(transformers.Olmo2ForCausalLM, transformers.Olmo2Config(**SMALL), tmp_path)
+  check_parity(model.model, tmp_path, *batch(rng))
+
+
+def test_olmo3_sliding_layers(rng, tmp_path):
+  cfg = transformers.Olmo3Config(**{**SMALL, "num_hidden_layers": 4}, sliding_window=4)
+  model = save_tiny(transformers.Olmo3ForCausalLM, cfg, tmp_path)
+  config = json.loads((tmp_path / "config.json").read_text())
+  assert "sliding_attention" in config["layer_types"]
+  check_parity(model.model, tmp_path, *batch(rng))

@@ -16,7 +16,6 @@ from flax import nnx
 
 from plato_jax.models import layers
 from plato_jax.models.hf import CheckpointError, config_value
-from plato_jax.models.llama import _frozen, _thawed
 
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
 
@@ -74,18 +73,10 @@ class GemmaConfig:
       raise CheckpointError(f"config.json layer_types has {len(types)} entries for {n} layers")
     if get("use_bidirectional_attention", False):
       raise CheckpointError("config.json: use_bidirectional_attention is not supported")
-    base = {k: config[k] for k in ("max_position_embeddings", "partial_rotary_factor")
-            if k in config}
-    rope = {}
-    params = get("rope_parameters") or {}
-    for kind_ in set(types):
-      if kind_ in params:  # transformers 5: one rope config per layer type
-        rope[kind_] = {**base, "rope_parameters": params[kind_]}
-      elif version == 3 and kind_ == "sliding_attention":
-        rope[kind_] = {**base, "rope_theta": get("rope_local_base_freq", 10_000.0)}
-      else:
-        rope[kind_] = {**base, "rope_theta": get("rope_theta", 10_000.0 if version < 3 else 1e6),
-                       "rope_scaling": get("rope_scaling"), "rope_parameters": params or None}
+    defaults = {"rope_theta": 10_000.0} if version < 3 else \
+        {"rope_theta": 1e6, "rope_local_base_freq": 10_000.0}
+    rope = layers.rope_configs_by_layer_type({**defaults, **config}, types,
+                                             "rope_local_base_freq" if version == 3 else None)
     scalar = get("query_pre_attn_scalar") if version > 1 else None
     return cls(version=version, vocab_size=int(need("vocab_size")), hidden_size=hidden,
                intermediate_size=int(need("intermediate_size")), num_layers=n, num_heads=heads,
@@ -94,11 +85,11 @@ class GemmaConfig:
                softcap=get("attn_logit_softcapping") if version == 2 else None,
                attention_bias=bool(get("attention_bias", False)), layer_types=tuple(types),
                sliding_window=get("sliding_window"),
-               rope=tuple(sorted((k, _frozen(v)) for k, v in rope.items())))
+               rope=tuple(sorted((k, layers.freeze(v)) for k, v in rope.items())))
 
 
 def _norm(c: GemmaConfig, dim: int, dtype):
-  return layers.RMSNorm(dim, eps=c.rms_norm_eps, dtype=dtype, plus_one=True)
+  return layers.RMSNorm(dim, eps=c.rms_norm_eps, dtype=dtype, style="plus_one")
 
 
 class Attention(nnx.Module):
@@ -175,7 +166,7 @@ class Gemma(nnx.Module):
     t = input_ids.shape[1]
     rope = {}
     for kind, frozen in c.rope:
-      inv_freq, scale = layers.rope_frequencies(_thawed(frozen), c.head_dim, t)
+      inv_freq, scale = layers.rope_frequencies(layers.thaw(frozen), c.head_dim, t)
       rope[kind] = layers.rope_cos_sin(inv_freq, scale, jnp.arange(t)[None], x.dtype)
     masks = {kind: layers.causal_mask(attention_mask, c.sliding_window if kind ==
                                       "sliding_attention" else None)

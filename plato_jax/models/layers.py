@@ -37,18 +37,23 @@ class Embedding(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-  """x / rms(x) in f32, cast back, times `weight` (or 1 + `weight`: Gemma)."""
+  """x / rms(x) in f32, then the weight, as each family does it: "llama" casts back first
+  and multiplies in the input dtype; "f32" (OLMo 2) multiplies in f32 and casts after;
+  "plus_one" (Gemma) multiplies by 1 + weight in f32 (the weight is stored around 0)."""
 
-  def __init__(self, dim: int, *, eps: float, dtype, plus_one: bool = False):
-    self.weight = _param((dim,), dtype, 0.0 if plus_one else 1.0)
-    self.eps, self.plus_one = eps, plus_one
+  def __init__(self, dim: int, *, eps: float, dtype, style: str = "llama"):
+    self.weight = _param((dim,), dtype, 0.0 if style == "plus_one" else 1.0)
+    self.eps, self.style = eps, style
 
   def __call__(self, x):
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    if self.plus_one:  # Gemma multiplies in f32 before the cast
-      return (normed * (1.0 + self.weight[...].astype(jnp.float32))).astype(x.dtype)
-    return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
+    w = self.weight[...]
+    if self.style == "plus_one":
+      return (normed * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
+    if self.style == "f32":
+      return (w.astype(jnp.float32) * normed).astype(x.dtype)
+    return w.astype(x.dtype) * normed.astype(x.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -86,6 +91,23 @@ def activation(name: str, where: str = "config.json hidden_act"):
   return ACTIVATIONS[name]
 
 
+def freeze(value):
+  """A JSON-like value as nested tuples (hashable: configs are static under jit)."""
+  if isinstance(value, dict):
+    return ("__dict__", tuple(sorted((k, freeze(v)) for k, v in value.items())))
+  if isinstance(value, list):
+    return ("__list__", tuple(freeze(v) for v in value))
+  return value
+
+
+def thaw(value):
+  if isinstance(value, tuple) and value and value[0] == "__dict__":
+    return {k: thaw(v) for k, v in value[1]}
+  if isinstance(value, tuple) and value and value[0] == "__list__":
+    return [thaw(v) for v in value[1]]
+  return value
+
+
 # ---- rotary position embeddings -----------------------------------------------------------
 
 def rope_parameters(config: dict) -> dict:
@@ -97,6 +119,27 @@ def rope_parameters(config: dict) -> dict:
     params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
   params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
   return params
+
+
+def rope_configs_by_layer_type(config: dict, layer_types, sliding_theta_key: str | None = None
+                               ) -> dict:
+  """One rope config per layer type. transformers 5 may store `rope_parameters` keyed by
+  layer type ("full_attention", "sliding_attention"); older configs have one rope for all,
+  except that `sliding_theta_key` (Gemma 3: rope_local_base_freq) gives sliding layers
+  their own base."""
+  base = {k: config[k] for k in ("max_position_embeddings", "partial_rotary_factor")
+          if k in config}
+  params = config.get("rope_parameters") or {}
+  out = {}
+  for kind in set(layer_types):
+    if kind in params:
+      out[kind] = {**base, "rope_parameters": params[kind]}
+    elif kind == "sliding_attention" and sliding_theta_key and sliding_theta_key in config:
+      out[kind] = {**base, "rope_theta": config[sliding_theta_key]}
+    else:
+      out[kind] = {**base, **{k: config[k] for k in ("rope_parameters", "rope_scaling",
+                                                      "rope_theta") if k in config}}
+  return out
 
 
 def rope_frequencies(config: dict, head_dim: int, seq_len: int) -> tuple[np.ndarray, float]:

@@ -1,10 +1,12 @@
 """The LLaMA family of decoders: LLaMA 1/2/3/3.1 (rope scaling), OpenLLaMA, Mistral,
-DeepSeek-R1-Distill-Llama, Qwen2 (q/k/v bias) and Qwen3 (q/k RMSNorm); GQA throughout.
+DeepSeek-R1-Distill-Llama, Qwen2 (q/k/v bias), Qwen3 (per-head q/k RMSNorm) and OLMo
+(1: parameter-free layer norms, q/k/v clipping; 2 and 3: norms after each sublayer, q/k
+RMSNorm over the whole projection; 3: sliding layers); GQA throughout.
 
 `LlamaConfig.from_hf` decodes a transformers config.json (model_type llama, mistral, qwen2,
-qwen3); `Llama(...)(input_ids, attention_mask)` returns every hidden state as transformers'
-`output_hidden_states` does: the embedding output, then each layer's output, the last one
-after the final RMSNorm ([L+1] arrays of [B, T, D]). Positions are 0..T-1 whatever the
+qwen3, olmo, olmo2, olmo3); `Llama(...)(input_ids, attention_mask)` returns every hidden
+state as transformers' `output_hidden_states` does: the embedding output, then each
+layer's output, the last one after the final norm ([L+1] arrays of [B, T, D]). Positions are 0..T-1 whatever the
 padding, as in transformers without explicit position_ids (rotary attention depends only on
 position differences, so left padding changes no token's features beyond rounding).
 """
@@ -18,7 +20,7 @@ from flax import nnx
 from plato_jax.models import layers
 from plato_jax.models.hf import CheckpointError, config_value
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "olmo3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,9 +37,13 @@ class LlamaConfig:
   qkv_bias: bool            # Qwen2: q/k/v biases, o without
   o_bias: bool
   mlp_bias: bool
-  qk_norm: bool             # Qwen3: RMSNorm over each head of q and k, before rope
-  sliding_windows: tuple    # per layer: None or the window
-  rope: tuple               # sorted items of the raw config fields rope needs (hashable)
+  qk_norm: str | None       # "head" (Qwen3) or "full" (OLMo 2/3): RMSNorm of q and k, before rope
+  norm: str                 # "rms", "rms_f32" (OLMo 2/3) or "layer" (OLMo: no parameters)
+  post_norms: bool          # OLMo 2/3: norms on the sublayer outputs, none on their inputs
+  clip_qkv: float | None    # OLMo: q, k, v clamped to ±clip_qkv
+  layer_types: tuple        # "full_attention" / "sliding_attention" per layer
+  sliding_window: int | None
+  rope: tuple               # (layer type, frozen rope config) pairs
 
   @classmethod
   def from_hf(cls, config: dict) -> "LlamaConfig":
@@ -65,63 +71,63 @@ class LlamaConfig:
         first = int(get("max_window_layers", layers_n))
         types = ["sliding_attention" if window is not None and i >= first else "full_attention"
                  for i in range(layers_n)]
+      elif kind == "olmo3":
+        types = ["sliding_attention" if (i + 1) % 4 else "full_attention" for i in range(layers_n)]
       else:
         types = ["sliding_attention" if window is not None else "full_attention"] * layers_n
     if len(types) != layers_n:
       raise CheckpointError(f"config.json layer_types has {len(types)} entries for "
                             f"{layers_n} layers")
-    windows = tuple(int(window) if t == "sliding_attention" and window is not None else None
-                    for t in types)
-    rope_keys = ("rope_parameters", "rope_scaling", "rope_theta", "max_position_embeddings",
-                 "partial_rotary_factor")
-    rope = tuple(sorted((k, _frozen(config[k])) for k in rope_keys if k in config))
+    if window is None and "sliding_attention" in types:
+      raise CheckpointError("config.json: sliding_attention layers but no sliding_window")
+    rope = layers.rope_configs_by_layer_type(config, types)
+    olmo2 = kind in ("olmo2", "olmo3")
     return cls(vocab_size=int(need("vocab_size")), hidden_size=hidden,
                intermediate_size=int(need("intermediate_size")), num_layers=layers_n,
                num_heads=heads, num_kv_heads=kv_heads,
                head_dim=int(get("head_dim") or hidden // heads),
                rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
                hidden_act=str(get("hidden_act", "silu")), qkv_bias=qkv_bias, o_bias=o_bias,
-               mlp_bias=bool(get("mlp_bias", False)), qk_norm=kind == "qwen3",
-               sliding_windows=windows, rope=rope)
+               mlp_bias=bool(get("mlp_bias", False)),
+               qk_norm="head" if kind == "qwen3" else "full" if olmo2 else None,
+               norm="layer" if kind == "olmo" else "rms_f32" if olmo2 else "rms",
+               post_norms=olmo2, clip_qkv=get("clip_qkv") if kind == "olmo" else None,
+               layer_types=tuple(types), sliding_window=window,
+               rope=tuple(sorted((k, layers.freeze(v)) for k, v in rope.items())))
 
-  def rope_config(self) -> dict:
-    return {k: _thawed(v) for k, v in self.rope}
-
-
-def _frozen(value):
-  if isinstance(value, dict):
-    return ("__dict__", tuple(sorted((k, _frozen(v)) for k, v in value.items())))
-  if isinstance(value, list):
-    return ("__list__", tuple(_frozen(v) for v in value))
-  return value
-
-
-def _thawed(value):
-  if isinstance(value, tuple) and value and value[0] == "__dict__":
-    return {k: _thawed(v) for k, v in value[1]}
-  if isinstance(value, tuple) and value and value[0] == "__list__":
-    return [_thawed(v) for v in value[1]]
-  return value
+  def norm_layer(self, dim: int, dtype):
+    if self.norm == "layer":  # OLMo: F.layer_norm without weight or bias, eps 1e-5
+      return layers.LayerNorm(dim, eps=1e-5, dtype=dtype, affine=False)
+    return layers.RMSNorm(dim, eps=self.rms_norm_eps, dtype=dtype,
+                          style="f32" if self.norm == "rms_f32" else "llama")
 
 
 class Attention(nnx.Module):
-  def __init__(self, c: LlamaConfig, window, dtype):
+  def __init__(self, c: LlamaConfig, dtype):
     self.q_proj = layers.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias, dtype=dtype)
     self.k_proj = layers.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias, dtype=dtype)
     self.v_proj = layers.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias, dtype=dtype)
     self.o_proj = layers.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias, dtype=dtype)
-    if c.qk_norm:
-      self.q_norm = layers.RMSNorm(c.head_dim, eps=c.rms_norm_eps, dtype=dtype)
-      self.k_norm = layers.RMSNorm(c.head_dim, eps=c.rms_norm_eps, dtype=dtype)
-    self.c, self.window = c, window
+    if c.qk_norm == "head":
+      self.q_norm = c.norm_layer(c.head_dim, dtype)
+      self.k_norm = c.norm_layer(c.head_dim, dtype)
+    elif c.qk_norm == "full":
+      self.q_norm = c.norm_layer(c.num_heads * c.head_dim, dtype)
+      self.k_norm = c.norm_layer(c.num_kv_heads * c.head_dim, dtype)
+    self.c = c
 
   def __call__(self, x, cos, sin, mask):
     b, t, _ = x.shape
     c = self.c
-    q = self.q_proj(x).reshape(b, t, c.num_heads, c.head_dim)
-    k = self.k_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
-    v = self.v_proj(x).reshape(b, t, c.num_kv_heads, c.head_dim)
-    if c.qk_norm:
+    q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    if c.qk_norm == "full":
+      q, k = self.q_norm(q), self.k_norm(k)
+    if c.clip_qkv is not None:
+      q, k, v = (jnp.clip(a, -c.clip_qkv, c.clip_qkv) for a in (q, k, v))
+    q = q.reshape(b, t, c.num_heads, c.head_dim)
+    k = k.reshape(b, t, c.num_kv_heads, c.head_dim)
+    v = v.reshape(b, t, c.num_kv_heads, c.head_dim)
+    if c.qk_norm == "head":
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
     out = layers.attention(q, k, v, mask, scaling=c.head_dim ** -0.5)
@@ -140,13 +146,21 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-  def __init__(self, c: LlamaConfig, window, dtype):
-    self.input_layernorm = layers.RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype)
-    self.self_attn = Attention(c, window, dtype)
-    self.post_attention_layernorm = layers.RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype)
+  def __init__(self, c: LlamaConfig, dtype):
+    if not c.post_norms:
+      self.input_layernorm = c.norm_layer(c.hidden_size, dtype)
+    self.self_attn = Attention(c, dtype)
+    # Before the MLP (LLaMA), or on the attention output (OLMo 2/3).
+    self.post_attention_layernorm = c.norm_layer(c.hidden_size, dtype)
+    if c.post_norms:
+      self.post_feedforward_layernorm = c.norm_layer(c.hidden_size, dtype)
     self.mlp = MLP(c, dtype)
+    self.post_norms = c.post_norms
 
   def __call__(self, x, cos, sin, mask):
+    if self.post_norms:
+      x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, mask))
+      return x + self.post_feedforward_layernorm(self.mlp(x))
     x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
     return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -158,8 +172,8 @@ class Llama(nnx.Module):
     c = config
     self.config = c
     self.embed_tokens = layers.Embedding(c.vocab_size, c.hidden_size, dtype=dtype)
-    self.layers = nnx.List([DecoderLayer(c, w, dtype) for w in c.sliding_windows])
-    self.norm = layers.RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=dtype)
+    self.layers = nnx.List([DecoderLayer(c, dtype) for _ in range(c.num_layers)])
+    self.norm = c.norm_layer(c.hidden_size, dtype)
 
   def __call__(self, input_ids, attention_mask=None):
     """input_ids [B, T] int; attention_mask [B, T] (1 = token, 0 = padding).
@@ -169,12 +183,16 @@ class Llama(nnx.Module):
       attention_mask = jnp.ones(input_ids.shape, jnp.int32)
     x = self.embed_tokens(input_ids)
     t = input_ids.shape[1]
-    inv_freq, scale = layers.rope_frequencies(c.rope_config(), c.head_dim, t)
-    cos, sin = layers.rope_cos_sin(inv_freq, scale, jnp.arange(t)[None], x.dtype)
-    masks = {w: layers.causal_mask(attention_mask, w) for w in set(c.sliding_windows)}
+    rope = {}
+    for kind, frozen in c.rope:
+      inv_freq, scale = layers.rope_frequencies(layers.thaw(frozen), c.head_dim, t)
+      rope[kind] = layers.rope_cos_sin(inv_freq, scale, jnp.arange(t)[None], x.dtype)
+    masks = {kind: layers.causal_mask(attention_mask, c.sliding_window
+                                      if kind == "sliding_attention" else None)
+             for kind in set(c.layer_types)}
     states = [x]
-    for layer, window in zip(self.layers, c.sliding_windows):
-      x = layer(x, cos, sin, masks[window])
+    for layer, kind in zip(self.layers, c.layer_types):
+      x = layer(x, *rope[kind], masks[kind])
       states.append(x)
     states[-1] = self.norm(x)
     return states
