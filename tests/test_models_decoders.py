@@ -198,3 +198,44 @@ def test_olmo3_sliding_layers(rng, tmp_path):
   config = json.loads((tmp_path / "config.json").read_text())
   assert "sliding_attention" in config["layer_types"]
   check_parity(model.model, tmp_path, *batch(rng))
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "bloom"])
+def test_logits_equal_the_causal_lm(rng, tmp_path, name):
+  """Separate lm_head (LLaMA), tied embedding with final soft-capping (Gemma 2), tied (BLOOM)."""
+  model_cls, cfg = {
+      "llama": (transformers.LlamaForCausalLM, transformers.LlamaConfig(**SMALL)),
+      "gemma2": (transformers.Gemma2ForCausalLM,
+                 transformers.Gemma2Config(**GEMMA, final_logit_softcapping=3.0)),
+      "bloom": (transformers.BloomForCausalLM,
+                transformers.BloomConfig(vocab_size=97, hidden_size=48, n_layer=2, n_head=4)),
+  }[name]
+  model = save_tiny(model_cls, cfg, tmp_path)
+  ids, mask = batch(rng)
+  with torch.no_grad():
+    theirs = model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).logits
+  ours = from_pretrained(str(tmp_path))
+  logits = ours.logits(ours(jnp.asarray(ids), jnp.asarray(mask))[-1])
+  real = mask.astype(bool)
+  assert_close_rel(np.asarray(logits)[real], theirs.numpy()[real], where=f"{name} logits")
+
+
+def test_bare_model_has_no_logits(tmp_path):
+  save_tiny(transformers.LlamaModel, transformers.LlamaConfig(**SMALL), tmp_path)
+  model = from_pretrained(str(tmp_path))
+  with pytest.raises(ValueError, match="no output embedding"):
+    model.logits(jnp.zeros((1, 64)))
+
+
+def test_converted_params_round_trip_through_orbax(rng, tmp_path):
+  from plato_jax.models import load_converted, save_converted
+  save_tiny(transformers.Qwen3ForCausalLM, transformers.Qwen3Config(**SMALL), tmp_path / "hf")
+  model = from_pretrained(str(tmp_path / "hf"), dtype=jnp.bfloat16)
+  save_converted(model, str(tmp_path / "converted"))
+  again = load_converted(str(tmp_path / "converted"))
+  ids = jnp.asarray(batch(rng)[0])
+  for a, b in zip(model(ids), again(ids)):
+    assert a.dtype == b.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+  with pytest.raises(CheckpointError, match="no source.json"):
+    load_converted(str(tmp_path / "hf"))

@@ -152,3 +152,22 @@ def test_timm_checkpoints_load(tmp_path, arch):
   ours = from_pretrained(str(tmp_path / "timm"))(jnp.asarray(x.numpy()))
   for i, (a, b) in enumerate(zip(ours, theirs)):
     assert_close_rel(a, b.numpy(), where=f"{arch} hidden state {i}")
+
+
+def test_converted_timm_model_round_trips(tmp_path):
+  import json
+  from plato_jax.models import load_converted, save_converted
+  from plato_jax.models.hf import Checkpoint, write_safetensors
+  model_cls, config = CASES["dinov2_registers"]
+  save_tiny(model_cls, config, tmp_path / "hf")
+  hf = Checkpoint(str(tmp_path / "hf"))
+  (tmp_path / "timm").mkdir()
+  write_safetensors(str(tmp_path / "timm" / "model.safetensors"),
+                    to_timm({k: np.asarray(v) for k, v in hf.items()}))
+  (tmp_path / "timm" / "config.json").write_text(json.dumps(
+      {"architecture": "vit_small_patch14_reg4_dinov2", "model_args": {"num_heads": 2}}))
+  model = from_pretrained(str(tmp_path / "timm"))
+  save_converted(model, str(tmp_path / "converted"))
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 3, 28, 28)), jnp.float32)
+  for a, b in zip(model(x), load_converted(str(tmp_path / "converted"))(x)):
+    np.testing.assert_array_equal(a, b)

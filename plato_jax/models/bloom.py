@@ -29,6 +29,7 @@ class BloomConfig:
   num_heads: int
   layer_norm_eps: float
   residual_after_norm: bool   # apply_residual_connection_post_layernorm
+  head: str = "tied"         # output embedding: "tied" (input embedding), "separate", "none"
 
   @classmethod
   def from_hf(cls, config: dict) -> "BloomConfig":
@@ -50,7 +51,8 @@ class BloomConfig:
                num_layers=int(either("n_layer", "num_hidden_layers")), num_heads=heads,
                layer_norm_eps=float(config_value(config, "layer_norm_epsilon", 1e-5)),
                residual_after_norm=bool(config.get("apply_residual_connection_post_layernorm",
-                                                   False)))
+                                                   False)),
+               head="tied" if config.get("tie_word_embeddings", True) else "separate")
 
 
 def alibi_slopes(num_heads: int) -> np.ndarray:
@@ -114,6 +116,22 @@ class Bloom(nnx.Module):
     self.word_embeddings_layernorm = layers.LayerNorm(c.hidden_size, eps=c.layer_norm_eps, dtype=dtype)
     self.h = nnx.List([Block(c, dtype) for _ in range(c.num_layers)])
     self.ln_f = layers.LayerNorm(c.hidden_size, eps=c.layer_norm_eps, dtype=dtype)
+    if c.head == "separate":
+      self.lm_head = layers.Linear(c.hidden_size, c.vocab_size, bias=False, dtype=dtype)
+
+  def checkpoint_key(self, name: str) -> str:
+    return "/" + name if name.startswith("lm_head.") else name
+
+  def logits(self, hidden):
+    """Next-token logits [..., vocab] (f32) from the last hidden state."""
+    head = self.config.head
+    if head == "none":
+      raise ValueError("this checkpoint has no output embedding (lm_head): logits and "
+                       "losses need a *ForCausalLM checkpoint")
+    w = self.lm_head.weight[...] if head == "separate" else self.word_embeddings.weight[...]
+    out = jnp.einsum("...d,vd->...v", hidden, w.astype(hidden.dtype),
+                     preferred_element_type=jnp.float32)
+    return out
 
   def __call__(self, input_ids, attention_mask=None):
     if attention_mask is None:

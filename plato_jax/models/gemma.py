@@ -38,6 +38,8 @@ class GemmaConfig:
   layer_types: tuple          # "full_attention" / "sliding_attention" per layer
   sliding_window: int | None
   rope: tuple                 # (layer type, frozen rope config) pairs
+  final_softcap: float | None = None
+  head: str = "tied"         # output embedding: "tied" (input embedding), "separate", "none"
 
   @classmethod
   def from_hf(cls, config: dict) -> "GemmaConfig":
@@ -85,7 +87,9 @@ class GemmaConfig:
                softcap=get("attn_logit_softcapping") if version == 2 else None,
                attention_bias=bool(get("attention_bias", False)), layer_types=tuple(types),
                sliding_window=get("sliding_window"),
-               rope=tuple(sorted((k, layers.freeze(v)) for k, v in rope.items())))
+               rope=tuple(sorted((k, layers.freeze(v)) for k, v in rope.items())),
+               head="tied" if get("tie_word_embeddings", True) else "separate",
+               final_softcap=get("final_logit_softcapping") if version > 1 else None)
 
 
 def _norm(c: GemmaConfig, dim: int, dtype):
@@ -156,6 +160,23 @@ class Gemma(nnx.Module):
     self.embed_tokens = layers.Embedding(c.vocab_size, c.hidden_size, dtype=dtype)
     self.layers = nnx.List([DecoderLayer(c, dtype) for _ in range(c.num_layers)])
     self.norm = _norm(c, c.hidden_size, dtype)
+    if c.head == "separate":
+      self.lm_head = layers.Linear(c.hidden_size, c.vocab_size, bias=False, dtype=dtype)
+
+  def checkpoint_key(self, name: str) -> str:
+    return "/" + name if name.startswith("lm_head.") else name
+
+  def logits(self, hidden):
+    """Next-token logits [..., vocab] (f32) from the last hidden state."""
+    head = self.config.head
+    if head == "none":
+      raise ValueError("this checkpoint has no output embedding (lm_head): logits and "
+                       "losses need a *ForCausalLM checkpoint")
+    w = self.lm_head.weight[...] if head == "separate" else self.embed_tokens.weight[...]
+    out = jnp.einsum("...d,vd->...v", hidden, w.astype(hidden.dtype),
+                     preferred_element_type=jnp.float32)
+    return out if self.config.final_softcap is None else \
+        jnp.tanh(out / self.config.final_softcap) * self.config.final_softcap
 
   def __call__(self, input_ids, attention_mask=None):
     c = self.config

@@ -44,6 +44,7 @@ class LlamaConfig:
   layer_types: tuple        # "full_attention" / "sliding_attention" per layer
   sliding_window: int | None
   rope: tuple               # (layer type, frozen rope config) pairs
+  head: str = "tied"         # output embedding: "tied" (input embedding), "separate", "none"
 
   @classmethod
   def from_hf(cls, config: dict) -> "LlamaConfig":
@@ -93,7 +94,8 @@ class LlamaConfig:
                norm="layer" if kind == "olmo" else "rms_f32" if olmo2 else "rms",
                post_norms=olmo2, clip_qkv=get("clip_qkv") if kind == "olmo" else None,
                layer_types=tuple(types), sliding_window=window,
-               rope=tuple(sorted((k, layers.freeze(v)) for k, v in rope.items())))
+               rope=tuple(sorted((k, layers.freeze(v)) for k, v in rope.items())),
+               head="tied" if get("tie_word_embeddings", False) else "separate")
 
   def norm_layer(self, dim: int, dtype):
     if self.norm == "layer":  # OLMo: F.layer_norm without weight or bias, eps 1e-5
@@ -174,6 +176,22 @@ class Llama(nnx.Module):
     self.embed_tokens = layers.Embedding(c.vocab_size, c.hidden_size, dtype=dtype)
     self.layers = nnx.List([DecoderLayer(c, dtype) for _ in range(c.num_layers)])
     self.norm = c.norm_layer(c.hidden_size, dtype)
+    if c.head == "separate":
+      self.lm_head = layers.Linear(c.hidden_size, c.vocab_size, bias=False, dtype=dtype)
+
+  def checkpoint_key(self, name: str) -> str:
+    return "/" + name if name.startswith("lm_head.") else name
+
+  def logits(self, hidden):
+    """Next-token logits [..., vocab] (f32) from the last hidden state."""
+    head = self.config.head
+    if head == "none":
+      raise ValueError("this checkpoint has no output embedding (lm_head): logits and "
+                       "losses need a *ForCausalLM checkpoint")
+    w = self.lm_head.weight[...] if head == "separate" else self.embed_tokens.weight[...]
+    out = jnp.einsum("...d,vd->...v", hidden, w.astype(hidden.dtype),
+                     preferred_element_type=jnp.float32)
+    return out
 
   def __call__(self, input_ids, attention_mask=None):
     """input_ids [B, T] int; attention_mask [B, T] (1 = token, 0 = padding).
