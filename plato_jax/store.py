@@ -8,13 +8,16 @@ s3://, memory://):
                        `shard_rows` rows of ONE layer, split in inner chunks of `chunk_rows`
                        rows — streaming one layer reads only that layer's bytes, in tiles
     ids/               zarr3 [N] int64 row ids (stable dataset ids)
+    columns/<name>/    zarr3 [N] float32 per-row values (e.g. a caption's loss), optional
 
 One [N, L, D] array rather than L arrays keeps a row's layers under one id and lets a layer
 be chosen at read time; the [rows, 1, D] chunk shape makes one layer as cheap to stream as
 a separate array would be.
 
 Metadata: format, version, model, dataset, pooling, layers (names), num_rows, num_layers,
-dim, dtype, chunk_rows, shard_rows, rows_written, complete, plus any `extra` fields.
+dim, dtype, chunk_rows, shard_rows, columns, rows_written, complete, note (the writer's
+`note` at `note_rows` rows, the last durable one: a resumed writer continues from there,
+where its producer continues), plus any `extra` fields.
 
 zarr-python reads the arrays directly (float32/float16; bfloat16 is a TensorStore zarr3
 extension data type that zarr-python 3.1 does not know).
@@ -97,13 +100,17 @@ class StoreWriter:
   after a crash continues from there (`StoreWriter.resume`).
   """
 
-  def __init__(self, root: str, meta: dict, features, ids):
+  def __init__(self, root: str, meta: dict, features, ids, columns=None):
     self.root, self.meta = root, meta
     self._features, self._ids = features, ids
     self._dtype = DTYPES[meta["dtype"]]
-    self._buffer: list[tuple[np.ndarray, np.ndarray]] = []
+    self._buffer: list[tuple[np.ndarray, np.ndarray, dict]] = []
     self._buffered = 0
     self._pending: list[Any] = []
+    self._columns = {name: ts.open({"driver": "zarr3", "kvstore": root + f"columns/{name}/"},
+                                   open=True, context=_CONTEXT).result()
+                     for name in meta.get("columns", [])} if columns is None else columns
+    self._notes: list[tuple[int, Any]] = []  # (store position after an append, its note)
     self.rows_written = meta["rows_written"]   # durable
     self.position = self.rows_written         # appended (buffered or in flight)
 
@@ -112,7 +119,7 @@ class StoreWriter:
              dtype: str = "bfloat16", model: str = "", dataset: str = "", pooling: str = "",
              layers: Sequence[str] | None = None, chunk_rows: int = 4096,
              shard_rows: int | None = None, overwrite: bool = False,
-             extra: dict | None = None) -> "StoreWriter":
+             columns: Sequence[str] = (), extra: dict | None = None) -> "StoreWriter":
     if dtype not in DTYPES:
       raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if min(num_rows, num_layers, dim) < 1:
@@ -136,7 +143,9 @@ class StoreWriter:
     meta = dict(format=FORMAT, version=VERSION, model=model, dataset=dataset, pooling=pooling,
                 layers=layers, num_rows=int(num_rows), num_layers=int(num_layers), dim=int(dim),
                 dtype=dtype, chunk_rows=int(chunk_rows), shard_rows=int(shard_rows),
-                rows_written=0, complete=False, **(extra or {}))
+                columns=list(columns), rows_written=0, complete=False, note=None,
+                note_rows=None,
+                **(extra or {}))
     _write_metadata(root, meta)  # first: an interrupted create is an incomplete store
     features = ts.open(_sharded_spec(root + "features/", (num_rows, num_layers, dim), dtype,
                                      (shard_rows, 1, dim), (chunk_rows, 1, dim)),
@@ -145,7 +154,11 @@ class StoreWriter:
     ids = ts.open(_sharded_spec(root + "ids/", (num_rows,), "int64", (shard_rows,),
                                 (chunk_rows,)), create=True, delete_existing=True,
                        context=_CONTEXT).result()
-    return cls(root, meta, features, ids)
+    cols = {name: ts.open(_sharded_spec(root + f"columns/{name}/", (num_rows,), "float32",
+                                        (shard_rows,), (chunk_rows,)), create=True,
+                          delete_existing=True, context=_CONTEXT).result()
+            for name in columns}
+    return cls(root, meta, features, ids, cols)
 
   @classmethod
   def resume(cls, path: str) -> "StoreWriter":
@@ -153,14 +166,20 @@ class StoreWriter:
     meta = _read_metadata(root)
     if meta["complete"]:
       raise ValueError(f"store {root} is already complete")
+    if meta.get("note_rows") is not None:
+      # A producer continues from its note: rows durable past it are written again.
+      meta["rows_written"] = meta["note_rows"]
     features = ts.open({"driver": "zarr3", "kvstore": root + "features/"}, open=True,
                        context=_CONTEXT).result()
     ids = ts.open({"driver": "zarr3", "kvstore": root + "ids/"}, open=True,
                   context=_CONTEXT).result()
     return cls(root, meta, features, ids)
 
-  def append(self, rows, ids) -> None:
-    """rows [B, L, D] (or [B, D] for a one-layer store), ids [B] int."""
+  def append(self, rows, ids, columns: dict | None = None, note=None) -> None:
+    """rows [B, L, D] (or [B, D] for a one-layer store), ids [B] int, `columns` {name: [B]}
+    for the store's per-row columns. `note` (JSON) is kept with the position after these
+    rows and lands in the metadata once they are durable: a producer records there where
+    to continue after a crash."""
     rows = np.asarray(rows)
     if rows.ndim == 2 and self.meta["num_layers"] == 1:
       rows = rows[:, None, :]
@@ -171,6 +190,15 @@ class StoreWriter:
     ids = np.asarray(ids)
     if ids.shape != (rows.shape[0],) or not np.issubdtype(ids.dtype, np.integer):
       raise ValueError(f"append: ids must be {rows.shape[0]} integers, got {ids.shape} {ids.dtype}")
+    columns = dict(columns or {})
+    if sorted(columns) != sorted(self._columns):
+      raise ValueError(f"append: columns {sorted(columns)} given, the store has "
+                       f"{sorted(self._columns)}")
+    columns = {k: np.asarray(v, np.float32).reshape(-1) for k, v in columns.items()}
+    for name, values in columns.items():
+      if values.shape != (rows.shape[0],):
+        raise ValueError(f"append: column {name!r} has {values.shape[0]} values for "
+                         f"{rows.shape[0]} rows")
     if self.position + rows.shape[0] > self.meta["num_rows"]:
       raise ValueError(f"append: rows {self.position}..{self.position + rows.shape[0]} "
                        f"exceed the store's {self.meta['num_rows']} rows")
@@ -178,24 +206,38 @@ class StoreWriter:
     if bad.size:
       raise ValueError(f"append: rows with NaN/Inf features at store rows "
                        f"{(self.position + bad[:10]).tolist()} (ids {ids[bad[:10]].tolist()})")
-    self._buffer.append((rows.astype(self._dtype), ids.astype(np.int64)))
+    self._buffer.append((rows.astype(self._dtype), ids.astype(np.int64), columns))
     self._buffered += rows.shape[0]
     self.position += rows.shape[0]
+    if note is not None:
+      self._notes.append((self.position, note))
+    self._flush(final=self.position == self.meta["num_rows"])
+
+  def _flush(self, final: bool) -> None:
+    """Issues the buffered rows that fill whole shards (all of them when `final`)."""
+    if not self._buffer:
+      return
     start = self.position - self._buffered
     shard = self.meta["shard_rows"]
-    if self._buffered >= shard or self.position == self.meta["num_rows"]:
-      rows_all = np.concatenate([r for r, _ in self._buffer])
-      ids_all = np.concatenate([i for _, i in self._buffer])
-      whole = len(rows_all) if self.position == self.meta["num_rows"] else \
-          (start + len(rows_all)) // shard * shard - start
-      self._issue(start, rows_all[:whole], ids_all[:whole])
-      self._buffer = [(rows_all[whole:], ids_all[whole:])] if whole < len(rows_all) else []
-      self._buffered = len(rows_all) - whole
+    if self._buffered < shard and not final:
+      return
+    rows_all = np.concatenate([r for r, _, _ in self._buffer])
+    ids_all = np.concatenate([i for _, i, _ in self._buffer])
+    cols_all = {k: np.concatenate([c[k] for _, _, c in self._buffer]) for k in self._columns}
+    whole = len(rows_all) if final else (start + len(rows_all)) // shard * shard - start
+    if whole:
+      self._issue(start, rows_all[:whole], ids_all[:whole],
+                  {k: v[:whole] for k, v in cols_all.items()})
+    rest = len(rows_all) - whole
+    self._buffer = [(rows_all[whole:], ids_all[whole:], {k: v[whole:] for k, v in
+                                                         cols_all.items()})] if rest else []
+    self._buffered = rest
 
-  def _issue(self, start: int, rows: np.ndarray, ids: np.ndarray) -> None:
+  def _issue(self, start: int, rows: np.ndarray, ids: np.ndarray, columns: dict) -> None:
     stop = start + len(rows)
-    self._pending.append((stop, self._features[start:stop].write(rows),
-                          self._ids[start:stop].write(ids)))
+    futures = [self._features[start:stop].write(rows), self._ids[start:stop].write(ids)]
+    futures += [self._columns[k][start:stop].write(v) for k, v in columns.items()]
+    self._pending.append((stop, futures))
     if len(self._pending) > 4:
       self.commit(wait_all=False)
 
@@ -203,16 +245,29 @@ class StoreWriter:
     """Waits for issued writes and records the durable row count in the metadata."""
     keep = 0 if wait_all else 2
     while len(self._pending) > keep:
-      stop, f, i = self._pending.pop(0)
-      f.result()
-      i.result()
+      stop, futures = self._pending.pop(0)
+      for f in futures:
+        f.result()
       self.rows_written = stop
+    while self._notes and self._notes[0][0] <= self.rows_written:
+      # the last note at or before rows_written, and the row count it belongs to
+      self.meta["note_rows"], self.meta["note"] = self._notes.pop(0)
     self.meta["rows_written"] = int(self.rows_written)
     _write_metadata(self.root, self.meta)
 
-  def close(self) -> "FeatureStore | None":
-    """Writes everything; marks the store complete when every row is in it."""
+  def close(self, *, allow_fewer: bool = False) -> "FeatureStore | None":
+    """Writes everything; marks the store complete when every row is in it. With
+    `allow_fewer` (a producer that skipped rows), a store short of `num_rows` is cut to the
+    rows written and completed too."""
+    self._flush(final=True)
     self.commit()
+    if allow_fewer and self.rows_written < self.meta["num_rows"]:
+      n = self.rows_written
+      self._features.resize(exclusive_max=[n, self.meta["num_layers"], self.meta["dim"]],
+                            shrink_only=True).result()
+      for array in [self._ids, *self._columns.values()]:
+        array.resize(exclusive_max=[n], shrink_only=True).result()
+      self.meta["num_rows"] = int(n)
     if self.rows_written == self.meta["num_rows"]:
       self.meta["complete"] = True
       _write_metadata(self.root, self.meta)
@@ -255,6 +310,15 @@ class FeatureStore:
     if not meta["complete"]:
       store.num_rows = meta["rows_written"]
     return store
+
+  def column(self, name: str) -> np.ndarray:
+    """A per-row column (float32 [num_rows]), e.g. the loss of each caption."""
+    if name not in self.meta.get("columns", []):
+      raise ValueError(f"store {self.root}: no column {name!r}; columns are "
+                       f"{self.meta.get('columns', [])}")
+    array = ts.open({"driver": "zarr3", "kvstore": self.root + f"columns/{name}/"}, open=True,
+                    read=True, context=_CONTEXT).result()
+    return array[:self.num_rows].read().result()
 
   def ids(self) -> np.ndarray:
     if self._ids_cache is None:

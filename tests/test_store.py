@@ -98,3 +98,31 @@ def test_bad_inputs_name_the_problem(tmp_path, rng):
     FeatureStore.open(str(tmp_path / "t"))
   with pytest.raises(ValueError, match="no layer named 'x'"):
     store.layer("x")
+
+
+def test_columns_notes_and_a_short_close(rng, tmp_path):
+  """Per-row columns travel with the rows; the note of the last durable append lands in the
+  metadata; a producer that skipped rows closes a shorter, complete store."""
+  path = str(tmp_path / "s")
+  w = StoreWriter.create(path, num_rows=50, num_layers=2, dim=4, dtype="float32",
+                         chunk_rows=8, shard_rows=16, columns=["loss"])
+  x = rng.standard_normal((50, 2, 4)).astype(np.float32)
+  loss = rng.standard_normal(50).astype(np.float32)
+  with pytest.raises(ValueError, match=r"columns \[\] given, the store has \['loss'\]"):
+    w.append(x[:5], np.arange(5))
+  w.append(x[:20], np.arange(20), {"loss": loss[:20]}, note={"consumed": 21})
+  w.commit()
+  assert w.rows_written == 16  # one whole shard is durable, its note is not yet
+  assert w.meta["note"] is None
+  w.append(x[20:40], np.arange(20, 40), {"loss": loss[20:40]}, note={"consumed": 43})
+  w.commit()
+  assert w.rows_written == 32 and w.meta["note"] == {"consumed": 21}
+  resumed = StoreWriter.resume(path)  # continues where the note was taken
+  assert resumed.rows_written == 20 and resumed.meta["note"] == {"consumed": 21}
+  resumed.append(x[20:45], np.arange(20, 45), {"loss": loss[20:45]}, note={"consumed": 99})
+  assert resumed.close() is None  # short of 50 rows: not complete
+  store = resumed.close(allow_fewer=True)
+  assert store.num_rows == 45 and store.meta["complete"] and store.meta["note"] == {"consumed": 99}
+  np.testing.assert_array_equal(store.read_layer(1), x[:45, 1])
+  np.testing.assert_array_equal(store.column("loss"), loss[:45])
+  np.testing.assert_array_equal(store.ids(), np.arange(45))
