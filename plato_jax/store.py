@@ -238,12 +238,12 @@ class StoreWriter:
     futures = [self._features[start:stop].write(rows), self._ids[start:stop].write(ids)]
     futures += [self._columns[k][start:stop].write(v) for k, v in columns.items()]
     self._pending.append((stop, futures))
-    if len(self._pending) > 4:
+    if len(self._pending) > 2:  # the metadata follows the durable rows shard by shard
       self.commit(wait_all=False)
 
   def commit(self, wait_all: bool = True) -> None:
     """Waits for issued writes and records the durable row count in the metadata."""
-    keep = 0 if wait_all else 2
+    keep = 0 if wait_all else 1
     while len(self._pending) > keep:
       stop, futures = self._pending.pop(0)
       for f in futures:

@@ -1,0 +1,67 @@
+"""Extract per-layer features of one model over an image–caption dataset into a store.
+
+    python -m experiments.extract --model=/ckpt/dinov2-base --data=/data/wit_1m --out=dinov2.store
+    python -m experiments.extract --model=/ckpt/open_llama_3b --data=/data/wit_1m \
+        --out=openllama.store --dtype=bfloat16 --resume
+
+--model is a local Hugging Face (or timm) checkpoint directory; --data an image folder
+with captions.jsonl/csv, parquet file(s) in the WIT / HF-datasets layout, or webdataset
+tar shards. Vision models store the CLS token of every block, language models every
+hidden state mean-pooled over the caption's tokens, plus its loss and bits per byte.
+`python -m experiments.scaling --features_a=... --features_b=...` reads the stores.
+"""
+from __future__ import annotations
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "checkpoint directory (config.json + safetensors)", required=True)
+flags.DEFINE_string("data", None, "dataset: image folder, parquet file(s)/dir, tar shard(s)",
+                    required=True)
+flags.DEFINE_string("out", None, "output store (path or kvstore URL)", required=True)
+flags.DEFINE_enum("tower", None, ["vision", "text"], "tower of a two-tower (CLIP) checkpoint")
+flags.DEFINE_integer("batch_size", 32, "rows per step (rounded up to a multiple of the devices)")
+flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32"], "compute dtype")
+flags.DEFINE_enum("store_dtype", None, ["bfloat16", "float16", "float32"],
+                  "stored dtype (default: the compute dtype)")
+flags.DEFINE_enum("on_bad_image", "fail", ["fail", "skip"],
+                  "an unreadable image: stop naming its row id, or skip it (ids logged and kept "
+                  "in the store's metadata as skipped_ids)")
+flags.DEFINE_enum("on_empty_caption", "fail", ["fail", "skip", "keep"],
+                  "an empty caption: stop, skip, or keep (the tokenizer's special tokens only)")
+flags.DEFINE_integer("max_length", None, "longest caption in tokens (default: no limit)")
+flags.DEFINE_enum("on_long_text", "fail", ["fail", "truncate", "skip"],
+                  "a caption over --max_length")
+flags.DEFINE_string("image_column", "image", "image field / column (parquet: bytes or "
+                    "{bytes, path}; image folder: a path relative to the folder)")
+flags.DEFINE_string("caption_column", "caption", "caption field / column, e.g. "
+                    "original_caption or gemini_caption for WIT")
+flags.DEFINE_string("id_column", "id", "integer row id field (default: the row's position)")
+flags.DEFINE_integer("chunk_rows", 4096, "store chunk rows (the engine's tile)")
+flags.DEFINE_bool("resume", False, "continue an interrupted extraction into --out")
+flags.DEFINE_bool("progress", True, "show a progress bar")
+
+
+def main(argv):
+  del argv
+  if FLAGS.verbosity < 0 or not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  from plato_jax import data
+  from plato_jax.extract import Options, extract
+
+  reader = data.open_dataset(FLAGS.data, image=FLAGS.image_column,
+                             caption=FLAGS.caption_column, id=FLAGS.id_column)
+  opts = Options(batch_size=FLAGS.batch_size, dtype=FLAGS.dtype, store_dtype=FLAGS.store_dtype,
+                 on_bad_image=FLAGS.on_bad_image, on_empty_caption=FLAGS.on_empty_caption,
+                 max_length=FLAGS.max_length, on_long_text=FLAGS.on_long_text,
+                 chunk_rows=FLAGS.chunk_rows, resume=FLAGS.resume, progress=FLAGS.progress)
+  store = extract(FLAGS.model, reader, FLAGS.out, opts, tower=FLAGS.tower,
+                  dataset_name=FLAGS.data)
+  skipped = store.meta.get("skipped_ids", [])
+  print(f"{store.root}: {store.num_rows} rows x {store.num_layers} layers x {store.dim} "
+        f"({store.meta['pooling']}, {store.meta['dtype']})"
+        + (f"; skipped {len(skipped)} rows (ids in the metadata)" if skipped else ""))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,400 @@
+"""Feature extraction with the papers' protocol, into a feature store.
+
+Vision (PRH §C.2, Koepke §3): the CLS token after every block, before the final norm —
+[N, L, D]; images preprocessed as the checkpoint says (timm `pretrained_cfg`: resize the
+short side to size/crop_pct, centre crop; or HF preprocessor_config.json), bicubic.
+Language: every hidden state including the embedding output, mean-pooled over the real
+tokens — [N, L+1, D]; left padding, pad = eos when the tokenizer has none, no prompt; and
+each caption's mean token loss and bits per byte as store columns (`loss`,
+`bits_per_byte`). Pooling and losses are computed in f32 from the compute dtype's hidden
+states.
+
+Batches run data-parallel over all devices (the batch axis sharded on a one-axis mesh,
+parameters replicated); text batches are sorted by length within a window of batches and
+padded to a few bucket lengths, then written back in dataset order, so store rows follow
+the dataset order whatever the bucketing. Bad records (unreadable images, empty captions,
+over-long texts) fail the run or are skipped by option, and skipped ids are logged and
+kept in the store's metadata — rows never shift silently. Writes are asynchronous; a
+rerun with `resume=True` continues from the last durable row.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from plato_jax import data as datasets
+from plato_jax import models
+from plato_jax.progress import Progress
+from plato_jax.store import StoreWriter
+
+# ---- images -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSpec:
+  """Eval preprocessing: resize (short side to `resize`, the long side scaled and truncated
+  as torchvision and transformers do; or to exactly `resize_hw`), centre crop to `crop`
+  [H, W] (offsets rounded as torchvision, timm's pipeline, or floored as transformers),
+  scale to [0, 1], normalise by mean/std. PIL resampling, as both use on PIL images."""
+  crop: tuple[int, int]
+  resize: int | None = None
+  resize_hw: tuple[int, int] | None = None
+  mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+  std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+  resample: str = "bicubic"
+  crop_offset: str = "round"       # "round" (torchvision / timm) or "floor" (transformers)
+
+  @classmethod
+  def from_checkpoint(cls, checkpoint_dir: str) -> "ImageSpec":
+    """From timm's `pretrained_cfg` (config.json) or HF's preprocessor_config.json."""
+    config = models.hf.read_config(checkpoint_dir)
+    timm = config.get("pretrained_cfg")
+    if timm:
+      _, h, w = timm.get("test_input_size") or timm["input_size"]
+      pct = float(timm.get("test_crop_pct") or timm.get("crop_pct") or 0.875)
+      return cls(crop=(h, w), resize=int(math.floor(h / pct)),
+                 mean=tuple(timm.get("mean", cls.mean)), std=tuple(timm.get("std", cls.std)),
+                 resample=timm.get("interpolation", "bicubic"))
+    path = os.path.join(checkpoint_dir, "preprocessor_config.json")
+    if not os.path.isfile(path):
+      raise models.CheckpointError(f"{checkpoint_dir}: no preprocessor_config.json and no "
+                                   f"timm pretrained_cfg: image preprocessing is unknown")
+    with open(path) as f:
+      p = json.load(f)
+    size, crop = p.get("size") or {}, p.get("crop_size") or {}
+    if isinstance(size, int):
+      size = {"shortest_edge": size}
+    if isinstance(crop, int):
+      crop = {"height": crop, "width": crop}
+    resample = {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(p.get("resample", 3), "bicubic")
+    hw = (size["height"], size["width"]) if "height" in size else None
+    if p.get("do_center_crop", True) and crop:
+      crop_hw = (crop["height"], crop["width"])
+    else:
+      crop_hw = hw or (size["shortest_edge"],) * 2
+    return cls(crop=crop_hw, resize=size.get("shortest_edge") if not hw else None, resize_hw=hw,
+               mean=tuple(p.get("image_mean", cls.mean)), std=tuple(p.get("image_std", cls.std)),
+               resample=resample, crop_offset="floor")
+
+  def __call__(self, image) -> np.ndarray:
+    """A PIL RGB image → float32 [3, H, W]."""
+    from PIL import Image
+    method = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR,
+              "nearest": Image.NEAREST}[self.resample]
+    if self.resize_hw is not None:
+      image = image.resize((self.resize_hw[1], self.resize_hw[0]), method)
+    elif self.resize is not None:
+      w, h = image.size
+      if w <= h:
+        size = (self.resize, int(self.resize * h / w))
+      else:
+        size = (int(self.resize * w / h), self.resize)
+      image = image.resize(size, method)
+    w, h = image.size
+    ch, cw = self.crop
+    if self.crop_offset == "floor":
+      left, top = (w - cw) // 2, (h - ch) // 2
+    else:
+      left, top = int(round((w - cw) / 2.0)), int(round((h - ch) / 2.0))
+    image = image.crop((left, top, left + cw, top + ch))
+    x = np.asarray(image, np.float32) / 255.0
+    x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+# ---- pooling and losses (the protocol, as functions of hidden states) -------------------------
+
+def cls_per_block(states) -> jax.Array:
+  """The CLS token (position 0) of every block's output (states[1:]): [B, L, D] f32."""
+  return jnp.stack([s[:, 0] for s in states[1:]], axis=1).astype(jnp.float32)
+
+
+def mean_pool(states, mask) -> jax.Array:
+  """Each hidden state averaged over the real tokens (mask 1): [B, L+1, D] f32."""
+  m = mask.astype(jnp.float32)[:, :, None]
+  pooled = [jnp.sum(s.astype(jnp.float32) * m, axis=1) for s in states]
+  return jnp.stack(pooled, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)[:, None, :]
+
+
+def token_losses(logits, ids, mask):
+  """Per caption: the summed next-token cross-entropy (nats) over predicted real tokens,
+  and how many tokens were predicted."""
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+  target = ids[:, 1:]
+  nll = -jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
+  counted = (mask[:, :-1] * mask[:, 1:]).astype(jnp.float32)
+  return jnp.sum(nll * counted, axis=1), jnp.sum(counted, axis=1)
+
+
+# ---- the extraction loop ---------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Options:
+  batch_size: int = 32
+  dtype: str = "bfloat16"          # compute dtype
+  store_dtype: str | None = None   # default: the compute dtype
+  on_bad_image: str = "fail"       # "fail" | "skip"
+  on_empty_caption: str = "fail"   # "fail" | "skip" | "keep" (an empty string: BOS/EOS only)
+  max_length: int | None = None    # tokens; None: no limit
+  on_long_text: str = "fail"       # "fail" | "truncate" | "skip" (beyond max_length)
+  bucket_window: int = 16          # batches sorted by length together
+  chunk_rows: int = 4096           # store chunk (the engine's tile rows)
+  shard_rows: int | None = None    # store shard (default: from a 256 MB buffer budget)
+  resume: bool = False
+  progress: bool = True
+
+
+def _mesh():
+  return Mesh(np.array(jax.devices()), ("data",))
+
+
+def _dtype(name: str):
+  return {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}[name]
+
+
+class _Skips:
+  def __init__(self, opts: Options):
+    self.opts, self.ids = opts, []
+
+  def bad(self, record: datasets.Record, what: str, policy: str):
+    if policy == "fail":
+      raise ValueError(f"row id {record.row_id} ({record.source}): {what}")
+    logging.warning("skipping row id %d (%s): %s", record.row_id, record.source, what)
+    self.ids.append(int(record.row_id))
+
+
+def extract(checkpoint_dir: str, dataset, out: str, opts: Options = Options(), *,
+            tower: str | None = None, modality: str | None = None, dataset_name: str = ""):
+  """Extracts `dataset` (a reader of `plato_jax.data`, or a path) with the checkpoint into
+  the store at `out`; returns the opened FeatureStore."""
+  reader = datasets.open_dataset(dataset) if isinstance(dataset, str) else dataset
+  dtype = _dtype(opts.dtype)
+  model = models.from_pretrained(checkpoint_dir, dtype=dtype, tower=tower)
+  if modality is None:
+    modality = "vision" if type(model).__name__ == "Vit" else "text"
+  mesh = _mesh()
+  ndev = mesh.devices.size
+  batch = -(-opts.batch_size // ndev) * ndev
+  graphdef, params = nnx.split(model)
+  params = jax.device_put(params, NamedSharding(mesh, P()))
+  split = NamedSharding(mesh, P("data"))
+  skips = _Skips(opts)
+  total = len(reader)
+
+  if modality == "vision":
+    spec = ImageSpec.from_checkpoint(checkpoint_dir)
+
+    @jax.jit
+    def run(params, pixels):
+      return cls_per_block(nnx.merge(graphdef, params)(pixels.astype(dtype)))
+
+    layers, columns = model.config.num_layers, []
+    batches = _image_batches(reader, spec, batch, skips, opts)
+  else:
+    tokenizer = load_tokenizer(checkpoint_dir)
+    has_head = getattr(model.config, "head", "none") != "none"
+
+    @jax.jit
+    def run(params, ids, mask):
+      m = nnx.merge(graphdef, params)
+      states = m(ids, mask)
+      pooled = mean_pool(states, mask)
+      if not has_head:
+        return pooled, jnp.zeros(ids.shape[:1]), jnp.zeros(ids.shape[:1])
+      return (pooled, *token_losses(m.logits(states[-1]), ids, mask))
+
+    layers = model.config.num_layers + 1
+    columns = ["loss", "bits_per_byte"] if has_head else []
+    batches = _text_batches(reader, tokenizer, batch, skips, opts)
+  dim = model.config.hidden_size if hasattr(model.config, "hidden_size") else \
+      model.config.block.hidden_size
+
+  if opts.resume and _exists(out):
+    writer = StoreWriter.resume(out)
+    note = writer.meta.get("note") or {"consumed": 0, "skipped": []}
+    skips.ids = list(note["skipped"])
+  else:
+    writer = StoreWriter.create(
+        out, num_rows=total, num_layers=layers, dim=dim,
+        dtype=opts.store_dtype or opts.dtype, model=os.path.abspath(checkpoint_dir),
+        dataset=dataset_name or str(getattr(reader, "path", getattr(reader, "files", ""))),
+        pooling="cls_per_block" if modality == "vision" else "mean_over_tokens",
+        layers=[str(i + (1 if modality == "vision" else 0)) for i in range(layers)],
+        columns=columns, overwrite=True, chunk_rows=opts.chunk_rows,
+        shard_rows=opts.shard_rows,
+        extra={"modality": modality, "protocol": "plato_jax.extract v1"})
+    note = {"consumed": 0, "skipped": []}
+  meter = Progress(total, initial=note["consumed"], label=f"extract {modality}",
+                   enabled=opts.progress)
+  pending = None
+  for chunk in batches(note["consumed"]):
+    # Dispatched asynchronously; the previous chunk is written while these run.
+    results = [run(params, *(jax.device_put(v, split) for v in arrays.values()))
+               for arrays in chunk.batches]
+    if pending is not None:
+      _write(writer, *pending, skips)
+    pending = (chunk, results)
+    meter.update(chunk.consumed_now)
+  if pending is not None:
+    _write(writer, *pending, skips)
+  meter.close()
+  writer.meta["skipped_ids"] = skips.ids
+  return writer.close(allow_fewer=True)
+
+
+def _exists(out: str) -> bool:
+  from plato_jax.store import _read_metadata, _root_url
+  try:
+    _read_metadata(_root_url(out))
+    return True
+  except (ValueError, FileNotFoundError):
+    return False
+
+
+@dataclasses.dataclass
+class _Chunk:
+  """Device batches whose real rows, put back in dataset order, are appended together."""
+  batches: list           # per batch: {name: host array}, batch axis padded to full size
+  slots: list             # per batch: each real slot's index in the chunk's dataset order
+  ids: np.ndarray         # row ids, dataset order
+  nbytes: np.ndarray      # caption bytes (text), dataset order
+  consumed: int           # records consumed once this chunk is written (resume point)
+  consumed_now: int
+
+
+def _write(writer, chunk: _Chunk, results, skips: _Skips):
+  if not results:  # only skipped records: nothing to append (a rerun skips them again)
+    return
+  if not isinstance(results[0], tuple):
+    results = [(r,) for r in results]
+  parts = [[np.asarray(x)[:len(slots)] for x in r] for r, slots in zip(results, chunk.slots)]
+  where = np.argsort(np.concatenate(chunk.slots))
+  pooled = np.concatenate([p[0] for p in parts])[where]
+  columns = {}
+  if writer.meta.get("columns"):
+    loss_sum = np.concatenate([p[1] for p in parts])[where]
+    count = np.maximum(np.concatenate([p[2] for p in parts])[where], 1)
+    columns = {"loss": loss_sum / count,
+               "bits_per_byte": loss_sum / math.log(2) / np.maximum(chunk.nbytes, 1)}
+  writer.append(pooled, chunk.ids, columns,
+                note={"consumed": chunk.consumed, "skipped": list(skips.ids)})
+  writer.commit(wait_all=False)  # durable progress chunk by chunk (one write left in flight)
+
+
+def _image_batches(reader, spec: ImageSpec, batch: int, skips: _Skips, opts: Options):
+  def chunk(pixels, ids, consumed, start):
+    x = np.zeros((batch, *spec_shape(spec)), np.float32)
+    if pixels:
+      x[:len(pixels)] = np.stack(pixels)
+    return _Chunk([{"pixels": x}], [np.arange(len(ids))], np.asarray(ids, np.int64),
+                  np.zeros(len(ids)), consumed, consumed - start)
+
+  def gen(start: int) -> Iterator[_Chunk]:
+    pixels, ids, consumed = [], [], start
+    for record in reader.records(start):
+      consumed += 1
+      image = datasets.decode_image(record.image) if record.image is not None else None
+      if image is None:
+        skips.bad(record, "missing or unreadable image", opts.on_bad_image)
+      else:
+        pixels.append(spec(image))
+        ids.append(record.row_id)
+      if len(pixels) == batch:
+        yield chunk(pixels, ids, consumed, start)
+        start, pixels, ids = consumed, [], []
+    if consumed > start:
+      yield chunk(pixels, ids, consumed, start)
+  return gen
+
+
+def spec_shape(spec: ImageSpec) -> tuple[int, int, int]:
+  return (3, *spec.crop)
+
+
+def load_tokenizer(checkpoint_dir: str):
+  """The checkpoint's tokenizer, left padding, pad = eos when it has no pad token."""
+  from transformers import AutoTokenizer
+  try:
+    tok = AutoTokenizer.from_pretrained(checkpoint_dir)
+  except (OSError, ValueError) as e:
+    raise models.CheckpointError(f"{checkpoint_dir}: cannot load a tokenizer ({e})") from None
+  tok.padding_side = "left"
+  if tok.pad_token is None:
+    if tok.eos_token is None:
+      raise models.CheckpointError(f"{checkpoint_dir}: the tokenizer has neither a pad nor "
+                                   f"an eos token")
+    tok.pad_token = tok.eos_token
+  return tok
+
+
+def _bucket(length: int) -> int:
+  """Padded length: a multiple of 16 up to 128, then of 64 (few shapes to compile)."""
+  step = 16 if length <= 128 else 64
+  return max(step, -(-length // step) * step)
+
+
+def _text_batches(reader, tokenizer, batch: int, skips: _Skips, opts: Options):
+  pad = tokenizer.pad_token_id
+
+  def encode(record):
+    caption = record.caption
+    if caption is None or not str(caption).strip():
+      if opts.on_empty_caption != "keep":
+        skips.bad(record, "empty caption", opts.on_empty_caption)
+        return None
+      caption = "" if caption is None else str(caption)
+    ids = tokenizer(str(caption))["input_ids"]
+    if opts.max_length is not None and len(ids) > opts.max_length:
+      if opts.on_long_text == "truncate":
+        ids = ids[:opts.max_length]
+      else:
+        skips.bad(record, f"{len(ids)} tokens > max_length {opts.max_length}", opts.on_long_text)
+        return None
+    if not ids:
+      skips.bad(record, "the caption encodes to no tokens", "fail")
+    return record.row_id, ids, len(str(caption).encode("utf-8"))
+
+  def window_chunk(window, consumed, start):
+    """The window's rows sorted by length into batches (padded to a bucket length)."""
+    order = sorted(range(len(window)), key=lambda i: len(window[i][1]))
+    batches, slots = [], []
+    for g in range(0, len(order), batch):
+      group = order[g:g + batch]
+      t = _bucket(max(len(window[i][1]) for i in group))
+      ids = np.full((batch, t), pad, np.int32)
+      mask = np.zeros((batch, t), np.int32)
+      for slot, i in enumerate(group):
+        toks = window[i][1]
+        ids[slot, t - len(toks):] = toks
+        mask[slot, t - len(toks):] = 1
+      batches.append({"ids": ids, "mask": mask})
+      slots.append(np.asarray(group))
+    return _Chunk(batches, slots, np.asarray([w[0] for w in window], np.int64),
+                  np.asarray([w[2] for w in window], np.float64), consumed, consumed - start)
+
+  def gen(start: int) -> Iterator[_Chunk]:
+    window, consumed = [], start
+    for record in reader.records(start):
+      consumed += 1
+      item = encode(record)
+      if item is not None:
+        window.append(item)
+      if len(window) == batch * opts.bucket_window:
+        yield window_chunk(window, consumed, start)
+        window, start = [], consumed
+    if window or consumed > start:
+      if window:
+        yield window_chunk(window, consumed, start)
+      else:  # only skipped records: record the resume point anyway
+        yield _Chunk([], [], np.zeros(0, np.int64), np.zeros(0), consumed, consumed - start)
+  return gen
