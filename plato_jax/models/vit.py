@@ -286,8 +286,6 @@ class Attention(nnx.Module):
     a = self.attention
     h = a.heads
     q, k, v = (f(x).reshape(b, n, h, d // h) for f in (a.query, a.key, a.value))
-    if mask is None:
-      mask = jnp.ones((1, 1, n, n), bool)
     out = layers.attention(q, k, v, mask, scaling=(d // h) ** -0.5)
     return self.output.dense(out.reshape(b, n, d))
 
