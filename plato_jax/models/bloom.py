@@ -106,7 +106,7 @@ class Block(nnx.Module):
     return self.mlp(h) + (h if self.residual_after_norm else x)
 
 
-class Bloom(nnx.Module):
+class Bloom(layers.Decoder):
   """Parameter paths are the checkpoint's (without the `transformer.` prefix)."""
 
   def __init__(self, config: BloomConfig, *, dtype=jnp.float32):
@@ -119,19 +119,8 @@ class Bloom(nnx.Module):
     if c.head == "separate":
       self.lm_head = layers.Linear(c.hidden_size, c.vocab_size, bias=False, dtype=dtype)
 
-  def checkpoint_key(self, name: str) -> str:
-    return "/" + name if name.startswith("lm_head.") else name
-
-  def logits(self, hidden):
-    """Next-token logits [..., vocab] (f32) from the last hidden state."""
-    head = self.config.head
-    if head == "none":
-      raise ValueError("this checkpoint has no output embedding (lm_head): logits and "
-                       "losses need a *ForCausalLM checkpoint")
-    w = self.lm_head.weight[...] if head == "separate" else self.word_embeddings.weight[...]
-    out = jnp.einsum("...d,vd->...v", hidden, w.astype(hidden.dtype),
-                     preferred_element_type=jnp.float32)
-    return out
+  def input_embedding(self):
+    return self.word_embeddings.weight[...]
 
   def __call__(self, input_ids, attention_mask=None):
     if attention_mask is None:

@@ -153,7 +153,7 @@ class DecoderLayer(nnx.Module):
     return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
-class Gemma(nnx.Module):
+class Gemma(layers.Decoder):
   def __init__(self, config: GemmaConfig, *, dtype=jnp.float32):
     c = config
     self.config = c
@@ -163,20 +163,8 @@ class Gemma(nnx.Module):
     if c.head == "separate":
       self.lm_head = layers.Linear(c.hidden_size, c.vocab_size, bias=False, dtype=dtype)
 
-  def checkpoint_key(self, name: str) -> str:
-    return "/" + name if name.startswith("lm_head.") else name
-
-  def logits(self, hidden):
-    """Next-token logits [..., vocab] (f32) from the last hidden state."""
-    head = self.config.head
-    if head == "none":
-      raise ValueError("this checkpoint has no output embedding (lm_head): logits and "
-                       "losses need a *ForCausalLM checkpoint")
-    w = self.lm_head.weight[...] if head == "separate" else self.embed_tokens.weight[...]
-    out = jnp.einsum("...d,vd->...v", hidden, w.astype(hidden.dtype),
-                     preferred_element_type=jnp.float32)
-    return out if self.config.final_softcap is None else \
-        jnp.tanh(out / self.config.final_softcap) * self.config.final_softcap
+  def input_embedding(self):
+    return self.embed_tokens.weight[...]
 
   def __call__(self, input_ids, attention_mask=None):
     c = self.config
@@ -184,14 +172,7 @@ class Gemma(nnx.Module):
       attention_mask = jnp.ones(input_ids.shape, jnp.int32)
     x = self.embed_tokens(input_ids)
     x = x * jnp.asarray(np.sqrt(c.hidden_size), jnp.float32).astype(x.dtype)
-    t = input_ids.shape[1]
-    rope = {}
-    for kind, frozen in c.rope:
-      inv_freq, scale = layers.rope_frequencies(layers.thaw(frozen), c.head_dim, t)
-      rope[kind] = layers.rope_cos_sin(inv_freq, scale, jnp.arange(t)[None], x.dtype)
-    masks = {kind: layers.causal_mask(attention_mask, c.sliding_window if kind ==
-                                      "sliding_attention" else None)
-             for kind in set(c.layer_types)}
+    rope, masks = self.rope_and_masks(attention_mask, x.dtype)
     states = [x]
     for layer, kind in zip(self.layers, c.layer_types):
       x = layer(x, *rope[kind], masks[kind])

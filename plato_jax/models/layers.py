@@ -233,6 +233,45 @@ def apply_rope(x, cos, sin):
   return jnp.concatenate([out, x_pass], axis=-1) if x_pass.shape[-1] else out
 
 
+# ---- decoders -------------------------------------------------------------------------------
+
+class Decoder(nnx.Module):
+  """What the decoder families share: the output embedding and the per-layer-type rope and
+  masks. Subclasses have `config` (with `head`: "tied" | "separate" | "none", and for
+  `rope_and_masks` also rope, head_dim, layer_types, sliding_window) and `input_embedding`."""
+
+  def input_embedding(self):
+    raise NotImplementedError
+
+  def checkpoint_key(self, name: str) -> str:
+    return "/" + name if name.startswith("lm_head.") else name  # beside the body's prefix
+
+  def logits(self, hidden):
+    """Next-token logits [..., vocab] (f32) from the last hidden state."""
+    head = self.config.head
+    if head == "none":
+      raise ValueError("this checkpoint has no output embedding (lm_head): logits and "
+                       "losses need a *ForCausalLM checkpoint")
+    w = self.lm_head.weight[...] if head == "separate" else self.input_embedding()
+    out = jnp.einsum("...d,vd->...v", hidden, w.astype(hidden.dtype),
+                     preferred_element_type=jnp.float32)
+    cap = getattr(self.config, "final_softcap", None)
+    return out if cap is None else jnp.tanh(out / cap) * cap
+
+  def rope_and_masks(self, attention_mask, dtype):
+    """{layer type: (cos, sin)} and {layer type: mask} for positions 0..T-1."""
+    c = self.config
+    t = attention_mask.shape[1]
+    rope = {}
+    for kind, frozen in c.rope:
+      inv_freq, scale = rope_frequencies(thaw(frozen), c.head_dim, t)
+      rope[kind] = rope_cos_sin(inv_freq, scale, jnp.arange(t)[None], dtype)
+    masks = {kind: causal_mask(attention_mask, c.sliding_window
+                               if kind == "sliding_attention" else None)
+             for kind in set(c.layer_types)}
+    return rope, masks
+
+
 # ---- attention ------------------------------------------------------------------------------
 
 def attention(q, k, v, mask, *, scaling: float, bias=None, softcap: float | None = None):

@@ -167,7 +167,7 @@ class DecoderLayer(nnx.Module):
     return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class Llama(nnx.Module):
+class Llama(layers.Decoder):
   """Parameter paths are the checkpoint's (without the `model.` prefix of *ForCausalLM)."""
 
   def __init__(self, config: LlamaConfig, *, dtype=jnp.float32):
@@ -179,19 +179,8 @@ class Llama(nnx.Module):
     if c.head == "separate":
       self.lm_head = layers.Linear(c.hidden_size, c.vocab_size, bias=False, dtype=dtype)
 
-  def checkpoint_key(self, name: str) -> str:
-    return "/" + name if name.startswith("lm_head.") else name
-
-  def logits(self, hidden):
-    """Next-token logits [..., vocab] (f32) from the last hidden state."""
-    head = self.config.head
-    if head == "none":
-      raise ValueError("this checkpoint has no output embedding (lm_head): logits and "
-                       "losses need a *ForCausalLM checkpoint")
-    w = self.lm_head.weight[...] if head == "separate" else self.embed_tokens.weight[...]
-    out = jnp.einsum("...d,vd->...v", hidden, w.astype(hidden.dtype),
-                     preferred_element_type=jnp.float32)
-    return out
+  def input_embedding(self):
+    return self.embed_tokens.weight[...]
 
   def __call__(self, input_ids, attention_mask=None):
     """input_ids [B, T] int; attention_mask [B, T] (1 = token, 0 = padding).
@@ -200,14 +189,7 @@ class Llama(nnx.Module):
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape, jnp.int32)
     x = self.embed_tokens(input_ids)
-    t = input_ids.shape[1]
-    rope = {}
-    for kind, frozen in c.rope:
-      inv_freq, scale = layers.rope_frequencies(layers.thaw(frozen), c.head_dim, t)
-      rope[kind] = layers.rope_cos_sin(inv_freq, scale, jnp.arange(t)[None], x.dtype)
-    masks = {kind: layers.causal_mask(attention_mask, c.sliding_window
-                                      if kind == "sliding_attention" else None)
-             for kind in set(c.layer_types)}
+    rope, masks = self.rope_and_masks(attention_mask, x.dtype)
     states = [x]
     for layer, kind in zip(self.layers, c.layer_types):
       x = layer(x, *rope[kind], masks[kind])
