@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from plato_jax.models import layers, vit
-from plato_jax.models.hf import CheckpointError, config_value
+from plato_jax.models.hf import CheckpointError, config_value, sub_config
 
 MODEL_TYPES = ("clip_text_model", "clip")
 
@@ -26,10 +26,7 @@ class ClipTextConfig:
 
   @classmethod
   def from_hf(cls, config: dict) -> "ClipTextConfig":
-    if config.get("model_type") == "clip":
-      if "text_config" not in config:
-        raise CheckpointError("config.json: a clip config without 'text_config'")
-      config = {**config["text_config"], "model_type": "clip_text_model"}
+    config = sub_config(config, "clip", "text_config", "clip_text_model")
     if config.get("model_type") != "clip_text_model":
       raise CheckpointError(f"config.json model_type {config.get('model_type')!r} is not a "
                             f"CLIP text tower")

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from plato_jax.models import layers
-from plato_jax.models.hf import CheckpointError, config_value
+from plato_jax.models.hf import CheckpointError, config_value, sub_config
 
 MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
 
@@ -43,12 +43,8 @@ class GemmaConfig:
 
   @classmethod
   def from_hf(cls, config: dict) -> "GemmaConfig":
+    config = sub_config(config, "gemma3", "text_config", "gemma3_text")
     kind = config.get("model_type")
-    if kind == "gemma3":
-      if "text_config" not in config:
-        raise CheckpointError("config.json: a gemma3 config without 'text_config'")
-      config = {**config["text_config"], "model_type": "gemma3_text"}
-      kind = "gemma3_text"
     if kind not in MODEL_TYPES:
       raise CheckpointError(f"config.json model_type {kind!r} is not a Gemma model")
     version = {"gemma": 1, "gemma2": 2, "gemma3_text": 3}[kind]

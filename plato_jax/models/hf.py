@@ -177,3 +177,13 @@ def config_value(config: dict, key: str, default=None, *, required: bool = False
   if required:
     raise CheckpointError(f"{where}: required field {key!r} is missing")
   return default
+
+
+def sub_config(config: dict, outer: str, key: str, inner: str) -> dict:
+  """The `key` part (model_type `inner`) of a composite config of model_type `outer` (a
+  CLIP tower, Gemma 3's text model); any other config unchanged."""
+  if config.get("model_type") != outer:
+    return config
+  if not isinstance(config.get(key), dict):
+    raise CheckpointError(f"config.json: a {outer} config without {key!r}")
+  return {**config[key], "model_type": inner}

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from plato_jax.models import layers
-from plato_jax.models.hf import CheckpointError, config_value
+from plato_jax.models.hf import CheckpointError, config_value, sub_config
 
 MODEL_TYPES = ("vit", "vit_mae", "dinov2", "dinov2_with_registers", "clip_vision_model", "clip",
                "timm")
@@ -67,12 +67,8 @@ class VitConfig:
 
   @classmethod
   def from_hf(cls, config: dict) -> "VitConfig":
+    config = sub_config(config, "clip", "vision_config", "clip_vision_model")
     kind = config.get("model_type")
-    if kind == "clip":
-      if "vision_config" not in config:
-        raise CheckpointError("config.json: a clip config without 'vision_config'")
-      config = {**config["vision_config"], "model_type": "clip_vision_model"}
-      kind = "clip_vision_model"
     if kind not in MODEL_TYPES:
       raise CheckpointError(f"config.json model_type {kind!r} is not a vision transformer")
     need = lambda key: config_value(config, key, required=True)  # noqa: E731
