@@ -1,0 +1,134 @@
+"""Multi-device exact self-join: queries and gallery sharded by rows, gallery shards on a ring.
+
+`ring_self_join(x, k)` finds every row's k nearest rows of `x` (itself excluded by id).
+Each device holds one block of rows as its queries and, in turn, every block as gallery:
+P ring steps, each scoring the local queries against the block in hand while the block is
+passed on with `lax.ppermute` (issued before the compute, so the transfer overlaps it).
+Nothing is gathered and nothing N×N exists: per device, three blocks of rows and the
+[rows, k] running state. The selection is the engine's (`TopKSelector` / `ThresholdSelector`
+on score tiles of `tile_rows` columns), so results are exactly `search(x, x, k)`'s: sorted
+by (score descending, id ascending), identical for any device count.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from plato_jax.knn import sharding
+from plato_jax.knn.large_k import choose_selector
+from plato_jax.knn.search import Neighbours, _check_unique, _ids_array, _k_list
+
+DEFAULT_BLOCK = 2048
+
+
+def _varying(a, axis):
+  if hasattr(lax, "pcast"):
+    return lax.pcast(a, (axis,), to="varying")
+  return lax.pvary(a, (axis,))
+
+
+@functools.lru_cache(maxsize=32)
+def _ring_fn(mesh: Mesh, selector, block: int, exclude_self: bool, precision, k: int):
+  axis = sharding.mesh_axis(mesh)
+  p = mesh.devices.size
+  perm = [(i, (i + 1) % p) for i in range(p)]
+
+  def score_block(state, queries, query_ids, gallery, gallery_ids):
+    """Folds one gallery block into the states of all local queries, tile by tile."""
+    n = queries.shape[0]
+    d = queries.shape[1]
+
+    def per_query_block(args):
+      st, q, qid = args
+
+      def per_tile(st, tile):
+        rows, ids = tile
+        s = sharding.score_tile(q, qid, rows, ids, exclude_self=exclude_self,
+                                precision=precision)
+        return selector.update(st, s), None
+
+      st, _ = lax.scan(per_tile, st, (gallery.reshape(-1, block, d),
+                                      gallery_ids.reshape(-1, block)))
+      return st
+
+    blocks = jax.tree.map(lambda a: a.reshape(n // block, block, *a.shape[1:]), state)
+    out = lax.map(per_query_block, (blocks, queries.reshape(-1, block, d),
+                                    query_ids.reshape(-1, block)))
+    return jax.tree.map(lambda a: a.reshape(n, *a.shape[2:]), out)
+
+  def local(x, ids):
+    # The state varies over the mesh axis like x (shard_map's types for the loops).
+    state = jax.tree.map(lambda a: _varying(jnp.asarray(a), axis), selector.init(x.shape[0]))
+
+    def step(_, carry):
+      state, g, gid = carry
+      nxt, nxt_id = lax.ppermute(g, axis, perm), lax.ppermute(gid, axis, perm)
+      return score_block(state, x, ids, g, gid), nxt, nxt_id
+
+    state, _, _ = lax.fori_loop(0, p, step, (state, x, ids))
+    v, i = selector.result(state)
+    return v[:, :k], i[:, :k]
+
+  fn = jax.shard_map(local, mesh=mesh, in_specs=(P(axis), P(axis)),
+                     out_specs=(P(axis), P(axis)))
+  return jax.jit(fn)
+
+
+def ring_self_join(x, k, *, ids=None, exclude_self: bool = True, mesh: Mesh | None = None,
+                   block: int | None = None, compute_dtype=None, precision=None) -> Neighbours:
+  """Exact k nearest rows of every row of `x` [N, D] among the rows of `x`.
+
+  Args:
+    ids: int ids of the rows (default 0..N-1); a row never gets its own id back when
+      `exclude_self`.
+    mesh: a one-axis Mesh (default: all devices); rows are split evenly over it.
+    block: rows per query block and per score tile (default 2048, at most the rows per
+      device); each device's rows are padded to a multiple of it.
+    compute_dtype / precision: as `search` (f32 inputs: a true-f32 matmul by default).
+  Returns `Neighbours` [N, max k] in the input row order.
+  """
+  ks = _k_list(k)
+  k_max = max(ks)
+  x_host = np.asarray(x)
+  if x_host.ndim != 2 or x_host.shape[0] == 0:
+    raise ValueError(f"x must be a non-empty [N, D] array, got shape {x_host.shape}")
+  n, d = x_host.shape
+  bad = np.flatnonzero(~np.isfinite(x_host.astype(np.float32)).all(axis=1))
+  if bad.size:
+    raise ValueError(f"rows with NaN/Inf values: {bad[:10].tolist()}")
+  row_ids = _ids_array(np.arange(n) if ids is None else ids, n, "ids")
+  _check_unique(row_ids, "ids")
+  available = n - 1 if exclude_self else n
+  if k_max > available:
+    raise ValueError(f"k={k_max} is larger than the {available} rows each query can get")
+  mesh = sharding.default_mesh() if mesh is None else mesh
+  p = mesh.devices.size
+  per_device = -(-n // p)
+  block = min(block or DEFAULT_BLOCK, per_device)
+  block = -(-block // 32) * 32
+  per_device = -(-per_device // block) * block
+  dtype = np.dtype(compute_dtype) if compute_dtype is not None else (
+      x_host.dtype if x_host.dtype in (np.dtype(jnp.bfloat16), np.dtype(np.float16)) and
+      mesh.devices.flat[0].platform != "cpu" else np.dtype(np.float32))
+  if precision is None:
+    precision = lax.Precision.HIGHEST if dtype == np.float32 else lax.Precision.DEFAULT
+
+  # Rows in id order (tiles' columns must ascend by id for the tie rule), padded at the end.
+  order = np.argsort(row_ids, kind="stable")
+  padded = np.zeros((per_device * p, d), dtype)
+  padded[:n] = x_host[order]
+  padded_ids = np.full(per_device * p, -1, np.int32)
+  padded_ids[:n] = row_ids[order]
+  split = NamedSharding(mesh, P(sharding.mesh_axis(mesh)))
+  selector = choose_selector(k_max, block)
+  fn = _ring_fn(mesh, selector, block, bool(exclude_self), precision, k_max)
+  v, i = fn(jax.device_put(padded, split), jax.device_put(padded_ids, split))
+  v, i = np.asarray(v)[:n], np.asarray(i)[:n].astype(np.int64)
+  inverse = np.empty(n, np.int64)
+  inverse[order] = np.arange(n)
+  return Neighbours(i[inverse], v[inverse], n)
