@@ -12,7 +12,8 @@ import pytest  # noqa: E402
 
 @pytest.fixture
 def rng():
-  """A fresh random stream per test; its seed is printed so a failure can be replayed."""
-  seed = np.random.SeedSequence().entropy
+  """A fresh random stream per test; its seed is printed so a failure can be replayed with
+  PLATO_TEST_SEED=<seed>."""
+  seed = int(os.environ.get("PLATO_TEST_SEED") or np.random.SeedSequence().entropy)
   print("seed", seed)
   return np.random.default_rng(seed)
