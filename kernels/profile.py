@@ -1,0 +1,151 @@
+"""Where the engine's time goes on this machine, for one tile shape.
+
+    python -m kernels.profile --queries=1024 --tile_rows=32768 --dim=768 --k=10
+    python -m kernels.profile --dtype=bfloat16 --trace_dir=/tmp/trace      # + a profiler trace
+
+For one device and one tile (Q queries × T gallery rows × d), in the same run:
+  * the bare matmul (`jnp.dot`, f32 accumulation) — the rate the engine is measured against;
+  * the engine's step (score + selection, the kernel `--kernel` picks) on the same tile, in
+    steady state (the running state has seen a tile already);
+  * the selection alone, on precomputed scores;
+and prints achieved TFLOP/s, % of the measured dot rate, % of the chip's spec peak (when
+known or given by --peak_tflops), the matmul / selection split, fallbacks (kernels with an
+exact fallback report how many tiles took it), and the bytes the step moves (the tile, and
+the score tile written and read back: an unfused kernel's traffic).
+"""
+from __future__ import annotations
+
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("queries", 1024, "queries per tile (Q)")
+flags.DEFINE_integer("tile_rows", 32768, "gallery rows per tile (T)")
+flags.DEFINE_integer("dim", 768, "feature dimension (d)")
+flags.DEFINE_integer("k", 10, "neighbours")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "storage and matmul dtype")
+flags.DEFINE_enum("kernel", "auto", ["auto", "xla"], "selection kernel (auto: the engine's "
+                  "choice for this backend)")
+flags.DEFINE_integer("repeats", 5, "timed runs (best is reported)")
+flags.DEFINE_float("peak_tflops", None, "the chip's spec peak for --dtype (default: known "
+                   "GPUs/TPUs; none on CPU)")
+flags.DEFINE_string("trace_dir", None, "write a jax.profiler trace of a few steps here")
+
+# Dense spec peaks (TFLOP/s) by device kind substring and dtype.
+SPEC_PEAK = {("H100", "bfloat16"): 989.0, ("H100", "float32"): 67.0,
+             ("H200", "bfloat16"): 989.0, ("H200", "float32"): 67.0,
+             ("A100", "bfloat16"): 312.0, ("A100", "float32"): 19.5,
+             ("TPU v5", "bfloat16"): 197.0, ("TPU v4", "bfloat16"): 275.0}
+
+
+def _best(fn, repeats):
+  import jax
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t)
+  return min(times)
+
+
+def profile(queries: int, tile_rows: int, dim: int, k: int, dtype: str, repeats: int,
+            peak_tflops: float | None = None, trace_dir: str | None = None) -> dict:
+  """The measurements as a dict (also used by tests)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax import lax
+
+  from plato_jax.knn import sharding
+  from plato_jax.knn.large_k import choose_selector
+
+  dev = jax.devices()[0]
+  mesh = sharding.default_mesh([dev])
+  rng = np.random.default_rng(0)
+  jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+  precision = lax.Precision.HIGHEST if dtype == "float32" else lax.Precision.DEFAULT
+  q = rng.standard_normal((queries, dim)).astype(np.float32)
+  g = rng.standard_normal((tile_rows, dim)).astype(np.float32)
+  qd = jax.device_put(jnp.asarray(q, jdtype), dev)
+  gd = jax.device_put(jnp.asarray(g, jdtype), dev)
+
+  dot = jax.jit(lambda a, b: lax.dot_general(a, b, (((1,), (1,)), ((), ())),
+                                             precision=precision,
+                                             preferred_element_type=jnp.float32))
+  t_dot = _best(lambda: dot(qd, gd), repeats)
+
+  selector = choose_selector(k, tile_rows)
+  step = sharding.sharded_step(mesh, selector, True, precision, False)
+  qids = sharding.put_whole(mesh, np.full(queries, -2, np.int32))
+  qw = sharding.put_whole(mesh, np.asarray(q).astype(jdtype))
+  tile = sharding.put_split(mesh, np.asarray(g).astype(jdtype)[None])
+  tile_ids = sharding.put_split(mesh, np.arange(tile_rows, dtype=np.int32)[None])
+
+  # Steady state: the running state has already seen one tile (other rows), as on every
+  # tile but a query block's first (which, for large k, sets the first threshold).
+  first = sharding.put_split(mesh, rng.standard_normal((1, tile_rows, dim)).astype(jdtype))
+  warm = step(sharding.empty_state(mesh, selector, queries),
+              sharding.put_split(mesh, np.zeros(1, np.int32)), qw, qids, first, tile_ids)
+
+  def timed_step():
+    state, bad = jax.tree.map(jnp.copy, warm)  # the step donates its state
+    jax.block_until_ready(state)
+    t = time.perf_counter()
+    jax.block_until_ready(step(state, bad, qw, qids, tile, tile_ids))
+    return time.perf_counter() - t
+
+  timed_step()
+  t_step = min(timed_step() for _ in range(repeats))
+  scores = dot(qd, gd)
+  ids = jnp.arange(tile_rows, dtype=jnp.int32)
+  select = jax.jit(lambda st, s: selector.update(st, sharding.ScoreTile(s, ids)))
+  local = jax.tree.map(lambda a: a[0], warm[0])
+  t_select = _best(lambda: select(local, scores), repeats)
+  if trace_dir:
+    with jax.profiler.trace(trace_dir):
+      for _ in range(3):
+        timed_step()
+
+  flop = 2.0 * queries * tile_rows * dim
+  item = np.dtype(jdtype).itemsize
+  peak = peak_tflops
+  if peak is None:
+    peak = next((v for (kind, dt), v in SPEC_PEAK.items()
+                 if kind in dev.device_kind and dt == dtype), None)
+  return dict(
+      device=f"{dev.platform} {dev.device_kind}", kernel=f"xla ({type(selector).__name__})",
+      shape=(queries, tile_rows, dim), k=k, dtype=dtype,
+      dot_s=t_dot, step_s=t_step, select_s=t_select,
+      dot_tflops=flop / t_dot / 1e12, step_tflops=flop / t_step / 1e12,
+      pct_of_dot=t_dot / t_step, pct_of_peak=None if peak is None else flop / t_step / 1e12 / peak,
+      fallbacks=0,  # the XLA selection is exact on every tile; no certificate, no fallback
+      bytes_tile=tile_rows * dim * item, bytes_scores=2 * queries * tile_rows * 4)
+
+
+def main(argv):
+  del argv
+  r = profile(FLAGS.queries, FLAGS.tile_rows, FLAGS.dim, FLAGS.k, FLAGS.dtype, FLAGS.repeats,
+              FLAGS.peak_tflops, FLAGS.trace_dir)
+  q, t, d = r["shape"]
+  print(f"device {r['device']}; kernel {r['kernel']}; tile Q={q} T={t} d={d} k={r['k']} "
+        f"{r['dtype']}")
+  print(f"  jnp.dot alone     {r['dot_s'] * 1e3:9.2f} ms  {r['dot_tflops']:8.3f} TFLOP/s")
+  print(f"  engine step       {r['step_s'] * 1e3:9.2f} ms  {r['step_tflops']:8.3f} TFLOP/s  "
+        f"= {r['pct_of_dot']:.0%} of the dot rate"
+        + (f", {r['pct_of_peak']:.1%} of spec peak" if r["pct_of_peak"] is not None else
+           " (spec peak unknown: --peak_tflops)"))
+  other = max(r["step_s"] - r["dot_s"], 0.0)
+  print(f"  split             matmul {r['dot_s'] / r['step_s']:.0%}, selection and the rest "
+        f"{other / r['step_s']:.0%} (selection alone on precomputed scores: "
+        f"{r['select_s'] * 1e3:.2f} ms)")
+  print(f"  fallbacks         {r['fallbacks']} tiles")
+  print(f"  bytes per step    tile {r['bytes_tile'] / 1e6:.1f} MB, score tile written and read "
+        f"{r['bytes_scores'] / 1e6:.1f} MB (unfused)")
+  if FLAGS.trace_dir:
+    print(f"  trace             {FLAGS.trace_dir}")
+
+
+if __name__ == "__main__":
+  app.run(main)

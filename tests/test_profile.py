@@ -1,0 +1,20 @@
+"""kernels.profile on a small tile: every figure present and consistent with its timings."""
+import pytest
+
+from kernels.profile import profile
+
+
+@pytest.mark.parametrize("k", [4, 200])
+def test_profile_reports_consistent_figures(tmp_path, k):
+  r = profile(64, 512, 32, k, "float32", repeats=1, peak_tflops=1.0,
+              trace_dir=str(tmp_path / "trace") if k == 4 else None)
+  flop = 2 * 64 * 512 * 32
+  assert r["kernel"].startswith("xla (") and r["fallbacks"] == 0
+  assert r["dot_tflops"] == pytest.approx(flop / r["dot_s"] / 1e12)
+  assert r["step_tflops"] == pytest.approx(flop / r["step_s"] / 1e12)
+  assert r["pct_of_dot"] == pytest.approx(r["dot_s"] / r["step_s"])
+  assert r["pct_of_peak"] == pytest.approx(r["step_tflops"])
+  assert r["bytes_tile"] == 512 * 32 * 4 and r["bytes_scores"] == 2 * 64 * 512 * 4
+  assert r["select_s"] > 0
+  if k == 4:
+    assert any((tmp_path / "trace").rglob("*")), "a trace was written"
