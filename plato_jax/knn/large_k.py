@@ -268,12 +268,13 @@ def _raise(pool, tv, k: int, slack: int, tile=None, use_tile=None, probes: int =
 
 
 def _gather_window(values, ids, codes, offset, count, start, width: int):
-  """Values/ids [Q, width] of listing slots [start, start + width); (-inf, -1) past count."""
+  """Values/ids [Q, width] of listing slots [start, start + width); (-inf, -1) past count.
+  `values` is an array [Q, n], or a function of the columns [Q, width] (a lazy tile)."""
   cols = _list_window(codes, offset, start, width)
   valid = start + jnp.arange(width, dtype=jnp.int32)[None, :] < count[:, None]
   gi = ids[cols] if ids.ndim == 1 else jnp.take_along_axis(ids, cols, axis=1)
-  return (jnp.where(valid, jnp.take_along_axis(values, cols, axis=1), -jnp.inf),
-          jnp.where(valid, gi, -1))
+  got = values(cols) if callable(values) else jnp.take_along_axis(values, cols, axis=1)
+  return jnp.where(valid, got, -jnp.inf), jnp.where(valid, gi, -1)
 
 
 def _write_listed(dest_v, dest_i, at, values, ids, codes, group_count, count, chunk: int):
@@ -361,26 +362,35 @@ class ThresholdSelector:
   def _fits(self, count, fill):
     return jnp.max(count) <= self.pool - jnp.max(fill)
 
-  def plan(self, state, scores, tile_ids):
-    """Pads the tile, runs the filter: (scores, ids, codes, group counts, counts, fits)."""
+  @staticmethod
+  def _padded(scores, tile_ids):
+    """The tile padded to a multiple of LANES columns (-inf scores, id -1)."""
     pad = (-scores.shape[1]) % LANES
-    if pad:
-      scores = jnp.pad(scores, ((0, 0), (0, pad)), constant_values=-jnp.inf)
-      tile_ids = jnp.pad(tile_ids, (0, pad), constant_values=-1)
-    codes, group_count, count = _codes(scores, tile_ids[None, :], state[2], state[3])
-    return scores, tile_ids, codes, group_count, count, self._fits(count, state[4])
+    return (jnp.pad(scores, ((0, 0), (0, pad)), constant_values=-jnp.inf),
+            jnp.pad(tile_ids, (0, pad), constant_values=-1))
 
   # ---- update ----------------------------------------------------------------------------------
 
   def update(self, state, tile):
-    scores, tile_ids, codes, group_count, count, fits = self.plan(state, tile.scores(),
-                                                                 tile.tile_ids)
+    if tile.raw.shape[1] % LANES:  # odd widths (tests): pad a materialised tile
+      return self._update(state, *self._padded(tile.scores(), tile.tile_ids), None)
+    return self._update(state, tile.scores(), tile.tile_ids, tile)
+
+  def _update(self, state, scores, tile_ids, tile):
+    """`scores` may be an unmaterialised expression of `tile`'s raw scores: the filter
+    pass fuses it, candidates are read back from the raw tile (`tile.scores_at`), and the
+    rare make-room path recomputes it inside its loop, so no finished [Q, T] copy exists."""
+    codes, group_count, count = _codes(scores, tile_ids[None, :], state[2], state[3])
+    fits = self._fits(count, state[4])
+    fresh = (lambda: tile.scores()) if tile is not None else (lambda: scores)
+    at = tile.scores_at if tile is not None else scores
 
     # Runs at most once: a while loop rather than a cond, because XLA copies the pool into
     # both branches of a cond, and this runs every tile.
     def make_room(carry):
-      state, absorbed = self._make_room(carry[0], scores, tile_ids)
-      codes, group_count, count = _codes(scores, tile_ids[None, :], state[2], state[3])
+      full = fresh()
+      state, absorbed = self._make_room(carry[0], full, tile_ids)
+      codes, group_count, count = _codes(full, tile_ids[None, :], state[2], state[3])
       done = carry[2] & False  # (keeps shard_map's varying-axes type of the flag)
       group_count = jnp.where(absorbed, 0, group_count)
       return state, (codes, group_count, jnp.where(absorbed, 0, count)), done
@@ -388,7 +398,7 @@ class ThresholdSelector:
     state, (codes, group_count, count), _ = lax.while_loop(
         lambda carry: carry[2], make_room, (state, (codes, group_count, count), ~fits))
     pv, pi, tv, ti, fill = state
-    pv, pi = _write_listed(pv, pi, fill[0], scores, tile_ids, codes, group_count, count,
+    pv, pi = _write_listed(pv, pi, fill[0], at, tile_ids, codes, group_count, count,
                            self.columns)
     return pv, pi, tv, ti, fill + jnp.max(count)
 

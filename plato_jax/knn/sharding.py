@@ -67,11 +67,22 @@ class ScoreTile:
     return jnp.sum(self.tile_ids >= 0, dtype=jnp.int32)
 
   def scores(self):
-    """The whole finished [Q, T] tile (materialised: for selectors that read every score)."""
-    s = self.raw if self.inv_norms is None else self.raw * self.inv_norms[None, :]
-    masked = self.tile_ids[None, :] < 0
+    """The whole finished [Q, T] tile (an expression: XLA fuses it into the pass reading it,
+    or materialises it when several passes do)."""
+    return self._finish(self.raw, self.tile_ids[None, :],
+                        None if self.inv_norms is None else self.inv_norms[None, :])
+
+  def scores_at(self, columns):
+    """Finished scores at `columns` [Q, m], read from the raw tile."""
+    return self._finish(jnp.take_along_axis(self.raw, columns, axis=1), self.tile_ids[columns],
+                        None if self.inv_norms is None else self.inv_norms[columns])
+
+  def _finish(self, s, ids, inv_norms):
+    if inv_norms is not None:
+      s = s * inv_norms
+    masked = ids < 0
     if self.query_ids is not None:
-      masked = masked | (self.tile_ids[None, :] == self.query_ids[:, None])
+      masked = masked | (ids == self.query_ids[:, None])
     s = jnp.where(masked, -jnp.inf, s)
     return jnp.where(s == 0, jnp.zeros_like(s), s)
 
