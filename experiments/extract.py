@@ -1,4 +1,4 @@
-"""Extract per-layer features of one model over an image–caption dataset into a store.
+r"""Extract per-layer features of one model over an image–caption dataset into a store.
 
     python -m experiments.extract --model=/ckpt/dinov2-base --data=/data/wit_1m --out=dinov2.store
     python -m experiments.extract --model=/ckpt/open_llama_3b --data=/data/wit_1m \
@@ -11,6 +11,8 @@ hidden state mean-pooled over the caption's tokens, plus its loss and bits per b
 `python -m experiments.scaling --features_a=... --features_b=...` reads the stores.
 """
 from __future__ import annotations
+
+import sys
 
 from absl import app, flags, logging
 
@@ -49,14 +51,20 @@ def main(argv):
   from plato_jax import data
   from plato_jax.extract import Options, extract
 
-  reader = data.open_dataset(FLAGS.data, image=FLAGS.image_column,
-                             caption=FLAGS.caption_column, id=FLAGS.id_column)
+  try:
+    reader = data.open_dataset(FLAGS.data, image=FLAGS.image_column,
+                               caption=FLAGS.caption_column, id=FLAGS.id_column)
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"experiments.extract: {e}")
   opts = Options(batch_size=FLAGS.batch_size, dtype=FLAGS.dtype, store_dtype=FLAGS.store_dtype,
                  on_bad_image=FLAGS.on_bad_image, on_empty_caption=FLAGS.on_empty_caption,
                  max_length=FLAGS.max_length, on_long_text=FLAGS.on_long_text,
                  chunk_rows=FLAGS.chunk_rows, resume=FLAGS.resume, progress=FLAGS.progress)
-  store = extract(FLAGS.model, reader, FLAGS.out, opts, tower=FLAGS.tower,
-                  dataset_name=FLAGS.data)
+  try:
+    store = extract(FLAGS.model, reader, FLAGS.out, opts, tower=FLAGS.tower,
+                    dataset_name=FLAGS.data)
+  except (ValueError, FileNotFoundError) as e:  # bad checkpoint, data or rows: say which
+    sys.exit(f"experiments.extract: {e}")
   skipped = store.meta.get("skipped_ids", [])
   print(f"{store.root}: {store.num_rows} rows x {store.num_layers} layers x {store.dim} "
         f"({store.meta['pooling']}, {store.meta['dtype']})"

@@ -1,4 +1,4 @@
-"""Mutual k-NN against gallery size (Koepke et al. Fig. 4): does alignment survive scale?
+r"""Mutual k-NN against gallery size (Koepke et al. Fig. 4): does alignment survive scale?
 
     python -m experiments.scaling                        # built-in synthetic world, ~1 min on CPU
     python -m experiments.scaling --gallery=15m          # synthetic world of 15M rows
