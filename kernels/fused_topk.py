@@ -110,9 +110,12 @@ def fused_topk(queries, gallery, gallery_ids, k: int, config: FusedConfig = Fuse
   from plato_jax.knn.sharding import top_by_score_then_id
   values, columns, bounds = block_topk(queries, gallery, gallery_ids, config,
                                        precision=precision, interpret=interpret)
-  ids = gallery_ids[columns]
-  v, i = top_by_score_then_id(values, jnp.where(values > -jnp.inf, ids, jnp.iinfo(jnp.int32).max),
-                              k)
+  ids = jnp.where(values > -jnp.inf, gallery_ids[columns], jnp.iinfo(jnp.int32).max)
+  short = k - values.shape[1]
+  if short > 0:  # fewer kept candidates than k: the certificate fails, the exact path runs
+    values = jnp.pad(values, ((0, 0), (0, short)), constant_values=-jnp.inf)
+    ids = jnp.pad(ids, ((0, 0), (0, short)), constant_values=jnp.iinfo(jnp.int32).max)
+  v, i = top_by_score_then_id(values, ids, k)
   # Certificate: every dropped score is below the k-th kept one (strictly: equal scores
   # could outrank by id).
   certified = jnp.max(bounds, axis=1) < v[:, -1]

@@ -73,3 +73,13 @@ def test_block_sizes_must_divide():
   with pytest.raises(ValueError, match="multiples of the blocks"):
     block_topk(jnp.zeros((10, 4)), jnp.zeros((256, 4)), jnp.zeros(256, jnp.int32),
                interpret=True)
+
+
+def test_fewer_kept_candidates_than_k_take_the_exact_path(rng):
+  q, g, ids = data(rng, 64, 512, 8, "wide")
+  v, i, fallbacks = fused_topk(q, g, ids, 9, FusedConfig(block_q=32, block_t=256, keep=2),
+                               precision=HI, interpret=True)  # 2 blocks x 2 kept < 9
+  ref_v, ref_i = exact(q, g, ids, 9)
+  np.testing.assert_array_equal(v, ref_v)
+  np.testing.assert_array_equal(i, ref_i)
+  assert fallbacks == 2
