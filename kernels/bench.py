@@ -10,9 +10,10 @@ ratio peer_time / our_time (> 1 means we are faster).
 from __future__ import annotations
 
 import os
-import time
 
 from absl import app, flags
+
+from kernels.timing import best_time
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("queries", 1024, "query rows")
@@ -24,16 +25,6 @@ flags.DEFINE_integer("repeats", 3, "timed runs per method (best is reported)")
 flags.DEFINE_integer("tile_rows", None, "engine tile rows (default: engine's choice)")
 flags.DEFINE_list("peers", ["faiss", "numpy", "torch"], "peers to run when available")
 flags.DEFINE_integer("seed", 0, "data seed")
-
-
-def _best(fn, repeats):
-  fn()  # warm-up: compilation, caches
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    out = fn()
-    times.append(time.perf_counter() - t)
-  return min(times), out
 
 
 def numpy_topk(q, g, k, block=32_768):
@@ -72,7 +63,7 @@ def main(argv):
   for k_spec in FLAGS.k:
     k = FLAGS.gallery // 100 if k_spec == "n/100" else int(k_spec)
     rows = []
-    ours_t, ours = _best(lambda: search(q, g, k, exclude_self=False, tile_rows=FLAGS.tile_rows),
+    ours_t, ours = best_time(lambda: search(q, g, k, exclude_self=False, tile_rows=FLAGS.tile_rows),
                          FLAGS.repeats)
     rows.append(("plato_jax", ours_t, None))
     if "faiss" in FLAGS.peers and backend == "cpu":
@@ -82,13 +73,13 @@ def main(argv):
         g32 = np.asarray(g, np.float32)
         index = faiss.IndexFlatIP(FLAGS.dim)
         index.add(g32)
-        t, (_, f_ids) = _best(lambda: index.search(np.asarray(q, np.float32), k), FLAGS.repeats)
+        t, (_, f_ids) = best_time(lambda: index.search(np.asarray(q, np.float32), k), FLAGS.repeats)
         rows.append(("faiss-cpu IndexFlatIP", t, (f_ids == ours.ids).mean()))
       except ImportError:
         print("faiss not installed: skipped")
     if "numpy" in FLAGS.peers and backend == "cpu":
       g32, q32 = np.asarray(g, np.float32), np.asarray(q, np.float32)
-      t, n_ids = _best(lambda: numpy_topk(q32, g32, k), FLAGS.repeats)
+      t, n_ids = best_time(lambda: numpy_topk(q32, g32, k), FLAGS.repeats)
       rows.append(("numpy matmul+argpartition", t, (n_ids == ours.ids).mean()))
     if "torch" in FLAGS.peers and backend == "gpu":
       import torch
@@ -101,7 +92,7 @@ def main(argv):
         out = torch.topk((tq @ tg.T).float(), k, dim=1)
         torch.cuda.synchronize()
         return out.indices.cpu().numpy()
-      t, t_ids = _best(torch_topk, FLAGS.repeats)
+      t, t_ids = best_time(torch_topk, FLAGS.repeats)
       rows.append(("torch matmul+topk", t, (t_ids == ours.ids).mean()))
     print(f"\nk={k}")
     print(f"{'method':28s} {'seconds':>9s} {'GFLOP/s':>9s} {'peer/ours':>10s} {'id agreement':>13s}")

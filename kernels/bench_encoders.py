@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 
 from absl import app, flags
+
+from kernels.timing import best_time
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("size", None, ["paper", "small"], "paper: DINOv2-B/14 at 518 px and a "
@@ -41,16 +42,6 @@ SHAPES = {
 }
 
 
-def _best(fn, repeats):
-  fn()
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return min(times)
-
-
 def main(argv):
   del argv
   import jax
@@ -59,7 +50,7 @@ def main(argv):
   import torch
   import transformers
 
-  from plato_jax.models import from_pretrained
+  from plato_jax.models import from_pretrained, hidden_states_fn
 
   gpu = jax.default_backend() == "gpu"
   size = FLAGS.size or ("paper" if gpu else "small")
@@ -90,9 +81,7 @@ def main(argv):
       model.save_pretrained(tmp)
       model = model.to(device, tdtype).eval()
       ours = from_pretrained(tmp, dtype=jdtype)
-    from flax import nnx
-    graphdef, params = nnx.split(ours)
-    run = jax.jit(lambda p, *a: nnx.merge(graphdef, p)(*a))
+    run, params = hidden_states_fn(ours)
 
     def torch_pass():
       with torch.inference_mode():
@@ -102,12 +91,12 @@ def main(argv):
       return out
 
     def jax_pass():
-      return jax.block_until_ready(run(params, *inputs_j))
+      return run(params, *inputs_j)
 
-    t_torch = _best(torch_pass, FLAGS.repeats)
-    t_ours = _best(jax_pass, FLAGS.repeats)
-    theirs = torch_pass()[-1].float().cpu().numpy()
-    mine = np.asarray(jax_pass()[-1], np.float32)
+    t_torch, theirs = best_time(torch_pass, FLAGS.repeats)
+    t_ours, mine = best_time(jax_pass, FLAGS.repeats)
+    theirs = theirs[-1].float().cpu().numpy()
+    mine = np.asarray(mine[-1], np.float32)
     err = np.abs(mine - theirs).max() / np.abs(theirs).max()
     print(f"{which:7s} batch={batch:<4d} transformers {units / t_torch:10.1f} {unit}   "
           f"plato_jax {units / t_ours:10.1f} {unit}   ours/theirs {t_torch / t_ours:5.2f}x   "

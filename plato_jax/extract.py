@@ -35,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from plato_jax import data as datasets
 from plato_jax import models
 from plato_jax.progress import Progress
-from plato_jax.store import StoreWriter
+from plato_jax.store import StoreWriter, exists as store_exists
 
 # ---- images -------------------------------------------------------------------------------
 
@@ -163,8 +163,10 @@ def _dtype(name: str):
 
 
 class _Skips:
-  def __init__(self, opts: Options):
-    self.opts, self.ids = opts, []
+  """Skipped row ids; `bad` raises instead when the policy is "fail"."""
+
+  def __init__(self):
+    self.ids = []
 
   def bad(self, record: datasets.Record, what: str, policy: str):
     if policy == "fail":
@@ -188,7 +190,7 @@ def extract(checkpoint_dir: str, dataset, out: str, opts: Options = Options(), *
   graphdef, params = nnx.split(model)
   params = jax.device_put(params, NamedSharding(mesh, P()))
   split = NamedSharding(mesh, P("data"))
-  skips = _Skips(opts)
+  skips = _Skips()
   total = len(reader)
 
   if modality == "vision":
@@ -219,7 +221,7 @@ def extract(checkpoint_dir: str, dataset, out: str, opts: Options = Options(), *
   dim = model.config.hidden_size if hasattr(model.config, "hidden_size") else \
       model.config.block.hidden_size
 
-  if opts.resume and _exists(out):
+  if opts.resume and store_exists(out):
     writer = StoreWriter.resume(out)
     note = writer.meta.get("note") or {"consumed": 0, "skipped": []}
     skips.ids = list(note["skipped"])
@@ -250,15 +252,6 @@ def extract(checkpoint_dir: str, dataset, out: str, opts: Options = Options(), *
   meter.close()
   writer.meta["skipped_ids"] = skips.ids
   return writer.close(allow_fewer=True)
-
-
-def _exists(out: str) -> bool:
-  from plato_jax.store import _read_metadata, _root_url
-  try:
-    _read_metadata(_root_url(out))
-    return True
-  except (ValueError, FileNotFoundError):
-    return False
 
 
 @dataclasses.dataclass
@@ -293,7 +286,7 @@ def _write(writer, chunk: _Chunk, results, skips: _Skips):
 
 def _image_batches(reader, spec: ImageSpec, batch: int, skips: _Skips, opts: Options):
   def chunk(pixels, ids, consumed, start):
-    x = np.zeros((batch, *spec_shape(spec)), np.float32)
+    x = np.zeros((batch, 3, *spec.crop), np.float32)
     if pixels:
       x[:len(pixels)] = np.stack(pixels)
     return _Chunk([{"pixels": x}], [np.arange(len(ids))], np.asarray(ids, np.int64),
@@ -315,10 +308,6 @@ def _image_batches(reader, spec: ImageSpec, batch: int, skips: _Skips, opts: Opt
     if consumed > start:
       yield chunk(pixels, ids, consumed, start)
   return gen
-
-
-def spec_shape(spec: ImageSpec) -> tuple[int, int, int]:
-  return (3, *spec.crop)
 
 
 def load_tokenizer(checkpoint_dir: str):

@@ -92,6 +92,12 @@ def _write_metadata(root: str, meta: dict) -> None:
   kv.write(METADATA, json.dumps(meta, indent=1, sort_keys=True).encode()).result()
 
 
+def exists(path: str) -> bool:
+  """Whether a store (complete or not) has its metadata at `path`."""
+  kv = ts.KvStore.open(_root_url(path), context=_CONTEXT).result()
+  return kv.read(METADATA).result().state == "value"
+
+
 class StoreWriter:
   """Appends rows (all layers of each) in order; resumable after a crash.
 
@@ -125,8 +131,7 @@ class StoreWriter:
     if min(num_rows, num_layers, dim) < 1:
       raise ValueError(f"store shape must be positive, got N={num_rows} L={num_layers} D={dim}")
     root = _root_url(path)
-    kv = ts.KvStore.open(root, context=_CONTEXT).result()
-    if kv.read(METADATA).result().state == "value" and not overwrite:
+    if exists(path) and not overwrite:
       raise ValueError(f"a feature store already exists at {root} (resume it or overwrite=True)")
     layers = [str(x) for x in (layers if layers is not None else range(num_layers))]
     if len(layers) != num_layers:

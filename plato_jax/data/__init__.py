@@ -162,6 +162,13 @@ class WebDataset:
     self.files = _files(path, (".tar",))
     self.caption_field, self.id_field = caption_field, id_field
 
+  @staticmethod
+  def _key_ext(member) -> tuple[str, str]:
+    base = os.path.basename(member.name)
+    dot = base.find(".")
+    key = os.path.join(os.path.dirname(member.name), base[:dot] if dot > 0 else base)
+    return key, base[dot:].lower() if dot > 0 else ""
+
   def _samples(self) -> Iterator[tuple[str, dict]]:
     for path in self.files:
       with tarfile.open(path) as tar:
@@ -169,10 +176,7 @@ class WebDataset:
         for member in tar:
           if not member.isfile():
             continue
-          base = os.path.basename(member.name)
-          dot = base.find(".")
-          k = os.path.join(os.path.dirname(member.name), base[:dot] if dot > 0 else base)
-          ext = base[dot:].lower() if dot > 0 else ""
+          k, ext = self._key_ext(member)
           if k != key and parts:
             yield f"{path}:{key}", parts
             parts = {}
@@ -182,7 +186,13 @@ class WebDataset:
           yield f"{path}:{key}", parts
 
   def __len__(self) -> int:
-    return sum(1 for _ in self._samples())
+    """Samples counted from the tar headers alone (no payload is read)."""
+    n = 0
+    for path in self.files:
+      with tarfile.open(path) as tar:
+        keys = [self._key_ext(m)[0] for m in tar if m.isfile()]
+      n += sum(1 for i, k in enumerate(keys) if i == 0 or k != keys[i - 1])
+    return n
 
   def records(self, start: int = 0) -> Iterator[Record]:
     for position, (where, parts) in enumerate(self._samples()):
