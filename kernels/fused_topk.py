@@ -32,27 +32,42 @@ from kernels.topk import BucketConfig, bucket_topk
 @dataclasses.dataclass(frozen=True)
 class FusedConfig:
   block_q: int = 64       # queries per program
-  block_t: int = 256      # gallery rows per program (the unit whose top-K′ is kept)
+  block_t: int = 128      # gallery rows per program (the unit whose top-K′ is kept)
   keep: int = 4           # K′: candidates kept per (query, block)
+  block_k: int = 64       # feature columns per matmul step (d is zero-padded to a multiple)
+  num_warps: int | None = None   # GPU (Triton) launch parameters; None: the compiler's choice
+  num_stages: int | None = None
 
 
-def _kernel(q_ref, g_ref, ids_ref, v_ref, c_ref, b_ref, *, keep: int, precision):
-  s = lax.dot_general(q_ref[...], g_ref[...], (((1,), (1,)), ((), ())),
-                      precision=precision, preferred_element_type=jnp.float32)
-  ids = ids_ref[...]
-  s = jnp.where(ids[None, :] < 0, -jnp.inf, s)
+def _kernel(q_ref, g_ref, ids_ref, v_ref, c_ref, b_ref, *, config: FusedConfig, precision):
+  # Whole-array refs indexed by hand: the blocks stay power-of-two shaped (as Triton needs)
+  # whatever d is, and the matmul runs in block_k steps with the [bq, bt] tile in registers.
+  bq, bt, bk, keep = config.block_q, config.block_t, config.block_k, config.keep
+  i, j = pl.program_id(0), pl.program_id(1)
+  rows = pl.ds(pl.multiple_of(i * bq, bq), bq)
+  cols = pl.ds(pl.multiple_of(j * bt, bt), bt)
+
+  def step(kk, acc):
+    feats = pl.ds(pl.multiple_of(kk * bk, bk), bk)
+    return acc + lax.dot_general(q_ref[rows, feats], g_ref[cols, feats],
+                                 (((1,), (1,)), ((), ())), precision=precision,
+                                 preferred_element_type=jnp.float32)
+
+  s = lax.fori_loop(0, q_ref.shape[1] // bk, step, jnp.zeros((bq, bt), jnp.float32))
+  s = jnp.where(ids_ref[cols][None, :] < 0, -jnp.inf, s)
   s = jnp.where(s == 0, 0.0, s)
-  cols = lax.broadcasted_iota(jnp.int32, s.shape, 1)
-  width = s.shape[1]
-  values, columns = [], []
-  for _ in range(keep):  # K′ rounds of (max, lowest column holding it, mask it)
+  column = lax.broadcasted_iota(jnp.int32, (bq, bt), 1)
+  slot = lax.broadcasted_iota(jnp.int32, (bq, keep), 1)
+  values = jnp.full((bq, keep), -jnp.inf, jnp.float32)
+  columns = jnp.zeros((bq, keep), jnp.int32)
+  for r in range(keep):  # K′ rounds of (max, lowest column holding it, mask it)
     m = jnp.max(s, axis=1, keepdims=True)
-    c = jnp.min(jnp.where(s == m, cols, width), axis=1, keepdims=True)
-    values.append(m)
-    columns.append(c)
-    s = jnp.where(cols == c, -jnp.inf, s)
-  v_ref[...] = jnp.concatenate(values, axis=1)
-  c_ref[...] = jnp.concatenate(columns, axis=1)
+    c = jnp.min(jnp.where(s == m, column, bt), axis=1, keepdims=True)
+    values = jnp.where(slot == r, m, values)
+    columns = jnp.where(slot == r, c, columns)
+    s = jnp.where(column == c, -jnp.inf, s)
+  v_ref[...] = values
+  c_ref[...] = columns + j * bt
   b_ref[...] = jnp.max(s, axis=1, keepdims=True)
 
 
@@ -63,27 +78,30 @@ def block_topk(queries, gallery, gallery_ids, config: FusedConfig = FusedConfig(
   the block sizes (pad with id -1 rows)."""
   q, d = queries.shape
   t = gallery.shape[0]
-  bq, bt, keep = config.block_q, config.block_t, config.keep
+  bq, bt, bk, keep = config.block_q, config.block_t, config.block_k, config.keep
   if q % bq or t % bt:
     raise ValueError(f"Q={q}, T={t} must be multiples of the blocks ({bq}, {bt})")
+  if d % bk:  # zero features add nothing to any score
+    queries = jnp.pad(queries, ((0, 0), (0, bk - d % bk)))
+    gallery = jnp.pad(gallery, ((0, 0), (0, bk - d % bk)))
   nb = t // bt
-  kernel = functools.partial(_kernel, keep=keep, precision=precision)
-  values, columns, bounds = pl.pallas_call(
-      kernel,
+  params = {}
+  if not interpret:  # compiled: the Triton backend (GPU)
+    from jax.experimental.pallas import triton as pl_triton
+    params["compiler_params"] = pl_triton.CompilerParams(num_warps=config.num_warps,
+                                                         num_stages=config.num_stages)
+  return pl.pallas_call(
+      functools.partial(_kernel, config=config, precision=precision),
       out_shape=(jax.ShapeDtypeStruct((q, nb * keep), jnp.float32),
                  jax.ShapeDtypeStruct((q, nb * keep), jnp.int32),
                  jax.ShapeDtypeStruct((q, nb), jnp.float32)),
       grid=(q // bq, nb),
-      in_specs=[pl.BlockSpec((bq, d), lambda i, j: (i, 0)),
-                pl.BlockSpec((bt, d), lambda i, j: (j, 0)),
-                pl.BlockSpec((bt,), lambda i, j: (j,))],
+      in_specs=[pl.no_block_spec] * 3,
       out_specs=(pl.BlockSpec((bq, keep), lambda i, j: (i, j)),
                  pl.BlockSpec((bq, keep), lambda i, j: (i, j)),
                  pl.BlockSpec((bq, 1), lambda i, j: (i, j))),
-      interpret=interpret,
+      interpret=interpret, **params,
   )(queries, gallery, gallery_ids)
-  offsets = (jnp.arange(nb * keep, dtype=jnp.int32) // keep) * bt
-  return values, columns + offsets[None, :], bounds
 
 
 def reference_block_topk(queries, gallery, gallery_ids, config: FusedConfig = FusedConfig(),
@@ -107,15 +125,17 @@ def fused_topk(queries, gallery, gallery_ids, k: int, config: FusedConfig = Fuse
   """Exact top-k of each query over the gallery tile: (values [Q, k], ids [Q, k], the
   number of query blocks that fell back to the exact path). Sorted by (score desc, id asc);
   equal to `bucket_topk` on the materialised, masked scores."""
-  from plato_jax.knn.sharding import top_by_score_then_id
   values, columns, bounds = block_topk(queries, gallery, gallery_ids, config,
                                        precision=precision, interpret=interpret)
-  ids = jnp.where(values > -jnp.inf, gallery_ids[columns], jnp.iinfo(jnp.int32).max)
   short = k - values.shape[1]
   if short > 0:  # fewer kept candidates than k: the certificate fails, the exact path runs
     values = jnp.pad(values, ((0, 0), (0, short)), constant_values=-jnp.inf)
-    ids = jnp.pad(ids, ((0, 0), (0, short)), constant_values=jnp.iinfo(jnp.int32).max)
-  v, i = top_by_score_then_id(values, ids, k)
+    columns = jnp.pad(columns, ((0, 0), (0, short)))
+  # Candidate positions order equal scores as their gallery columns do (blocks ascend, and
+  # within a block equal scores were kept lower column first), so the engine's selection on
+  # positions keeps the tie rule.
+  v, pos = bucket_topk(values, k, BucketConfig())
+  i = gallery_ids[jnp.take_along_axis(columns, pos, axis=1)]
   # Certificate: every dropped score is below the k-th kept one (strictly: equal scores
   # could outrank by id).
   certified = jnp.max(bounds, axis=1) < v[:, -1]

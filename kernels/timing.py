@@ -15,3 +15,30 @@ def best_time(fn, repeats: int):
     out = jax.block_until_ready(fn())
     times.append(time.perf_counter() - t)
   return min(times), out
+
+
+def device_time(fn, iters: int = 10, sync=None, samples: int = 5) -> float:
+  """Seconds per call of an asynchronous `fn` (jax, or torch with `sync` =
+  torch.cuda.synchronize): `iters` calls back to back, then one wait; the median of
+  `samples` such runs after a warm-up run. Back-to-back calls keep the device busy, so
+  host dispatch overlaps device work, as in the engine's loop."""
+  import statistics
+
+  import jax
+
+  def wait(out):
+    if sync is not None:
+      sync()
+    else:
+      jax.block_until_ready(out)
+
+  wait(fn())
+  times = []
+  for _ in range(samples):
+    t = time.perf_counter()
+    out = None
+    for _ in range(iters):
+      out = fn()
+    wait(out)
+    times.append((time.perf_counter() - t) / iters)
+  return statistics.median(times)
