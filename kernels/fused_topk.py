@@ -4,17 +4,25 @@ exact fallback (PERFORMANCE.md §8.2).
 The kernel scores a block of queries against a block of `block_t` gallery rows and keeps,
 per query, only the top `keep` (K′) scores of that block — plus the best score it dropped
 (the block's "bound") — so the [Q, T] score tile never leaves the chip. The merge takes the
-top-k of all kept candidates by (score desc, id asc). It is exact for a row when every
-bound is strictly below the row's k-th score: nothing dropped could have entered. Rows
-where some bound reaches the k-th score (a block held more than K′ of the row's top-k, or
-ties at the boundary) make the whole query block fall back to the exact XLA path
-(`kernels.topk.bucket_topk`); the caller learns how many blocks did.
+top-k of the kept candidates and the running top-k by (score desc, id asc). It is exact for
+a row when every bound is strictly below the row's merged k-th score: nothing dropped could
+have entered. Rows where some bound reaches it (a block held more than K′ of the row's
+top-k, or ties at the boundary) make their query block fall back to the exact XLA path
+(`kernels.topk.bucket_topk` on the materialised tile); the caller learns how many did.
 
-Ties inside a block: equal scores are kept lower column first (columns ascend by id, as in
-the engine's tiles), so kept candidates agree with the engine's tie rule. -0.0 reads +0.0.
+A streaming search also passes each row's running k-th score as a threshold: a program
+whose block no row reaches keeps nothing and skips the selection rounds (its bound is the
+block's maximum, below every row's k-th, so the certificate still holds). In a long stream
+almost every program skips: the kernel is then a matmul plus one max per row.
+
+The kernel masks what the engine masks: padding columns (id < 0), each query's own id
+(self-exclusion), and it multiplies by a per-column scale (cosine: the rows' inverse
+norms). -0.0 reads +0.0. Ties inside a block: equal scores are kept lower column first
+(columns ascend by id, as in the engine's tiles), so kept candidates keep the tie rule.
 
 `reference_block_topk` is the plain-jnp reference of the kernel's output; `fused_topk` is
-the jitted wrapper (`interpret=True` runs the kernel on CPU, as the tests do).
+the jitted single-tile wrapper (`interpret=True` runs the kernel on CPU, as the tests do);
+`FusedTopKSelector` is the engine's selector built on it.
 """
 from __future__ import annotations
 
@@ -23,23 +31,35 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels.topk import BucketConfig, bucket_topk
 
+NO_QUERY_ID = -2  # matches no column: gallery ids are >= 0, padding is -1
+
 
 @dataclasses.dataclass(frozen=True)
 class FusedConfig:
-  block_q: int = 64       # queries per program
+  block_q: int = 128      # queries per program
   block_t: int = 128      # gallery rows per program (the unit whose top-K′ is kept)
   keep: int = 4           # K′: candidates kept per (query, block)
   block_k: int = 64       # feature columns per matmul step (d is zero-padded to a multiple)
-  num_warps: int | None = None   # GPU (Triton) launch parameters; None: the compiler's choice
-  num_stages: int | None = None
+  num_warps: int | None = 8      # GPU (Triton) launch parameters; None: the compiler's choice
+  num_stages: int | None = 3
 
 
-def _kernel(q_ref, g_ref, ids_ref, v_ref, c_ref, b_ref, *, config: FusedConfig, precision):
+def _masked(s, gallery_ids, query_ids, column_scale):
+  """The engine's finished scores from raw dot products (shared by kernel and reference)."""
+  s = s * column_scale[None, :]
+  drop = (gallery_ids[None, :] < 0) | (gallery_ids[None, :] == query_ids[:, None])
+  s = jnp.where(drop, -jnp.inf, s)
+  return jnp.where(s == 0, 0.0, s)
+
+
+def _kernel(q_ref, g_ref, ids_ref, qids_ref, scale_ref, thr_ref, v_ref, c_ref, b_ref, *,
+            config: FusedConfig, precision):
   # Whole-array refs indexed by hand: the blocks stay power-of-two shaped (as Triton needs)
   # whatever d is, and the matmul runs in block_k steps with the [bq, bt] tile in registers.
   bq, bt, bk, keep = config.block_q, config.block_t, config.block_k, config.keep
@@ -54,28 +74,51 @@ def _kernel(q_ref, g_ref, ids_ref, v_ref, c_ref, b_ref, *, config: FusedConfig, 
                                  preferred_element_type=jnp.float32)
 
   s = lax.fori_loop(0, q_ref.shape[1] // bk, step, jnp.zeros((bq, bt), jnp.float32))
-  s = jnp.where(ids_ref[cols][None, :] < 0, -jnp.inf, s)
-  s = jnp.where(s == 0, 0.0, s)
-  column = lax.broadcasted_iota(jnp.int32, (bq, bt), 1)
-  slot = lax.broadcasted_iota(jnp.int32, (bq, keep), 1)
-  values = jnp.full((bq, keep), -jnp.inf, jnp.float32)
-  columns = jnp.zeros((bq, keep), jnp.int32)
-  for r in range(keep):  # K′ rounds of (max, lowest column holding it, mask it)
-    m = jnp.max(s, axis=1, keepdims=True)
-    c = jnp.min(jnp.where(s == m, column, bt), axis=1, keepdims=True)
-    values = jnp.where(slot == r, m, values)
-    columns = jnp.where(slot == r, c, columns)
-    s = jnp.where(column == c, -jnp.inf, s)
+  s = _masked(s, ids_ref[cols], qids_ref[rows], scale_ref[cols])
+  best = jnp.max(s, axis=1, keepdims=True)
+
+  def select():
+    column = lax.broadcasted_iota(jnp.int32, (bq, bt), 1)
+    slot = lax.broadcasted_iota(jnp.int32, (bq, keep), 1)
+    values = jnp.full((bq, keep), -jnp.inf, jnp.float32)
+    columns = jnp.zeros((bq, keep), jnp.int32)
+    left, m = s, best
+    for r in range(keep):  # K′ rounds of (max, lowest column holding it, mask it)
+      c = jnp.min(jnp.where(left == m, column, bt), axis=1, keepdims=True)
+      values = jnp.where(slot == r, m, values)
+      columns = jnp.where(slot == r, c, columns)
+      left = jnp.where(column == c, -jnp.inf, left)
+      m = jnp.max(left, axis=1, keepdims=True)
+    return values, columns, m
+
+  def skip():  # no row reaches its threshold: keep nothing; the bound covers the block
+    return (jnp.full((bq, keep), -jnp.inf, jnp.float32), jnp.zeros((bq, keep), jnp.int32),
+            best)
+
+  values, columns, bound = lax.cond(jnp.any(best >= thr_ref[rows][:, None]), select, skip)
   v_ref[...] = values
   c_ref[...] = columns + j * bt
-  b_ref[...] = jnp.max(s, axis=1, keepdims=True)
+  b_ref[...] = bound
+
+
+def _defaults(q, t, query_ids, column_scale, thresholds):
+  return (jnp.full((q,), NO_QUERY_ID, jnp.int32) if query_ids is None else query_ids,
+          jnp.ones((t,), jnp.float32) if column_scale is None else column_scale,
+          jnp.full((q,), -jnp.inf, jnp.float32) if thresholds is None else thresholds)
 
 
 def block_topk(queries, gallery, gallery_ids, config: FusedConfig = FusedConfig(), *,
-               precision=None, interpret: bool = False):
+               query_ids=None, column_scale=None, thresholds=None, precision=None,
+               interpret: bool = False):
   """Per (query, gallery block): the top-K′ scores [Q, nb·K′], their columns (within the
   whole gallery) and each block's best dropped score [Q, nb]. Q and T must be multiples of
-  the block sizes (pad with id -1 rows)."""
+  the block sizes (pad with id -1 rows).
+
+  query_ids [Q]: a query never scores the column with its own id. column_scale [T]: scores
+  are multiplied by it. thresholds [Q]: a hint — a program whose block holds no score
+  reaching its rows' thresholds keeps nothing (its bound is then the block's maximum).
+  Pass a lower bound on each row's final k-th score; a wrong hint costs the certificate
+  (the caller's exact fallback), never a wrong result."""
   q, d = queries.shape
   t = gallery.shape[0]
   bq, bt, bk, keep = config.block_q, config.block_t, config.block_k, config.keep
@@ -84,6 +127,7 @@ def block_topk(queries, gallery, gallery_ids, config: FusedConfig = FusedConfig(
   if d % bk:  # zero features add nothing to any score
     queries = jnp.pad(queries, ((0, 0), (0, bk - d % bk)))
     gallery = jnp.pad(gallery, ((0, 0), (0, bk - d % bk)))
+  query_ids, column_scale, thresholds = _defaults(q, t, query_ids, column_scale, thresholds)
   nb = t // bt
   params = {}
   if not interpret:  # compiled: the Triton backend (GPU)
@@ -96,64 +140,124 @@ def block_topk(queries, gallery, gallery_ids, config: FusedConfig = FusedConfig(
                  jax.ShapeDtypeStruct((q, nb * keep), jnp.int32),
                  jax.ShapeDtypeStruct((q, nb), jnp.float32)),
       grid=(q // bq, nb),
-      in_specs=[pl.no_block_spec] * 3,
+      in_specs=[pl.no_block_spec] * 6,
       out_specs=(pl.BlockSpec((bq, keep), lambda i, j: (i, j)),
                  pl.BlockSpec((bq, keep), lambda i, j: (i, j)),
                  pl.BlockSpec((bq, 1), lambda i, j: (i, j))),
       interpret=interpret, **params,
-  )(queries, gallery, gallery_ids)
+  )(queries, gallery, gallery_ids.astype(jnp.int32), query_ids.astype(jnp.int32),
+    column_scale.astype(jnp.float32), thresholds.astype(jnp.float32))
 
 
 def reference_block_topk(queries, gallery, gallery_ids, config: FusedConfig = FusedConfig(),
-                         *, precision=None):
+                         *, query_ids=None, column_scale=None, thresholds=None,
+                         precision=None):
   """Plain jnp: the same outputs from a materialised score tile and `lax.top_k`."""
-  q = queries.shape[0]
-  bt, keep = config.block_t, config.keep
+  q, t = queries.shape[0], gallery.shape[0]
+  bq, bt, keep = config.block_q, config.block_t, config.keep
+  query_ids, column_scale, thresholds = _defaults(q, t, query_ids, column_scale, thresholds)
   s = lax.dot_general(queries, gallery, (((1,), (1,)), ((), ())), precision=precision,
                       preferred_element_type=jnp.float32)
-  s = jnp.where(gallery_ids[None, :] < 0, -jnp.inf, s)
-  s = jnp.where(s == 0, 0.0, s).reshape(q, -1, bt)
+  s = _masked(s, gallery_ids, query_ids, column_scale).reshape(q, -1, bt)
   v, c = lax.top_k(s, keep + 1)
   nb = s.shape[1]
   cols = c[..., :keep] + (jnp.arange(nb, dtype=jnp.int32) * bt)[None, :, None]
-  return v[..., :keep].reshape(q, -1), cols.reshape(q, -1), v[..., keep]
+  best = v[..., 0]  # [Q, nb]
+  reached = (best >= thresholds[:, None]).reshape(q // bq, bq, nb).any(axis=1)
+  selected = jnp.repeat(reached, bq, axis=0)  # [Q, nb]: the program ran its selection
+  values = jnp.where(selected[..., None], v[..., :keep], -jnp.inf)
+  cols = jnp.where(selected[..., None], cols, (jnp.arange(nb, dtype=jnp.int32) * bt)[:, None])
+  bounds = jnp.where(selected, v[..., keep], best)
+  return values.reshape(q, -1), cols.reshape(q, -1), bounds
 
 
-@functools.partial(jax.jit, static_argnames=("k", "config", "precision", "interpret"))
-def fused_topk(queries, gallery, gallery_ids, k: int, config: FusedConfig = FusedConfig(), *,
-               precision=None, interpret: bool = False):
-  """Exact top-k of each query over the gallery tile: (values [Q, k], ids [Q, k], the
-  number of query blocks that fell back to the exact path). Sorted by (score desc, id asc);
-  equal to `bucket_topk` on the materialised, masked scores."""
+def fused_update(prior, queries, gallery, gallery_ids, k: int,
+                 config: FusedConfig = FusedConfig(), *, query_ids=None, column_scale=None,
+                 precision=None, interpret: bool = False):
+  """The running top-k `prior` (values [Q, k] sorted, ids [Q, k]) merged with one tile:
+  (values, ids, number of query blocks that took the exact path). The tile's ids ascend
+  with its columns; a row's running k-th score is the kernel's threshold."""
+  from plato_jax.knn.sharding import merge_topk
+  prior_v, prior_i = prior
+  q = queries.shape[0]
+  query_ids, column_scale, _ = _defaults(q, gallery.shape[0], query_ids, column_scale, None)
   values, columns, bounds = block_topk(queries, gallery, gallery_ids, config,
-                                       precision=precision, interpret=interpret)
+                                       query_ids=query_ids, column_scale=column_scale,
+                                       thresholds=prior_v[:, -1], precision=precision,
+                                       interpret=interpret)
   short = k - values.shape[1]
-  if short > 0:  # fewer kept candidates than k: the certificate fails, the exact path runs
+  if short > 0:  # fewer kept candidates than k: padded, and the certificate decides
     values = jnp.pad(values, ((0, 0), (0, short)), constant_values=-jnp.inf)
     columns = jnp.pad(columns, ((0, 0), (0, short)))
   # Candidate positions order equal scores as their gallery columns do (blocks ascend, and
   # within a block equal scores were kept lower column first), so the engine's selection on
   # positions keeps the tie rule.
-  v, pos = bucket_topk(values, k, BucketConfig())
-  i = gallery_ids[jnp.take_along_axis(columns, pos, axis=1)]
-  # Certificate: every dropped score is below the k-th kept one (strictly: equal scores
-  # could outrank by id).
-  certified = jnp.max(bounds, axis=1) < v[:, -1]
-  certified = certified | (jnp.max(bounds, axis=1) == -jnp.inf)
+  tv, pos = bucket_topk(values, k, BucketConfig())
+  ti = jnp.where(tv > -jnp.inf, gallery_ids[jnp.take_along_axis(columns, pos, axis=1)], -1)
+  v, i = merge_topk(prior_v, prior_i, tv, ti, k)
+  # Certificate: every dropped score is below the merged k-th (strictly: an equal score
+  # could outrank it by id).
+  worst = jnp.max(bounds, axis=1)
+  certified = (worst < v[:, -1]) | (worst == -jnp.inf)
   bq = config.block_q
   blocks_ok = certified.reshape(-1, bq).all(axis=1)
 
   def exact():
     s = lax.dot_general(queries, gallery, (((1,), (1,)), ((), ())), precision=precision,
                         preferred_element_type=jnp.float32)
-    s = jnp.where(gallery_ids[None, :] < 0, -jnp.inf, s)
-    ev, ec = bucket_topk(s, k, BucketConfig())
-    ev = ev.reshape(-1, bq, k)
-    ei = gallery_ids[ec].reshape(-1, bq, k)
-    keep_fast = blocks_ok[:, None, None]
-    return (jnp.where(keep_fast, v.reshape(-1, bq, k), ev).reshape(-1, k),
-            jnp.where(keep_fast, i.reshape(-1, bq, k), ei).reshape(-1, k))
+    ev, ec = bucket_topk(_masked(s, gallery_ids, query_ids, column_scale), k, BucketConfig())
+    ei = jnp.where(ev > -jnp.inf, gallery_ids[ec], -1)
+    ev, ei = merge_topk(prior_v, prior_i, ev, ei, k)
+    fast = jnp.repeat(blocks_ok, bq)[:, None]
+    return jnp.where(fast, v, ev), jnp.where(fast, i, ei)
 
   v, i = lax.cond(blocks_ok.all(), lambda: (v, i), exact)
-  i = jnp.where(v > -jnp.inf, i, -1)
-  return v, i, jnp.sum(~blocks_ok, dtype=jnp.int32)
+  return v, jnp.where(v > -jnp.inf, i, -1), jnp.sum(~blocks_ok, dtype=jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "config", "precision", "interpret"))
+def fused_topk(queries, gallery, gallery_ids, k: int, config: FusedConfig = FusedConfig(), *,
+               precision=None, interpret: bool = False):
+  """Exact top-k of each query over one gallery tile: (values [Q, k], ids [Q, k], the
+  number of query blocks that fell back to the exact path). Sorted by (score desc, id asc);
+  equal to `bucket_topk` on the materialised, masked scores."""
+  q = queries.shape[0]
+  prior = (jnp.full((q, k), -jnp.inf, jnp.float32), jnp.full((q, k), -1, jnp.int32))
+  return fused_update(prior, queries, gallery, gallery_ids, k, config, precision=precision,
+                      interpret=interpret)
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedTopKSelector:
+  """The engine's running exact top-k (like `TopKSelector`), fed raw rows instead of a
+  score tile: `update_rows` runs the fused kernel. State: (values [Q, k], ids [Q, k],
+  fallbacks []) — the last counts query blocks that took the exact path."""
+  k: int
+  config: FusedConfig = FusedConfig()
+  interpret: bool = False
+
+  def init(self, num_queries: int):
+    return (np.full((num_queries, self.k), -np.inf, np.float32),
+            np.full((num_queries, self.k), -1, np.int32), np.zeros((), np.int32))
+
+  def update_rows(self, state, queries, query_ids, tile, tile_ids, *, column_scale, precision):
+    bq, bt = self.config.block_q, self.config.block_t
+    q, t = queries.shape[0], tile.shape[0]
+    pad_q, pad_t = -q % bq, -t % bt  # the engine sizes blocks so that these are 0
+    queries = jnp.pad(queries, ((0, pad_q), (0, 0)))
+    tile = jnp.pad(tile.astype(queries.dtype), ((0, pad_t), (0, 0)))
+    tile_ids = jnp.pad(tile_ids, (0, pad_t), constant_values=-1)
+    if query_ids is not None:
+      query_ids = jnp.pad(query_ids, (0, pad_q), constant_values=NO_QUERY_ID)
+    if column_scale is not None:
+      column_scale = jnp.pad(column_scale, (0, pad_t))
+    values, ids, fallbacks = state
+    prior = tuple(jnp.pad(x, ((0, pad_q), (0, 0)), constant_values=c)
+                  for x, c in ((values, -jnp.inf), (ids, -1)))
+    v, i, fell = fused_update(prior, queries, tile, tile_ids, self.k, self.config,
+                              query_ids=query_ids, column_scale=column_scale,
+                              precision=precision, interpret=self.interpret)
+    return v[:q], i[:q], fallbacks + fell
+
+  def result(self, state):
+    return state[0], state[1]

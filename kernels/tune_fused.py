@@ -1,19 +1,28 @@
-"""Check and time the fused kernel's configurations against the XLA path and torch, one run.
+"""Check and time the fused kernel's configurations against the XLA path and torch, one run,
+and project a full self-join from a measured stream.
 
     python -m kernels.tune_fused --shape=8192,65536,1024 --shape=8192,65536,384 --k=10
+    python -m kernels.tune_fused --shape=8192,65536,1024 --stream_rows=15000000
 
 For each shape (Q queries × T gallery rows × d, bf16 in, f32 accumulate), in the same run:
   * `jnp.dot` alone (the rate everything is measured against) and torch matmul + topk (GPU);
   * the XLA path: the same dot, then `kernels.topk.bucket_topk`;
-  * every `--configs` entry of `kernels.fused_topk`: first checked (on integer-valued data,
-    where every summation order gives the same f32 scores, its ids and values must equal the
-    XLA path's), then timed on random data; fallback counts are printed.
-The fastest certified configuration per shape is printed last. On CPU the kernel runs
-interpreted: use small shapes there (the check still means something; the times do not).
+  * every `--config` of `kernels.fused_topk`: first checked (on integer-valued data, where
+    every summation order gives the same f32 scores, its ids and values must equal the XLA
+    path's), then timed on random data as a stream's first tile (every program selects),
+    and with every program skipping its selection (thresholds +inf: the kernel's floor, a
+    matmul plus one max per row); fallback counts are printed.
+With `--stream_rows=N`, the fastest certified configuration and the XLA path each run a
+real stream of N random rows (fresh tiles, the running top-k carried along, as the engine
+does) for one query block; per-tile time along the stream gives the projected time of an
+N × N self-join on this device (N/Q such streams), beside its FLOP floor at spec peak.
+On CPU the kernel runs interpreted: use small shapes there (the check still means
+something; the times do not).
 """
 from __future__ import annotations
 
 import dataclasses
+import time
 
 from absl import app, flags
 
@@ -22,12 +31,14 @@ from kernels.timing import device_time
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("shape", ["8192,65536,1024", "8192,65536,384"], "Q,T,d")
 flags.DEFINE_integer("k", 10, "neighbours")
-flags.DEFINE_multi_string("config", ["64,128,4,64,4,3", "128,128,4,64,8,3", "64,256,4,64,8,3",
-                                     "128,128,4,32,8,4", "64,128,2,64,4,3", "128,64,2,64,4,3",
-                                     "128,256,8,64,8,3"],
+flags.DEFINE_multi_string("config", ["128,128,4,64,8,3", "128,128,4,32,8,4", "128,128,4,64,8,4",
+                                     "128,128,4,128,8,3", "128,64,4,64,4,3", "256,128,4,64,8,3",
+                                     "64,128,4,64,4,4"],
                           "block_q,block_t,keep,block_k,num_warps,num_stages")
 flags.DEFINE_integer("iters", 10, "calls per timing sample")
 flags.DEFINE_bool("torch", True, "time torch matmul + topk (GPU only)")
+flags.DEFINE_integer("stream_rows", 0, "rows of the measured stream (0: none)")
+flags.DEFINE_float("peak_tflops", 989.0, "spec peak for the FLOP floor (H100/H200 dense bf16)")
 
 
 def parse_config(text: str):
@@ -37,6 +48,10 @@ def parse_config(text: str):
                      num_stages=stages)
 
 
+def config_name(config) -> str:
+  return ",".join(str(getattr(config, f.name)) for f in dataclasses.fields(config))
+
+
 def tune(q_rows: int, t_rows: int, dim: int, k: int, configs, iters: int = 10,
          with_torch: bool = True, log=print) -> list[dict]:
   import jax
@@ -44,7 +59,7 @@ def tune(q_rows: int, t_rows: int, dim: int, k: int, configs, iters: int = 10,
   import numpy as np
   from jax import lax
 
-  from kernels.fused_topk import fused_topk
+  from kernels.fused_topk import block_topk, fused_topk
   from kernels.topk import BucketConfig, bucket_topk
 
   interpret = jax.default_backend() == "cpu"
@@ -67,7 +82,7 @@ def tune(q_rows: int, t_rows: int, dim: int, k: int, configs, iters: int = 10,
     row = dict(name=name, seconds=seconds, tflops=flop / seconds / 1e12, **extra)
     rows.append(row)
     log(f"  {name:44s} {seconds * 1e3:9.3f} ms {row['tflops']:8.1f} TFLOP/s "
-        + " ".join(f"{k}={v}" for k, v in extra.items()))
+        + " ".join(f"{k}={v}" for k, v in extra.items() if k != "config"))
     return row
 
   log(f"shape Q={q_rows} T={t_rows} d={dim} k={k} bf16 on {jax.devices()[0].device_kind}")
@@ -86,23 +101,84 @@ def tune(q_rows: int, t_rows: int, dim: int, k: int, configs, iters: int = 10,
   xla_random = xla(qr, gr)
   t_xla = device_time(lambda: xla(qr, gr), iters)
   record("xla dot+bucket_topk", t_xla, pct_of_dot=f"{t_dot / t_xla:.0%}")
+  never = jnp.full((q_rows,), jnp.inf, jnp.float32)
   for config in configs:
-    name = "fused " + ",".join(str(getattr(config, f.name)) for f in dataclasses.fields(config))
+    name = "fused " + config_name(config)
     try:
       run = jax.jit(lambda a, b, c=config: fused_topk(a, b, ids, k, c, interpret=interpret))
+      floor = jax.jit(lambda a, b, c=config: block_topk(a, b, ids, c, thresholds=never,
+                                                        interpret=interpret))
       v, i, fallbacks = run(qi, gi)
       exact = bool(np.array_equal(np.asarray(v), np.asarray(want_v))
                    and np.array_equal(np.asarray(i), np.asarray(want_c)))
       seconds = device_time(lambda: run(qr, gr), iters)
+      skipping = device_time(lambda: floor(qr, gr), iters)
       rv, ri, fell = run(qr, gr)
       # Random data: the two sum in different orders, so near-equal scores may swap.
       agree = float(np.mean(np.asarray(ri) == np.asarray(xla_random[1])))
       record(name, seconds, pct_of_dot=f"{t_dot / seconds:.0%}", vs_xla=f"{t_xla / seconds:.2f}x",
+             skipping_ms=f"{skipping * 1e3:.3f}", skipping_pct_of_dot=f"{t_dot / skipping:.0%}",
              exact_on_integers=exact, fallbacks_integers=int(fallbacks),
-             fallbacks_random=int(fell), ids_agree_random=f"{agree:.5f}")
+             fallbacks_random=int(fell), ids_agree_random=f"{agree:.5f}", config=config)
     except Exception as e:  # a configuration the compiler rejects is reported, not fatal
       log(f"  {name:44s} FAILED: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
   return rows
+
+
+def stream(q_rows: int, t_rows: int, dim: int, k: int, config, num_rows: int,
+           peak_tflops: float, log=print) -> dict:
+  """Per-tile seconds of the fused kernel and of the XLA path along a stream of `num_rows`
+  fresh random rows, and the projected N × N self-join time."""
+  import jax
+  import jax.numpy as jnp
+  from jax import lax
+
+  from kernels.fused_topk import fused_update
+  from kernels.topk import BucketConfig, bucket_topk
+  from plato_jax.knn.sharding import merge_topk
+
+  interpret = jax.default_backend() == "cpu"
+  key = jax.random.PRNGKey(1)
+  queries = jax.random.normal(key, (q_rows, dim), jnp.bfloat16)
+  tile_of = jax.jit(lambda t: jax.random.normal(jax.random.fold_in(key, t + 1), (t_rows, dim),
+                                                jnp.bfloat16))
+
+  def xla_update(state, tile, ids):
+    s = lax.dot_general(queries, tile, (((1,), (1,)), ((), ())),
+                        preferred_element_type=jnp.float32)
+    v, c = bucket_topk(s, k, BucketConfig())
+    return (*merge_topk(*state[:2], v, ids[c], k), state[2])
+
+  fused = jax.jit(lambda state, tile, ids: fused_update(
+      state[:2], queries, tile, ids, k, config, interpret=interpret))
+  xla = jax.jit(xla_update)
+  out = {}
+  tiles = -(-num_rows // t_rows)
+  for name, update in (("fused " + config_name(config), fused), ("xla", xla)):
+    state = (jnp.full((q_rows, k), -jnp.inf, jnp.float32), jnp.full((q_rows, k), -1, jnp.int32),
+             jnp.zeros((), jnp.int32))
+    jax.block_until_ready(update(state, tile_of(0), jnp.arange(t_rows, dtype=jnp.int32)))
+    spent, fallbacks, marks = 0.0, 0, {}
+    for t in range(tiles):
+      tile = jax.block_until_ready(tile_of(t))
+      ids = jnp.arange(t * t_rows, (t + 1) * t_rows, dtype=jnp.int32)
+      start = time.perf_counter()
+      v, i, fell = jax.block_until_ready(update(state, tile, ids))
+      spent += time.perf_counter() - start
+      fallbacks += int(fell)
+      state = (v, i, state[2])
+      if t + 1 in (1, 16, tiles):
+        marks[t + 1] = spent / (t + 1)
+    per_tile = spent / tiles
+    projected = per_tile * tiles * (num_rows / q_rows)
+    floor = 2.0 * num_rows * num_rows * dim / (peak_tflops * 1e12)
+    out[name] = dict(per_tile=per_tile, projected=projected, floor=floor, fallbacks=fallbacks)
+    log(f"  stream {name:30s} {tiles} tiles of {t_rows}: {per_tile * 1e3:.3f} ms/tile "
+        f"(mean over the first 1 / 16 / all tiles: "
+        + " / ".join(f"{s * 1e3:.3f}" for s in marks.values())
+        + f" ms); fallbacks {fallbacks}; projected {num_rows:,} x {num_rows:,} self-join "
+        f"{projected:,.0f} s (FLOP floor at {peak_tflops:.0f} TFLOP/s: {floor:,.0f} s)")
+  return out
 
 
 def main(argv):
@@ -111,11 +187,15 @@ def main(argv):
   for shape in FLAGS.shape:
     q, t, d = (int(x) for x in shape.split(","))
     rows = tune(q, t, d, FLAGS.k, configs, FLAGS.iters, FLAGS.torch)
-    good = [r for r in rows if r["name"].startswith("fused") and r.get("exact_on_integers")]
-    if good:
-      best = min(good, key=lambda r: r["seconds"])
-      print(f"best: {best['name']} {best['seconds'] * 1e3:.3f} ms, {best['pct_of_dot']} of "
-            f"jnp.dot")
+    good = [r for r in rows if r["name"].startswith("fused") and r.get("exact_on_integers")
+            and r.get("fallbacks_random") == 0]
+    if not good:
+      continue
+    best = min(good, key=lambda r: r["seconds"])
+    print(f"best: {best['name']} {best['seconds'] * 1e3:.3f} ms, {best['pct_of_dot']} of "
+          f"jnp.dot (all programs selecting), {best['skipping_pct_of_dot']} (all skipping)")
+    if FLAGS.stream_rows:
+      stream(q, t, d, FLAGS.k, best["config"], FLAGS.stream_rows, FLAGS.peak_tflops)
 
 
 if __name__ == "__main__":

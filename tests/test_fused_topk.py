@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from kernels.fused_topk import FusedConfig, block_topk, fused_topk, reference_block_topk
+from kernels.fused_topk import (FusedConfig, block_topk, fused_topk, fused_update,
+                                 reference_block_topk)
 from kernels.topk import reference_topk
 
 HI = lax.Precision.HIGHEST
@@ -37,6 +38,44 @@ def test_kernel_equals_its_reference(rng, kind):
   want = reference_block_topk(q, g, ids, cfg, precision=HI)
   for a, b in zip(got, want):
     np.testing.assert_array_equal(a, b)
+
+
+def test_kernel_masks_self_scales_columns_and_skips_below_thresholds(rng):
+  q, g, ids = data(rng, 128, 1024, 24, "wide")
+  query_ids = ids[rng.choice(1000, 128, replace=False)]  # each query's own row is present
+  scale = jnp.asarray(rng.integers(1, 4, 1024), jnp.float32)
+  s = np.asarray(jnp.dot(q, g.T, precision=HI)) * np.asarray(scale)[None, :]
+  s[(np.asarray(ids)[None, :] < 0) | (np.asarray(ids)[None, :] == np.asarray(query_ids)[:, None])] \
+      = -np.inf
+  # First query block (4 rows): each row's maximum, so the programs holding one of them
+  # select (at most 4 of 8) and the others skip; the rest: +inf (every program skips).
+  thresholds = jnp.asarray(np.where(np.arange(128) < 4, s.max(axis=1), np.inf), jnp.float32)
+  cfg = FusedConfig(block_q=4, block_t=128, keep=2)
+  got = block_topk(q, g, ids, cfg, query_ids=query_ids, column_scale=scale,
+                   thresholds=thresholds, precision=HI, interpret=True)
+  want = reference_block_topk(q, g, ids, cfg, query_ids=query_ids, column_scale=scale,
+                              thresholds=thresholds, precision=HI)
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(a, b)
+  values, columns, _ = (np.asarray(x) for x in got)
+  skipped = np.isinf(values.reshape(128, 8, 2)).all(axis=2)  # [Q, gallery blocks]
+  assert 0.5 <= skipped[:4].mean() < 1 and skipped[4:].all()  # both branches ran
+  own = np.asarray(ids)[columns] == np.asarray(query_ids)[:, None]
+  assert not (own & np.isfinite(values)).any()
+
+
+def test_running_top_k_through_two_tiles_is_exact(rng):
+  """The streaming use: the first tile's result is the prior (and threshold) of the next."""
+  q, g, ids = data(rng, 128, 2048, 24, "wide")
+  ids = jnp.arange(2048, dtype=jnp.int32)
+  cfg = FusedConfig(block_q=32, block_t=128, keep=4)
+  prior = (jnp.full((128, 10), -jnp.inf), jnp.full((128, 10), -1, jnp.int32))
+  for part in (slice(0, 1024), slice(1024, 2048)):
+    *prior, fell = fused_update(tuple(prior), q, g[part], ids[part], 10, cfg, precision=HI,
+                                interpret=True)
+  ref_v, ref_i = exact(q, g, ids, 10)
+  np.testing.assert_array_equal(prior[0], ref_v)
+  np.testing.assert_array_equal(prior[1], ref_i)
 
 
 @pytest.mark.parametrize("kind,keep", [("wide", 4), ("integers", 4), ("wide", 1)])

@@ -243,3 +243,61 @@ def test_rows_past_the_largest_prefix_are_never_read(rng):
   res = search(x[:30], source, 5, query_ids=np.arange(30), prefix_sizes=[100, 400], tile_rows=64)
   assert max(source.stops) == 400
   np.testing.assert_array_equal(res[1].ids, brute_force(x[:30], x[:400], 5, query_ids=np.arange(30))[0])
+
+
+def test_gallery_in_accelerator_memory_is_sliced_there(rng, monkeypatch):
+  """A jax gallery in accelerator memory is tiled on the device (no host round trip). The
+  CPU devices stand in for accelerators here; results equal the host-streamed ones."""
+  import sys
+
+  from plato_jax.knn import sources
+  search_module = sys.modules["plato_jax.knn.search"]
+  x = integer_rows(rng, 1000, 8)
+  ids = rng.permutation(5000)[:1000]  # not ascending: tiles are reordered on the device
+  host = search(x[:50], x, 7, query_ids=ids[:50], gallery_ids=ids, tile_rows=128)
+  calls = []
+
+  def on_device(a):
+    calls.append(isinstance(a, jax.Array))
+    return isinstance(a, jax.Array)
+
+  monkeypatch.setattr(sources, "on_accelerator", on_device)
+  monkeypatch.setattr(search_module, "on_accelerator", on_device)
+  dev = search(x[:50], jax.device_put(x), 7, query_ids=ids[:50], gallery_ids=ids,
+               tile_rows=128)
+  assert any(calls)
+  np.testing.assert_array_equal(dev.ids, host.ids)
+  np.testing.assert_array_equal(dev.scores, host.scores)
+
+
+@pytest.mark.parametrize("normalize,dtype", [(False, np.float32), (True, np.float32),
+                                             (False, ml_dtypes.bfloat16)])
+def test_fused_kernel_in_the_engine_equals_brute_force(rng, normalize, dtype):
+  """kernel="fused" (the Pallas kernel, interpreted on the 8 CPU devices): self-exclusion,
+  duplicate rows, a gallery not a multiple of the tile, prefixes, cosine, bf16."""
+  x = integer_rows(rng, 900, 16)
+  x[7] = x[300]  # exact ties between distinct ids
+  if normalize:
+    x[np.all(x == 0, axis=1), 0] = 1
+  x = x.astype(dtype)
+  q, qids = x[:130], np.arange(130)
+  res = search(q, x, 6, query_ids=qids, tile_rows=128, prefix_sizes=[500, 900],
+               normalize=normalize, kernel="fused")
+  xla = search(q, x, 6, query_ids=qids, tile_rows=128, prefix_sizes=[500, 900],
+               normalize=normalize, kernel="xla")
+  for r, other, n in zip(res, xla, [500, 900]):
+    assert r.kernel == "fused" and other.kernel == "xla"
+    np.testing.assert_array_equal(r.ids, other.ids)
+    np.testing.assert_array_equal(r.scores, other.scores)
+    if not normalize:  # cosine's f32 rounding is checked against the XLA kernel above
+      ids, scores = brute_force(q.astype(np.float32), x[:n].astype(np.float32), 6,
+                                query_ids=qids)
+      np.testing.assert_array_equal(r.ids, ids)
+      np.testing.assert_array_equal(r.scores, scores.astype(np.float32))
+
+
+def test_kernel_choice_is_checked_and_reported(rng):
+  x = integer_rows(rng, 200, 8)
+  assert search(x[:5], x, 3).kernel == "xla"  # auto on CPU
+  with pytest.raises(ValueError, match="kernel must be"):
+    search(x[:5], x, 3, kernel="triton")

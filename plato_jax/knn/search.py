@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import warnings
 from typing import Sequence
 
 import jax
@@ -19,8 +20,8 @@ import numpy as np
 from jax import lax
 
 from plato_jax.knn import sharding
-from plato_jax.knn.large_k import choose_selector
-from plato_jax.knn.sources import (MAX_ID, aligned_empty, as_source, plan_tiles,
+from plato_jax.knn.large_k import LARGE_K_THRESHOLD, choose_selector
+from plato_jax.knn.sources import (MAX_ID, aligned_empty, as_source, on_accelerator, plan_tiles,
                                    raise_for_bad_rows, stream_tiles)
 from plato_jax.progress import Progress
 from plato_jax.resume import ResumePoint
@@ -36,6 +37,8 @@ class Neighbours:
   ids: np.ndarray
   scores: np.ndarray
   gallery_size: int
+  kernel: str = "xla"   # the tile kernel that ran (see `search`'s `kernel`)
+  fallbacks: int = 0    # fused kernel: query blocks × tiles that took the exact path
 
   @property
   def k(self) -> int:
@@ -50,7 +53,7 @@ class Neighbours:
       raise ValueError(
           f"k={k} exceeds the neighbours available in a gallery of {self.gallery_size} rows "
           f"(after self-exclusion) for query rows {short[:10].tolist()}")
-    return Neighbours(self.ids[:, :k], self.scores[:, :k], self.gallery_size)
+    return dataclasses.replace(self, ids=self.ids[:, :k], scores=self.scores[:, :k])
 
 
 def _ids_array(ids, n: int, what: str) -> np.ndarray:
@@ -97,7 +100,7 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
            prefix_sizes: Sequence[int] | None = None, prefix_k: Sequence[int] | None = None,
            mesh=None, tile_rows: int | None = None,
            query_block: int = 2048, compute_dtype=None, precision=None,
-           bucket_width: int | None = None, normalize: bool = False,
+           bucket_width: int | None = None, normalize: bool = False, kernel: str = "auto",
            resume_dir: str | None = None, checkpoint_every: int = 16,
            progress: bool = False):
   """Exact k nearest neighbours (largest dot product) of `queries` in `gallery`.
@@ -124,6 +127,14 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
     bucket_width: columns per bucket of the tile selection (default: chosen from k).
     normalize: cosine similarity: queries and gallery rows are L2-normalised (gallery rows
       on the device, per tile, in f32); all-zero rows are an error.
+    kernel: the tile kernel. "xla": matmul, then `kernels.topk.bucket_topk` (or the
+      threshold selector for k >= 128) on the score tile. "fused": `kernels.fused_topk`,
+      the Pallas kernel that selects inside the matmul (small k; Triton on GPUs,
+      interpreted elsewhere — slow, for tests). "auto": fused on a GPU when
+      k < 128, else xla; if the fused kernel does not compile there, xla, with a warning.
+      Either is exact; the two accumulate in different orders, so on data where f32
+      rounding decides between two scores they may disagree. The result's `kernel` says
+      which ran, and `fallbacks` how often the fused kernel took its exact path.
     resume_dir: checkpoint the running state there every `checkpoint_every` steps; a rerun
       with the same inputs and options continues from the last checkpoint.
     progress: print rows/s and ETA on stderr.
@@ -182,12 +193,15 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
   if precision is None:
     precision = lax.Precision.HIGHEST if dtype == np.float32 else lax.Precision.DEFAULT
   block = max(1, min(query_block, num_q))
+  kernel = _pick_kernel(kernel, k_max, mesh.devices.flat[0].platform)
   if tile_rows is None:
-    align = 64
+    align = 64 if kernel == "xla" else 128
     tile_rows = max(align, SCORE_TILE_BYTES // (4 * block) // align * align)
     per_device = -(-n // num_dev)
     tile_rows = min(tile_rows, -(-per_device // align) * align)
-  selector = choose_selector(k_max, tile_rows, bucket_width)
+  selector, kernel = _selector_that_compiles(
+      kernel, k_max, tile_rows, bucket_width, mesh, block, source.dim, dtype, tile_dtype,
+      bool(exclude_self), precision, bool(normalize))
   step = sharding.sharded_step(mesh, selector, bool(exclude_self), precision, bool(normalize))
 
   ranges = plan_tiles(sizes[-1], tile_rows, sizes)  # rows past the largest prefix: never read
@@ -213,7 +227,9 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
 
   done = sizes[-1] * (start // len(groups)) + (groups[start % len(groups) - 1][-1][1]
                                                if start % len(groups) else 0)
-  meter = Progress(sizes[-1] * num_blocks, initial=done, label="knn", enabled=progress)
+  fallbacks = 0
+  meter = Progress(sizes[-1] * num_blocks, initial=done, label=f"knn ({kernel})",
+                   enabled=progress)
   for b in range(start // len(groups), num_blocks):
     q0 = b * block
     qb = np.zeros((block, source.dim), dtype)
@@ -246,6 +262,8 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
           raise ValueError(f"{num_bad} gallery rows have non-finite or overflowing norms on the "
                            f"device, but a host scan could not name them")
         v, i = sharding.device_merger(mesh, selector, keep[stop])(state)
+        if kernel == "fused" and stop == sizes[-1]:
+          fallbacks += int(sharding.replicated_sum(mesh)(state[2]))
         found["values"][str(stop)][q0:q0 + rows] = np.asarray(v)[:rows]
         found["ids"][str(stop)][q0:q0 + rows] = np.asarray(i)[:rows]
       if point is not None:
@@ -257,17 +275,63 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
   if point is not None:
     point.close()
 
-  out = [Neighbours(found["ids"][str(s)].astype(np.int64), found["values"][str(s)], s)
-         for s in sizes]
+  out = [Neighbours(found["ids"][str(s)].astype(np.int64), found["values"][str(s)], s,
+                    kernel, fallbacks) for s in sizes]
   if prefix_sizes is None:
     return out[0].top(k_max)  # raises if self-exclusion left some query short
   return out
+
+
+def _pick_kernel(kernel: str, k: int, platform: str) -> str:
+  if kernel not in ("auto", "xla", "fused"):
+    raise ValueError(f"kernel must be 'auto', 'xla' or 'fused', got {kernel!r}")
+  if kernel == "auto":
+    return "fused" if platform == "gpu" and k < LARGE_K_THRESHOLD else "xla"
+  return kernel
+
+
+def _selector_that_compiles(kernel, k, tile_rows, bucket_width, mesh, block, dim, dtype,
+                            tile_dtype, exclude_self, precision, normalize):
+  """(selector, kernel name). The fused kernel is compiled ahead here; if that fails on an
+  accelerator, the XLA selector takes over with a warning (requested explicitly, the error
+  is raised)."""
+  xla = choose_selector(k, tile_rows, bucket_width)
+  if kernel == "xla":
+    return xla, "xla"
+  from kernels.fused_topk import FusedTopKSelector
+  platform = mesh.devices.flat[0].platform
+  selector = FusedTopKSelector(k, interpret=platform == "cpu")
+  if platform == "cpu":
+    return selector, "fused"
+  try:
+    p = mesh.devices.size
+    split = sharding.NamedSharding(mesh, sharding.P(sharding.mesh_axis(mesh)))
+    whole = sharding.NamedSharding(mesh, sharding.P())
+    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct((p, *x.shape), x.dtype, sharding=split),
+                         selector.init(block))
+    sharding.sharded_step(mesh, selector, exclude_self, precision, normalize).lower(
+        state, jax.ShapeDtypeStruct((p,), np.int32, sharding=split),
+        jax.ShapeDtypeStruct((block, dim), dtype, sharding=whole),
+        jax.ShapeDtypeStruct((block,), np.int32, sharding=whole),
+        jax.ShapeDtypeStruct((p, tile_rows, dim), tile_dtype, sharding=split),
+        jax.ShapeDtypeStruct((p, tile_rows), np.int32, sharding=split)).compile()
+    return selector, "fused"
+  except Exception as e:  # noqa: BLE001 — any compiler failure means: use the XLA kernel
+    if kernel == "fused":
+      raise
+    warnings.warn(f"the fused top-k kernel did not compile on {platform} ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:200]}); using the XLA kernel")
+    return xla, "xla"
 
 
 def _padded(tile, tile_rows: int, dim: int, dtype):
   """A device slot's rows and int32 ids, padded to `tile_rows` (id -1: never selected)."""
   if tile is not None and tile.rows.shape[0] == tile_rows:
     return tile.rows, tile.ids.astype(np.int32)
+  if tile is not None and on_accelerator(tile.rows):
+    ids = np.full(tile_rows, -1, np.int32)
+    ids[:tile.ids.shape[0]] = tile.ids
+    return jax.numpy.pad(tile.rows, ((0, tile_rows - tile.rows.shape[0]), (0, 0))), ids
   rows = aligned_empty((tile_rows, dim), dtype)
   rows[...] = 0
   ids = np.full(tile_rows, -1, np.int32)

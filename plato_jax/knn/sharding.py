@@ -98,10 +98,13 @@ def score_tile(queries, query_ids, tile, tile_ids, *, exclude_self: bool, precis
   """
   s = lax.dot_general(queries, tile.astype(queries.dtype), (((1,), (1,)), ((), ())),
                       precision=precision, preferred_element_type=jnp.float32)
-  inv_norms = None
-  if row_sumsq is not None:
-    inv_norms = jnp.where(row_sumsq > 0, 1 / jnp.sqrt(jnp.where(row_sumsq > 0, row_sumsq, 1)), 0)
+  inv_norms = None if row_sumsq is None else inverse_norms(row_sumsq)
   return ScoreTile(s, tile_ids, query_ids if exclude_self else None, inv_norms)
+
+
+def inverse_norms(row_sumsq):
+  """1/‖row‖ from f32 squared norms; 0 for zero rows (padding)."""
+  return jnp.where(row_sumsq > 0, 1 / jnp.sqrt(jnp.where(row_sumsq > 0, row_sumsq, 1)), 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,15 +154,22 @@ def sharded_step(mesh: Mesh, selector, exclude_self: bool, precision, normalize:
   def local(state, bad, queries, query_ids, tiles, tile_ids):
     state = jax.tree.map(lambda x: x[0], state)
     sumsq = jnp.sum(jnp.square(tiles[0].astype(jnp.float32)), axis=-1)
-    s = score_tile(queries, query_ids, tiles[0], tile_ids[0], exclude_self=exclude_self,
-                   precision=precision, row_sumsq=sumsq if normalize else None)
-    state = selector.update(state, s)
+    if hasattr(selector, "update_rows"):  # a fused kernel: scores never leave the chip
+      state = selector.update_rows(
+          state, queries, query_ids if exclude_self else None, tiles[0], tile_ids[0],
+          column_scale=inverse_norms(sumsq) if normalize else None, precision=precision)
+    else:
+      s = score_tile(queries, query_ids, tiles[0], tile_ids[0], exclude_self=exclude_self,
+                     precision=precision, row_sumsq=sumsq if normalize else None)
+      state = selector.update(state, s)
     bad = bad + count_bad_rows(sumsq, tile_ids[0], normalize)
     return jax.tree.map(lambda x: x[None], state), bad
 
   split, whole = P(axis), P()
+  # A Pallas call inside declares no per-axis variance for its outputs; JAX then asks for
+  # the check to be off (the specs above state the layout either way).
   fn = jax.shard_map(local, mesh=mesh, in_specs=(split, split, whole, whole, split, split),
-                     out_specs=(split, split))
+                     out_specs=(split, split), check_vma=not hasattr(selector, "update_rows"))
   return jax.jit(fn, donate_argnums=(0, 1))
 
 

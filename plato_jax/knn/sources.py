@@ -28,6 +28,13 @@ def _as_host_array(x) -> np.ndarray:
   return np.asarray(x)
 
 
+def on_accelerator(x) -> bool:
+  """A jax array held in accelerator memory: its tiles are sliced there, never copied to
+  the host and back."""
+  import jax
+  return isinstance(x, jax.Array) and all(d.platform != "cpu" for d in x.devices())
+
+
 class _RowNumberIds:
   """Ids given at construction, or row numbers."""
   num_rows: int
@@ -40,15 +47,16 @@ class _RowNumberIds:
 
 
 class ArraySource(_RowNumberIds):
-  """An in-memory [N, D] array (numpy or jax)."""
+  """An in-memory [N, D] array: numpy, or jax (one in accelerator memory stays there and
+  `read` returns device slices)."""
 
   def __init__(self, rows, ids=None):
-    rows = _as_host_array(rows)
+    rows = rows if on_accelerator(rows) else _as_host_array(rows)
     if rows.ndim != 2:
       raise ValueError(f"gallery must be a 2-D [N, D] array, got shape {rows.shape}")
     self._rows = rows
     self.num_rows, self.dim = rows.shape
-    self.dtype = rows.dtype
+    self.dtype = np.dtype(rows.dtype)
     self._ids = None if ids is None else np.asarray(ids)
 
   def read(self, start: int, stop: int) -> np.ndarray:
@@ -147,7 +155,7 @@ class Tile:
   """Rows [start, stop) of the stream, reordered by id (ties on device break by column)."""
   start: int
   stop: int
-  rows: np.ndarray      # [stop-start, D], sorted by id
+  rows: Any            # [stop-start, D], sorted by id: numpy, or a jax array on the device
   ids: np.ndarray       # int64, ascending
 
 
@@ -217,7 +225,9 @@ def stream_tiles(source, ids: np.ndarray, ranges: Sequence[tuple[int, int]], *,
 
   def load(r):
     start, stop = r
-    rows = np.asarray(source.read(start, stop))
+    rows = source.read(start, stop)
+    on_device = on_accelerator(rows)
+    rows = rows if on_device else np.asarray(rows)
     if rows.shape != (stop - start, source.dim):
       raise ValueError(f"gallery source returned shape {rows.shape} for rows [{start}, {stop}), "
                        f"expected {(stop - start, source.dim)}")
@@ -225,6 +235,8 @@ def stream_tiles(source, ids: np.ndarray, ranges: Sequence[tuple[int, int]], *,
     order = np.argsort(tile_ids, kind="stable")
     if not np.all(order == np.arange(order.size)):
       rows, tile_ids = rows[order], tile_ids[order]
+    if on_device:
+      return Tile(start, stop, rows if dtype is None else rows.astype(dtype), tile_ids)
     return Tile(start, stop, host_aligned(rows, dtype), tile_ids)
 
   with concurrent.futures.ThreadPoolExecutor(max_workers=prefetch) as pool:
