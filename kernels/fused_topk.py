@@ -95,7 +95,9 @@ def _kernel(q_ref, g_ref, ids_ref, qids_ref, scale_ref, thr_ref, v_ref, c_ref, b
     return (jnp.full((bq, keep), -jnp.inf, jnp.float32), jnp.zeros((bq, keep), jnp.int32),
             best)
 
-  values, columns, bound = lax.cond(jnp.any(best >= thr_ref[rows][:, None]), select, skip)
+  # (max of 0/1, not any(): Pallas' Triton lowering has no reduce_or)
+  reached = jnp.max(jnp.where(best >= thr_ref[rows][:, None], 1, 0)) > 0
+  values, columns, bound = lax.cond(reached, select, skip)
   v_ref[...] = values
   c_ref[...] = columns + j * bt
   b_ref[...] = bound

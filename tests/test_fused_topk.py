@@ -122,3 +122,22 @@ def test_fewer_kept_candidates_than_k_take_the_exact_path(rng):
   np.testing.assert_array_equal(v, ref_v)
   np.testing.assert_array_equal(i, ref_i)
   assert fallbacks == 2
+
+
+@pytest.mark.parametrize("dim,config", [(1024, FusedConfig()), (384, FusedConfig(keep=2, block_k=32)),
+                                        (100, FusedConfig(block_q=64, num_warps=4))])
+def test_kernel_lowers_to_triton_for_gpus(dim, config):
+  """No GPU here: lowering for CUDA still runs Pallas' Triton lowering, which rejects
+  primitives it lacks (it once had no reduce_or) — caught here rather than on a GPU."""
+  import functools
+
+  import jax
+  from jax import export
+  q = jax.ShapeDtypeStruct((256, dim), jnp.bfloat16)
+  g = jax.ShapeDtypeStruct((1024, dim), jnp.bfloat16)
+  ids = jax.ShapeDtypeStruct((1024,), jnp.int32)
+  prior = (jax.ShapeDtypeStruct((256, 10), jnp.float32), jax.ShapeDtypeStruct((256, 10), jnp.int32))
+  fn = jax.jit(functools.partial(fused_update, k=10, config=config, query_ids=None))
+  exported = export.export(fn, platforms=["cuda"], disabled_checks=[
+      export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(prior, q, g, ids)
+  assert "__gpu$xla.gpu.triton" in exported.mlir_module()

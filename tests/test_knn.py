@@ -301,3 +301,24 @@ def test_kernel_choice_is_checked_and_reported(rng):
   assert search(x[:5], x, 3).kernel == "xla"  # auto on CPU
   with pytest.raises(ValueError, match="kernel must be"):
     search(x[:5], x, 3, kernel="triton")
+
+
+def test_a_fused_kernel_that_does_not_compile_falls_back_to_xla(rng, monkeypatch):
+  import sys
+
+  from kernels import fused_topk
+  search_module = sys.modules["plato_jax.knn.search"]
+  x = integer_rows(rng, 300, 8)
+
+  def broken(*args, **kwargs):
+    raise NotImplementedError("no lowering for this primitive")
+
+  monkeypatch.setattr(fused_topk.FusedTopKSelector, "update_rows", broken)
+  monkeypatch.setattr(search_module, "_pick_kernel", lambda kernel, k, platform: "fused")
+  with pytest.warns(UserWarning, match="did not compile.*using the XLA kernel"):
+    res = search(x[:20], x, 4, query_ids=np.arange(20))
+  assert res.kernel == "xla"
+  ids, _ = brute_force(x[:20], x, 4, query_ids=np.arange(20))
+  np.testing.assert_array_equal(res.ids, ids)
+  with pytest.raises(NotImplementedError):
+    search(x[:20], x, 4, kernel="fused")

@@ -193,14 +193,14 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
   if precision is None:
     precision = lax.Precision.HIGHEST if dtype == np.float32 else lax.Precision.DEFAULT
   block = max(1, min(query_block, num_q))
-  kernel = _pick_kernel(kernel, k_max, mesh.devices.flat[0].platform)
+  requested, kernel = kernel, _pick_kernel(kernel, k_max, mesh.devices.flat[0].platform)
   if tile_rows is None:
     align = 64 if kernel == "xla" else 128
     tile_rows = max(align, SCORE_TILE_BYTES // (4 * block) // align * align)
     per_device = -(-n // num_dev)
     tile_rows = min(tile_rows, -(-per_device // align) * align)
   selector, kernel = _selector_that_compiles(
-      kernel, k_max, tile_rows, bucket_width, mesh, block, source.dim, dtype, tile_dtype,
+      kernel, requested == "fused", k_max, tile_rows, bucket_width, mesh, block, source.dim, dtype, tile_dtype,
       bool(exclude_self), precision, bool(normalize))
   step = sharding.sharded_step(mesh, selector, bool(exclude_self), precision, bool(normalize))
 
@@ -290,19 +290,16 @@ def _pick_kernel(kernel: str, k: int, platform: str) -> str:
   return kernel
 
 
-def _selector_that_compiles(kernel, k, tile_rows, bucket_width, mesh, block, dim, dtype,
+def _selector_that_compiles(kernel, required, k, tile_rows, bucket_width, mesh, block, dim, dtype,
                             tile_dtype, exclude_self, precision, normalize):
-  """(selector, kernel name). The fused kernel is compiled ahead here; if that fails on an
-  accelerator, the XLA selector takes over with a warning (requested explicitly, the error
-  is raised)."""
+  """(selector, kernel name). The fused kernel is compiled ahead here; if that fails, the
+  XLA selector takes over with a warning (requested explicitly, the error is raised)."""
   xla = choose_selector(k, tile_rows, bucket_width)
   if kernel == "xla":
     return xla, "xla"
   from kernels.fused_topk import FusedTopKSelector
   platform = mesh.devices.flat[0].platform
   selector = FusedTopKSelector(k, interpret=platform == "cpu")
-  if platform == "cpu":
-    return selector, "fused"
   try:
     p = mesh.devices.size
     split = sharding.NamedSharding(mesh, sharding.P(sharding.mesh_axis(mesh)))
@@ -317,7 +314,7 @@ def _selector_that_compiles(kernel, k, tile_rows, bucket_width, mesh, block, dim
         jax.ShapeDtypeStruct((p, tile_rows), np.int32, sharding=split)).compile()
     return selector, "fused"
   except Exception as e:  # noqa: BLE001 — any compiler failure means: use the XLA kernel
-    if kernel == "fused":
+    if required:
       raise
     warnings.warn(f"the fused top-k kernel did not compile on {platform} ({type(e).__name__}: "
                   f"{str(e).splitlines()[0][:200]}); using the XLA kernel")
