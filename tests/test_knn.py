@@ -313,6 +313,7 @@ def test_a_fused_kernel_that_does_not_compile_falls_back_to_xla(rng, monkeypatch
   def broken(*args, **kwargs):
     raise NotImplementedError("no lowering for this primitive")
 
+  search_module._selector_that_compiles.cache_clear()  # probes are cached per shape
   monkeypatch.setattr(fused_topk.FusedTopKSelector, "update_rows", broken)
   monkeypatch.setattr(search_module, "_pick_kernel", lambda kernel, k, platform: "fused")
   with pytest.warns(UserWarning, match="did not compile.*using the XLA kernel"):
@@ -322,3 +323,4 @@ def test_a_fused_kernel_that_does_not_compile_falls_back_to_xla(rng, monkeypatch
   np.testing.assert_array_equal(res.ids, ids)
   with pytest.raises(NotImplementedError):
     search(x[:20], x, 4, kernel="fused")
+  search_module._selector_that_compiles.cache_clear()
