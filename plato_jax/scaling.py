@@ -52,6 +52,23 @@ def resolve_k(spec: str, n: int) -> int:
   return parse_count(s)
 
 
+def expand_k(spec: str, n: int) -> list[int]:
+  """The k values a spec names at gallery size n: one for '10' or 'n/100'; for 'log:M' or
+  'log:M:CAP', M log-spaced values from 1 to n-1 (or CAP, if smaller), rounded and
+  deduplicated (a k sweep, Koepke Fig. 3a)."""
+  s = str(spec).strip().lower()
+  if not s.startswith("log:"):
+    return [resolve_k(s, n)]
+  parts = s.split(":")
+  if len(parts) not in (2, 3):
+    raise ValueError(f"not a k sweep: {spec!r} (use log:M or log:M:CAP)")
+  count = parse_count(parts[1])
+  top = min(n - 1, parse_count(parts[2])) if len(parts) == 3 else n - 1
+  if top < 1:
+    return []
+  return sorted({int(round(k)) for k in np.geomspace(1, top, count)})
+
+
 def gallery_order(num_rows: int, query_rows: np.ndarray, chunk_rows: int, seed: int) -> np.ndarray:
   """Queries first, then the other rows in seeded random order of whole chunks."""
   rng = np.random.default_rng(seed)
@@ -118,14 +135,15 @@ def run_scaling(store_a: FeatureStore, store_b: FeatureStore, *, layer_a="auto",
                      f"must contain")
   if size_list[-1] > n_total:
     raise ValueError(f"gallery size {size_list[-1]:,} exceeds the stores' {n_total:,} rows")
-  k_by_size = {n: {spec: resolve_k(spec, n) for spec in ks} for n in size_list}
-  for n, by_spec in k_by_size.items():
-    for spec, k in by_spec.items():
+  k_by_size = {n: list(dict.fromkeys((spec, k) for spec in ks for k in expand_k(spec, n)))
+               for n in size_list}
+  for n, pairs in k_by_size.items():
+    for spec, k in pairs:
       if k > n - 1:
         raise ValueError(f"k={spec} gives {k} > {n - 1} neighbours available at gallery "
                          f"size {n}")
   # Per size: its largest k, and 10 for the top-10 cosine.
-  keep = [max(*k_by_size[n].values(), min(10, n - 1)) for n in size_list]
+  keep = [max([k for _, k in k_by_size[n]] + [min(10, n - 1)]) for n in size_list]
 
   q_a = store_a.gather(query_rows).astype(np.float32)
   q_b = store_b.gather(query_rows).astype(np.float32)
@@ -159,7 +177,7 @@ def run_scaling(store_a: FeatureStore, store_b: FeatureStore, *, layer_a="auto",
   rows, quality = [], []
   for i, n in enumerate(size_list):
     na, nb = found["a"][i], found["b"][i]
-    for spec, k in k_by_size[n].items():
+    for spec, k in k_by_size[n]:
       rows.append(dict(size=n, k_spec=spec, k=k,
                        mutual_knn=metrics.mutual_knn_from_neighbours(na.top(k).ids, nb.top(k).ids),
                        chance=k / (n - 1)))

@@ -21,3 +21,19 @@ def integer_rows(rng, n, d, lo=-2, hi=3):
 
 def one_device_mesh():
   return Mesh(np.array(jax.devices()[:1]), ("gallery",))
+
+
+def cosine_top_k(x, num_queries, k):
+  """float64 cosine top-k of rows 0..num_queries-1 among all rows of x, self excluded
+  (ties: lower row first)."""
+  x = x.astype(np.float64)
+  x = x / np.linalg.norm(x, axis=1, keepdims=True)
+  s = x[:num_queries] @ x.T
+  s[np.arange(num_queries), np.arange(num_queries)] = -np.inf
+  return np.argsort(-s, axis=1, kind="stable")[:, :k]
+
+
+def brute_mutual_knn(xa, xb, num_queries, k):
+  """Mutual k-NN of the first `num_queries` rows of two paired galleries (float64 cosine)."""
+  a, b = cosine_top_k(xa, num_queries, k), cosine_top_k(xb, num_queries, k)
+  return np.mean([len(np.intersect1d(r, t)) for r, t in zip(a, b)]) / k

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+from knn_reference import brute_mutual_knn
 
 from plato_jax import metrics
 from plato_jax.scaling import gallery_order, parse_count, resolve_k, run_scaling
@@ -20,18 +21,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
   return build_world(str(tmp_path_factory.mktemp("worlds")), 6000, SMALL, progress=False)
-
-
-def brute_mutual_knn(xa, xb, k):
-  """float64 cosine top-k of each query (rows 0..q-1 of both) in all rows, self excluded."""
-  def top(x):
-    x = x.astype(np.float64)
-    x = x / np.linalg.norm(x, axis=1, keepdims=True)
-    s = x[:QUERIES] @ x.T
-    s[np.arange(QUERIES), np.arange(QUERIES)] = -np.inf
-    return np.argsort(-s, axis=1, kind="stable")[:, :k]
-  a, b = top(xa), top(xb)
-  return np.mean([len(np.intersect1d(r, t)) for r, t in zip(a, b)]) / k
 
 
 QUERIES = 300
@@ -53,7 +42,7 @@ def test_results_equal_brute_force_per_size_and_k(world):
   for n in sizes:
     for spec in ["1", "10", "n/100"]:
       k = resolve_k(spec, n)
-      want = brute_mutual_knn(xa[:n], xb[:n], k)
+      want = brute_mutual_knn(xa[:n], xb[:n], QUERIES, k)
       assert rows[(n, spec)]["mutual_knn"] == pytest.approx(want, abs=2.0 / (QUERIES * k)), (n, spec)
       assert rows[(n, spec)]["chance"] == pytest.approx(k / (n - 1))
   # at n = queries the gallery is the queries alone: the PRH all-vs-all mutual_knn
@@ -88,6 +77,16 @@ def test_stores_with_different_rows_are_refused(tmp_path, world):
   other = build_world(str(tmp_path), 5000, SMALL, progress=False)
   with pytest.raises(ValueError, match="do not hold the same rows"):
     run_scaling(world[0], other[1], queries=100, sizes=[100], progress=False)
+
+
+def test_world_rows_do_not_depend_on_the_worker_count(tmp_path, world):
+  """Blocks come from per-block random streams: made by two spawned processes, the world is
+  the one the fixture made in this process, bit for bit."""
+  a, b = build_world(str(tmp_path), 6000, SMALL, progress=False, workers=2)
+  for made, want in ((a, world[0]), (b, world[1])):
+    for layer in range(want.num_layers):
+      np.testing.assert_array_equal(made.read_layer(layer).view(np.uint16),
+                                    want.read_layer(layer).view(np.uint16))
 
 
 def _run_cli(args, log=None):

@@ -1,0 +1,146 @@
+"""What the gallery experiments share: their store/query/gallery flags, the synthetic default,
+multi-host start-up, one engine run through `plato_jax.scaling.run_scaling`, and the writing
+of results (JSON + CSV + PNG, atomically) under --out.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("features_a", None, "feature store of model a (path or kvstore URL); "
+                    "default: the built-in synthetic world")
+flags.DEFINE_string("features_b", None, "feature store of model b (same rows as a)")
+flags.DEFINE_string("layer_a", "auto", "layer of a (index or name), or 'auto': best pair on the "
+                    "queries")
+flags.DEFINE_string("layer_b", "auto", "layer of b (index or name), or 'auto'")
+flags.DEFINE_string("queries", "1024", "number of queries (drawn with --seed), or a file of "
+                    "query ids (one per line)")
+flags.DEFINE_string("gallery", None, "largest gallery size, e.g. 100k, 15m (default: all rows "
+                    "of the stores; synthetic: 200k)")
+flags.DEFINE_list("sizes", None, "gallery sizes (default: the experiment's, up to --gallery, "
+                  "plus --gallery)")
+flags.DEFINE_integer("seed", 0, "seed of the query draw and of the gallery order")
+flags.DEFINE_string("out", None, "output directory (default: results/<experiment>)")
+flags.DEFINE_bool("resume", True, "checkpoint the searches under --out/resume/<run> and continue "
+                  "from there after a crash")
+flags.DEFINE_string("world_dir", os.path.join(os.path.expanduser("~"), ".cache", "plato_jax"),
+                    "cache directory of the synthetic world")
+flags.DEFINE_integer("checkpoint_every", 16, "engine steps between checkpoints")
+flags.DEFINE_integer("tile_rows", None, "engine tile rows per device (default: engine's choice)")
+flags.DEFINE_bool("progress", True, "show progress bars")
+flags.DEFINE_string("coordinator", None, "multi-host: coordinator host:port for "
+                    "jax.distributed.initialize (every process runs the same command)")
+flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
+flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
+
+SYNTHETIC_ROWS = 200_000
+
+
+@dataclasses.dataclass
+class Setup:
+  store_a: object
+  store_b: object
+  queries: int | list[int]
+  num_queries: int
+  largest: int
+  out: str
+
+
+def start(experiment: str) -> Setup:
+  """Logging, multi-host start-up, the two stores (given or synthetic) and the query set."""
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # checkpointing logs a dozen INFO lines per save
+  import jax
+  if FLAGS.coordinator:
+    if FLAGS.features_a is None:
+      raise app.UsageError("multi-host runs read --features_a/--features_b stores that every "
+                           "process can reach")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; GPUs use NCCL
+    jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+  from plato_jax.scaling import parse_count
+  from plato_jax.store import FeatureStore
+
+  if (FLAGS.features_a is None) != (FLAGS.features_b is None):
+    raise app.UsageError("give both --features_a and --features_b, or neither (synthetic world)")
+  if FLAGS.features_a is None:
+    from plato_jax.synthetic import WorldConfig, build_world
+    rows = parse_count(FLAGS.gallery) if FLAGS.gallery else SYNTHETIC_ROWS
+    store_a, store_b = build_world(os.path.join(FLAGS.world_dir, "synthetic"), rows,
+                                   WorldConfig(), progress=FLAGS.progress)
+  else:
+    store_a, store_b = FeatureStore.open(FLAGS.features_a), FeatureStore.open(FLAGS.features_b)
+  largest = parse_count(FLAGS.gallery) if FLAGS.gallery else store_a.num_rows
+  if largest > store_a.num_rows:
+    raise app.UsageError(f"--gallery={FLAGS.gallery} exceeds the stores' {store_a.num_rows:,} rows")
+  if os.path.exists(FLAGS.queries):
+    with open(FLAGS.queries) as f:
+      queries = [int(line) for line in f if line.strip()]
+  else:
+    queries = parse_count(FLAGS.queries)
+  num_queries = queries if isinstance(queries, int) else len(queries)
+  return Setup(store_a, store_b, queries, num_queries, largest,
+               FLAGS.out or os.path.join("results", experiment))
+
+
+def gallery_sizes(setup: Setup, defaults) -> list[int]:
+  """--sizes, or the `defaults` up to the largest gallery, plus it and the query count (the
+  smallest gallery is the queries alone, WIT-1024 in the paper)."""
+  from plato_jax.scaling import parse_count
+  if FLAGS.sizes:
+    sizes = {parse_count(s) for s in FLAGS.sizes}
+  else:
+    sizes = {s for s in map(parse_count, defaults) if s <= setup.largest} | {setup.largest}
+  return sorted(sizes | {setup.num_queries})
+
+
+def run(setup: Setup, sizes, ks, store_a=None, store_b=None, **config):
+  """`run_scaling` on the setup's stores (or the two given), resumable under --out: one
+  resume directory per configuration, so a rerun with other flags starts afresh beside it.
+  Returns (result, the run's config for the result file)."""
+  import jax
+
+  from plato_jax.scaling import run_scaling
+  store_a = setup.store_a if store_a is None else store_a
+  store_b = setup.store_b if store_b is None else store_b
+  config = dict({name: FLAGS[name].value for name in (
+      "features_a", "features_b", "layer_a", "layer_b", "queries", "gallery", "seed")},
+      store_a=store_a.root, store_b=store_b.root, sizes=list(sizes), k=list(ks), **config)
+  layout = dict(config, tile_rows=FLAGS.tile_rows, devices=jax.device_count())
+  run_id = hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()[:12]
+  result = run_scaling(store_a, store_b, layer_a=FLAGS.layer_a, layer_b=FLAGS.layer_b,
+                       queries=setup.queries, sizes=sizes, ks=ks, seed=FLAGS.seed,
+                       resume_dir=(os.path.join(setup.out, "resume", run_id) if FLAGS.resume
+                                   else None),
+                       checkpoint_every=FLAGS.checkpoint_every, tile_rows=FLAGS.tile_rows,
+                       progress=FLAGS.progress)
+  return result, config
+
+
+def is_writer() -> bool:
+  """Every process holds the same results; process 0 writes them."""
+  import jax
+  return jax.process_index() == 0
+
+
+def write(setup: Setup, name: str, payload: dict, rows, figure) -> list[str]:
+  """<name>.json (payload), <name>.csv (rows), <name>.png (a matplotlib figure), atomically."""
+  import matplotlib.pyplot as plt
+
+  from plato_jax import report
+  report.write_json(os.path.join(setup.out, f"{name}.json"), payload)
+  report.write_csv(os.path.join(setup.out, f"{name}.csv"), rows)
+  report.write_plot(os.path.join(setup.out, f"{name}.png"), figure)
+  plt.close(figure)
+  return [f"{name}.{ext}" for ext in ("json", "csv", "png")]
+
+
+def figure(width: float = 6, height: float = 4):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt.subplots(figsize=(width, height))

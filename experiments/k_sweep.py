@@ -1,0 +1,60 @@
+r"""Mutual k-NN against k at fixed gallery sizes (Koepke et al. Fig. 3a, experiment E6).
+
+    python -m experiments.k_sweep                         # synthetic world: 1,024 and 200k rows
+    python -m experiments.k_sweep --features_a=dinov2.store --features_b=openllama.store \
+        --sizes=1024,1m --num_k=24 --max_k=100k --out=results/k_sweep
+
+One engine pass per model gives every size and every k (nested prefixes, multi-k). Per size
+the k grid is --num_k log-spaced values from 1 to n-1 (capped at --max_k: the engine keeps
+Q × max k neighbours per size). The figure is log-log with one line per size and chance
+k/(n-1) dashed; m_NN → 1 as k → n.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from absl import app, flags
+
+from experiments import common
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("num_k", 24, "k values per gallery size (log-spaced)")
+flags.DEFINE_string("max_k", "100k", "largest k (the sweep stops at min(n-1, max_k))")
+
+
+def plot(result):
+  fig, ax = common.figure()
+  for n in dict.fromkeys(r["size"] for r in result.rows):
+    pts = [r for r in result.rows if r["size"] == n]
+    line, = ax.plot([r["k"] for r in pts], [r["mutual_knn"] for r in pts], "o-", ms=3,
+                    label=f"n = {n:,}")
+    ax.plot([r["k"] for r in pts], [r["chance"] for r in pts], "--", color=line.get_color(),
+            alpha=0.5)
+  ax.set_xscale("log")
+  ax.set_yscale("log")
+  ax.set_xlabel("k")
+  ax.set_ylabel("mutual k-NN alignment")
+  ax.set_title(f"layers a={result.layer_a}, b={result.layer_b} (dashed: chance k/(n-1))")
+  ax.legend()
+  return fig
+
+
+def main(argv):
+  del argv
+  from plato_jax import report
+  from plato_jax.scaling import parse_count
+  setup = common.start("k_sweep")
+  sizes = common.gallery_sizes(setup, ())  # the queries alone and the largest gallery
+  spec = f"log:{FLAGS.num_k}:{parse_count(FLAGS.max_k)}"
+  result, config = common.run(setup, sizes, [spec])
+  if not common.is_writer():
+    return
+  files = common.write(setup, "k_sweep", {"config": config, **dataclasses.asdict(result)},
+                       result.rows, plot(result))
+  print(f"\nlayers: a={result.layer_a} b={result.layer_b}; {result.num_queries} queries")
+  print(report.format_table(result.rows, ["size", "k", "mutual_knn", "chance"]))
+  print(f"\nwrote {setup.out}/{', '.join(files)}")
+
+
+if __name__ == "__main__":
+  app.run(main)
