@@ -87,6 +87,19 @@ def start(experiment: str) -> Setup:
                FLAGS.out or os.path.join("results", experiment))
 
 
+def synthetic(setup: Setup) -> bool:
+  """The run is on the built-in synthetic world (no --features flags)."""
+  return FLAGS.features_a is None
+
+
+def synthetic_model(setup: Setup, modality: int, model: int, quality: float = 1.0):
+  """Another model of the synthetic world's modality (0: a, 1: b), built once and cached
+  beside the world (`plato_jax.synthetic.build_model`)."""
+  from plato_jax.synthetic import WorldConfig, build_model
+  return build_model(os.path.join(FLAGS.world_dir, "synthetic"), setup.store_a.num_rows,
+                     modality, model, quality, WorldConfig(), progress=FLAGS.progress)
+
+
 def gallery_sizes(setup: Setup, defaults) -> list[int]:
   """--sizes, or the `defaults` up to the largest gallery, plus it and the query count (the
   smallest gallery is the queries alone, WIT-1024 in the paper)."""
@@ -102,7 +115,6 @@ def run(setup: Setup, sizes, ks, store_a=None, store_b=None, **config):
   """`run_scaling` on the setup's stores (or the two given), resumable under --out: one
   resume directory per configuration, so a rerun with other flags starts afresh beside it.
   Returns (result, the run's config for the result file)."""
-  import jax
 
   from plato_jax.scaling import run_scaling
   store_a = setup.store_a if store_a is None else store_a
@@ -110,15 +122,21 @@ def run(setup: Setup, sizes, ks, store_a=None, store_b=None, **config):
   config = dict({name: FLAGS[name].value for name in (
       "features_a", "features_b", "layer_a", "layer_b", "queries", "gallery", "seed")},
       store_a=store_a.root, store_b=store_b.root, sizes=list(sizes), k=list(ks), **config)
-  layout = dict(config, tile_rows=FLAGS.tile_rows, devices=jax.device_count())
-  run_id = hashlib.sha256(json.dumps(layout, sort_keys=True).encode()).hexdigest()[:12]
   result = run_scaling(store_a, store_b, layer_a=FLAGS.layer_a, layer_b=FLAGS.layer_b,
                        queries=setup.queries, sizes=sizes, ks=ks, seed=FLAGS.seed,
-                       resume_dir=(os.path.join(setup.out, "resume", run_id) if FLAGS.resume
-                                   else None),
+                       resume_dir=(os.path.join(setup.out, "resume", run_id(config))
+                                   if FLAGS.resume else None),
                        checkpoint_every=FLAGS.checkpoint_every, tile_rows=FLAGS.tile_rows,
                        progress=FLAGS.progress)
   return result, config
+
+
+def run_id(config: dict) -> str:
+  """One resume directory per configuration (and device layout): a rerun with other flags
+  starts afresh beside it."""
+  import jax
+  layout = dict(config, tile_rows=FLAGS.tile_rows, devices=jax.device_count())
+  return hashlib.sha256(json.dumps(layout, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def is_writer() -> bool:

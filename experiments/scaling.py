@@ -18,8 +18,6 @@ from experiments import common
 FLAGS = flags.FLAGS
 flags.DEFINE_list("k", ["1", "10", "n/100"], "k values: integers or n/100")
 
-DEFAULT_SIZES = ("1024", "10k", "50k", "100k", "500k", "1m", "5m", "10m", "15m")
-
 
 def plot(result):
   fig, ax = common.figure()
@@ -42,6 +40,7 @@ def main(argv):
   del argv
   from plato_jax import report
   setup = common.start("scaling")
+  from plato_jax.scaling import DEFAULT_SIZES
   sizes = common.gallery_sizes(setup, DEFAULT_SIZES)
   result, config = common.run(setup, sizes, FLAGS.k)
   if not common.is_writer():

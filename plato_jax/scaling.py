@@ -88,24 +88,18 @@ def choose_queries(num_rows: int, count: int, seed: int) -> np.ndarray:
 
 
 @dataclasses.dataclass
-class ScalingResult:
-  layer_a: int
-  layer_b: int
-  layer_table: list | None
-  num_queries: int
-  rows: list[dict]            # one per (size, k): size, k_spec, k, mutual_knn, chance
-  quality: list[dict]         # one per (size, modality): mean cosine of top-1 / top-10
+class GalleryPlan:
+  ids: np.ndarray             # the stores' row ids
+  query_rows: np.ndarray      # store rows of the queries
+  sizes: list[int]            # gallery sizes, ascending (prefixes of `order`)
+  order: np.ndarray           # store rows in gallery order, queries first
+  k_by_size: dict             # size -> [(k spec, k)]
 
 
-def run_scaling(store_a: FeatureStore, store_b: FeatureStore, *, layer_a="auto", layer_b="auto",
-                queries: int | Sequence[int] = 1024, sizes: Sequence[str | int] = DEFAULT_SIZES,
-                ks: Sequence[str] = DEFAULT_KS, seed: int = 0, resume_dir: str | None = None,
-                checkpoint_every: int = 16, mesh=None, tile_rows: int | None = None, progress: bool = True) -> ScalingResult:
-  """Runs the scaling protocol on two stores of the same rows (see the module docstring).
-
-  `queries` is a count (drawn with `seed`) or explicit row ids present in both stores.
-  Sizes above the stores' rows are an error; `sizes` are counts like '10k'.
-  """
+def plan_galleries(store_a: FeatureStore, store_b: FeatureStore, queries, sizes, ks,
+                   seed: int) -> GalleryPlan:
+  """Checks that the stores hold the same rows and resolves queries, sizes, ks and the
+  gallery order (see the module docstring); errors name what is wrong."""
   ids = store_a.ids()
   ids_b = store_b.ids()
   if ids.shape != ids_b.shape or not np.array_equal(ids, ids_b):
@@ -142,6 +136,41 @@ def run_scaling(store_a: FeatureStore, store_b: FeatureStore, *, layer_a="auto",
       if k > n - 1:
         raise ValueError(f"k={spec} gives {k} > {n - 1} neighbours available at gallery "
                          f"size {n}")
+  order = gallery_order(n_total, query_rows, chunk_rows, seed)[:size_list[-1]]
+  return GalleryPlan(ids, query_rows, size_list, order, k_by_size)
+
+
+def layer_neighbours(store: FeatureStore, layer: int, queries, plan: GalleryPlan, keep,
+                     **search_options):
+  """One engine pass over one layer in gallery order: the queries' cosine neighbours at
+  every gallery size (`keep[i]` of them at size i), queries excluded as self."""
+  return search(queries, OrderedSource(store.layer(layer), plan.order), max(keep),
+                query_ids=plan.ids[plan.query_rows], prefix_sizes=plan.sizes, prefix_k=keep,
+                normalize=True, **search_options)
+
+
+@dataclasses.dataclass
+class ScalingResult:
+  layer_a: int
+  layer_b: int
+  layer_table: list | None
+  num_queries: int
+  rows: list[dict]            # one per (size, k): size, k_spec, k, mutual_knn, chance
+  quality: list[dict]         # one per (size, modality): mean cosine of top-1 / top-10
+
+
+def run_scaling(store_a: FeatureStore, store_b: FeatureStore, *, layer_a="auto", layer_b="auto",
+                queries: int | Sequence[int] = 1024, sizes: Sequence[str | int] = DEFAULT_SIZES,
+                ks: Sequence[str] = DEFAULT_KS, seed: int = 0, resume_dir: str | None = None,
+                checkpoint_every: int = 16, mesh=None, tile_rows: int | None = None, progress: bool = True) -> ScalingResult:
+  """Runs the scaling protocol on two stores of the same rows (see the module docstring).
+
+  `queries` is a count (drawn with `seed`) or explicit row ids present in both stores.
+  Sizes above the stores' rows are an error; `sizes` are counts like '10k'.
+  """
+  plan = plan_galleries(store_a, store_b, queries, sizes, ks, seed)
+  ids, query_rows, size_list, k_by_size = plan.ids, plan.query_rows, plan.sizes, plan.k_by_size
+  num_q = len(query_rows)
   # Per size: its largest k, and 10 for the top-10 cosine.
   keep = [max([k for _, k in k_by_size[n]] + [min(10, n - 1)]) for n in size_list]
 
@@ -161,18 +190,14 @@ def run_scaling(store_a: FeatureStore, store_b: FeatureStore, *, layer_a="auto",
   else:
     la, lb = store_a.layer_index(layer_a), store_b.layer_index(layer_b)
 
-  order = gallery_order(n_total, query_rows, chunk_rows, seed)[:size_list[-1]]
   found = {}
   for name, store, layer, q in (("a", store_a, la, q_a), ("b", store_b, lb, q_b)):
     if progress:
       print(f"model {name}: layer {layer} of {store.root}", flush=True)
-    found[name] = search(
-        q[:, layer], OrderedSource(store.layer(layer), order), max(keep),
-        query_ids=ids[query_rows], prefix_sizes=size_list, prefix_k=keep, normalize=True,
-        mesh=mesh,
-        tile_rows=tile_rows, progress=progress,
-        resume_dir=None if resume_dir is None else os.path.join(resume_dir, name),
-        checkpoint_every=checkpoint_every)
+    found[name] = layer_neighbours(
+        store, layer, q[:, layer], plan, keep, mesh=mesh, tile_rows=tile_rows,
+        progress=progress, checkpoint_every=checkpoint_every,
+        resume_dir=None if resume_dir is None else os.path.join(resume_dir, name))
 
   rows, quality = [], []
   for i, n in enumerate(size_list):

@@ -81,62 +81,110 @@ class World:
       self.maps.append(maps.astype(np.float32))
       self.noise.append((c.noise_min + (c.noise_max - c.noise_min) * spread).astype(np.float32))
 
-  def block(self, index: int, rows: int = BLOCK_ROWS):
-    """Rows [index*BLOCK_ROWS, +rows): (concepts [r], features a [r, La, Da], b [r, Lb, Db])."""
+  def model(self, modality: int, model: int):
+    """(maps [L, latent, D], per-layer noise [L]) of one model of a modality: model 0 is the
+    world's own; others draw their maps from their own stream, with the same noise profile
+    (the same best layer)."""
+    if model == 0:
+      return self.maps[modality], self.noise[modality]
+    c = self.config
+    latent = c.concept_dims + c.shared_dims + c.own_dims
+    rng = np.random.default_rng([c.seed, 10 + modality, model])
+    maps = rng.standard_normal((c.layers[modality], latent, c.dims[modality])) / np.sqrt(latent)
+    return maps.astype(np.float32), self.noise[modality]
+
+  def block(self, index: int, rows: int = BLOCK_ROWS, models=((0, 0, 1.0), (1, 0, 1.0))):
+    """Rows [index*BLOCK_ROWS, +rows): (concepts [r], one feature array [r, L, D] per entry
+    (modality, model, quality) of `models`). A model's layer noise is its modality's
+    profile divided by its quality (model 0 has quality 1: the world's own stores)."""
     c = self.config
     shared = np.random.default_rng([c.seed, 1, index])
     concepts = shared.integers(0, c.num_concepts, rows)
     detail = shared.standard_normal((rows, c.shared_dims))
+    latents, streams = {}, {}
+    for m in sorted({m for m, _, _ in models}):
+      streams[m] = own = np.random.default_rng([c.seed, 2 + m, index])
+      latents[m] = np.concatenate([
+          c.concept_scale * self.centres[concepts], c.shared_scale * detail,
+          c.own_scale * own.standard_normal((rows, c.own_dims))], axis=1).astype(np.float32)
     out = []
-    for m in range(2):
-      own = np.random.default_rng([c.seed, 2 + m, index])
-      z = np.concatenate([c.concept_scale * self.centres[concepts], c.shared_scale * detail,
-                          c.own_scale * own.standard_normal((rows, c.own_dims))], axis=1)
-      x = np.einsum("rz,lzd->rld", z.astype(np.float32), self.maps[m])
-      x += self.noise[m][None, :, None] * own.standard_normal(x.shape, dtype=np.float32)
+    for m, j, quality in models:
+      if j == 0 and quality != 1.0:
+        raise ValueError("model 0 is the world's own model: its quality is 1")
+      maps, noise = self.model(m, j)
+      x = np.einsum("rz,lzd->rld", latents[m], maps)
+      draws = streams[m] if j == 0 else np.random.default_rng([c.seed, 20 + m, j, index])
+      x += (noise / np.float32(quality))[None, :, None] * draws.standard_normal(
+          x.shape, dtype=np.float32)
       out.append(x)
-    return concepts, out[0], out[1]
+    return (concepts, *out)
 
 
 def build_world(directory: str, num_rows: int, config: WorldConfig = WorldConfig(), *,
                 dtype: str = "bfloat16", progress: bool = True, workers: int | None = None
                 ) -> tuple[FeatureStore, FeatureStore]:
   """Writes (once; later calls reuse it) the two modalities' stores under `directory`;
-  `workers` processes generate the rows (default: see `_blocks`).
+  `workers` processes generate the rows (default: see `_blocks`). Each store has a "label"
+  column: the row's concept (its class).
 
   Store paths depend on the config and size, so a changed world never reuses a stale one.
   An interrupted build resumes where its stores' durable rows end.
   """
-  root = os.path.join(directory, f"world-{config.fingerprint()}-{num_rows}-{dtype}")
-  paths = [os.path.join(root, name) for name in ("a", "b")]
+  root = world_root(directory, num_rows, config, dtype)
+  return _build([os.path.join(root, name) for name in ("a", "b")],
+                ((0, 0, 1.0), (1, 0, 1.0)), num_rows, config, dtype, progress, workers)
+
+
+def build_model(directory: str, num_rows: int, modality: int, model: int, quality: float = 1.0,
+                config: WorldConfig = WorldConfig(), *, dtype: str = "bfloat16",
+                progress: bool = True, workers: int | None = None) -> FeatureStore:
+  """Another model of one modality of the same world (same rows and ids): its own random
+  maps, its layer noise divided by `quality` — a family of models of graded quality.
+  Model 0 with quality 1 is the world's own store."""
+  if model < 0 or quality <= 0:
+    raise ValueError(f"model must be >= 0 and quality > 0, got {model}, {quality}")
+  root = world_root(directory, num_rows, config, dtype)
+  name = "ab"[modality] if model == 0 else f"{'ab'[modality]}{model}-q{quality:g}"
+  return _build([os.path.join(root, name)], ((modality, model, float(quality)),), num_rows,
+                config, dtype, progress, workers)[0]
+
+
+def world_root(directory: str, num_rows: int, config: WorldConfig, dtype: str) -> str:
+  return os.path.join(directory, f"world-v2-{config.fingerprint()}-{num_rows}-{dtype}")
+
+
+def _build(paths, models, num_rows, config, dtype, progress, workers):
   try:
-    return tuple(FeatureStore.open(p) for p in paths)  # type: ignore[return-value]
+    return tuple(FeatureStore.open(p) for p in paths)
   except ValueError:
     pass
   writers = []
-  for m, path in enumerate(paths):
+  for path, (m, j, quality) in zip(paths, models):
     try:
       writers.append(StoreWriter.resume(path))
     except ValueError:
       writers.append(StoreWriter.create(
           path, num_rows=num_rows, num_layers=config.layers[m], dim=config.dims[m], dtype=dtype,
-          model=f"synthetic-{'ab'[m]}", dataset=f"synthetic-world-{config.fingerprint()}",
-          pooling="none", overwrite=True, chunk_rows=4096, shard_rows=BLOCK_ROWS * 4,
-          extra={"world": dataclasses.asdict(config)}))
-  # Both stores restart from the smaller durable count, on a block boundary.
+          model=f"synthetic-{'ab'[m]}" + (f"{j}-q{quality:g}" if j else ""),
+          dataset=f"synthetic-world-{config.fingerprint()}", pooling="none", overwrite=True,
+          chunk_rows=4096, shard_rows=BLOCK_ROWS * 4, columns=["label"],
+          extra={"world": dataclasses.asdict(config), "modality": "ab"[m], "model_index": j,
+                 "quality": quality}))
+  # The stores restart from the smallest durable count, on a block boundary.
   start = min(w.rows_written for w in writers) // BLOCK_ROWS * BLOCK_ROWS
   for w in writers:
     w.position = w.rows_written = start
   meter = Progress(num_rows, initial=start, label="synthetic world", enabled=progress)
   indices = range(start // BLOCK_ROWS, -(-num_rows // BLOCK_ROWS))
-  for index, (_, a, b) in zip(indices, _blocks(config, indices, num_rows, workers)):
-    rows = a.shape[0]
+  blocks = _blocks(config, models, indices, num_rows, workers)
+  for index, (concepts, *features) in zip(indices, blocks):
+    rows = concepts.shape[0]
     ids = np.arange(index * BLOCK_ROWS, index * BLOCK_ROWS + rows)
-    for w, x in zip(writers, (a, b)):
-      w.append(x, ids)
-    meter.update(rows, a.nbytes + b.nbytes)
+    for w, x in zip(writers, features):
+      w.append(x, ids, columns={"label": concepts})
+    meter.update(rows, sum(x.nbytes for x in features))
   meter.close()
-  return tuple(w.close() for w in writers)  # type: ignore[return-value]
+  return tuple(w.close() for w in writers)
 
 
 @functools.lru_cache(maxsize=4)
@@ -144,18 +192,18 @@ def _world(config: WorldConfig) -> "World":
   return World(config)
 
 
-def _block(config: WorldConfig, index: int, num_rows: int):
-  return _world(config).block(index, min(BLOCK_ROWS, num_rows - index * BLOCK_ROWS))
+def _block(config: WorldConfig, models, index: int, num_rows: int):
+  return _world(config).block(index, min(BLOCK_ROWS, num_rows - index * BLOCK_ROWS), models)
 
 
-def _blocks(config: WorldConfig, indices, num_rows: int, workers: int | None):
+def _blocks(config: WorldConfig, models, indices, num_rows: int, workers: int | None):
   """The blocks in order, made by `workers` processes (default: one per core, up to 16,
   for worlds of 64+ blocks); a block is ~0.3 s of one core's numpy work, which one process
   could not keep up with on a large host (22k rows/s measured)."""
   if workers is None:
     workers = min(16, os.cpu_count() or 1) if len(indices) >= 64 else 1
   if workers <= 1:
-    yield from (_block(config, i, num_rows) for i in indices)
+    yield from (_block(config, models, i, num_rows) for i in indices)
     return
   # Spawned, not forked: the parent may hold JAX's and BLAS's threads.
   ctx = multiprocessing.get_context("spawn")
@@ -163,9 +211,9 @@ def _blocks(config: WorldConfig, indices, num_rows: int, workers: int | None):
     pending = collections.deque()
     todo = iter(indices)
     for i in itertools.islice(todo, 2 * workers):
-      pending.append(pool.submit(_block, config, i, num_rows))
+      pending.append(pool.submit(_block, config, models, i, num_rows))
     while pending:
       block = pending.popleft().result()
       for i in itertools.islice(todo, 1):
-        pending.append(pool.submit(_block, config, i, num_rows))
+        pending.append(pool.submit(_block, config, models, i, num_rows))
       yield block

@@ -56,3 +56,82 @@ def test_k_sweep_equals_brute_force_at_every_size_and_k(world, tmp_path):
       assert r["chance"] == pytest.approx(r["k"] / (n - 1))
   # all neighbours of the queries-only gallery: every set is the same, alignment is 1
   assert [r for r in rows if r["size"] == QUERIES][-1]["mutual_knn"] == 1.0
+
+
+def test_model_family_shares_rows_and_labels_and_grades_alignment(world, tmp_path):
+  from plato_jax import metrics
+  from plato_jax.synthetic import World, build_model
+  a, b = world
+  directory = os.path.dirname(os.path.dirname(a.root.rstrip("/").removeprefix("file://")))
+  same = build_model(directory, ROWS, 0, 0, 1.0, SMALL, progress=False)
+  assert same.root == a.root  # model 0 is the world's own store
+  concepts = np.concatenate([World(SMALL).block(i, min(8192, ROWS - i * 8192))[0]
+                             for i in range(-(-ROWS // 8192))])
+  np.testing.assert_array_equal(a.column("label"), concepts)
+  scores = []
+  for j, quality in ((1, 0.25), (2, 4.0)):
+    model = build_model(str(tmp_path), ROWS, 0, j, quality, SMALL, progress=False)
+    np.testing.assert_array_equal(model.ids(), a.ids())
+    np.testing.assert_array_equal(model.column("label"), concepts)
+    assert model.meta["quality"] == quality and model.meta["model_index"] == j
+    x = model.read_layer(2).astype(np.float32)[:500]
+    y = b.read_layer(2).astype(np.float32)[:500]
+    scores.append(metrics.mutual_knn(x / np.linalg.norm(x, axis=1, keepdims=True),
+                                     y / np.linalg.norm(y, axis=1, keepdims=True), 10))
+  assert scores[0] < scores[1]  # less layer noise: closer to the other modality
+
+
+def test_within_modality_pairs_equal_brute_force(world, tmp_path):
+  from plato_jax.synthetic import build_model
+  a, b = world
+  same_a = build_model(str(tmp_path / "w"), ROWS, 0, 1, 1.0, SMALL, progress=False)
+  run_experiment("within_modality", f"--features_a={a.root}", f"--features_b={b.root}",
+                 f"--same_a={same_a.root}", f"--queries={QUERIES}", f"--sizes={QUERIES},{ROWS}",
+                 "--k=1,10", f"--out={tmp_path / 'out'}")
+  result = json.loads((tmp_path / "out" / "within_modality.json").read_text())
+  assert [run["pair"] for run in result["runs"]] == ["a vs a'", "a vs b"]  # no --same_b
+  for run, (x, y) in zip(result["runs"], ((a, same_a), (a, b))):
+    xs, ys = gallery(x, run["layer_a"]), gallery(y, run["layer_b"])
+    for r in run["rows"]:
+      want = brute_mutual_knn(xs[:r["size"]], ys[:r["size"]], QUERIES, r["k"])
+      assert r["mutual_knn"] == pytest.approx(want, abs=2.0 / (QUERIES * r["k"])), (run["pair"], r)
+
+
+def test_relabelled_neighbours_are_the_neighbours_of_the_relabelled_model(rng):
+  """N_{b∘π}(q) = π⁻¹(N_b(π(q))): the identity that lets one search serve every permutation."""
+  from knn_reference import cosine_top_k
+
+  from plato_jax.null import permuted
+  n, q, k = 400, 30, 7
+  x = rng.standard_normal((n, 12))
+  neighbours = cosine_top_k(x, q, k)[None]            # [1 layer, Q, k] positions
+  seed = int(rng.integers(2**31))
+  got = permuted(neighbours, n, q, np.random.default_rng(seed))[0]
+  draw = np.random.default_rng(seed)                  # the same π, applied to the rows
+  perm = np.concatenate([draw.permutation(q), q + draw.permutation(n - q)])
+  want = cosine_top_k(x[perm], q, k)                  # row r of b∘π is row π(r) of b
+  np.testing.assert_array_equal(np.sort(got, axis=1), np.sort(want, axis=1))
+
+
+def test_null_scores_equal_direct_computation(world):
+  from plato_jax import metrics
+  from plato_jax.null import run_null
+  a, b = world
+  res = run_null(a, b, queries=QUERIES, sizes=[QUERIES, ROWS], ks=["1", "10"], permutations=30,
+                 seed=0, progress=False, tile_rows=512)
+  for r in res.rows:
+    n, k = r["size"], r["k"]
+    raw = np.array([[brute_mutual_knn(gallery(a, la)[:n], gallery(b, lb)[:n], QUERIES, k)
+                     for lb in range(b.num_layers)] for la in range(a.num_layers)])
+    assert r["raw_fixed"] == pytest.approx(raw[res.layer_a, res.layer_b], abs=2 / (QUERIES * k))
+    assert r["raw_reselected"] == pytest.approx(raw.max(), abs=2 / (QUERIES * k))
+    assert r["null_fixed"] <= r["null_max"]  # per permutation, one pair's score <= the max
+    assert r["calibrated"] == pytest.approx(r["raw_reselected"] - r["null_max"])
+    assert r["calibrated_tau"] == pytest.approx((r["raw_reselected"] - r["tau"]) / (1 - r["tau"]))
+    # the shuffled pairing of one pair sits at chance k/(n-1), within sampling error
+    assert r["null_fixed"] == pytest.approx(k / (n - 1), rel=0.5, abs=3 / (QUERIES * k))
+  q_rows = choose_queries(ROWS, QUERIES, 0)
+  qa = a.gather(q_rows).astype(np.float32)
+  qb = b.gather(q_rows).astype(np.float32)
+  best = metrics.compute_score(qa, qb, "mutual_knn", topk=10)
+  assert (res.layer_a, res.layer_b) == tuple(best.indices)  # fixed on the queries, as scaling
