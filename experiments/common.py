@@ -77,14 +77,27 @@ def start(experiment: str) -> Setup:
   largest = parse_count(FLAGS.gallery) if FLAGS.gallery else store_a.num_rows
   if largest > store_a.num_rows:
     raise app.UsageError(f"--gallery={FLAGS.gallery} exceeds the stores' {store_a.num_rows:,} rows")
-  if os.path.exists(FLAGS.queries):
-    with open(FLAGS.queries) as f:
-      queries = [int(line) for line in f if line.strip()]
-  else:
-    queries = parse_count(FLAGS.queries)
+  queries = read_queries()
   num_queries = queries if isinstance(queries, int) else len(queries)
   return Setup(store_a, store_b, queries, num_queries, largest,
                FLAGS.out or os.path.join("results", experiment))
+
+
+def read_queries() -> int | list[int]:
+  """--queries: a count, or a file of query ids (one per line; errors name the line)."""
+  from plato_jax.scaling import parse_count
+  if not os.path.exists(FLAGS.queries):
+    return parse_count(FLAGS.queries)
+  ids = []
+  with open(FLAGS.queries) as f:
+    for number, line in enumerate(f, start=1):
+      if line.strip():
+        try:
+          ids.append(int(line))
+        except ValueError:
+          raise app.UsageError(f"{FLAGS.queries}, line {number}: {line.strip()!r} is not an "
+                               f"integer id") from None
+  return ids
 
 
 def synthetic(setup: Setup) -> bool:
@@ -157,8 +170,9 @@ def write(setup: Setup, name: str, payload: dict, rows, figure) -> list[str]:
   return [f"{name}.{ext}" for ext in ("json", "csv", "png")]
 
 
-def figure(width: float = 6, height: float = 4):
+def figure(width: float = 6, height: float = 4, ncols: int = 1):
+  """(figure, axes) on the file-only backend."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  return plt.subplots(figsize=(width, height))
+  return plt.subplots(1, ncols, figsize=(width, height))

@@ -135,3 +135,52 @@ def test_null_scores_equal_direct_computation(world):
   qb = b.gather(q_rows).astype(np.float32)
   best = metrics.compute_score(qa, qb, "mutual_knn", topk=10)
   assert (res.layer_a, res.layer_b) == tuple(best.indices)  # fixed on the queries, as scaling
+
+
+def test_alignment_grid_equals_compute_score_per_pair(world, tmp_path):
+  from plato_jax import metrics
+  from plato_jax.grid import model_name
+  from plato_jax.synthetic import build_model
+  a, b = world
+  a1 = build_model(str(tmp_path / "w"), ROWS, 0, 1, 0.3, SMALL, progress=False)
+  values = tmp_path / "values.csv"
+  values.write_text(f"model,value\n{model_name(b)},0.25\n")
+  run_experiment("alignment_grid", f"--models_a={a.root},{a1.root}", f"--models_b={b.root}",
+                 f"--queries={QUERIES}", "--metrics=mutual_knn,cka", "--topk=5",
+                 f"--values={values}", f"--out={tmp_path / 'out'}")
+  rows = json.loads((tmp_path / "out" / "alignment_grid.json").read_text())["rows"]
+  assert [(r["model_a"], r["metric"]) for r in rows] == [
+      (model_name(a), "mutual_knn@5"), (model_name(a), "cka"),
+      (model_name(a1), "mutual_knn@5"), (model_name(a1), "cka")]
+  q_rows = choose_queries(ROWS, QUERIES, 0)
+  xb = metrics.prepare_features(b.gather(q_rows).astype(np.float32))
+  for r, store in zip(rows, (a, a, a1, a1)):
+    xa = metrics.prepare_features(store.gather(q_rows).astype(np.float32))
+    metric, topk = ("mutual_knn", 5) if r["metric"] == "mutual_knn@5" else ("cka", None)
+    want = metrics.compute_score(xa, xb, metric, topk=topk)
+    assert r["score"] == pytest.approx(want.score, rel=1e-6)
+    assert (r["layer_a"], r["layer_b"]) == tuple(want.indices)
+    assert r["value_b"] == 0.25
+  bad = tmp_path / "bad.csv"
+  bad.write_text("model,value\nsomething-else,1\n")
+  done = subprocess.run([sys.executable, "-m", "experiments.alignment_grid", "--progress=false",
+                         f"--models_a={a.root}", f"--models_b={b.root}", f"--queries={QUERIES}",
+                         f"--values={bad}", f"--out={tmp_path / 'bad'}"],
+                        cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert done.returncode != 0 and f"no value for models ['{model_name(b)}']" in done.stderr
+
+
+def test_trend_fit_equals_the_formulas(rng):
+  from plato_jax.grid import trend_fit
+  x, y = rng.random(8), rng.random(8)
+  xn, yn = rng.random(5), rng.random(5)
+  fit = trend_fit(x, y, xn, yn)
+  slope, intercept = np.polyfit(x, y, 1)
+  assert fit["slope"] == pytest.approx(slope) and fit["intercept"] == pytest.approx(intercept)
+  assert fit["r2_base"] == pytest.approx(np.corrcoef(x, y)[0, 1] ** 2)
+  predicted = intercept + slope * xn
+  assert fit["r2_new"] == pytest.approx(
+      1 - np.sum((yn - predicted) ** 2) / np.sum((yn - yn.mean()) ** 2))
+  assert np.isnan(trend_fit(x, y, xn[:1], yn[:1])["r2_new"])
+  with pytest.raises(ValueError, match="two distinct x"):
+    trend_fit([1, 1], [0, 1])

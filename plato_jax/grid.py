@@ -1,0 +1,118 @@
+"""Best-layer alignment of every (model A, model B) pair on one query set (PRH Fig. 3/4,
+Koepke Fig. 3b; experiments E1, E2, E4, E8, E16), and the OLS trend tests of PAPERS.md §2.2d.
+
+The PRH protocol on N queries (WIT-1024 in the papers): every model's features of all
+layers for the same rows; outlier clamp at the `clamp` quantile and per-layer L2 norm
+(`metrics.prepare_features`); then `metrics.compute_score` — the metric's maximum over all
+layer pairs (optionally with the concatenation of all layers as a candidate). The stores
+must hold the same row ids; the queries are drawn once with the seed.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from plato_jax import metrics
+
+
+def model_name(store) -> str:
+  """A store's model name: its metadata's, else the last part of its path."""
+  name = store.meta.get("model")
+  if name:
+    return str(name)
+  return store.root.rstrip("/").rsplit("/", 1)[-1]
+
+
+def query_features(stores, queries, seed: int):
+  """[Q, L, D] float32 features of the same query rows from each store (ids must agree)."""
+  from plato_jax.scaling import choose_queries
+  ids = stores[0].ids()
+  for s in stores[1:]:
+    other = s.ids()
+    if other.shape != ids.shape or not np.array_equal(other, ids):
+      raise ValueError(f"stores {stores[0].root} and {s.root} do not hold the same row ids")
+  if isinstance(queries, (int, np.integer)):
+    rows = choose_queries(len(ids), int(queries), seed)
+  else:
+    position = {int(v): i for i, v in enumerate(ids)}
+    missing = [int(q) for q in queries if int(q) not in position]
+    if missing:
+      raise ValueError(f"query ids not in the stores: {missing[:10]}")
+    rows = np.asarray([position[int(q)] for q in queries], np.int64)
+  return rows, [s.gather(rows).astype(np.float32) for s in stores]
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricSpec:
+  metric: str
+  topk: int | None = None  # kNN metrics and CKNNA
+
+  @property
+  def label(self) -> str:
+    return self.metric if self.topk is None else f"{self.metric}@{self.topk}"
+
+
+def metric_specs(names: Sequence[str], topk: int, cknna_ks: Sequence[int]) -> list[MetricSpec]:
+  """'all' expands to the eight metrics; kNN metrics take `topk`; CKNNA each of `cknna_ks`."""
+  names = metrics.SUPPORTED_METRICS if list(names) == ["all"] else list(names)
+  out = []
+  for name in names:
+    if name not in metrics.SUPPORTED_METRICS:
+      raise ValueError(f"unknown metric {name!r}; supported: {metrics.SUPPORTED_METRICS}")
+    if name == "cknna":
+      out += [MetricSpec(name, k) for k in cknna_ks]
+    else:
+      out.append(MetricSpec(name, topk if "knn" in name else None))
+  return out
+
+
+def alignment_grid(stores_a, stores_b, specs: Sequence[MetricSpec], *, queries=1024,
+                   seed: int = 0, clamp: float = 0.95, concat: bool = False,
+                   progress: bool = True) -> list[dict]:
+  """One row per (model a, model b, metric): best score and its layer pair (-1: concat)."""
+  rows, feats = query_features(list(stores_a) + list(stores_b), queries, seed)
+  prepared = [metrics.prepare_features(f, q=clamp) if clamp < 1 else f for f in feats]
+  fa, fb = prepared[:len(stores_a)], prepared[len(stores_a):]
+  out = []
+  for i, (sa, xa) in enumerate(zip(stores_a, fa)):
+    for j, (sb, xb) in enumerate(zip(stores_b, fb)):
+      if progress:
+        print(f"pair {i + 1}/{len(stores_a)} x {j + 1}/{len(stores_b)}: {model_name(sa)} vs "
+              f"{model_name(sb)}", flush=True)
+      for spec in specs:
+        best = metrics.compute_score(xa, xb, spec.metric, topk=spec.topk, normalize=True,
+                                     concat=concat)
+        layer_a, layer_b = best.indices if best.indices is not None else (None, None)
+        out.append(dict(model_a=model_name(sa), model_b=model_name(sb), metric=spec.label,
+                        score=best.score, layer_a=layer_a, layer_b=layer_b,
+                        num_queries=len(rows)))
+  return out
+
+
+def ols(x, y):
+  """(intercept, slope) of the least-squares line y ≈ intercept + slope · x."""
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  if len(x) < 2 or np.ptp(x) == 0:
+    raise ValueError(f"OLS needs at least two distinct x values, got {x.tolist()}")
+  slope, intercept = np.polyfit(x, y, 1)
+  return float(intercept), float(slope)
+
+
+def trend_fit(x_base, y_base, x_new=(), y_new=()) -> dict:
+  """PAPERS.md §2.2d: OLS on the base models; R²(base) = r² there; on the new models
+  R²(new) = 1 − Σ(y − ŷ)² / Σ(y − ȳ_new)² with ŷ from the base line (negative: worse than
+  predicting their mean). NaN where undefined (fewer than two new models, or no spread)."""
+  intercept, slope = ols(x_base, y_base)
+  yb = np.asarray(y_base, np.float64)
+  fit_b = intercept + slope * np.asarray(x_base, np.float64)
+  ss_b = np.sum((yb - yb.mean()) ** 2)
+  r2_base = float(1 - np.sum((yb - fit_b) ** 2) / ss_b) if ss_b > 0 else float("nan")
+  r2_new = float("nan")
+  if len(x_new) >= 2:
+    yn = np.asarray(y_new, np.float64)
+    ss_n = np.sum((yn - yn.mean()) ** 2)
+    if ss_n > 0:
+      r2_new = float(1 - np.sum((yn - (intercept + slope * np.asarray(x_new))) ** 2) / ss_n)
+  return dict(intercept=intercept, slope=slope, r2_base=r2_base, r2_new=r2_new)
