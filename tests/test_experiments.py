@@ -184,3 +184,35 @@ def test_trend_fit_equals_the_formulas(rng):
   assert np.isnan(trend_fit(x, y, xn[:1], yn[:1])["r2_new"])
   with pytest.raises(ValueError, match="two distinct x"):
     trend_fit([1, 1], [0, 1])
+
+
+def test_llm_trend_fits_equal_direct_ols(world, tmp_path):
+  from plato_jax import metrics
+  from plato_jax.grid import model_name, trend_fit
+  from plato_jax.synthetic import build_model
+  a, b = world
+  language = [b] + [build_model(str(tmp_path / "w"), ROWS, 1, j, q, SMALL, progress=False)
+                    for j, q in ((1, 0.1), (2, 0.3), (3, 2.0))]
+  bench = tmp_path / "bench.csv"
+  bench.write_text("model,group,hellaswag,gsm8k\n" + "".join(
+      f"{model_name(s)},{g},{h},{m}\n" for s, g, h, m in zip(
+          language, ("base", "base", "new", "new"), (0.3, 0.5, 0.4, 0.9), (0.1, 0.2, 0.6, 0.3))))
+  run_experiment("llm_trend", f"--models_a={a.root}", f"--models_b={','.join(s.root for s in language)}",
+                 f"--benchmarks={bench}", f"--queries={QUERIES}", "--k=5", f"--out={tmp_path / 'out'}")
+  result = json.loads((tmp_path / "out" / "llm_trend.json").read_text())
+  q_rows = choose_queries(ROWS, QUERIES, 0)
+  xa = metrics.prepare_features(a.gather(q_rows).astype(np.float32))
+  align = [metrics.compute_score(xa, metrics.prepare_features(s.gather(q_rows).astype(np.float32)),
+                                 "mutual_knn", topk=5).score for s in language]
+  scores = {"hellaswag": (0.3, 0.5, 0.4, 0.9), "gsm8k": (0.1, 0.2, 0.6, 0.3)}
+  for fit in result["fits"]:
+    x = scores[fit["benchmark"]]
+    want = trend_fit(x[:2], align[:2], x[2:], align[2:])
+    for key in ("slope", "intercept", "r2_new"):
+      assert fit[key] == pytest.approx(want[key], rel=1e-6, abs=1e-9), (fit, want)
+  assert {s["benchmark"] for s in result["summary"]} == {"hellaswag", "gsm8k"}
+  bench.write_text("model,group,hellaswag\nx,old,0.1\n")
+  done = subprocess.run([sys.executable, "-m", "experiments.llm_trend", "--progress=false",
+                         f"--models_a={a.root}", f"--models_b={b.root}", f"--benchmarks={bench}",
+                         f"--out={tmp_path / 'bad'}"], cwd=REPO, capture_output=True, text=True)
+  assert done.returncode != 0 and "line 2: group must be base or new, got 'old'" in done.stderr
