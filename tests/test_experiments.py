@@ -216,3 +216,63 @@ def test_llm_trend_fits_equal_direct_ols(world, tmp_path):
                          f"--models_a={a.root}", f"--models_b={b.root}", f"--benchmarks={bench}",
                          f"--out={tmp_path / 'bad'}"], cwd=REPO, capture_output=True, text=True)
   assert done.returncode != 0 and "line 2: group must be base or new, got 'old'" in done.stderr
+
+
+def brute_neighbours(queries, gallery, gallery_ids, k):
+  """float64 cosine top-k; ties by id ascending (as the engine)."""
+  q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+  g = gallery / np.linalg.norm(gallery, axis=1, keepdims=True)
+  s = q.astype(np.float64) @ g.astype(np.float64).T
+  return np.stack([gallery_ids[np.lexsort((gallery_ids, -row))[:k]] for row in s])
+
+
+def test_class_decomposition_equals_numpy(rng):
+  from plato_jax.decomposition import class_decomposition, class_name_features, class_order
+  classes, per_class, d = 12, 8, 6
+  labels = np.repeat(np.arange(classes), per_class)[rng.permutation(classes * per_class)]
+  centres = rng.standard_normal((classes, d))
+  xa = (centres[labels] + 0.8 * rng.standard_normal((len(labels), d))).astype(np.float32)
+  xb = (centres[labels] + 1.2 * rng.standard_normal((len(labels), d))).astype(np.float32)
+  names = class_name_features(xb, labels)
+  ids = np.arange(len(labels)) * 5 + 3
+  rows = class_decomposition(xa, xb, labels, [1, 3, 7], [1, 3], seed=4, ids=ids,
+                             features_b_names=names)
+  queries, gallery, _, depth = class_order(labels, 4)
+  assert depth == per_class - 1 and len(rows) == 6
+  for r in rows:
+    g = gallery[:classes * r["ipc"]]
+    # the gallery holds exactly ipc items of every class, no query
+    assert np.all(np.bincount(labels[g], minlength=classes) == r["ipc"])
+    assert not np.isin(g, queries).any()
+    nb = {m: brute_neighbours(x[queries], x[g], ids[g], r["k"])
+          for m, x in (("a", xa), ("b", xb), ("n", names))}
+    label = {int(i): int(c) for i, c in zip(ids, labels)}
+    acc = {m: np.mean([[label[i] == labels[q] for i in row] for q, row in zip(queries, v)],
+                      axis=1) for m, v in nb.items()}
+    assert r["acc_img"] == pytest.approx(acc["a"].mean())
+    assert r["acc_txt"] == pytest.approx(acc["b"].mean())
+    assert r["both"] == pytest.approx((acc["a"] * acc["b"]).mean())
+    assert r["strict"] == pytest.approx(np.mean([len(np.intersect1d(x, y)) for x, y in
+                                                 zip(nb["a"], nb["b"])]) / r["k"])
+    # a class-name caption is nearest its own class: all of its ipc items come first
+    assert r["acc_txt_names"] == pytest.approx(min(r["ipc"], r["k"]) / r["k"])
+    assert r["strict_names"] == pytest.approx(np.mean([len(np.intersect1d(x, y)) for x, y in
+                                                       zip(nb["a"], nb["n"])]) / r["k"])
+  with pytest.raises(ValueError, match=r"ipc must lie in \[1, 7\]"):
+    class_decomposition(xa, xb, labels, [8], [1])
+
+
+def test_imagenet_experiment_runs_on_store_labels(world, tmp_path):
+  a, b = world
+  out = run_experiment("imagenet", f"--features_a={a.root}", f"--features_b={b.root}",
+                       "--ipc=1,5", "--k=1,3", f"--out={tmp_path}")
+  result = json.loads((tmp_path / "imagenet.json").read_text())
+  assert [(r["ipc"], r["k"]) for r in result["rows"]] == [(1, 1), (1, 3), (5, 1), (5, 3)]
+  assert "strict_names" not in result["rows"][0]  # real stores: no class-name stand-in
+  assert "20 classes" in out
+  labels = tmp_path / "labels.txt"
+  labels.write_text("1\n2\n")
+  done = subprocess.run([sys.executable, "-m", "experiments.imagenet", "--progress=false",
+                         f"--features_a={a.root}", f"--features_b={b.root}", f"--labels={labels}",
+                         f"--out={tmp_path / 'bad'}"], cwd=REPO, capture_output=True, text=True)
+  assert done.returncode != 0 and f"--labels has 2 labels, the stores {ROWS} rows" in done.stderr
