@@ -93,17 +93,21 @@ class World:
     maps = rng.standard_normal((c.layers[modality], latent, c.dims[modality])) / np.sqrt(latent)
     return maps.astype(np.float32), self.noise[modality]
 
-  def block(self, index: int, rows: int = BLOCK_ROWS, models=((0, 0, 1.0), (1, 0, 1.0))):
+  def block(self, index: int, rows: int = BLOCK_ROWS, models=((0, 0, 1.0), (1, 0, 1.0)),
+            item: int = 0):
     """Rows [index*BLOCK_ROWS, +rows): (concepts [r], one feature array [r, L, D] per entry
     (modality, model, quality) of `models`). A model's layer noise is its modality's
-    profile divided by its quality (model 0 has quality 1: the world's own stores)."""
+    profile divided by its quality (model 0 has quality 1: the world's own stores).
+    `item` > 0: another item of the same sources (another image of the same prompt): the
+    same concept and shared detail, its own modality-specific latent and noise."""
     c = self.config
     shared = np.random.default_rng([c.seed, 1, index])
     concepts = shared.integers(0, c.num_concepts, rows)
     detail = shared.standard_normal((rows, c.shared_dims))
     latents, streams = {}, {}
     for m in sorted({m for m, _, _ in models}):
-      streams[m] = own = np.random.default_rng([c.seed, 2 + m, index])
+      streams[m] = own = np.random.default_rng(
+          [c.seed, 2 + m, index] if item == 0 else [c.seed, 30 + m, item, index])
       latents[m] = np.concatenate([
           c.concept_scale * self.centres[concepts], c.shared_scale * detail,
           c.own_scale * own.standard_normal((rows, c.own_dims))], axis=1).astype(np.float32)
@@ -149,39 +153,62 @@ def build_model(directory: str, num_rows: int, modality: int, model: int, qualit
                 config, dtype, progress, workers)[0]
 
 
+def build_items(directory: str, num_rows: int, modality: int, items: int,
+                config: WorldConfig = WorldConfig(), *, dtype: str = "bfloat16",
+                progress: bool = True, workers: int | None = None) -> FeatureStore:
+  """`items` items per source of one modality (the world's rows are the sources): several
+  images of one prompt, or several captions of one image (the many-to-many experiments).
+  Rows are item-major — every source's item 0 (the world's own row, same id), then every
+  source's item 1, … — with id = item · num_rows + source and a "group" column holding the
+  source id, so the first m · num_rows rows hold m items of every source."""
+  if items < 1:
+    raise ValueError(f"items must be >= 1, got {items}")
+  root = world_root(directory, num_rows, config, dtype)
+  return _build([os.path.join(root, f"{'ab'[modality]}-items{items}")],
+                ((modality, 0, 1.0),), num_rows, config, dtype, progress, workers, items)[0]
+
+
 def world_root(directory: str, num_rows: int, config: WorldConfig, dtype: str) -> str:
   return os.path.join(directory, f"world-v2-{config.fingerprint()}-{num_rows}-{dtype}")
 
 
-def _build(paths, models, num_rows, config, dtype, progress, workers):
+def _build(paths, models, num_rows, config, dtype, progress, workers, items: int = 1):
   try:
     return tuple(FeatureStore.open(p) for p in paths)
   except ValueError:
     pass
   writers = []
+  columns = ["label"] + (["group"] if items > 1 else [])
   for path, (m, j, quality) in zip(paths, models):
     try:
       writers.append(StoreWriter.resume(path))
     except ValueError:
       writers.append(StoreWriter.create(
-          path, num_rows=num_rows, num_layers=config.layers[m], dim=config.dims[m], dtype=dtype,
-          model=f"synthetic-{'ab'[m]}" + (f"{j}-q{quality:g}" if j else ""),
+          path, num_rows=num_rows * items, num_layers=config.layers[m], dim=config.dims[m],
+          dtype=dtype, model=f"synthetic-{'ab'[m]}" + (f"{j}-q{quality:g}" if j else ""),
           dataset=f"synthetic-world-{config.fingerprint()}", pooling="none", overwrite=True,
-          chunk_rows=4096, shard_rows=BLOCK_ROWS * 4, columns=["label"],
+          chunk_rows=4096, shard_rows=BLOCK_ROWS * 4, columns=columns,
           extra={"world": dataclasses.asdict(config), "modality": "ab"[m], "model_index": j,
-                 "quality": quality}))
-  # The stores restart from the smallest durable count, on a block boundary.
-  start = min(w.rows_written for w in writers) // BLOCK_ROWS * BLOCK_ROWS
+                 "quality": quality, "items_per_source": items}))
+  # Work units, item-major: (item, block index, first row); the stores restart at the
+  # last unit boundary their durable rows reach.
+  blocks = -(-num_rows // BLOCK_ROWS)
+  units = [(item, index, item * num_rows + index * BLOCK_ROWS)
+           for item in range(items) for index in range(blocks)]
+  durable = min(w.rows_written for w in writers)
+  first = max(u for u, (_, _, row) in enumerate(units) if row <= durable)
   for w in writers:
-    w.position = w.rows_written = start
-  meter = Progress(num_rows, initial=start, label="synthetic world", enabled=progress)
-  indices = range(start // BLOCK_ROWS, -(-num_rows // BLOCK_ROWS))
-  blocks = _blocks(config, models, indices, num_rows, workers)
-  for index, (concepts, *features) in zip(indices, blocks):
+    w.position = w.rows_written = units[first][2]
+  meter = Progress(num_rows * items, initial=units[first][2], label="synthetic world",
+                   enabled=progress)
+  todo = units[first:]
+  made = _blocks(config, models, [(item, index) for item, index, _ in todo], num_rows, workers)
+  for (item, index, row), (concepts, *features) in zip(todo, made):
     rows = concepts.shape[0]
-    ids = np.arange(index * BLOCK_ROWS, index * BLOCK_ROWS + rows)
+    sources = np.arange(index * BLOCK_ROWS, index * BLOCK_ROWS + rows)
+    cols = {"label": concepts, **({"group": sources} if items > 1 else {})}
     for w, x in zip(writers, features):
-      w.append(x, ids, columns={"label": concepts})
+      w.append(x, item * num_rows + sources, columns=cols)
     meter.update(rows, sum(x.nbytes for x in features))
   meter.close()
   return tuple(w.close() for w in writers)
@@ -192,24 +219,26 @@ def _world(config: WorldConfig) -> "World":
   return World(config)
 
 
-def _block(config: WorldConfig, models, index: int, num_rows: int):
-  return _world(config).block(index, min(BLOCK_ROWS, num_rows - index * BLOCK_ROWS), models)
+def _block(config: WorldConfig, models, unit, num_rows: int):
+  item, index = unit
+  return _world(config).block(index, min(BLOCK_ROWS, num_rows - index * BLOCK_ROWS), models,
+                              item)
 
 
-def _blocks(config: WorldConfig, models, indices, num_rows: int, workers: int | None):
+def _blocks(config: WorldConfig, models, units, num_rows: int, workers: int | None):
   """The blocks in order, made by `workers` processes (default: one per core, up to 16,
   for worlds of 64+ blocks); a block is ~0.3 s of one core's numpy work, which one process
   could not keep up with on a large host (22k rows/s measured)."""
   if workers is None:
-    workers = min(16, os.cpu_count() or 1) if len(indices) >= 64 else 1
+    workers = min(16, os.cpu_count() or 1) if len(units) >= 64 else 1
   if workers <= 1:
-    yield from (_block(config, models, i, num_rows) for i in indices)
+    yield from (_block(config, models, u, num_rows) for u in units)
     return
   # Spawned, not forked: the parent may hold JAX's and BLAS's threads.
   ctx = multiprocessing.get_context("spawn")
   with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
     pending = collections.deque()
-    todo = iter(indices)
+    todo = iter(units)
     for i in itertools.islice(todo, 2 * workers):
       pending.append(pool.submit(_block, config, models, i, num_rows))
     while pending:

@@ -276,3 +276,59 @@ def test_imagenet_experiment_runs_on_store_labels(world, tmp_path):
                          f"--features_a={a.root}", f"--features_b={b.root}", f"--labels={labels}",
                          f"--out={tmp_path / 'bad'}"], cwd=REPO, capture_output=True, text=True)
   assert done.returncode != 0 and f"--labels has 2 labels, the stores {ROWS} rows" in done.stderr
+
+
+def test_round_robin_orders_items_by_rank_within_their_source(rng):
+  from plato_jax.many_to_many import round_robin
+  groups = rng.integers(0, 5, 40)
+  order, rank = round_robin(groups)
+  assert sorted(order.tolist()) == list(range(40)) and np.all(np.diff(rank) >= 0)
+  for g in range(5):  # within a source, items keep their store order and ranks 0, 1, 2, ...
+    rows = order[groups[order] == g]
+    assert np.all(np.diff(rows) > 0)
+    np.testing.assert_array_equal(rank[groups[order] == g], np.arange(len(rows)))
+
+
+def test_many_to_many_equals_brute_force(world, tmp_path):
+  from plato_jax.many_to_many import run_many_to_many
+  from plato_jax.synthetic import build_items
+  a, b = world
+  dense = build_items(str(tmp_path), ROWS, 0, 3, SMALL, progress=False)
+  out = run_many_to_many(dense, b, layer_dense=2, layer_sparse=3, queries=QUERIES,
+                         multiplicities=[1, 2, 3], ks=[1, 5], seed=1, tile_rows=512)
+  q = choose_queries(ROWS, QUERIES, 1)                 # sources = rows of the world
+  xd, xs = dense.read_layer(2).astype(np.float32), b.read_layer(3).astype(np.float32)
+  dense_ids, groups = dense.ids(), dense.column("group").astype(int)
+  for r in out["rows"]:
+    m, k = r["multiplicity"], r["k"]
+    gallery = np.flatnonzero(dense_ids < m * ROWS)    # items 0..m-1 of every source
+    near_d = np.stack([brute_neighbours(xd[[s]], xd[gallery[gallery != s]],
+                                        dense_ids[gallery[gallery != s]], k)[0] for s in q])
+    others = [np.delete(np.arange(ROWS), s) for s in q]
+    near_s = np.stack([brute_neighbours(xs[[s]], xs[o], b.ids()[o], k)[0]
+                       for s, o in zip(q, others)])
+    gd = groups[near_d]                               # dense ids are rows here
+    want_set = np.mean([len(np.intersect1d(d, s)) for d, s in zip(gd, near_s)]) / k
+    want_slots = np.mean([np.isin(d, s).sum() for d, s in zip(gd, near_s)]) / k
+    assert r["group_set"] == pytest.approx(want_set), r
+    assert r["matched_slots"] == pytest.approx(want_slots), r
+    assert r["own_source_in_dense"] == pytest.approx(np.mean(gd == q[:, None]))
+    assert r["dense_gallery"] == m * ROWS
+  with pytest.raises(ValueError, match="no 'group' column"):
+    run_many_to_many(a, b, queries=QUERIES)
+
+
+def test_many_to_many_experiment_command(world, tmp_path):
+  from plato_jax.synthetic import build_items
+  a, b = world
+  dense = build_items(str(tmp_path / "w"), ROWS, 1, 2, SMALL, progress=False)
+  run_experiment("many_to_many", f"--features_a={a.root}", f"--features_b={b.root}",
+                 f"--dense_b={dense.root}", "--multiplicities=1,2", "--k=1,3",
+                 f"--queries={QUERIES}", f"--out={tmp_path / 'out'}")
+  result = json.loads((tmp_path / "out" / "many_to_many.json").read_text())
+  assert [run["direction"] for run in result["runs"]] == ["I2T"]
+  rows = result["runs"][0]["rows"]
+  assert [(r["multiplicity"], r["k"]) for r in rows] == [(1, 1), (1, 3), (2, 1), (2, 3)]
+  # one item per source: both readings are mutual k-NN
+  assert rows[0]["group_set"] == rows[0]["matched_slots"]
+  assert (tmp_path / "out" / "many_to_many.png").exists()
