@@ -19,7 +19,7 @@ from experiments import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_k", 24, "k values per gallery size (log-spaced)")
-flags.DEFINE_string("max_k", "100k", "largest k (the sweep stops at min(n-1, max_k))")
+flags.DEFINE_string("max_k", "10k", "largest k (the sweep stops at min(n-1, max_k))")
 
 
 def plot(result):

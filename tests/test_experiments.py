@@ -332,3 +332,25 @@ def test_many_to_many_experiment_command(world, tmp_path):
   # one item per source: both readings are mutual k-NN
   assert rows[0]["group_set"] == rows[0]["matched_slots"]
   assert (tmp_path / "out" / "many_to_many.png").exists()
+
+
+def test_alignment_grid_runs_all_eight_metrics_with_concat(world, tmp_path):
+  from plato_jax import metrics
+  a, b = world
+  run_experiment("alignment_grid", f"--models_a={a.root}", f"--models_b={b.root}", "--queries=40",
+                 "--metrics=all", "--topk=5", "--cknna_k=5,10", "--concat", f"--out={tmp_path}")
+  rows = json.loads((tmp_path / "alignment_grid.json").read_text())["rows"]
+  want = []
+  for m in metrics.SUPPORTED_METRICS:
+    want += ["cknna@5", "cknna@10"] if m == "cknna" else [f"{m}@5" if "knn" in m else m]
+  assert [r["metric"] for r in rows] == want
+  assert all(np.isfinite(r["score"]) for r in rows)
+  q_rows = choose_queries(ROWS, 40, 0)
+  xa = metrics.prepare_features(a.gather(q_rows).astype(np.float32))
+  xb = metrics.prepare_features(b.gather(q_rows).astype(np.float32))
+  for r in rows:
+    if r["metric"] in ("cka", "svcca", "cknna@10"):
+      metric, topk = (("cknna", 10) if r["metric"] == "cknna@10" else (r["metric"], None))
+      best = metrics.compute_score(xa, xb, metric, topk=topk, concat=True)
+      assert r["score"] == pytest.approx(best.score, rel=1e-6)
+      assert (r["layer_a"], r["layer_b"]) == tuple(best.indices)
