@@ -51,23 +51,16 @@ def labels_of(store) -> np.ndarray:
 
 def layers(setup, labels):
   """The layer pair: given, or the best mutual k-NN pair on the queries (one per class)."""
-  from plato_jax import metrics
   from plato_jax.decomposition import class_order
-  a, b = setup.store_a, setup.store_b
-  if FLAGS.layer_a != "auto" and FLAGS.layer_b != "auto":
-    return a.layer_index(FLAGS.layer_a), b.layer_index(FLAGS.layer_b)
+  from plato_jax.scaling import choose_layers
   queries = np.sort(class_order(labels, FLAGS.seed)[0])
-  qa, qb = a.gather(queries).astype(np.float32), b.gather(queries).astype(np.float32)
-  if FLAGS.layer_a != "auto":
-    qa = qa[:, [a.layer_index(FLAGS.layer_a)]]
-  if FLAGS.layer_b != "auto":
-    qb = qb[:, [b.layer_index(FLAGS.layer_b)]]
-  best = metrics.compute_score(qa, qb, "mutual_knn", topk=min(10, len(queries) - 1))
-  if best.indices is None:
-    raise app.UsageError("no layer pair has positive mutual kNN on the queries")
-  la = best.indices[0] if FLAGS.layer_a == "auto" else a.layer_index(FLAGS.layer_a)
-  lb = best.indices[1] if FLAGS.layer_b == "auto" else b.layer_index(FLAGS.layer_b)
-  return int(la), int(lb)
+  a, b = setup.store_a, setup.store_b
+  try:
+    la, lb, _ = choose_layers(a, b, a.gather(queries).astype(np.float32),
+                              b.gather(queries).astype(np.float32), FLAGS.layer_a, FLAGS.layer_b)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  return la, lb
 
 
 def plot(rows):

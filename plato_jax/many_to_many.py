@@ -27,7 +27,6 @@ from typing import Sequence
 
 import numpy as np
 
-from plato_jax import metrics
 from plato_jax.knn import OrderedSource, search
 
 
@@ -55,7 +54,7 @@ def run_many_to_many(dense, sparse, *, layer_dense="auto", layer_sparse="auto", 
                      multiplicities: Sequence[int] = (1, 4, 7, 12), ks: Sequence[int] = (1, 10),
                      seed: int = 0, progress: bool = False, **search_options) -> dict:
   """{"layer_dense", "layer_sparse", "rows": one per (m, k)}; see the module docstring."""
-  from plato_jax.scaling import choose_queries
+  from plato_jax.scaling import choose_layers, choose_queries
   if "group" not in dense.meta.get("columns", []):
     raise ValueError(f"{dense.root} has no 'group' column (the source id of each item)")
   groups = dense.column("group")
@@ -94,17 +93,7 @@ def run_many_to_many(dense, sparse, *, layer_dense="auto", layer_sparse="auto", 
   dense_ids = dense.ids()
   qd = dense.gather(q_dense_rows).astype(np.float32)
   qs = sparse.gather(q_rows).astype(np.float32)
-  if layer_dense == "auto" or layer_sparse == "auto":
-    best = metrics.compute_score(
-        qd if layer_dense == "auto" else qd[:, [dense.layer_index(layer_dense)]],
-        qs if layer_sparse == "auto" else qs[:, [sparse.layer_index(layer_sparse)]],
-        "mutual_knn", topk=min(10, len(q_rows) - 1))
-    if best.indices is None:
-      raise ValueError("no layer pair has positive mutual kNN on the queries")
-    ld = best.indices[0] if layer_dense == "auto" else dense.layer_index(layer_dense)
-    ls = best.indices[1] if layer_sparse == "auto" else sparse.layer_index(layer_sparse)
-  else:
-    ld, ls = dense.layer_index(layer_dense), sparse.layer_index(layer_sparse)
+  ld, ls, _ = choose_layers(dense, sparse, qd, qs, layer_dense, layer_sparse)
   near_dense = search(qd[:, ld], OrderedSource(dense.layer(ld), order), ks[-1],
                       query_ids=dense_ids[q_dense_rows], prefix_sizes=sizes, normalize=True,
                       progress=progress, **search_options)

@@ -140,6 +140,22 @@ def plan_galleries(store_a: FeatureStore, store_b: FeatureStore, queries, sizes,
   return GalleryPlan(ids, query_rows, size_list, order, k_by_size)
 
 
+def choose_layers(store_a, store_b, q_a, q_b, layer_a="auto", layer_b="auto"):
+  """(layer a, layer b, score table or None): the given layers, or for `auto` the best
+  mutual k-NN pair (k = 10) on the queries' features q_* [Q, L, D], as both papers choose."""
+  if layer_a != "auto" and layer_b != "auto":
+    return store_a.layer_index(layer_a), store_b.layer_index(layer_b), None
+  pair = metrics.compute_score(
+      q_a if layer_a == "auto" else q_a[:, [store_a.layer_index(layer_a)]],
+      q_b if layer_b == "auto" else q_b[:, [store_b.layer_index(layer_b)]],
+      "mutual_knn", topk=min(10, len(q_a) - 1))
+  if pair.indices is None:
+    raise ValueError("no layer pair has positive mutual kNN on the queries")
+  la = pair.indices[0] if layer_a == "auto" else store_a.layer_index(layer_a)
+  lb = pair.indices[1] if layer_b == "auto" else store_b.layer_index(layer_b)
+  return int(la), int(lb), np.asarray(pair.table).tolist()
+
+
 def layer_neighbours(store: FeatureStore, layer: int, queries, plan: GalleryPlan, keep,
                      **search_options):
   """One engine pass over one layer in gallery order: the queries' cosine neighbours at
@@ -176,19 +192,7 @@ def run_scaling(store_a: FeatureStore, store_b: FeatureStore, *, layer_a="auto",
 
   q_a = store_a.gather(query_rows).astype(np.float32)
   q_b = store_b.gather(query_rows).astype(np.float32)
-  table = None
-  if layer_a == "auto" or layer_b == "auto":
-    pair = metrics.compute_score(
-        q_a if layer_a == "auto" else q_a[:, [store_a.layer_index(layer_a)]],
-        q_b if layer_b == "auto" else q_b[:, [store_b.layer_index(layer_b)]],
-        "mutual_knn", topk=min(10, num_q - 1))
-    if pair.indices is None:
-      raise ValueError("no layer pair has positive mutual kNN on the queries")
-    table = np.asarray(pair.table).tolist()
-    la = pair.indices[0] if layer_a == "auto" else store_a.layer_index(layer_a)
-    lb = pair.indices[1] if layer_b == "auto" else store_b.layer_index(layer_b)
-  else:
-    la, lb = store_a.layer_index(layer_a), store_b.layer_index(layer_b)
+  la, lb, table = choose_layers(store_a, store_b, q_a, q_b, layer_a, layer_b)
 
   found = {}
   for name, store, layer, q in (("a", store_a, la, q_a), ("b", store_b, lb, q_b)):

@@ -354,3 +354,54 @@ def test_alignment_grid_runs_all_eight_metrics_with_concat(world, tmp_path):
       best = metrics.compute_score(xa, xb, metric, topk=topk, concat=True)
       assert r["score"] == pytest.approx(best.score, rel=1e-6)
       assert (r["layer_a"], r["layer_b"]) == tuple(best.indices)
+
+
+def test_exact_vs_approx_numbers_equal_numpy(world):
+  from plato_jax.approx import buckets_for, compare, tie_epsilon
+  a, b = world
+  out = compare(a, b, queries=QUERIES, sizes=[QUERIES, ROWS], k=5,
+                methods=["approx_max_k", "bucketed", "faiss_ivf", "faiss_hnsw"],
+                recall_targets=(0.7, 0.95), nprobe=(1, 1000), ef=(8,),
+                layer_a=2, layer_b=3, seed=0, keep_ids=True)
+  xa = {n: gallery(a, 2)[:n] for n in (QUERIES, ROWS)}
+  xb = {n: gallery(b, 3)[:n] for n in (QUERIES, ROWS)}
+  eps = tie_epsilon(16)
+  assert out["epsilon"] == eps
+  seen = set()
+  for r in out["rows"]:
+    n, ga = r["size"], r["gallery_ids"]
+    seen.add(r["method"])
+    exact = {}
+    for name, x in (("a", xa[n]), ("b", xb[n])):
+      unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+      s = unit[:QUERIES].astype(np.float64) @ unit.T.astype(np.float64)
+      s[np.arange(QUERIES), np.arange(QUERIES)] = -np.inf
+      top = np.argsort(-s, axis=1, kind="stable")[:, :5]
+      exact[name] = (ga[top], s, np.take_along_axis(s, top, 1)[:, -1])
+    position = {int(v): i for i, v in enumerate(ga)}
+    hits = {m: np.array([len(np.intersect1d(f, e)) for f, e in zip(r[f"ids_{m}"], exact[m][0])])
+            for m in "ab"}
+    assert r["recall_a"] == pytest.approx(hits["a"].mean() / 5)
+    assert r["recall"] == pytest.approx((hits["a"].mean() + hits["b"].mean()) / 10)
+    assert r["intersections_a"] == np.bincount(hits["a"], minlength=6).tolist()
+    tie = [np.mean([(exact[m][1][q, [position[int(i)] for i in row]] >= exact[m][2][q] - eps).sum()
+                    for q, row in enumerate(r[f"ids_{m}"])]) for m in "ab"]
+    assert r["tie_recall"] == pytest.approx(np.mean(tie) / 5, abs=1e-9)
+    assert r["mnn_exact"] == pytest.approx(brute_mutual_knn(xa[n], xb[n], QUERIES, 5))
+    assert r["mnn_approx"] == pytest.approx(np.mean(
+        [len(np.intersect1d(x, y)) for x, y in zip(r["ids_a"], r["ids_b"])]) / 5)
+    assert r["delta_mnn"] == pytest.approx(r["mnn_approx"] - r["mnn_exact"])
+    if r["method"] == "exact" or (r["method"] == "faiss_ivf" and not r["approximate"]):
+      assert r["recall"] == 1.0 and r["delta_mnn"] == 0.0
+    if r["method"] == "approx_max_k":
+      assert r["approximate"] is False and r["recall"] == 1.0  # exact off TPU
+    if r["method"] == "bucketed" and n == ROWS:
+      target = float(r["setting"].split("=")[1].split()[0])
+      assert r["recall"] > target - 0.05  # expected recall 1 - (k-1)/(2L) >= target
+  assert seen == {"exact", "approx_max_k", "bucketed", "faiss_ivf", "faiss_hnsw"}
+  assert buckets_for(10, 0.9) == 45 and buckets_for(1, 0.99) == 1
+  from plato_jax.approx import available
+  with pytest.raises(ValueError, match="unknown method 'no_such_method'"):
+    available(["bucketed", "no_such_method"])
+  assert available(["bucketed", "hnswlib"])[0] == ["bucketed"] or \
+      pytest.importorskip("hnswlib")  # skipped (reported), not an error, when not installed
