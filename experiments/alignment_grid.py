@@ -107,9 +107,8 @@ def main(argv):
   del argv
   from plato_jax import report
   from plato_jax.grid import alignment_grid, metric_specs, model_name
-  if FLAGS.models_a is None and FLAGS.gallery is None:
-    FLAGS.gallery = SYNTHETIC_ROWS
-  setup = common.start("alignment_grid") if FLAGS.models_a is None else None
+  setup = common.start("alignment_grid", synthetic_rows=SYNTHETIC_ROWS) \
+      if FLAGS.models_a is None else None
   if setup is None:  # the lists name the stores; only the shared settings are needed
     setup = common.Setup(None, None, None, 0, 0, FLAGS.out or "results/alignment_grid")
   models_a, models_b, values, value_name = stores(setup)

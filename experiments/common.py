@@ -51,8 +51,12 @@ class Setup:
   out: str
 
 
-def start(experiment: str) -> Setup:
-  """Logging, multi-host start-up, the two stores (given or synthetic) and the query set."""
+def start(experiment: str, synthetic_rows: str | None = None) -> Setup:
+  """Logging, multi-host start-up, the two stores (given or synthetic) and the query set.
+  `synthetic_rows`: the synthetic world's size when neither --features nor --gallery is
+  given (default SYNTHETIC_ROWS)."""
+  if FLAGS.features_a is None and FLAGS.gallery is None and synthetic_rows is not None:
+    FLAGS.gallery = synthetic_rows
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # checkpointing logs a dozen INFO lines per save
   import jax
@@ -176,3 +180,22 @@ def figure(width: float = 6, height: float = 4, ncols: int = 1):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   return plt.subplots(1, ncols, figsize=(width, height))
+
+
+def alignment_curves(result, x: str, by: str, label, x_label: str):
+  """Log-log m_NN curves of a scaling result: x = `x` ("size" or "k"), one line per value of
+  `by`, each with its chance level k/(n−1) dashed."""
+  fig, ax = figure()
+  for value in dict.fromkeys(r[by] for r in result.rows):
+    pts = [r for r in result.rows if r[by] == value]
+    line, = ax.plot([r[x] for r in pts], [r["mutual_knn"] for r in pts], "o-", ms=3,
+                    label=label(value))
+    ax.plot([r[x] for r in pts], [r["chance"] for r in pts], "--", color=line.get_color(),
+            alpha=0.5)
+  ax.set_xscale("log")
+  ax.set_yscale("log")
+  ax.set_xlabel(x_label)
+  ax.set_ylabel("mutual k-NN alignment")
+  ax.set_title(f"layers a={result.layer_a}, b={result.layer_b} (dashed: chance k/(n-1))")
+  ax.legend()
+  return fig

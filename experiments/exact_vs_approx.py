@@ -67,9 +67,7 @@ def main(argv):
   del argv
   from plato_jax import report
   from plato_jax.approx import compare
-  if FLAGS.features_a is None and FLAGS.gallery is None:
-    FLAGS.gallery = SYNTHETIC_GALLERY
-  setup = common.start("exact_vs_approx")
+  setup = common.start("exact_vs_approx", synthetic_rows=SYNTHETIC_GALLERY)
   sizes = common.gallery_sizes(setup, DEFAULT_SIZES)
   result = compare(setup.store_a, setup.store_b, queries=setup.queries, sizes=sizes, k=FLAGS.k,
                    methods=FLAGS.methods,

@@ -85,9 +85,7 @@ def main(argv):
   from plato_jax import report
   from plato_jax.decomposition import class_decomposition, class_name_features
   from plato_jax.store import FeatureStore
-  if FLAGS.features_a is None and FLAGS.gallery is None:
-    FLAGS.gallery = SYNTHETIC_ROWS
-  setup = common.start("imagenet")
+  setup = common.start("imagenet", synthetic_rows=SYNTHETIC_ROWS)
   labels = labels_of(setup.store_a)
   la, lb = layers(setup, labels)
   xa = setup.store_a.read_layer(la).astype(np.float32)

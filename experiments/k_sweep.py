@@ -23,20 +23,7 @@ flags.DEFINE_string("max_k", "10k", "largest k (the sweep stops at min(n-1, max_
 
 
 def plot(result):
-  fig, ax = common.figure()
-  for n in dict.fromkeys(r["size"] for r in result.rows):
-    pts = [r for r in result.rows if r["size"] == n]
-    line, = ax.plot([r["k"] for r in pts], [r["mutual_knn"] for r in pts], "o-", ms=3,
-                    label=f"n = {n:,}")
-    ax.plot([r["k"] for r in pts], [r["chance"] for r in pts], "--", color=line.get_color(),
-            alpha=0.5)
-  ax.set_xscale("log")
-  ax.set_yscale("log")
-  ax.set_xlabel("k")
-  ax.set_ylabel("mutual k-NN alignment")
-  ax.set_title(f"layers a={result.layer_a}, b={result.layer_b} (dashed: chance k/(n-1))")
-  ax.legend()
-  return fig
+  return common.alignment_curves(result, "k", "size", lambda n: f"n = {n:,}", "k")
 
 
 def main(argv):

@@ -130,9 +130,7 @@ def main(argv):
   if (FLAGS.models_a is None) != (FLAGS.models_b is None):
     raise app.UsageError("give both --models_a and --models_b, or neither (synthetic world)")
   if FLAGS.models_a is None:
-    if FLAGS.gallery is None:
-      FLAGS.gallery = SYNTHETIC_ROWS
-    setup = common.start("llm_trend")
+    setup = common.start("llm_trend", synthetic_rows=SYNTHETIC_ROWS)
     vision, language, bench_path = synthetic_stores(setup)
     if FLAGS.benchmarks:
       bench_path = FLAGS.benchmarks

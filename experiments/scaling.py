@@ -20,20 +20,8 @@ flags.DEFINE_list("k", ["1", "10", "n/100"], "k values: integers or n/100")
 
 
 def plot(result):
-  fig, ax = common.figure()
-  for spec in dict.fromkeys(r["k_spec"] for r in result.rows):
-    pts = [r for r in result.rows if r["k_spec"] == spec]
-    line, = ax.plot([r["size"] for r in pts], [r["mutual_knn"] for r in pts], "o-",
-                    label=f"k = {spec}")
-    ax.plot([r["size"] for r in pts], [r["chance"] for r in pts], "--", color=line.get_color(),
-            alpha=0.5)
-  ax.set_xscale("log")
-  ax.set_yscale("log")
-  ax.set_xlabel("gallery size n")
-  ax.set_ylabel("mutual k-NN alignment")
-  ax.set_title(f"layers a={result.layer_a}, b={result.layer_b} (dashed: chance k/(n-1))")
-  ax.legend()
-  return fig
+  return common.alignment_curves(result, "size", "k_spec", lambda spec: f"k = {spec}",
+                                 "gallery size n")
 
 
 def main(argv):

@@ -27,20 +27,13 @@ def model_name(store) -> str:
 
 def query_features(stores, queries, seed: int):
   """[Q, L, D] float32 features of the same query rows from each store (ids must agree)."""
-  from plato_jax.scaling import choose_queries
+  from plato_jax.scaling import resolve_queries
   ids = stores[0].ids()
   for s in stores[1:]:
     other = s.ids()
     if other.shape != ids.shape or not np.array_equal(other, ids):
       raise ValueError(f"stores {stores[0].root} and {s.root} do not hold the same row ids")
-  if isinstance(queries, (int, np.integer)):
-    rows = choose_queries(len(ids), int(queries), seed)
-  else:
-    position = {int(v): i for i, v in enumerate(ids)}
-    missing = [int(q) for q in queries if int(q) not in position]
-    if missing:
-      raise ValueError(f"query ids not in the stores: {missing[:10]}")
-    rows = np.asarray([position[int(q)] for q in queries], np.int64)
+  rows = resolve_queries(ids, queries, seed)
   return rows, [s.gather(rows).astype(np.float32) for s in stores]
 
 

@@ -54,7 +54,7 @@ def run_many_to_many(dense, sparse, *, layer_dense="auto", layer_sparse="auto", 
                      multiplicities: Sequence[int] = (1, 4, 7, 12), ks: Sequence[int] = (1, 10),
                      seed: int = 0, progress: bool = False, **search_options) -> dict:
   """{"layer_dense", "layer_sparse", "rows": one per (m, k)}; see the module docstring."""
-  from plato_jax.scaling import choose_layers, choose_queries
+  from plato_jax.scaling import choose_layers, resolve_queries
   if "group" not in dense.meta.get("columns", []):
     raise ValueError(f"{dense.root} has no 'group' column (the source id of each item)")
   groups = dense.column("group")
@@ -80,14 +80,7 @@ def run_many_to_many(dense, sparse, *, layer_dense="auto", layer_sparse="auto", 
     raise ValueError(f"multiplicities {ms} give equal galleries {sizes}: no source has that "
                      f"many items")
   ks = sorted({int(k) for k in ks})
-  if isinstance(queries, (int, np.integer)):
-    q_rows = choose_queries(len(sources), int(queries), seed)
-  else:
-    position = {int(v): i for i, v in enumerate(sources)}
-    absent = [int(q) for q in queries if int(q) not in position]
-    if absent:
-      raise ValueError(f"query sources not in {sparse.root}: {absent[:10]}")
-    q_rows = np.array([position[int(q)] for q in queries], np.int64)
+  q_rows = resolve_queries(sources, queries, seed, where=sparse.root)
   q_sources = sources[q_rows]
   q_dense_rows = np.array([first_item[int(s)] for s in q_sources])
   dense_ids = dense.ids()

@@ -87,6 +87,21 @@ def choose_queries(num_rows: int, count: int, seed: int) -> np.ndarray:
   return np.sort(rng.choice(num_rows, count, replace=False))
 
 
+def resolve_queries(ids, queries, seed: int, where: str = "the stores") -> np.ndarray:
+  """Store rows of the queries: `queries` is a count (drawn with the seed) or explicit ids,
+  which must be present in `ids` and distinct."""
+  if isinstance(queries, (int, np.integer)):
+    return choose_queries(len(ids), int(queries), seed)
+  wanted = np.asarray(queries, dtype=np.int64)
+  position = {int(v): i for i, v in enumerate(ids)}
+  missing = [int(q) for q in wanted if int(q) not in position]
+  if missing:
+    raise ValueError(f"query ids not in {where}: {missing[:10]}")
+  if len(set(wanted.tolist())) != len(wanted):
+    raise ValueError("query ids repeat")
+  return np.asarray([position[int(q)] for q in wanted], np.int64)
+
+
 @dataclasses.dataclass
 class GalleryPlan:
   ids: np.ndarray             # the stores' row ids
@@ -111,17 +126,7 @@ def plan_galleries(store_a: FeatureStore, store_b: FeatureStore, queries, sizes,
                      f"{store_b.root}): {where}")
   n_total = len(ids)
   chunk_rows = int(store_a.meta.get("chunk_rows", 4096))
-  if isinstance(queries, (int, np.integer)):
-    query_rows = choose_queries(n_total, int(queries), seed)
-  else:
-    wanted = np.asarray(queries, dtype=np.int64)
-    position = {int(v): i for i, v in enumerate(ids)}
-    missing = [int(q) for q in wanted if int(q) not in position]
-    if missing:
-      raise ValueError(f"query ids not in the stores: {missing[:10]}")
-    if len(set(wanted.tolist())) != len(wanted):
-      raise ValueError("query ids repeat")
-    query_rows = np.asarray([position[int(q)] for q in wanted], np.int64)
+  query_rows = resolve_queries(ids, queries, seed)
   num_q = len(query_rows)
   size_list = sorted({parse_count(s) for s in sizes})
   if size_list[0] < num_q:
