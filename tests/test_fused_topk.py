@@ -141,3 +141,19 @@ def test_kernel_lowers_to_triton_for_gpus(dim, config):
   exported = export.export(fn, platforms=["cuda"], disabled_checks=[
       export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(prior, q, g, ids)
   assert "__gpu$xla.gpu.triton" in exported.mlir_module()
+
+
+def test_tune_checks_each_configuration_and_projects_a_stream():
+  """kernels.tune_fused on a tiny shape (interpreted): the exactness check runs per
+  configuration, and the stream projection scales per-tile time to an N x N self-join."""
+  from kernels.tune_fused import parse_config, stream, tune
+  config = parse_config("32,128,4,32,4,3")
+  lines = []
+  rows = tune(64, 512, 40, 5, [config], iters=1, with_torch=False, log=lines.append)
+  fused = [r for r in rows if r["name"].startswith("fused")]
+  assert len(fused) == 1 and fused[0]["exact_on_integers"] is True
+  assert {r["name"] for r in rows} >= {"jnp.dot", "xla dot+bucket_topk"}
+  out = stream(64, 512, 40, 5, config, 1024, peak_tflops=1.0, log=lines.append)
+  fused_stream = next(v for name, v in out.items() if name.startswith("fused"))
+  assert fused_stream["fallbacks"] == 0
+  assert fused_stream["projected"] == pytest.approx(fused_stream["per_tile"] * 2 * 1024 / 64)
