@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The GPU session's checks and benchmarks in one go, each step under its own time limit so
 # one slow step cannot starve the rest; logs go to $OUT (or ./gpu_logs).
-#   bash kernels/gpu_checks.sh [step ...]     steps: env tune bench profile tests stream encoders scaling
+#   bash kernels/gpu_checks.sh [step ...]     steps: env tune bench profile tests fusedbf16 stream
+#                                             encoders scaling (fusedbf16: the engine test of the
+#                                             fused kernel that failed on the H100 in bf16, alone,
+#                                             with its full report)
 set -u
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}. PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
@@ -24,6 +27,8 @@ for s in $steps; do case $s in
   profile) step profile 60 $PY -m kernels.profile --dtype=bfloat16 --queries=8192 --tile_rows=65536 --dim=1024 ;;
   tests) TAIL=25 step tests 150 env JAX_PLATFORMS=cuda $PY -m pytest -q -p no:cacheprovider -rf \
         ${TESTS:-tests/test_knn.py tests/test_large_k.py tests/test_topk_kernel.py tests/test_fused_topk.py} ;;
+  fusedbf16) TAIL=80 step fusedbf16 120 env JAX_PLATFORMS=cuda $PY -m pytest -x -vv -p no:cacheprovider \
+        --tb=long "tests/test_knn.py::test_fused_kernel_in_the_engine_equals_brute_force" ;;
   stream) step stream 200 $PY -m kernels.bench_stream --rows=${STREAM_ROWS:-4000000} --dir=/tmp/bench_store ;;
   encoders) step encoders 180 $PY -m kernels.bench_encoders ;;
   scaling) step scaling 200 $PY -m experiments.scaling ${SCALING_ARGS:---gallery=1m} --out=/tmp/scaling_gpu ;;
