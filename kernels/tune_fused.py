@@ -29,16 +29,21 @@ from absl import app, flags
 from kernels.timing import device_time
 
 FLAGS = flags.FLAGS
-flags.DEFINE_multi_string("shape", ["8192,65536,1024", "8192,65536,384"], "Q,T,d")
-flags.DEFINE_integer("k", 10, "neighbours")
-flags.DEFINE_multi_string("config", ["128,128,4,64,8,3", "128,128,4,32,8,4", "128,128,4,64,8,4",
-                                     "128,128,4,128,8,3", "128,64,4,64,4,3", "256,128,4,64,8,3",
-                                     "64,128,4,64,4,4"],
-                          "block_q,block_t,keep,block_k,num_warps,num_stages")
-flags.DEFINE_integer("iters", 10, "calls per timing sample")
-flags.DEFINE_bool("torch", True, "time torch matmul + topk (GPU only)")
-flags.DEFINE_integer("stream_rows", 0, "rows of the measured stream (0: none)")
-flags.DEFINE_float("peak_tflops", 989.0, "spec peak for the FLOP floor (H100/H200 dense bf16)")
+
+
+def define_flags():
+  """The command's flags, defined only when it runs as one (tests import `tune` and `stream`
+  beside other tools that define flags of the same names)."""
+  flags.DEFINE_multi_string("shape", ["8192,65536,1024", "8192,65536,384"], "Q,T,d")
+  flags.DEFINE_integer("k", 10, "neighbours")
+  flags.DEFINE_multi_string("config", ["128,128,4,64,8,3", "128,128,4,32,8,4", "128,128,4,64,8,4",
+                                       "128,128,4,128,8,3", "128,64,4,64,4,3", "256,128,4,64,8,3",
+                                       "64,128,4,64,4,4"],
+                            "block_q,block_t,keep,block_k,num_warps,num_stages")
+  flags.DEFINE_integer("iters", 10, "calls per timing sample")
+  flags.DEFINE_bool("torch", True, "time torch matmul + topk (GPU only)")
+  flags.DEFINE_integer("stream_rows", 0, "rows of the measured stream (0: none)")
+  flags.DEFINE_float("peak_tflops", 989.0, "spec peak for the FLOP floor (H100/H200 dense bf16)")
 
 
 def parse_config(text: str):
@@ -204,4 +209,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
