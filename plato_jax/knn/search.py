@@ -212,7 +212,8 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
     per_device = -(-n // num_dev)
     tile_rows = min(tile_rows, -(-per_device // align) * align)
   selector, kernel = _selector_that_compiles(
-      kernel, requested == "fused", k_max, tile_rows, bucket_width, mesh, block, source.dim, dtype, tile_dtype,
+      kernel, requested == "fused", k_max, tile_rows, bucket_width, mesh, block, source.dim,
+      dtype, tile_dtype,
       bool(exclude_self), precision, bool(normalize))
   step = sharding.sharded_step(mesh, selector, bool(exclude_self), precision, bool(normalize))
 
