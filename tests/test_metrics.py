@@ -360,8 +360,13 @@ def test_rbf_cka_equals_reference_in_row_blocks(rng, monkeypatch, sigma):
 # CKNNA
 
 
+@pytest.mark.parametrize("dense_rows_limit", [2048, 0])
 @pytest.mark.parametrize("noise", [None, 0.2, 1.0])
-def test_cknna_equals_reference(rng, noise):
+def test_cknna_equals_reference(rng, noise, monkeypatch, dense_rows_limit):
+  """Both HSIC paths: N×N arrays (small N) and the sparse pair search (large N, forced
+  here by a zero limit)."""
+  from plato_jax import metrics
+  monkeypatch.setattr(metrics, "_KERNEL_MAX_ROWS", dense_rows_limit)
   n = 150
   if noise is None:
     make = lambda r: [unit_rows(r.normal(size=(n, d)).astype(np.float32)) for d in (16, 12)]
