@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import tempfile
 import time
 from typing import Callable
 
@@ -59,7 +61,7 @@ class Run:
   approximate: bool       # False where the method ran exactly on this backend
 
 
-def _drop_self(ids, scores, query_ids, k):
+def _drop_self(ids, query_ids, k):
   """From k + 1 candidates per row (sorted best first), drop the row's own id (else the last)."""
   out = np.empty((ids.shape[0], k), ids.dtype)
   for r, (row, me) in enumerate(zip(ids, query_ids)):
@@ -101,7 +103,7 @@ def _finish(values, columns, gallery_ids, query_ids, k):
   """Exact top-(k+1) of the candidates, ids, own id dropped."""
   order = np.argsort(-values, axis=1, kind="stable")[:, :k + 1]
   ids = gallery_ids[np.take_along_axis(columns, order, 1)]
-  return _drop_self(ids, None, query_ids, k)
+  return _drop_self(ids, query_ids, k)
 
 
 def run_approx_max_k(gallery, gallery_ids, queries, query_ids, k, recall_target,
@@ -157,7 +159,7 @@ def run_faiss_ivf(gallery, gallery_ids, queries, query_ids, k, nprobes) -> list[
   for nprobe in nprobes:
     index.nprobe = min(nprobe, nlist)
     (_, rows), seconds = _timed(lambda: index.search(queries, k + 1))
-    ids = _drop_self(np.where(rows >= 0, gallery_ids[rows], -1), None, query_ids, k)
+    ids = _drop_self(np.where(rows >= 0, gallery_ids[rows], -1), query_ids, k)
     runs.append(Run("faiss_ivf", f"nprobe={nprobe}", ids, build, seconds, size,
                     index.nprobe < nlist))  # nprobe >= nlist scans every list: exact
   return runs
@@ -172,7 +174,7 @@ def run_faiss_hnsw(gallery, gallery_ids, queries, query_ids, k, efs) -> list[Run
   for ef in efs:
     index.hnsw.efSearch = max(ef, k + 1)
     (_, rows), seconds = _timed(lambda: index.search(queries, k + 1))
-    ids = _drop_self(np.where(rows >= 0, gallery_ids[rows], -1), None, query_ids, k)
+    ids = _drop_self(np.where(rows >= 0, gallery_ids[rows], -1), query_ids, k)
     runs.append(Run("faiss_hnsw", f"M=32 efSearch={index.hnsw.efSearch}", ids, build, seconds,
                     size, True))
   return runs
@@ -186,7 +188,7 @@ def run_usearch(gallery, gallery_ids, queries, query_ids, k, efs) -> list[Run]:
   for ef in efs:
     index.expansion_search = max(ef, k + 1)
     found, seconds = _timed(lambda: index.search(queries, k + 1))
-    ids = _drop_self(np.asarray(found.keys, np.int64), None, query_ids, k)
+    ids = _drop_self(np.asarray(found.keys, np.int64), query_ids, k)
     runs.append(Run("usearch", f"expansion_search={index.expansion_search}", ids, build,
                     seconds, int(index.memory_usage), True))
   return runs
@@ -197,13 +199,15 @@ def run_hnswlib(gallery, gallery_ids, queries, query_ids, k, efs) -> list[Run]:
   index = hnswlib.Index(space="ip", dim=gallery.shape[1])
   index.init_index(max_elements=len(gallery), M=32, ef_construction=200)
   _, build = _timed(lambda: index.add_items(gallery, gallery_ids))
+  with tempfile.TemporaryDirectory() as tmp:  # the index's size as saved
+    index.save_index(os.path.join(tmp, "index"))
+    size = os.path.getsize(os.path.join(tmp, "index"))
   runs = []
   for ef in efs:
     index.set_ef(max(ef, k + 1))
     (labels, _), seconds = _timed(lambda: index.knn_query(queries, k + 1))
-    ids = _drop_self(np.asarray(labels, np.int64), None, query_ids, k)
-    runs.append(Run("hnswlib", f"M=32 ef={max(ef, k + 1)}", ids, build, seconds,
-                    len(gallery) * (gallery.shape[1] * 4 + 32 * 2 * 4), True))
+    ids = _drop_self(np.asarray(labels, np.int64), query_ids, k)
+    runs.append(Run("hnswlib", f"M=32 ef={max(ef, k + 1)}", ids, build, seconds, size, True))
   return runs
 
 
@@ -242,10 +246,14 @@ def recall(approx_ids, exact_ids) -> np.ndarray:
   return np.array([len(np.intersect1d(a[a >= 0], e)) for a, e in zip(approx_ids, exact_ids)])
 
 
-def tie_aware_hits(approx_ids, exact_scores_of, kth_exact, epsilon) -> np.ndarray:
-  """Per query: approximate neighbours whose exact score ≥ the exact k-th − ε."""
-  return np.array([(exact_scores_of(r, a[a >= 0]) >= kth_exact[r] - epsilon).sum()
-                   for r, a in enumerate(approx_ids)])
+def tie_aware_hits(approx_ids, gallery, rows_of, kth_exact, epsilon) -> np.ndarray:
+  """Per query (row q of `gallery`, queries first): approximate neighbours whose exact
+  score, in float64, reaches the exact k-th score − ε. Ids < 0 (missing) never count."""
+  found = approx_ids >= 0
+  rows = rows_of(np.where(found, approx_ids, rows_of.ids[0]))
+  queries = gallery[:len(approx_ids)].astype(np.float64)
+  scores = np.einsum("qkd,qd->qk", gallery[rows].astype(np.float64), queries)
+  return ((scores >= kth_exact[:, None] - epsilon) & found).sum(axis=1)
 
 
 def compare(store_a, store_b, *, queries=1024, sizes=("1024", "10k", "50k"), k: int = 10,
@@ -260,6 +268,7 @@ def compare(store_a, store_b, *, queries=1024, sizes=("1024", "10k", "50k"), k: 
   "epsilon"}; with `keep_ids` each row also holds both models' neighbour ids and the
   gallery's ids (for checking the numbers)."""
   from plato_jax import metrics
+  from plato_jax.knn import IdRows
   from plato_jax.scaling import choose_layers, plan_galleries
   plan = plan_galleries(store_a, store_b, queries, sizes, [str(k)], seed)
   num_q = len(plan.query_rows)
@@ -277,11 +286,13 @@ def compare(store_a, store_b, *, queries=1024, sizes=("1024", "10k", "50k"), k: 
   rows = []
   for n in plan.sizes:
     gallery_ids, query_ids = ids_all[:n], ids_all[:num_q]
-    position = {int(v): i for i, v in enumerate(gallery_ids)}
-    exact, runs = {}, {}
+    rows_of = IdRows(gallery_ids)
+    exact, runs, kth = {}, {}, {}
     for name, x in feats.items():
       g, q = np.ascontiguousarray(x[:n]), np.ascontiguousarray(x[:num_q])
       exact[name] = run_exact(g, gallery_ids, q, query_ids, k)
+      kth[name] = np.einsum("qd,qd->q", q.astype(np.float64),
+                            g[rows_of(exact[name].ids[:, -1])].astype(np.float64))
       runs[name] = {"exact": [exact[name]]}
       for method in ok:
         if progress:
@@ -292,16 +303,9 @@ def compare(store_a, store_b, *, queries=1024, sizes=("1024", "10k", "50k"), k: 
       for ra, rb in zip(runs["a"][method], runs["b"][method]):
         per_model = {}
         for name, run in (("a", ra), ("b", rb)):
-          x = feats[name]
-          hits = recall(run.ids, exact[name].ids)
-          kth = np.einsum("qd,qd->q", x[:num_q].astype(np.float64),
-                          x[[position[int(i)] for i in exact[name].ids[:, -1]]].astype(
-                              np.float64))
-
-          def exact_score(r, found, x=x):
-            return x[[position[int(i)] for i in found]].astype(np.float64) @ \
-                x[r].astype(np.float64)
-          per_model[name] = (hits, tie_aware_hits(run.ids, exact_score, kth, epsilon))
+          per_model[name] = (recall(run.ids, exact[name].ids),
+                             tie_aware_hits(run.ids, feats[name][:n], rows_of, kth[name],
+                                            epsilon))
         valid_a = np.where(ra.ids >= 0, ra.ids, -1 - np.arange(k))  # -1 pads never match
         valid_b = np.where(rb.ids >= 0, rb.ids, -1 - k - np.arange(k))
         mnn = metrics.mutual_knn_from_neighbours(valid_a, valid_b)

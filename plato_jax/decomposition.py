@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from plato_jax import metrics
-from plato_jax.knn import search
+from plato_jax.knn import IdRows, search
 
 
 def class_order(labels, seed: int):
@@ -82,13 +82,13 @@ def class_decomposition(features_a, features_b, labels, ipcs: Sequence[int],
     found[name] = search(x[queries], x[order], ks[-1], gallery_ids=ids[order],
                          exclude_self=False, prefix_sizes=sizes, normalize=True,
                          progress=progress, **search_options)
-  label_of = dict(zip(ids.tolist(), labels.tolist()))
+  rows_of = IdRows(ids)
   query_class = labels[queries][:, None]
   rows = []
   for s, ipc in enumerate(ipcs):
     for k in ks:
       nb = {name: f[s].top(k).ids for name, f in found.items()}
-      hit = {name: np.vectorize(label_of.get)(v) == query_class for name, v in nb.items()}
+      hit = {name: labels[rows_of(v)] == query_class for name, v in nb.items()}
       acc = {name: h.mean(axis=1) for name, h in hit.items()}
       row = dict(ipc=ipc, k=k, gallery_size=sizes[s], acc_img=float(acc["a"].mean()),
                  acc_txt=float(acc["b"].mean()), both=float((acc["a"] * acc["b"]).mean()),

@@ -27,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-from plato_jax.knn import OrderedSource, search
+from plato_jax.knn import IdRows, OrderedSource, search
 
 
 def round_robin(groups) -> tuple[np.ndarray, np.ndarray]:
@@ -92,11 +92,11 @@ def run_many_to_many(dense, sparse, *, layer_dense="auto", layer_sparse="auto", 
                       progress=progress, **search_options)
   near_sparse = search(qs[:, ls], sparse.layer(ls), ks[-1], query_ids=q_sources,
                        normalize=True, progress=progress, **search_options)
-  group_of = dict(zip(dense_ids.tolist(), groups.tolist()))
+  dense_rows = IdRows(dense_ids)
   rows = []
   for m, size, found in zip(ms, sizes, near_dense):
     for k in ks:
-      gd = np.vectorize(group_of.get)(found.top(k).ids)
+      gd = groups[dense_rows(found.top(k).ids)]
       gs = near_sparse.top(k).ids
       group_set, slots = relaxed_scores(gd, gs)
       rows.append(dict(multiplicity=m, k=k, dense_gallery=size, sparse_gallery=len(sources),

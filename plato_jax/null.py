@@ -39,15 +39,6 @@ class NullResult:
   rows: list[dict]            # per (size, k): the numbers of the module docstring
 
 
-def neighbour_positions(ids, order_ids):
-  """Neighbour ids → their positions in the gallery order (queries are positions 0..Q-1)."""
-  sorter = np.argsort(order_ids)
-  pos = sorter[np.searchsorted(order_ids, ids, sorter=sorter)]
-  if not np.array_equal(order_ids[pos], ids):
-    raise ValueError("neighbour ids outside the gallery order")
-  return pos
-
-
 def pair_scores(pos_a, pos_b):
   """[L_a, L_b] mutual k-NN of every layer pair; pos_* [L, Q, k] neighbour positions."""
   return np.array([[metrics.mutual_knn_from_neighbours(a, b) for b in pos_b] for a in pos_a])
@@ -95,13 +86,14 @@ def run_null(store_a, store_b, *, queries=1024, sizes=("1024", "10k", "50k"), ks
   fixed pair is the best at n = Q with k = 10 (ties: lower layers first)."""
   import os
 
+  from plato_jax.knn import IdRows
   from plato_jax.scaling import layer_neighbours, plan_galleries
   plan = plan_galleries(store_a, store_b, queries, sizes, ks, seed)
   num_q = len(plan.query_rows)
   k_fixed = min(10, num_q - 1)
   keep = [max([k for _, k in plan.k_by_size[n]] + [k_fixed if i == 0 else 1])
           for i, n in enumerate(plan.sizes)]
-  order_ids = plan.ids[plan.order]
+  rows_in_order = IdRows(plan.ids[plan.order])  # neighbour ids → gallery positions
   positions = {}  # model -> [L, sizes] lists of [Q, keep] positions
   for name, store in (("a", store_a), ("b", store_b)):
     queries_all = store.gather(plan.query_rows).astype(np.float32)
@@ -113,7 +105,8 @@ def run_null(store_a, store_b, *, queries=1024, sizes=("1024", "10k", "50k"), ks
           store, layer, queries_all[:, layer], plan, keep, progress=progress,
           resume_dir=None if resume_dir is None else os.path.join(resume_dir, f"{name}{layer}"),
           **search_options)
-      per_layer.append([neighbour_positions(f.ids, order_ids) for f in found])
+      per_layer.append([rows_in_order(f.ids, "neighbour ids outside the gallery")
+                        for f in found])
     positions[name] = per_layer
 
   def at(name, size_index, k):

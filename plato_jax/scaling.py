@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from plato_jax import metrics
-from plato_jax.knn import OrderedSource, search
+from plato_jax.knn import IdRows, OrderedSource, search
 from plato_jax.store import FeatureStore
 
 DEFAULT_SIZES = ("1024", "10k", "50k", "100k", "500k", "1m", "5m", "10m", "15m")
@@ -93,13 +93,10 @@ def resolve_queries(ids, queries, seed: int, where: str = "the stores") -> np.nd
   if isinstance(queries, (int, np.integer)):
     return choose_queries(len(ids), int(queries), seed)
   wanted = np.asarray(queries, dtype=np.int64)
-  position = {int(v): i for i, v in enumerate(ids)}
-  missing = [int(q) for q in wanted if int(q) not in position]
-  if missing:
-    raise ValueError(f"query ids not in {where}: {missing[:10]}")
-  if len(set(wanted.tolist())) != len(wanted):
+  rows = IdRows(ids)(wanted, f"query ids not in {where}")
+  if len(np.unique(wanted)) != len(wanted):
     raise ValueError("query ids repeat")
-  return np.asarray([position[int(q)] for q in wanted], np.int64)
+  return rows.astype(np.int64)
 
 
 @dataclasses.dataclass
@@ -190,7 +187,7 @@ def run_scaling(store_a: FeatureStore, store_b: FeatureStore, *, layer_a="auto",
   Sizes above the stores' rows are an error; `sizes` are counts like '10k'.
   """
   plan = plan_galleries(store_a, store_b, queries, sizes, ks, seed)
-  ids, query_rows, size_list, k_by_size = plan.ids, plan.query_rows, plan.sizes, plan.k_by_size
+  query_rows, size_list, k_by_size = plan.query_rows, plan.sizes, plan.k_by_size
   num_q = len(query_rows)
   # Per size: its largest k, and 10 for the top-10 cosine.
   keep = [max([k for _, k in k_by_size[n]] + [min(10, n - 1)]) for n in size_list]

@@ -39,7 +39,7 @@ def test_round_trip_is_bit_exact(tmp_path, rng, dtype):
 
 def test_kvstore_url_memory(rng):
   x = rng.standard_normal((300, 2, 8)).astype(np.float32)
-  store = _write("memory://plato_test_store/", x, np.arange(300), "float32")
+  _write("memory://plato_test_store/", x, np.arange(300), "float32")
   np.testing.assert_array_equal(FeatureStore.open("memory://plato_test_store/").read_layer(0), x[:, 0])
 
 

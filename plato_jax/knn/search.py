@@ -29,8 +29,9 @@ from plato_jax.resume import ResumePoint
 
 # Scores of one device's tile stay under this many bytes.
 SCORE_TILE_BYTES = 128 * 2**20
-# On accelerators the per-tile host work (slicing, transfer, dispatch: ~2 ms per tile on the
-# H100, 2026-11-23) outweighs a tile's compute at the CPU budget, so tiles are 8x larger.
+# On accelerators the per-tile host work (slicing, transfer, dispatch: about 2 ms per tile on
+# the H100, 2026-11-23, inferred from a 17 ms call of 8 tiles) outweighs a tile's compute at
+# the CPU budget, so tiles are 8x larger.
 ACCELERATOR_SCORE_TILE_BYTES = 1024 * 2**20
 # Platforms where kernel="auto" picks the fused kernel. None yet: on the H100 (2026-11-23)
 # it was exact on every check but one — the bf16 case of the engine test

@@ -35,6 +35,28 @@ def on_accelerator(x) -> bool:
   return isinstance(x, jax.Array) and all(d.platform != "cpu" for d in x.devices())
 
 
+class IdRows:
+  """Rows of given ids within one id array (ids unique), sorted once for many lookups:
+  `IdRows(ids)(wanted)` → the row of each wanted id; an id not there is a ValueError that
+  names it (`what` leads the message)."""
+
+  def __init__(self, ids):
+    self.ids = np.asarray(ids)
+    self._sorter = np.argsort(self.ids, kind="stable")
+
+  def __call__(self, wanted, what: str = "ids not found") -> np.ndarray:
+    wanted = np.asarray(wanted)
+    if not self.ids.size:
+      rows, found = np.zeros(wanted.shape, np.int64), np.zeros(wanted.shape, bool)
+    else:
+      at = np.minimum(np.searchsorted(self.ids, wanted, sorter=self._sorter), self.ids.size - 1)
+      rows = self._sorter[at]
+      found = self.ids[rows] == wanted
+    if not found.all():
+      raise ValueError(f"{what}: {wanted[~found][:10].tolist()}")
+    return rows
+
+
 class _RowNumberIds:
   """Ids given at construction, or row numbers."""
   num_rows: int

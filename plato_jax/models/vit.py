@@ -203,7 +203,7 @@ def bicubic_matrix(in_size: int, out_size: int, antialias: bool = False) -> np.n
 
 class Embeddings(nnx.Module):
   def __init__(self, c: VitConfig, dtype):
-    d, p = c.hidden_size, c.patch_size
+    d = c.hidden_size
     self.cls_token = nnx.Param(jnp.zeros((d,) if c.flat_embeddings else (1, 1, d), dtype))
     n = c.grid ** 2 + 1
     self.position_embeddings = nnx.Param(
