@@ -263,3 +263,6 @@ class FusedTopKSelector:
 
   def result(self, state):
     return state[0], state[1]
+
+  def candidates(self, state):
+    return state[0], state[1]

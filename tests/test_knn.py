@@ -326,3 +326,26 @@ def test_a_fused_kernel_that_does_not_compile_falls_back_to_xla(rng, monkeypatch
   with pytest.raises(NotImplementedError):
     search(x[:20], x, 4, kernel="fused")
   search_module._selector_that_compiles.cache_clear()
+
+
+def test_host_topk_orders_by_score_then_id(rng):
+  """The host finish (int64 keys, partition, sort) against np.lexsort, on rows with ties,
+  negatives, +/-0.0, huge and tiny magnitudes, and -inf filler (id -1)."""
+  import jax.numpy as jnp
+
+  from plato_jax.knn.sharding import host_topk, order_keys
+  q, m, k = 40, 300, 37
+  values = rng.choice(np.array([-3.5, -1e-30, -0.0, 0.0, 1e-30, 2.0, 7.25, 3e38, -3e38],
+                               np.float32), size=(q, m))
+  values[:, ::3] = rng.standard_normal((q, len(range(0, m, 3)))).astype(np.float32)
+  ids = np.stack([rng.permutation(10**6)[:m] for _ in range(q)]).astype(np.int32)
+  values[-5:, 20:] = -np.inf  # rows with fewer than k candidates: filler comes last
+  ids[-5:, 20:] = -1
+  got_v, got_i = host_topk(np.asarray(order_keys(jnp.asarray(values), jnp.asarray(ids))), k)
+  clean = np.where(values == 0, np.float32(0), values)
+  for r in range(q):
+    order = np.lexsort((np.where(ids[r] < 0, np.iinfo(np.int64).max, ids[r]), -clean[r]))[:k]
+    np.testing.assert_array_equal(got_v[r], clean[r, order])
+    np.testing.assert_array_equal(got_i[r], np.where(clean[r, order] == -np.inf, -1,
+                                                     ids[r, order]))
+  assert not np.signbit(got_v[got_v == 0]).any()  # -0.0 reads +0.0

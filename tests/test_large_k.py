@@ -38,8 +38,19 @@ def assert_exact(res, queries, gallery, k, **kw):
 Q, D, TILE, K = 16, 8, 128, 300
 
 
+@pytest.fixture(params=["host", "device"])
+def finish(request, monkeypatch):
+  """Both ways the engine can finish: numpy's sort of the devices' candidates (CPU) and
+  the selectors' own `result` on the devices (accelerators)."""
+  import sys
+  module = sys.modules["plato_jax.knn.search"]
+  monkeypatch.setattr(module, "FINISH_ON_HOST",
+                      frozenset({"cpu"}) if request.param == "host" else frozenset())
+  return request.param
+
+
 @pytest.mark.parametrize("n,lo,hi", [(3001, -2, 3), (2345, -40, 41)])
-def test_search_integer_ties_shuffled_ids(rng, n, lo, hi):
+def test_search_integer_ties_shuffled_ids(rng, n, lo, hi, finish):
   """Massive ties (and few), duplicate rows, shuffled ids, N not a multiple of the tile."""
   x = with_duplicates(rng, integer_rows(rng, n, D, lo, hi), 50)
   gids = rng.permutation(5 * n)[:n]
@@ -49,7 +60,7 @@ def test_search_integer_ties_shuffled_ids(rng, n, lo, hi):
   assert_exact(res, q, x, K, query_ids=qids, gallery_ids=gids)
 
 
-def test_search_adversarial_orders(rng):
+def test_search_adversarial_orders(rng, finish):
   """Gallery sorted by score: ascending for some queries (every tile raises τ, the dense
   path each time), descending for the others (the first tile holds the answer)."""
   n = 2600
@@ -69,7 +80,7 @@ def test_search_adversarial_orders(rng):
   assert_exact(res, q, x[::-1], K, query_ids=qids, gallery_ids=gids)
 
 
-def test_search_prefixes_one_and_eight_devices(rng):
+def test_search_prefixes_one_and_eight_devices(rng, finish):
   n = 2000
   x = with_duplicates(rng, integer_rows(rng, n, D), 40)
   gids = rng.permutation(n) * 3

@@ -442,6 +442,10 @@ class ThresholdSelector:
   def result(self, state):
     return _result_fn(self)(*state)
 
+  def candidates(self, state):
+    """The pool: its top-k is the exact top-k (see the invariants), unsorted."""
+    return state[0], state[1]
+
   def _result(self, pv, pi, tv, ti, fill):
     lo, raised = _raise(pv, tv, self.k, 0)
     tv = jnp.where(raised, lo, tv)
