@@ -20,6 +20,11 @@ The kernel masks what the engine masks: padding columns (id < 0), each query's o
 norms). -0.0 reads +0.0. Ties inside a block: equal scores are kept lower column first
 (columns ascend by id, as in the engine's tiles), so kept candidates keep the tie rule.
 
+Two lowerings of the same kernel (`FusedConfig.backend`): "triton" (any CUDA GPU; f32 or
+half inputs) and "mosaic" (Mosaic GPU, Hopper and later: TMA-pipelined `wgmma` on bf16/f16
+only — its f32 matmul would be tf32, not the engine's f32). Both run on CPU in interpret
+mode (Mosaic GPU's interpreter simulates its shared memory, barriers and wgmma).
+
 `reference_block_topk` is the plain-jnp reference of the kernel's output; `fused_topk` is
 the jitted single-tile wrapper (`interpret=True` runs the kernel on CPU, as the tests do);
 `FusedTopKSelector` is the engine's selector built on it.
@@ -34,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels.topk import BucketConfig, bucket_topk
 
@@ -47,7 +53,8 @@ class FusedConfig:
   keep: int = 4           # K′: candidates kept per (query, block)
   block_k: int = 64       # feature columns per matmul step (d is zero-padded to a multiple)
   num_warps: int | None = 8      # GPU (Triton) launch parameters; None: the compiler's choice
-  num_stages: int | None = 3
+  num_stages: int | None = 3     # (mosaic: TMA copies in flight, >= 2)
+  backend: str = "triton"        # "triton" or "mosaic" (Mosaic GPU; bf16/f16 inputs only)
 
 
 def _masked(s, gallery_ids, query_ids, column_scale):
@@ -103,6 +110,126 @@ def _kernel(q_ref, g_ref, ids_ref, qids_ref, scale_ref, thr_ref, v_ref, c_ref, b
   b_ref[...] = bound
 
 
+def _mosaic_kernel(q_gmem, g_gmem, ids_gmem, qids_gmem, scale_gmem, thr_gmem,
+                   v_gmem, c_gmem, b_gmem, v_smem, c_smem, b_smem, ids_smem, qids_smem,
+                   scale_smem, thr_smem, copied, *, config: FusedConfig, interpret: bool):
+  # One program per (query block i, gallery block j). The small per-row/per-column vectors
+  # come in by TMA while the matmul runs; the score tile lives in wgmma's registers.
+  bq, bt, bk, keep = config.block_q, config.block_t, config.block_k, config.keep
+  i, j = lax.axis_index("q"), lax.axis_index("t")
+  plgpu.copy_gmem_to_smem(ids_gmem.at[pl.ds(j * bt, bt)], ids_smem, copied.at[0])
+  plgpu.copy_gmem_to_smem(qids_gmem.at[pl.ds(i * bq, bq)], qids_smem, copied.at[1])
+  plgpu.copy_gmem_to_smem(scale_gmem.at[pl.ds(j * bt, bt)], scale_smem, copied.at[2])
+  plgpu.copy_gmem_to_smem(thr_gmem.at[pl.ds(i * bq, bq)], thr_smem, copied.at[3])
+  itemsize = jnp.dtype(q_gmem.dtype).itemsize
+  swizzle = plgpu.find_swizzle(bk * itemsize * 8)
+  transforms = (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+  def matmul(acc):
+    def step(_, q_smem, g_smem):
+      plgpu.wgmma(acc, q_smem, g_smem)
+      plgpu.wgmma_wait(1)  # one wgmma stays in flight; delay_release keeps its operands
+
+    plgpu.emit_pipeline(
+        step, grid=(q_gmem.shape[1] // bk,), max_concurrent_steps=config.num_stages,
+        in_specs=[plgpu.BlockSpec((bq, bk), lambda k: (i, k), transforms=transforms,
+                                  delay_release=1),
+                  plgpu.BlockSpec((bk, bt), lambda k: (k, j), transforms=transforms,
+                                  delay_release=1)])(q_gmem, g_gmem)
+    return acc[...]
+
+  s = pl.run_scoped(matmul, plgpu.ACC((bq, bt), jnp.float32))
+  for b in range(4):
+    plgpu.barrier_wait(copied.at[b])
+
+  def vector(ref, axis):  # a row (axis 1) or column (axis 0) vector in the tile's layout
+    if interpret:  # (the interpreter has no plgpu.load; layouts are a compiler matter)
+      return ref[...]
+    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(axis))
+
+  def per_column(x):
+    return lax.broadcast_in_dim(x, (bq, bt), [1])
+
+  def per_row(x):
+    return lax.broadcast_in_dim(x, (bq, bt), [0])
+
+  column_ids, own_ids = vector(ids_smem, 0), vector(qids_smem, 1)
+  s = s * per_column(vector(scale_smem, 0))
+  drop = (per_column(column_ids) < 0) | (per_column(column_ids) == per_row(own_ids))
+  s = jnp.where(drop, -jnp.inf, s)
+  s = jnp.where(s == 0, 0.0, s)
+  column = (lax.broadcasted_iota(jnp.int32, (bq, bt), 1) if interpret else
+            plgpu.broadcasted_iota(jnp.int32, (bq, bt), 1, layout=plgpu.Layout.WGMMA))
+  # Columns as negated floats (exact below 2**24): the lowest column holding a value is one
+  # more max-reduction, the reduction the tile's layout has.
+  neg_column = -column.astype(jnp.float32)
+  best = s.max(axis=1)
+  reached = jnp.max(jnp.where(best >= vector(thr_smem, 1), 1.0, 0.0)) > 0
+
+  @pl.when(reached)
+  def _select():
+    left, m = s, best
+    for r in range(keep):  # K′ rounds of (max, lowest column holding it, mask it)
+      c = -jnp.max(jnp.where(left == per_row(m), neg_column, -float(bt)), axis=1)
+      v_smem[r] = m
+      c_smem[r] = c.astype(jnp.int32) + j * bt
+      left = jnp.where(neg_column == per_row(-c), -jnp.inf, left)
+      m = left.max(axis=1)
+    b_smem[...] = m
+
+  @pl.when(~reached)
+  def _skip():  # keep nothing; the bound covers the block
+    for r in range(keep):
+      v_smem[r] = jnp.full_like(best, -jnp.inf)
+      c_smem[r] = jnp.zeros_like(best, jnp.int32) + j * bt
+    b_smem[...] = best
+
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(v_smem, v_gmem.at[j, :, pl.ds(i * bq, bq)])
+  plgpu.copy_smem_to_gmem(c_smem, c_gmem.at[j, :, pl.ds(i * bq, bq)])
+  plgpu.copy_smem_to_gmem(b_smem, b_gmem.at[j, pl.ds(i * bq, bq)])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _mosaic_block_topk(queries, gallery, gallery_ids, query_ids, column_scale, thresholds,
+                       config: FusedConfig, interpret: bool):
+  half = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+  if jnp.dtype(queries.dtype) not in half or gallery.dtype != queries.dtype:
+    raise ValueError(f"the Mosaic GPU kernel multiplies bf16/f16 only (its f32 wgmma is tf32), "
+                     f"got {queries.dtype} x {gallery.dtype}: use backend='triton'")
+  bq, bt, keep = config.block_q, config.block_t, config.keep
+  if bq % 64 or bt % 8 or bt > 256 or (config.num_stages or 0) < 2:
+    raise ValueError(f"Mosaic GPU blocks: block_q a multiple of 64, block_t a multiple of 8 "
+                     f"up to 256, num_stages >= 2; got {config}")
+  q, t = queries.shape[0], gallery.shape[0]
+  nb = t // bt
+  params = {}
+  if interpret:
+    params["interpret"] = _mosaic_interpret_params()
+  v, c, b = plgpu.kernel(
+      functools.partial(_mosaic_kernel, config=config, interpret=interpret),
+      out_type=(jax.ShapeDtypeStruct((nb, keep, q), jnp.float32),
+                jax.ShapeDtypeStruct((nb, keep, q), jnp.int32),
+                jax.ShapeDtypeStruct((nb, q), jnp.float32)),
+      scratch_types=(plgpu.SMEM((keep, bq), jnp.float32), plgpu.SMEM((keep, bq), jnp.int32),
+                     plgpu.SMEM((bq,), jnp.float32), plgpu.SMEM((bt,), jnp.int32),
+                     plgpu.SMEM((bq,), jnp.int32), plgpu.SMEM((bt,), jnp.float32),
+                     plgpu.SMEM((bq,), jnp.float32), plgpu.Barrier(num_barriers=4)),
+      grid=(q // bq, nb), grid_names=("q", "t"), **params,
+  )(queries, gallery.T, gallery_ids, query_ids, column_scale, thresholds)
+  # Outputs are written query-minor (1-D TMA rows); the engine's layout is [Q, blocks, K′].
+  return (jnp.moveaxis(v, 2, 0).reshape(q, nb * keep), jnp.moveaxis(c, 2, 0).reshape(q, nb * keep),
+          b.T)
+
+
+def _mosaic_interpret_params():
+  try:
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+  except ImportError as e:  # a JAX without Mosaic GPU's interpreter
+    raise NotImplementedError("this JAX cannot interpret Mosaic GPU kernels") from e
+  return InterpretGPUParams()
+
+
 def _defaults(q, t, query_ids, column_scale, thresholds):
   return (jnp.full((q,), NO_QUERY_ID, jnp.int32) if query_ids is None else query_ids,
           jnp.ones((t,), jnp.float32) if column_scale is None else column_scale,
@@ -130,6 +257,12 @@ def block_topk(queries, gallery, gallery_ids, config: FusedConfig = FusedConfig(
     queries = jnp.pad(queries, ((0, 0), (0, bk - d % bk)))
     gallery = jnp.pad(gallery, ((0, 0), (0, bk - d % bk)))
   query_ids, column_scale, thresholds = _defaults(q, t, query_ids, column_scale, thresholds)
+  if config.backend == "mosaic":
+    return _mosaic_block_topk(queries, gallery, gallery_ids.astype(jnp.int32),
+                              query_ids.astype(jnp.int32), column_scale.astype(jnp.float32),
+                              thresholds.astype(jnp.float32), config, interpret)
+  if config.backend != "triton":
+    raise ValueError(f"backend must be 'triton' or 'mosaic', got {config.backend!r}")
   nb = t // bt
   params = {}
   if not interpret:  # compiled: the Triton backend (GPU)

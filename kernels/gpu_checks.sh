@@ -2,9 +2,10 @@
 # The GPU session's checks and benchmarks in one go, each step under its own time limit so
 # one slow step cannot starve the rest; logs go to $OUT (or ./gpu_logs).
 #   bash kernels/gpu_checks.sh [step ...]     steps: env tune bench profile tests fusedbf16 stream
-#                                             encoders scaling (fusedbf16: the engine test of the
-#                                             fused kernel that failed on the H100 in bf16, alone,
-#                                             with its full report)
+#                                             encoders scaling mosaic (fusedbf16: the engine test of
+#                                             the fused kernel that failed on the H100 in bf16, alone,
+#                                             with its full report; mosaic: the Mosaic GPU lowering's
+#                                             tests, compiled, then its tuning rows alone)
 set -u
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}. PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
@@ -29,6 +30,10 @@ for s in $steps; do case $s in
         ${TESTS:-tests/test_knn.py tests/test_large_k.py tests/test_topk_kernel.py tests/test_fused_topk.py} ;;
   fusedbf16) TAIL=80 step fusedbf16 120 env JAX_PLATFORMS=cuda $PY -m pytest -x -vv -p no:cacheprovider \
         --tb=long "tests/test_knn.py::test_fused_kernel_in_the_engine_equals_brute_force" ;;
+  mosaic) TAIL=60 step mosaic_tests 150 env JAX_PLATFORMS=cuda $PY -m pytest -x -vv -p no:cacheprovider \
+        --tb=long -k mosaic tests/test_fused_topk.py tests/test_knn.py
+        step mosaic_tune 180 $PY -m kernels.tune_fused --config=128,128,4,64,8,3,mosaic \
+        --config=128,128,4,64,8,4,mosaic --config=64,256,4,64,8,4,mosaic --config=128,128,4,64,8,3 ;;
   stream) step stream 200 $PY -m kernels.bench_stream --rows=${STREAM_ROWS:-4000000} --dir=/tmp/bench_store ;;
   encoders) step encoders 180 $PY -m kernels.bench_encoders ;;
   scaling) step scaling 200 $PY -m experiments.scaling ${SCALING_ARGS:---gallery=1m} --out=/tmp/scaling_gpu ;;

@@ -38,8 +38,9 @@ def define_flags():
   flags.DEFINE_integer("k", 10, "neighbours")
   flags.DEFINE_multi_string("config", ["128,128,4,64,8,3", "128,128,4,32,8,4", "128,128,4,64,8,4",
                                        "128,128,4,128,8,3", "128,64,4,64,4,3", "256,128,4,64,8,3",
-                                       "64,128,4,64,4,4"],
-                            "block_q,block_t,keep,block_k,num_warps,num_stages")
+                                       "64,128,4,64,4,4", "128,128,4,64,8,3,mosaic",
+                                       "128,128,4,64,8,4,mosaic", "64,256,4,64,8,4,mosaic"],
+                            "block_q,block_t,keep,block_k,num_warps,num_stages[,backend]")
   flags.DEFINE_integer("iters", 10, "calls per timing sample")
   flags.DEFINE_bool("torch", True, "time torch matmul + topk (GPU only)")
   flags.DEFINE_integer("stream_rows", 0, "rows of the measured stream (0: none)")
@@ -48,9 +49,10 @@ def define_flags():
 
 def parse_config(text: str):
   from kernels.fused_topk import FusedConfig
-  bq, bt, keep, bk, warps, stages = (int(x) for x in text.split(","))
+  fields = text.split(",")
+  bq, bt, keep, bk, warps, stages = (int(x) for x in fields[:6])
   return FusedConfig(block_q=bq, block_t=bt, keep=keep, block_k=bk, num_warps=warps,
-                     num_stages=stages)
+                     num_stages=stages, backend=fields[6] if len(fields) > 6 else "triton")
 
 
 def config_name(config) -> str:

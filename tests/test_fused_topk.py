@@ -1,5 +1,8 @@
 """The fused Pallas kernel (interpret mode on CPU) against its plain-jnp reference, and the
-certified merge + fallback against the exact selection: random data, exact ties, padding."""
+certified merge + fallback against the exact selection: random data, exact ties, padding.
+Both lowerings: Triton, and Mosaic GPU (its own interpreter simulates TMA, barriers and
+wgmma; bf16 only)."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -147,13 +150,87 @@ def test_tune_checks_each_configuration_and_projects_a_stream():
   """kernels.tune_fused on a tiny shape (interpreted): the exactness check runs per
   configuration, and the stream projection scales per-tile time to an N x N self-join."""
   from kernels.tune_fused import parse_config, stream, tune
-  config = parse_config("32,128,4,32,4,3")
+  config, mosaic = parse_config("32,128,4,32,4,3"), parse_config("64,128,4,32,4,2,mosaic")
+  assert mosaic.backend == "mosaic" and config.backend == "triton"
   lines = []
-  rows = tune(64, 512, 40, 5, [config], iters=1, with_torch=False, log=lines.append)
+  rows = tune(64, 512, 40, 5, [config, mosaic], iters=1, with_torch=False, log=lines.append)
   fused = [r for r in rows if r["name"].startswith("fused")]
-  assert len(fused) == 1 and fused[0]["exact_on_integers"] is True
+  assert len(fused) == 2 and all(r["exact_on_integers"] is True for r in fused), lines
   assert {r["name"] for r in rows} >= {"jnp.dot", "xla dot+bucket_topk"}
   out = stream(64, 512, 40, 5, config, 1024, peak_tflops=1.0, log=lines.append)
   fused_stream = next(v for name, v in out.items() if name.startswith("fused"))
   assert fused_stream["fallbacks"] == 0
   assert fused_stream["projected"] == pytest.approx(fused_stream["per_tile"] * 2 * 1024 / 64)
+
+
+# ---- the Mosaic GPU lowering -----------------------------------------------------------------
+
+MOSAIC = FusedConfig(block_q=64, block_t=128, keep=3, num_stages=2, backend="mosaic")
+INTERPRET = jax.default_backend() == "cpu"  # on a GPU these run compiled
+
+
+def half_data(rng, q, t, d, span):
+  """Integer rows exact in bf16 (|x| <= 16), padding ids at the tile's end."""
+  qs = jnp.asarray(rng.integers(-span, span + 1, (q, d)), jnp.bfloat16)
+  gs = jnp.asarray(rng.integers(-span, span + 1, (t, d)), jnp.bfloat16)
+  ids = np.arange(t, dtype=np.int32) * 3 + 1
+  ids[-37:] = -1
+  return qs, gs, jnp.asarray(ids)
+
+
+@pytest.mark.parametrize("span", [2, 16])
+def test_mosaic_kernel_equals_its_reference(rng, span):
+  """Self-exclusion, column scale, padding, d not a multiple of block_k, and thresholds
+  (rows 0 and 1: their maximum, the rest +inf) that make the first query block's programs
+  select where row 0 or 1 peaks and skip elsewhere; the second query block always skips."""
+  q, g, ids = half_data(rng, 128, 512, 100, span)
+  query_ids = ids[rng.choice(512 - 37, 128, replace=False)]
+  scale = jnp.asarray(rng.integers(1, 4, 512), jnp.float32)
+  s = np.asarray(jnp.dot(q, g.T, preferred_element_type=jnp.float32)) * np.asarray(scale)
+  s[(np.asarray(ids)[None] < 0) | (np.asarray(ids)[None] == np.asarray(query_ids)[:, None])] = -np.inf
+  row_max = s.max(axis=1)
+  thresholds = jnp.asarray(np.where(np.arange(128) < 2, row_max, np.inf), jnp.float32)
+  kw = dict(query_ids=query_ids, column_scale=scale, thresholds=thresholds)
+  got = block_topk(q, g, ids, MOSAIC, interpret=INTERPRET, **kw)
+  want = reference_block_topk(q, g, ids, MOSAIC, **kw)
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(a, b)
+  skipped = np.isinf(np.asarray(got[0]).reshape(128, 4, 3)).all(axis=2)
+  assert skipped[:64].mean() < 1 and skipped[64:].all()  # both branches ran
+  if span == 16:  # few ties: rows 0 and 1 reach their maximum in at most 2 of 4 blocks
+    assert skipped[:64].mean() >= 0.5
+
+
+def test_mosaic_merge_is_exact_and_falls_back_when_it_must(rng):
+  q, g, ids = half_data(rng, 64, 1024, 64, 2)
+  q = q.at[0].set(2)
+  g = g.at[:6].set(2)  # query 0's six best rows in one block: more than K' = 3
+  v, i, fallbacks = fused_topk(q, g, ids, 8, MOSAIC, interpret=INTERPRET)
+  ref_v, ref_i = exact(q.astype(jnp.float32), g.astype(jnp.float32), ids, 8)
+  np.testing.assert_array_equal(v, ref_v)
+  np.testing.assert_array_equal(i, ref_i)
+  assert fallbacks > 0
+
+
+def test_mosaic_kernel_refuses_f32_and_odd_blocks():
+  g, ids = jnp.zeros((256, 64), jnp.bfloat16), jnp.zeros(256, jnp.int32)
+  with pytest.raises(ValueError, match="bf16/f16 only"):
+    block_topk(jnp.zeros((64, 64)), g.astype(jnp.float32), ids, MOSAIC, interpret=True)
+  with pytest.raises(ValueError, match="multiple of 64"):
+    block_topk(jnp.zeros((32, 64), jnp.bfloat16), g, ids,
+               FusedConfig(block_q=32, backend="mosaic"), interpret=True)
+
+
+@pytest.mark.parametrize("dim", [1024, 100])
+def test_mosaic_kernel_lowers_for_gpus(dim):
+  """Pallas' Mosaic GPU lowering runs without a GPU: what it rejects shows up here."""
+  import functools
+
+  from jax import export
+  q = jax.ShapeDtypeStruct((256, dim), jnp.bfloat16)
+  g = jax.ShapeDtypeStruct((1024, dim), jnp.bfloat16)
+  ids = jax.ShapeDtypeStruct((1024,), jnp.int32)
+  prior = (jax.ShapeDtypeStruct((256, 10), jnp.float32), jax.ShapeDtypeStruct((256, 10), jnp.int32))
+  fn = jax.jit(functools.partial(fused_update, k=10, config=FusedConfig(backend="mosaic")))
+  exported = export.export(fn, platforms=["cuda"])(prior, q, g, ids)
+  assert "mosaic_gpu" in exported.mlir_module()

@@ -298,6 +298,36 @@ def test_fused_kernel_in_the_engine_equals_brute_force(rng, normalize, dtype):
       np.testing.assert_array_equal(r.scores, scores.astype(np.float32))
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+def test_mosaic_kernel_in_the_engine_equals_brute_force(rng, normalize):
+  """kernel="fused_mosaic" (Mosaic GPU; on CPU interpreted, one device): bf16 tiles,
+  self-exclusion, duplicate rows, prefixes, a gallery not a multiple of the tile, cosine."""
+  x = integer_rows(rng, 600, 40)
+  x[7] = x[300]
+  if normalize:
+    x[np.all(x == 0, axis=1), 0] = 1
+  x = x.astype(ml_dtypes.bfloat16)
+  q, qids = x[:100], np.arange(100)
+  kw = dict(query_ids=qids, tile_rows=256, prefix_sizes=[300, 600], normalize=normalize,
+            mesh=one_device_mesh(), compute_dtype=ml_dtypes.bfloat16)
+  res = search(q, x, 6, kernel="fused_mosaic", **kw)
+  xla = search(q, x, 6, kernel="xla", **kw)
+  for r, other, n in zip(res, xla, [300, 600]):
+    assert r.kernel == "fused_mosaic"
+    np.testing.assert_array_equal(r.ids, other.ids)
+    np.testing.assert_array_equal(r.scores, other.scores)
+    if not normalize:
+      ids, scores = brute_force(q.astype(np.float32), x[:n].astype(np.float32), 6,
+                                query_ids=qids)
+      np.testing.assert_array_equal(r.ids, ids)
+      np.testing.assert_array_equal(r.scores, scores.astype(np.float32))
+  if jax.default_backend() == "cpu":
+    with pytest.raises(ValueError, match="one-device mesh"):
+      search(q, x, 6, kernel="fused_mosaic", compute_dtype=ml_dtypes.bfloat16)
+    with pytest.raises(ValueError, match="bf16/f16 only"):
+      search(q, x, 6, kernel="fused_mosaic", mesh=one_device_mesh())  # f32 on CPU
+
+
 def test_kernel_choice_is_checked_and_reported(rng):
   x = integer_rows(rng, 200, 8)
   assert search(x[:5], x, 3).kernel == "xla"  # auto on CPU

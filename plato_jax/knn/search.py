@@ -43,6 +43,8 @@ FUSED_BY_DEFAULT_ON: frozenset[str] = frozenset()
 # (k = 2,621 of ~8k candidates per row, 1,024 rows: 490 ms on the device, ~90 ms so).
 FINISH_ON_HOST: frozenset[str] = frozenset({"cpu"})
 NO_ID = -2  # a query id no gallery row has (padding uses -1)
+# The fused kernel's lowerings by name (kernels.fused_topk.FusedConfig.backend).
+FUSED_CONFIGS = {"fused": {}, "fused_mosaic": {"backend": "mosaic"}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +146,9 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
     kernel: the tile kernel. "xla": matmul, then `kernels.topk.bucket_topk` (or the
       threshold selector for k >= 128) on the score tile. "fused": `kernels.fused_topk`,
       the Pallas kernel that selects inside the matmul (small k; Triton on GPUs,
-      interpreted elsewhere — slow, for tests). "auto": fused for k < 128 on the platforms
+      interpreted elsewhere — slow, for tests). "fused_mosaic": the same kernel lowered by
+      Mosaic GPU (TMA-pipelined wgmma; Hopper and later, bf16/f16 only: pass
+      compute_dtype=bfloat16 for f32 inputs you accept to round). "auto": fused for k < 128 on the platforms
       in `FUSED_BY_DEFAULT_ON` (none yet), else xla; if the fused kernel does not compile
       there, xla, with a warning.
       Either is exact; the two accumulate in different orders, so on data where f32
@@ -210,6 +214,9 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
   block = max(1, min(query_block, num_q))
   requested, kernel = kernel, _pick_kernel(kernel, k_max, mesh.devices.flat[0].platform)
   on_host = mesh.devices.flat[0].platform in FINISH_ON_HOST
+  if kernel == "fused_mosaic" and mesh.devices.flat[0].platform == "cpu" and num_dev > 1:
+    raise ValueError("kernel='fused_mosaic' runs interpreted on CPU, and Mosaic GPU's "
+                     "interpreter runs one device's kernels at a time: pass a one-device mesh")
   if tile_rows is None:
     align = 64 if kernel == "xla" else 128
     budget = SCORE_TILE_BYTES if mesh.devices.flat[0].platform == "cpu" else \
@@ -218,7 +225,7 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
     per_device = -(-n // num_dev)
     tile_rows = min(tile_rows, -(-per_device // align) * align)
   selector, kernel = _selector_that_compiles(
-      kernel, requested == "fused", k_max, tile_rows, bucket_width, mesh, block, source.dim,
+      kernel, requested == kernel, k_max, tile_rows, bucket_width, mesh, block, source.dim,
       dtype, tile_dtype,
       bool(exclude_self), precision, bool(normalize))
   step = sharding.sharded_step(mesh, selector, bool(exclude_self), precision, bool(normalize))
@@ -281,7 +288,7 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
           raise ValueError(f"{num_bad} gallery rows have non-finite or overflowing norms on the "
                            f"device, but a host scan could not name them")
         v, i = sharding.device_merger(mesh, selector, keep[stop], on_host)(state)
-        if kernel == "fused" and stop == sizes[-1]:
+        if kernel != "xla" and stop == sizes[-1]:
           fallbacks += int(sharding.replicated_sum(mesh)(state[2]))
         found["values"][str(stop)][q0:q0 + rows] = np.asarray(v)[:rows]
         found["ids"][str(stop)][q0:q0 + rows] = np.asarray(i)[:rows]
@@ -302,8 +309,8 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
 
 
 def _pick_kernel(kernel: str, k: int, platform: str) -> str:
-  if kernel not in ("auto", "xla", "fused"):
-    raise ValueError(f"kernel must be 'auto', 'xla' or 'fused', got {kernel!r}")
+  if kernel not in ("auto", "xla", *FUSED_CONFIGS):
+    raise ValueError(f"kernel must be 'auto', 'xla', 'fused' or 'fused_mosaic', got {kernel!r}")
   if kernel == "auto":
     return "fused" if platform in FUSED_BY_DEFAULT_ON and k < LARGE_K_THRESHOLD else "xla"
   return kernel
@@ -317,9 +324,9 @@ def _selector_that_compiles(kernel, required, k, tile_rows, bucket_width, mesh, 
   xla = choose_selector(k, tile_rows, bucket_width)
   if kernel == "xla":
     return xla, "xla"
-  from kernels.fused_topk import FusedTopKSelector
+  from kernels.fused_topk import FusedConfig, FusedTopKSelector
   platform = mesh.devices.flat[0].platform
-  selector = FusedTopKSelector(k, interpret=platform == "cpu")
+  selector = FusedTopKSelector(k, FusedConfig(**FUSED_CONFIGS[kernel]), interpret=platform == "cpu")
   try:
     p = mesh.devices.size
     split = sharding.NamedSharding(mesh, sharding.P(sharding.mesh_axis(mesh)))
@@ -332,7 +339,7 @@ def _selector_that_compiles(kernel, required, k, tile_rows, bucket_width, mesh, 
         jax.ShapeDtypeStruct((block,), np.int32, sharding=whole),
         jax.ShapeDtypeStruct((p, tile_rows, dim), tile_dtype, sharding=split),
         jax.ShapeDtypeStruct((p, tile_rows), np.int32, sharding=split)).compile()
-    return selector, "fused"
+    return selector, kernel
   except Exception as e:  # noqa: BLE001 — any compiler failure means: use the XLA kernel
     if required:
       raise
