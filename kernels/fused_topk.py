@@ -198,9 +198,12 @@ def _mosaic_block_topk(queries, gallery, gallery_ids, query_ids, column_scale, t
     raise ValueError(f"the Mosaic GPU kernel multiplies bf16/f16 only (its f32 wgmma is tf32), "
                      f"got {queries.dtype} x {gallery.dtype}: use backend='triton'")
   bq, bt, keep = config.block_q, config.block_t, config.keep
-  if bq % 64 or bt % 8 or bt > 256 or (config.num_stages or 0) < 2:
-    raise ValueError(f"Mosaic GPU blocks: block_q a multiple of 64, block_t a multiple of 8 "
-                     f"up to 256, num_stages >= 2; got {config}")
+  itemsize = jnp.dtype(queries.dtype).itemsize
+  lanes = plgpu.find_swizzle(config.block_k * itemsize * 8) // itemsize  # swizzled row width
+  if bq % 64 or bt % lanes or bt > 256 or (config.num_stages or 0) < 2:
+    raise ValueError(f"Mosaic GPU blocks: block_q a multiple of 64 (wgmma rows), block_t a "
+                     f"multiple of {lanes} (the swizzle block_k sets) up to 256, num_stages "
+                     f">= 2; got {config}")
   q, t = queries.shape[0], gallery.shape[0]
   nb = t // bt
   params = {}
@@ -287,7 +290,9 @@ def block_topk(queries, gallery, gallery_ids, config: FusedConfig = FusedConfig(
 def reference_block_topk(queries, gallery, gallery_ids, config: FusedConfig = FusedConfig(),
                          *, query_ids=None, column_scale=None, thresholds=None,
                          precision=None):
-  """Plain jnp: the same outputs from a materialised score tile and `lax.top_k`."""
+  """Plain jnp: the same outputs from a materialised score tile and `lax.top_k`. Columns
+  of kept -inf values (a block with fewer than K′ finite scores) are unspecified in the
+  kernels — the merge never reads them — so compare columns where values are finite."""
   q, t = queries.shape[0], gallery.shape[0]
   bq, bt, keep = config.block_q, config.block_t, config.keep
   query_ids, column_scale, thresholds = _defaults(q, t, query_ids, column_scale, thresholds)

@@ -26,6 +26,15 @@ def data(rng, q, t, d, kind):
   return (jnp.asarray(qs, jnp.float32), jnp.asarray(gs, jnp.float32), jnp.asarray(ids))
 
 
+def assert_same_blocks(got, want):
+  """Kernel outputs equal the reference's: values and bounds exactly, columns wherever the
+  value is finite (a -inf value's column is unspecified)."""
+  (v, c, b), (rv, rc, rb) = (tuple(np.asarray(x) for x in t) for t in (got, want))
+  np.testing.assert_array_equal(v, rv)
+  np.testing.assert_array_equal(b, rb)
+  np.testing.assert_array_equal(np.where(np.isfinite(v), c, 0), np.where(np.isfinite(rv), rc, 0))
+
+
 def exact(q, g, ids, k):
   s = jnp.dot(q, g.T, precision=HI)
   s = jnp.where(ids[None, :] < 0, -jnp.inf, s)
@@ -38,9 +47,7 @@ def test_kernel_equals_its_reference(rng, kind):
   q, g, ids = data(rng, 128, 1024, 24, kind)
   cfg = FusedConfig(block_q=64, block_t=128, keep=3)
   got = block_topk(q, g, ids, cfg, precision=HI, interpret=True)
-  want = reference_block_topk(q, g, ids, cfg, precision=HI)
-  for a, b in zip(got, want):
-    np.testing.assert_array_equal(a, b)
+  assert_same_blocks(got, reference_block_topk(q, g, ids, cfg, precision=HI))
 
 
 def test_kernel_masks_self_scales_columns_and_skips_below_thresholds(rng):
@@ -56,10 +63,9 @@ def test_kernel_masks_self_scales_columns_and_skips_below_thresholds(rng):
   cfg = FusedConfig(block_q=4, block_t=128, keep=2)
   got = block_topk(q, g, ids, cfg, query_ids=query_ids, column_scale=scale,
                    thresholds=thresholds, precision=HI, interpret=True)
-  want = reference_block_topk(q, g, ids, cfg, query_ids=query_ids, column_scale=scale,
-                              thresholds=thresholds, precision=HI)
-  for a, b in zip(got, want):
-    np.testing.assert_array_equal(a, b)
+  assert_same_blocks(got, reference_block_topk(q, g, ids, cfg, query_ids=query_ids,
+                                               column_scale=scale, thresholds=thresholds,
+                                               precision=HI))
   values, columns, _ = (np.asarray(x) for x in got)
   skipped = np.isinf(values.reshape(128, 8, 2)).all(axis=2)  # [Q, gallery blocks]
   assert 0.5 <= skipped[:4].mean() < 1 and skipped[4:].all()  # both branches ran
@@ -169,22 +175,23 @@ MOSAIC = FusedConfig(block_q=64, block_t=128, keep=3, num_stages=2, backend="mos
 INTERPRET = jax.default_backend() == "cpu"  # on a GPU these run compiled
 
 
-def half_data(rng, q, t, d, span):
-  """Integer rows exact in bf16 (|x| <= 16), padding ids at the tile's end."""
+def half_data(rng, q, t, d, span, padding=37):
+  """Integer rows exact in bf16 (|x| <= 16), `padding` ids -1 at the tile's end."""
   qs = jnp.asarray(rng.integers(-span, span + 1, (q, d)), jnp.bfloat16)
   gs = jnp.asarray(rng.integers(-span, span + 1, (t, d)), jnp.bfloat16)
   ids = np.arange(t, dtype=np.int32) * 3 + 1
-  ids[-37:] = -1
+  ids[t - padding:] = -1
   return qs, gs, jnp.asarray(ids)
 
 
 @pytest.mark.parametrize("span", [2, 16])
 def test_mosaic_kernel_equals_its_reference(rng, span):
-  """Self-exclusion, column scale, padding, d not a multiple of block_k, and thresholds
-  (rows 0 and 1: their maximum, the rest +inf) that make the first query block's programs
-  select where row 0 or 1 peaks and skip elsewhere; the second query block always skips."""
-  q, g, ids = half_data(rng, 128, 512, 100, span)
-  query_ids = ids[rng.choice(512 - 37, 128, replace=False)]
+  """Self-exclusion, column scale, padding (the last block has 2 real rows, fewer than K′),
+  d not a multiple of block_k, and thresholds (rows 0 and 1: their maximum, the rest +inf)
+  that make the first query block's programs select where row 0 or 1 peaks and skip
+  elsewhere; the second query block always skips."""
+  q, g, ids = half_data(rng, 128, 512, 100, span, padding=126)
+  query_ids = ids[rng.choice(512 - 126, 128, replace=False)]
   scale = jnp.asarray(rng.integers(1, 4, 512), jnp.float32)
   s = np.asarray(jnp.dot(q, g.T, preferred_element_type=jnp.float32)) * np.asarray(scale)
   s[(np.asarray(ids)[None] < 0) | (np.asarray(ids)[None] == np.asarray(query_ids)[:, None])] = -np.inf
@@ -192,9 +199,7 @@ def test_mosaic_kernel_equals_its_reference(rng, span):
   thresholds = jnp.asarray(np.where(np.arange(128) < 2, row_max, np.inf), jnp.float32)
   kw = dict(query_ids=query_ids, column_scale=scale, thresholds=thresholds)
   got = block_topk(q, g, ids, MOSAIC, interpret=INTERPRET, **kw)
-  want = reference_block_topk(q, g, ids, MOSAIC, **kw)
-  for a, b in zip(got, want):
-    np.testing.assert_array_equal(a, b)
+  assert_same_blocks(got, reference_block_topk(q, g, ids, MOSAIC, **kw))
   skipped = np.isinf(np.asarray(got[0]).reshape(128, 4, 3)).all(axis=2)
   assert skipped[:64].mean() < 1 and skipped[64:].all()  # both branches ran
   if span == 16:  # few ties: rows 0 and 1 reach their maximum in at most 2 of 4 blocks
@@ -219,6 +224,9 @@ def test_mosaic_kernel_refuses_f32_and_odd_blocks():
   with pytest.raises(ValueError, match="multiple of 64"):
     block_topk(jnp.zeros((32, 64), jnp.bfloat16), g, ids,
                FusedConfig(block_q=32, backend="mosaic"), interpret=True)
+  with pytest.raises(ValueError, match="block_t a multiple of 64"):
+    block_topk(jnp.zeros((64, 64), jnp.bfloat16), g, ids,
+               FusedConfig(block_q=64, block_t=32, backend="mosaic"), interpret=True)
 
 
 @pytest.mark.parametrize("dim", [1024, 100])

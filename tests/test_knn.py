@@ -276,17 +276,18 @@ def test_gallery_in_accelerator_memory_is_sliced_there(rng, monkeypatch):
                                              (False, ml_dtypes.bfloat16)])
 def test_fused_kernel_in_the_engine_equals_brute_force(rng, normalize, dtype):
   """kernel="fused" (the Pallas kernel, interpreted on the 8 CPU devices): self-exclusion,
-  duplicate rows, a gallery not a multiple of the tile, prefixes, cosine, bf16."""
+  duplicate rows, a gallery not a multiple of the tile, prefixes, cosine, bf16 (multiplied
+  in bf16, as on a GPU: on CPU the engine would otherwise widen bf16 tiles to f32)."""
   x = integer_rows(rng, 900, 16)
   x[7] = x[300]  # exact ties between distinct ids
   if normalize:
     x[np.all(x == 0, axis=1), 0] = 1
   x = x.astype(dtype)
   q, qids = x[:130], np.arange(130)
-  res = search(q, x, 6, query_ids=qids, tile_rows=128, prefix_sizes=[500, 900],
-               normalize=normalize, kernel="fused")
-  xla = search(q, x, 6, query_ids=qids, tile_rows=128, prefix_sizes=[500, 900],
-               normalize=normalize, kernel="xla")
+  kw = dict(query_ids=qids, tile_rows=128, prefix_sizes=[500, 900], normalize=normalize,
+            compute_dtype=dtype)
+  res = search(q, x, 6, kernel="fused", **kw)
+  xla = search(q, x, 6, kernel="xla", **kw)
   for r, other, n in zip(res, xla, [500, 900]):
     assert r.kernel == "fused" and other.kernel == "xla"
     np.testing.assert_array_equal(r.ids, other.ids)
@@ -369,6 +370,7 @@ def test_host_topk_orders_by_score_then_id(rng):
                                np.float32), size=(q, m))
   values[:, ::3] = rng.standard_normal((q, len(range(0, m, 3)))).astype(np.float32)
   ids = np.stack([rng.permutation(10**6)[:m] for _ in range(q)]).astype(np.int32)
+  ids[:, :3] = np.iinfo(np.int32).max - np.arange(3)  # the largest ids sort last at ties
   values[-5:, 20:] = -np.inf  # rows with fewer than k candidates: filler comes last
   ids[-5:, 20:] = -1
   got_v, got_i = host_topk(np.asarray(order_keys(jnp.asarray(values), jnp.asarray(ids))), k)
@@ -379,3 +381,10 @@ def test_host_topk_orders_by_score_then_id(rng):
     np.testing.assert_array_equal(got_i[r], np.where(clean[r, order] == -np.inf, -1,
                                                      ids[r, order]))
   assert not np.signbit(got_v[got_v == 0]).any()  # -0.0 reads +0.0
+  keys = np.asarray(order_keys(jnp.asarray(values[:, :20]), jnp.asarray(ids[:, :20])))
+  all_v, all_i = host_topk(keys, 20)  # m == k: no partition
+  more_v, more_i = host_topk(keys, 23)  # m < k: filler after the candidates
+  np.testing.assert_array_equal(more_v[:, :20], all_v)
+  np.testing.assert_array_equal(more_i[:, :20], all_i)
+  assert (more_v[:, 20:] == -np.inf).all() and (more_i[:, 20:] == -1).all()
+  np.testing.assert_array_equal(all_v[:, 0], clean[:, :20].max(axis=1))

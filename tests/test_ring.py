@@ -53,3 +53,21 @@ def test_ring_bad_input():
     ring_self_join(x, 2)
   with pytest.raises(ValueError, match="duplicate ids"):
     ring_self_join(np.ones((3, 2), np.float32), 1, ids=[1, 1, 2])
+
+
+@pytest.mark.parametrize("kernel,devices", [("fused", 8), ("fused_mosaic", 1)])
+def test_ring_with_the_fused_kernel_equals_brute_force(rng, kernel, devices):
+  """The fused Pallas kernel inside the ring (interpreted on CPU; Mosaic GPU's interpreter
+  takes one device): exact ties, duplicates, padding, shuffled ids; bf16 for Mosaic."""
+  x = integer_rows(rng, 700, 8)
+  x[300:310] = x[0]
+  ids = rng.permutation(10**6)[:700]
+  dtype = np.float32 if kernel == "fused" else jax.numpy.bfloat16
+  res = ring_self_join(x.astype(dtype), 6, ids=ids, mesh=mesh_of(devices), kernel=kernel,
+                       compute_dtype=dtype)
+  ref_ids, ref_scores = brute_force(x, x, 6, query_ids=ids, gallery_ids=ids)
+  assert res.kernel == kernel and res.fallbacks >= 0
+  np.testing.assert_array_equal(res.ids, ref_ids)
+  np.testing.assert_array_equal(res.scores, ref_scores)
+  with pytest.raises(ValueError, match="kernel must be"):
+    ring_self_join(x, 2, kernel="triton")

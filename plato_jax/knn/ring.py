@@ -6,8 +6,10 @@ P ring steps, each scoring the local queries against the block in hand while the
 passed on with `lax.ppermute` (issued before the compute, so the transfer overlaps it).
 Nothing is gathered and nothing N×N exists: per device, three blocks of rows and the
 [rows, k] running state. The selection is the engine's (`TopKSelector` / `ThresholdSelector`
-on score tiles of `tile_rows` columns), so results are exactly `search(x, x, k)`'s: sorted
-by (score descending, id ascending), identical for any device count.
+on score tiles of `block` columns, or with `kernel="fused"`/`"fused_mosaic"` the fused
+Pallas kernel, which never writes the score tile), so results are exactly
+`search(x, x, k)`'s: sorted by (score descending, id ascending), identical for any device
+count.
 """
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from plato_jax.knn import sharding
-from plato_jax.knn.large_k import choose_selector
-from plato_jax.knn.search import Neighbours, _check_unique, _ids_array, _k_list
+from plato_jax.knn.search import (Neighbours, _check_unique, _ids_array, _k_list, _pick_kernel,
+                                  selector_for)
 
 DEFAULT_BLOCK = 2048
 
@@ -48,6 +50,9 @@ def _ring_fn(mesh: Mesh, selector, block: int, exclude_self: bool, precision, k:
 
       def per_tile(st, tile):
         rows, ids = tile
+        if hasattr(selector, "update_rows"):  # a fused kernel: scores never leave the chip
+          return selector.update_rows(st, q, qid if exclude_self else None, rows, ids,
+                                      column_scale=None, precision=precision), None
         s = sharding.score_tile(q, qid, rows, ids, exclude_self=exclude_self,
                                 precision=precision)
         return selector.update(st, s), None
@@ -56,10 +61,14 @@ def _ring_fn(mesh: Mesh, selector, block: int, exclude_self: bool, precision, k:
                                       gallery_ids.reshape(-1, block)))
       return st
 
-    blocks = jax.tree.map(lambda a: a.reshape(n // block, block, *a.shape[1:]), state)
+    # Per-row parts split into query blocks; a scalar part (the fused kernel's fallback
+    # count) starts at 0 in each block and is summed back.
+    blocks = jax.tree.map(lambda a: a.reshape(n // block, block, *a.shape[1:]) if a.ndim
+                          else jnp.zeros((n // block,), a.dtype), state)
     out = lax.map(per_query_block, (blocks, queries.reshape(-1, block, d),
                                     query_ids.reshape(-1, block)))
-    return jax.tree.map(lambda a: a.reshape(n, *a.shape[2:]), out)
+    return jax.tree.map(lambda o, a: o.reshape(n, *o.shape[2:]) if a.ndim else a + o.sum(),
+                        out, state)
 
   def local(x, ids):
     # The state varies over the mesh axis like x (shard_map's types for the loops).
@@ -72,15 +81,19 @@ def _ring_fn(mesh: Mesh, selector, block: int, exclude_self: bool, precision, k:
 
     state, _, _ = lax.fori_loop(0, p, step, (state, x, ids))
     v, i = selector.result(state)
-    return v[:, :k], i[:, :k]
+    fallbacks = state[2] if fused else jnp.zeros((), jnp.int32)
+    return v[:, :k], i[:, :k], fallbacks[None]
 
+  # (A Pallas call declares no per-axis variance for its outputs: the check is off then.)
+  fused = hasattr(selector, "update_rows")
   fn = jax.shard_map(local, mesh=mesh, in_specs=(P(axis), P(axis)),
-                     out_specs=(P(axis), P(axis)))
+                     out_specs=(P(axis), P(axis), P(axis)), check_vma=not fused)
   return jax.jit(fn)
 
 
 def ring_self_join(x, k, *, ids=None, exclude_self: bool = True, mesh: Mesh | None = None,
-                   block: int | None = None, compute_dtype=None, precision=None) -> Neighbours:
+                   block: int | None = None, compute_dtype=None, precision=None,
+                   kernel: str = "auto") -> Neighbours:
   """Exact k nearest rows of every row of `x` [N, D] among the rows of `x`.
 
   Args:
@@ -90,7 +103,10 @@ def ring_self_join(x, k, *, ids=None, exclude_self: bool = True, mesh: Mesh | No
     block: rows per query block and per score tile (default 2048, at most the rows per
       device); each device's rows are padded to a multiple of it.
     compute_dtype / precision: as `search` (f32 inputs: a true-f32 matmul by default).
-  Returns `Neighbours` [N, max k] in the input row order.
+    kernel: "auto", "xla", "fused" or "fused_mosaic", as `search` (the fused ones: blocks
+      rounded to 128 rows; interpreted on CPU).
+  Returns `Neighbours` [N, max k] in the input row order, with the kernel used and the
+  fused kernel's fallback count.
   """
   ks = _k_list(k)
   k_max = max(ks)
@@ -110,7 +126,9 @@ def ring_self_join(x, k, *, ids=None, exclude_self: bool = True, mesh: Mesh | No
   p = mesh.devices.size
   per_device = -(-n // p)
   block = min(block or DEFAULT_BLOCK, per_device)
-  block = -(-block // 32) * 32
+  kernel = _pick_kernel(kernel, k_max, mesh.devices.flat[0].platform)
+  align = 32 if kernel == "xla" else 128  # (the fused kernels' blocks)
+  block = -(-block // align) * align
   per_device = -(-per_device // block) * block
   dtype = np.dtype(compute_dtype) if compute_dtype is not None else (
       x_host.dtype if x_host.dtype in (np.dtype(jnp.bfloat16), np.dtype(np.float16)) and
@@ -125,10 +143,10 @@ def ring_self_join(x, k, *, ids=None, exclude_self: bool = True, mesh: Mesh | No
   padded_ids = np.full(per_device * p, -1, np.int32)
   padded_ids[:n] = row_ids[order]
   split = NamedSharding(mesh, P(sharding.mesh_axis(mesh)))
-  selector = choose_selector(k_max, block)
+  selector = selector_for(kernel, k_max, block, None, mesh)
   fn = _ring_fn(mesh, selector, block, bool(exclude_self), precision, k_max)
-  v, i = fn(jax.device_put(padded, split), jax.device_put(padded_ids, split))
+  v, i, fallbacks = fn(jax.device_put(padded, split), jax.device_put(padded_ids, split))
   v, i = np.asarray(v)[:n], np.asarray(i)[:n].astype(np.int64)
   inverse = np.empty(n, np.int64)
   inverse[order] = np.arange(n)
-  return Neighbours(i[inverse], v[inverse], n)
+  return Neighbours(i[inverse], v[inverse], n, kernel, int(np.asarray(fallbacks).sum()))

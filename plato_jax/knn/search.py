@@ -214,9 +214,7 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
   block = max(1, min(query_block, num_q))
   requested, kernel = kernel, _pick_kernel(kernel, k_max, mesh.devices.flat[0].platform)
   on_host = mesh.devices.flat[0].platform in FINISH_ON_HOST
-  if kernel == "fused_mosaic" and mesh.devices.flat[0].platform == "cpu" and num_dev > 1:
-    raise ValueError("kernel='fused_mosaic' runs interpreted on CPU, and Mosaic GPU's "
-                     "interpreter runs one device's kernels at a time: pass a one-device mesh")
+  check_kernel_runs_on(kernel, mesh)
   if tile_rows is None:
     align = 64 if kernel == "xla" else 128
     budget = SCORE_TILE_BYTES if mesh.devices.flat[0].platform == "cpu" else \
@@ -308,6 +306,22 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
   return out
 
 
+def selector_for(kernel: str, k: int, tile_rows: int, bucket_width, mesh):
+  """The selector of a kernel picked by `_pick_kernel`: XLA's, or the fused kernel's."""
+  if kernel == "xla":
+    return choose_selector(k, tile_rows, bucket_width)
+  check_kernel_runs_on(kernel, mesh)
+  from kernels.fused_topk import FusedConfig, FusedTopKSelector
+  return FusedTopKSelector(k, FusedConfig(**FUSED_CONFIGS[kernel]),
+                           interpret=mesh.devices.flat[0].platform == "cpu")
+
+
+def check_kernel_runs_on(kernel: str, mesh) -> None:
+  if kernel == "fused_mosaic" and mesh.devices.flat[0].platform == "cpu" and mesh.devices.size > 1:
+    raise ValueError("kernel='fused_mosaic' runs interpreted on CPU, and Mosaic GPU's "
+                     "interpreter runs one device's kernels at a time: pass a one-device mesh")
+
+
 def _pick_kernel(kernel: str, k: int, platform: str) -> str:
   if kernel not in ("auto", "xla", *FUSED_CONFIGS):
     raise ValueError(f"kernel must be 'auto', 'xla', 'fused' or 'fused_mosaic', got {kernel!r}")
@@ -324,9 +338,8 @@ def _selector_that_compiles(kernel, required, k, tile_rows, bucket_width, mesh, 
   xla = choose_selector(k, tile_rows, bucket_width)
   if kernel == "xla":
     return xla, "xla"
-  from kernels.fused_topk import FusedConfig, FusedTopKSelector
   platform = mesh.devices.flat[0].platform
-  selector = FusedTopKSelector(k, FusedConfig(**FUSED_CONFIGS[kernel]), interpret=platform == "cpu")
+  selector = selector_for(kernel, k, tile_rows, bucket_width, mesh)
   try:
     p = mesh.devices.size
     split = sharding.NamedSharding(mesh, sharding.P(sharding.mesh_axis(mesh)))

@@ -68,6 +68,9 @@ def host_topk(keys: np.ndarray, k: int):
   keys = np.ascontiguousarray(keys).view(np.int64)[..., 0]
   if keys.shape[1] > k:
     keys = np.partition(keys, k - 1, axis=1)[:, :k]
+  elif keys.shape[1] < k:  # fewer candidates than k: filler (-inf, -1) after them
+    filler = np.asarray(order_keys(np.float32(-np.inf), np.int32(-1))).view(np.int64)
+    keys = np.pad(keys, ((0, 0), (0, k - keys.shape[1])), constant_values=filler[0])
   words = np.sort(keys, axis=1).view(np.int32).reshape(*keys.shape, 2)
   rising = ~words[..., _HIGH]
   values = np.where(rising < 0, rising ^ np.int32(0x7FFFFFFF), rising).view(np.float32)
@@ -149,8 +152,8 @@ class TopKSelector:
 
   A selector is the unit the engine streams tiles through: `init` makes the empty state,
   `update` folds in a tile's `ScoreTile` (its ids int32 [T] ascending), `result` returns
-  the sorted top-k. Other selectors (large k) keep
-  the same three methods.
+  the sorted top-k, `candidates` an unsorted superset of it (for `host_topk`). Other
+  selectors (large k, fused) keep the same methods.
   """
   k: int
   config: BucketConfig = BucketConfig()
