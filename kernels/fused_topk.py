@@ -55,6 +55,12 @@ class FusedConfig:
   num_warps: int | None = 8      # GPU (Triton) launch parameters; None: the compiler's choice
   num_stages: int | None = 3     # (mosaic: TMA copies in flight, >= 2)
   backend: str = "triton"        # "triton" or "mosaic" (Mosaic GPU; bf16/f16 inputs only)
+  warpgroups: int = 2            # mosaic: compute warpgroups per program, one gallery block each
+
+  @property
+  def program_rows(self) -> int:
+    """Gallery rows per program: tiles are padded to a multiple of it."""
+    return self.block_t * (self.warpgroups if self.backend == "mosaic" else 1)
 
 
 def _masked(s, gallery_ids, query_ids, column_scale):
@@ -111,36 +117,76 @@ def _kernel(q_ref, g_ref, ids_ref, qids_ref, scale_ref, thr_ref, v_ref, c_ref, b
 
 
 def _mosaic_kernel(q_gmem, g_gmem, ids_gmem, qids_gmem, scale_gmem, thr_gmem,
-                   v_gmem, c_gmem, b_gmem, v_smem, c_smem, b_smem, ids_smem, qids_smem,
-                   scale_smem, thr_smem, copied, *, config: FusedConfig, interpret: bool):
-  # One program per (query block i, gallery block j). The small per-row/per-column vectors
-  # come in by TMA while the matmul runs; the score tile lives in wgmma's registers.
-  bq, bt, bk, keep = config.block_q, config.block_t, config.block_k, config.keep
-  i, j = lax.axis_index("q"), lax.axis_index("t")
-  plgpu.copy_gmem_to_smem(ids_gmem.at[pl.ds(j * bt, bt)], ids_smem, copied.at[0])
-  plgpu.copy_gmem_to_smem(qids_gmem.at[pl.ds(i * bq, bq)], qids_smem, copied.at[1])
-  plgpu.copy_gmem_to_smem(scale_gmem.at[pl.ds(j * bt, bt)], scale_smem, copied.at[2])
-  plgpu.copy_gmem_to_smem(thr_gmem.at[pl.ds(i * bq, bq)], thr_smem, copied.at[3])
+                   v_gmem, c_gmem, b_gmem, *, config: FusedConfig, interpret: bool):
+  # A warp-specialized program per (query block i, W gallery blocks): one warpgroup issues
+  # the TMA copies of the pipeline, W compute warpgroups each multiply the shared query
+  # block with their own gallery block into registers (wgmma) and select from it.
+  w = config.warpgroups
+  scratch = (plgpu.SMEM((w, config.keep, config.block_q), jnp.float32),
+             plgpu.SMEM((w, config.keep, config.block_q), jnp.int32),
+             plgpu.SMEM((w, config.block_q), jnp.float32),
+             plgpu.SMEM((w, config.block_t), jnp.int32), plgpu.SMEM((w, config.block_q), jnp.int32),
+             plgpu.SMEM((w, config.block_t), jnp.float32),
+             plgpu.SMEM((w, config.block_q), jnp.float32), plgpu.Barrier(num_barriers=4 * w))
+  pl.run_scoped(functools.partial(_mosaic_program, q_gmem, g_gmem, ids_gmem, qids_gmem,
+                                  scale_gmem, thr_gmem, v_gmem, c_gmem, b_gmem, config=config,
+                                  interpret=interpret),
+                *scratch, collective_axes="wg")
+
+
+def _mosaic_program(q_gmem, g_gmem, ids_gmem, qids_gmem, scale_gmem, thr_gmem, v_gmem, c_gmem,
+                    b_gmem, v_all, c_all, b_all, ids_all, qids_all, scale_all, thr_all, copied, *,
+                    config: FusedConfig, interpret: bool):
+  bq, bt, bk, w = config.block_q, config.block_t, config.block_k, config.warpgroups
+  i, j, wg = lax.axis_index("q"), lax.axis_index("t"), lax.axis_index("wg")
   itemsize = jnp.dtype(q_gmem.dtype).itemsize
   swizzle = plgpu.find_swizzle(bk * itemsize * 8)
   transforms = (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
-  def matmul(acc):
-    def step(_, q_smem, g_smem):
-      plgpu.wgmma(acc, q_smem, g_smem)
-      plgpu.wgmma_wait(1)  # one wgmma stays in flight; delay_release keeps its operands
+  def compute(eval_pipeline):  # runs on each compute warpgroup
+    block = j * w + wg  # this warpgroup's gallery block
+    # The small per-row/per-column vectors come in by TMA while the matmul runs.
+    for n, (src, dst) in enumerate([(ids_gmem.at[pl.ds(block * bt, bt)], ids_all.at[wg]),
+                                    (qids_gmem.at[pl.ds(i * bq, bq)], qids_all.at[wg]),
+                                    (scale_gmem.at[pl.ds(block * bt, bt)], scale_all.at[wg]),
+                                    (thr_gmem.at[pl.ds(i * bq, bq)], thr_all.at[wg])]):
+      plgpu.copy_gmem_to_smem(src, dst, copied.at[4 * wg + n])
 
-    plgpu.emit_pipeline(
-        step, grid=(q_gmem.shape[1] // bk,), max_concurrent_steps=config.num_stages,
-        in_specs=[plgpu.BlockSpec((bq, bk), lambda k: (i, k), transforms=transforms,
-                                  delay_release=1),
-                  plgpu.BlockSpec((bk, bt), lambda k: (k, j), transforms=transforms,
-                                  delay_release=1)])(q_gmem, g_gmem)
-    return acc[...]
+    def scores(acc):
+      eval_pipeline(acc)
+      return acc[...]
 
-  s = pl.run_scoped(matmul, plgpu.ACC((bq, bt), jnp.float32))
-  for b in range(4):
-    plgpu.barrier_wait(copied.at[b])
+    s = pl.run_scoped(scores, plgpu.ACC((bq, bt), jnp.float32))
+    for n in range(4):
+      plgpu.barrier_wait(copied.at[4 * wg + n])
+    _mosaic_select(s, ids_all.at[wg], qids_all.at[wg], scale_all.at[wg], thr_all.at[wg],
+                   v_all.at[wg], c_all.at[wg], b_all.at[wg], block, config, interpret)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(v_all.at[wg], v_gmem.at[block, :, pl.ds(i * bq, bq)])
+    plgpu.copy_smem_to_gmem(c_all.at[wg], c_gmem.at[block, :, pl.ds(i * bq, bq)])
+    plgpu.copy_smem_to_gmem(b_all.at[wg], b_gmem.at[block, pl.ds(i * bq, bq)])
+    plgpu.wait_smem_to_gmem(0)
+
+  def step(_, q_smem, g_smem, acc):
+    plgpu.wgmma(acc, q_smem, g_smem.at[:, pl.ds(wg * bt, bt)])
+    plgpu.wgmma_wait(1)  # one wgmma stays in flight; delay_release keeps its operands
+    return acc
+
+  plgpu.emit_pipeline_warp_specialized(
+      step, grid=(q_gmem.shape[1] // bk,), memory_registers=40, wg_axis="wg",
+      num_compute_wgs=w, max_concurrent_steps=config.num_stages, compute_context=compute,
+      in_specs=[plgpu.BlockSpec((bq, bk), lambda k: (i, k), transforms=transforms,
+                                delay_release=1),
+                plgpu.BlockSpec((bk, w * bt), lambda k: (k, j), transforms=transforms,
+                                delay_release=1)])(q_gmem, g_gmem)
+
+
+def _mosaic_select(s, ids_smem, qids_smem, scale_smem, thr_smem, v_smem, c_smem, b_smem,
+                   block, config: FusedConfig, interpret: bool):
+  """The kernel's epilogue on one warpgroup's [bq, bt] score tile (in registers): the
+  engine's masks, then K′ rounds of selection, or nothing where no row reaches its
+  threshold; results into shared memory."""
+  bq, bt, keep = config.block_q, config.block_t, config.keep
 
   def vector(ref, axis):  # a row (axis 1) or column (axis 0) vector in the tile's layout
     if interpret:  # (the interpreter has no plgpu.load; layouts are a compiler matter)
@@ -172,7 +218,7 @@ def _mosaic_kernel(q_gmem, g_gmem, ids_gmem, qids_gmem, scale_gmem, thr_gmem,
     for r in range(keep):  # K′ rounds of (max, lowest column holding it, mask it)
       c = -jnp.max(jnp.where(left == per_row(m), neg_column, -float(bt)), axis=1)
       v_smem[r] = m
-      c_smem[r] = c.astype(jnp.int32) + j * bt
+      c_smem[r] = c.astype(jnp.int32) + block * bt
       left = jnp.where(neg_column == per_row(-c), -jnp.inf, left)
       m = left.max(axis=1)
     b_smem[...] = m
@@ -181,14 +227,8 @@ def _mosaic_kernel(q_gmem, g_gmem, ids_gmem, qids_gmem, scale_gmem, thr_gmem,
   def _skip():  # keep nothing; the bound covers the block
     for r in range(keep):
       v_smem[r] = jnp.full_like(best, -jnp.inf)
-      c_smem[r] = jnp.zeros_like(best, jnp.int32) + j * bt
+      c_smem[r] = jnp.zeros_like(best, jnp.int32) + block * bt
     b_smem[...] = best
-
-  plgpu.commit_smem()
-  plgpu.copy_smem_to_gmem(v_smem, v_gmem.at[j, :, pl.ds(i * bq, bq)])
-  plgpu.copy_smem_to_gmem(c_smem, c_gmem.at[j, :, pl.ds(i * bq, bq)])
-  plgpu.copy_smem_to_gmem(b_smem, b_gmem.at[j, pl.ds(i * bq, bq)])
-  plgpu.wait_smem_to_gmem(0)
 
 
 def _mosaic_block_topk(queries, gallery, gallery_ids, query_ids, column_scale, thresholds,
@@ -197,13 +237,13 @@ def _mosaic_block_topk(queries, gallery, gallery_ids, query_ids, column_scale, t
   if jnp.dtype(queries.dtype) not in half or gallery.dtype != queries.dtype:
     raise ValueError(f"the Mosaic GPU kernel multiplies bf16/f16 only (its f32 wgmma is tf32), "
                      f"got {queries.dtype} x {gallery.dtype}: use backend='triton'")
-  bq, bt, keep = config.block_q, config.block_t, config.keep
+  bq, bt, keep, w = config.block_q, config.block_t, config.keep, config.warpgroups
   itemsize = jnp.dtype(queries.dtype).itemsize
   lanes = plgpu.find_swizzle(config.block_k * itemsize * 8) // itemsize  # swizzled row width
-  if bq % 64 or bt % lanes or bt > 256 or (config.num_stages or 0) < 2:
+  if bq % 64 or bt % lanes or bt > 256 or (config.num_stages or 0) < 2 or w not in (1, 2):
     raise ValueError(f"Mosaic GPU blocks: block_q a multiple of 64 (wgmma rows), block_t a "
                      f"multiple of {lanes} (the swizzle block_k sets) up to 256, num_stages "
-                     f">= 2; got {config}")
+                     f">= 2, warpgroups 1 or 2; got {config}")
   q, t = queries.shape[0], gallery.shape[0]
   nb = t // bt
   params = {}
@@ -214,11 +254,8 @@ def _mosaic_block_topk(queries, gallery, gallery_ids, query_ids, column_scale, t
       out_type=(jax.ShapeDtypeStruct((nb, keep, q), jnp.float32),
                 jax.ShapeDtypeStruct((nb, keep, q), jnp.int32),
                 jax.ShapeDtypeStruct((nb, q), jnp.float32)),
-      scratch_types=(plgpu.SMEM((keep, bq), jnp.float32), plgpu.SMEM((keep, bq), jnp.int32),
-                     plgpu.SMEM((bq,), jnp.float32), plgpu.SMEM((bt,), jnp.int32),
-                     plgpu.SMEM((bq,), jnp.int32), plgpu.SMEM((bt,), jnp.float32),
-                     plgpu.SMEM((bq,), jnp.float32), plgpu.Barrier(num_barriers=4)),
-      grid=(q // bq, nb), grid_names=("q", "t"), **params,
+      grid=(q // bq, nb // w), grid_names=("q", "t"), num_threads=w + 1, thread_name="wg",
+      **params,
   )(queries, gallery.T, gallery_ids, query_ids, column_scale, thresholds)
   # Outputs are written query-minor (1-D TMA rows); the engine's layout is [Q, blocks, K′].
   return (jnp.moveaxis(v, 2, 0).reshape(q, nb * keep), jnp.moveaxis(c, 2, 0).reshape(q, nb * keep),
@@ -254,8 +291,9 @@ def block_topk(queries, gallery, gallery_ids, config: FusedConfig = FusedConfig(
   q, d = queries.shape
   t = gallery.shape[0]
   bq, bt, bk, keep = config.block_q, config.block_t, config.block_k, config.keep
-  if q % bq or t % bt:
-    raise ValueError(f"Q={q}, T={t} must be multiples of the blocks ({bq}, {bt})")
+  if q % bq or t % config.program_rows:
+    raise ValueError(f"Q={q}, T={t} must be multiples of the blocks ({bq}, "
+                     f"{config.program_rows})")
   if d % bk:  # zero features add nothing to any score
     queries = jnp.pad(queries, ((0, 0), (0, bk - d % bk)))
     gallery = jnp.pad(gallery, ((0, 0), (0, bk - d % bk)))
@@ -381,9 +419,9 @@ class FusedTopKSelector:
             np.full((num_queries, self.k), -1, np.int32), np.zeros((), np.int32))
 
   def update_rows(self, state, queries, query_ids, tile, tile_ids, *, column_scale, precision):
-    bq, bt = self.config.block_q, self.config.block_t
+    bq = self.config.block_q
     q, t = queries.shape[0], tile.shape[0]
-    pad_q, pad_t = -q % bq, -t % bt  # the engine sizes blocks so that these are 0
+    pad_q, pad_t = -q % bq, -t % self.config.program_rows  # the engine sizes tiles so: 0
     queries = jnp.pad(queries, ((0, pad_q), (0, 0)))
     tile = jnp.pad(tile.astype(queries.dtype), ((0, pad_t), (0, 0)))
     tile_ids = jnp.pad(tile_ids, (0, pad_t), constant_values=-1)

@@ -39,8 +39,10 @@ def define_flags():
   flags.DEFINE_multi_string("config", ["128,128,4,64,8,3", "128,128,4,32,8,4", "128,128,4,64,8,4",
                                        "128,128,4,128,8,3", "128,64,4,64,4,3", "256,128,4,64,8,3",
                                        "64,128,4,64,4,4", "128,128,4,64,8,3,mosaic",
-                                       "128,128,4,64,8,4,mosaic", "64,256,4,64,8,4,mosaic"],
-                            "block_q,block_t,keep,block_k,num_warps,num_stages[,backend]")
+                                       "128,128,4,64,8,4,mosaic", "64,128,4,64,8,4,mosaic",
+                                       "128,128,4,64,8,4,mosaic,1"],
+                            "block_q,block_t,keep,block_k,num_warps,num_stages"
+                            "[,backend[,warpgroups]] (mosaic ignores num_warps)")
   flags.DEFINE_integer("iters", 10, "calls per timing sample")
   flags.DEFINE_bool("torch", True, "time torch matmul + topk (GPU only)")
   flags.DEFINE_integer("stream_rows", 0, "rows of the measured stream (0: none)")
@@ -52,7 +54,8 @@ def parse_config(text: str):
   fields = text.split(",")
   bq, bt, keep, bk, warps, stages = (int(x) for x in fields[:6])
   return FusedConfig(block_q=bq, block_t=bt, keep=keep, block_k=bk, num_warps=warps,
-                     num_stages=stages, backend=fields[6] if len(fields) > 6 else "triton")
+                     num_stages=stages, backend=fields[6] if len(fields) > 6 else "triton",
+                     warpgroups=int(fields[7]) if len(fields) > 7 else 2)
 
 
 def config_name(config) -> str:

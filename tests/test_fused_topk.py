@@ -2,6 +2,8 @@
 certified merge + fallback against the exact selection: random data, exact ties, padding.
 Both lowerings: Triton, and Mosaic GPU (its own interpreter simulates TMA, barriers and
 wgmma; bf16 only)."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -157,7 +159,8 @@ def test_tune_checks_each_configuration_and_projects_a_stream():
   configuration, and the stream projection scales per-tile time to an N x N self-join."""
   from kernels.tune_fused import parse_config, stream, tune
   config, mosaic = parse_config("32,128,4,32,4,3"), parse_config("64,128,4,32,4,2,mosaic")
-  assert mosaic.backend == "mosaic" and config.backend == "triton"
+  assert mosaic.backend == "mosaic" and config.backend == "triton" and mosaic.warpgroups == 2
+  assert parse_config("64,128,4,32,4,2,mosaic,1").warpgroups == 1
   lines = []
   rows = tune(64, 512, 40, 5, [config, mosaic], iters=1, with_torch=False, log=lines.append)
   fused = [r for r in rows if r["name"].startswith("fused")]
@@ -172,6 +175,7 @@ def test_tune_checks_each_configuration_and_projects_a_stream():
 # ---- the Mosaic GPU lowering -----------------------------------------------------------------
 
 MOSAIC = FusedConfig(block_q=64, block_t=128, keep=3, num_stages=2, backend="mosaic")
+MOSAIC_1WG = dataclasses.replace(MOSAIC, warpgroups=1)
 INTERPRET = jax.default_backend() == "cpu"  # on a GPU these run compiled
 
 
@@ -184,8 +188,8 @@ def half_data(rng, q, t, d, span, padding=37):
   return qs, gs, jnp.asarray(ids)
 
 
-@pytest.mark.parametrize("span", [2, 16])
-def test_mosaic_kernel_equals_its_reference(rng, span):
+@pytest.mark.parametrize("span,config", [(2, MOSAIC), (16, MOSAIC), (16, MOSAIC_1WG)])
+def test_mosaic_kernel_equals_its_reference(rng, span, config):
   """Self-exclusion, column scale, padding (the last block has 2 real rows, fewer than K′),
   d not a multiple of block_k, and thresholds (rows 0 and 1: their maximum, the rest +inf)
   that make the first query block's programs select where row 0 or 1 peaks and skip
@@ -198,8 +202,8 @@ def test_mosaic_kernel_equals_its_reference(rng, span):
   row_max = s.max(axis=1)
   thresholds = jnp.asarray(np.where(np.arange(128) < 2, row_max, np.inf), jnp.float32)
   kw = dict(query_ids=query_ids, column_scale=scale, thresholds=thresholds)
-  got = block_topk(q, g, ids, MOSAIC, interpret=INTERPRET, **kw)
-  assert_same_blocks(got, reference_block_topk(q, g, ids, MOSAIC, **kw))
+  got = block_topk(q, g, ids, config, interpret=INTERPRET, **kw)
+  assert_same_blocks(got, reference_block_topk(q, g, ids, config, **kw))
   skipped = np.isinf(np.asarray(got[0]).reshape(128, 4, 3)).all(axis=2)
   assert skipped[:64].mean() < 1 and skipped[64:].all()  # both branches ran
   if span == 16:  # few ties: rows 0 and 1 reach their maximum in at most 2 of 4 blocks
@@ -227,6 +231,8 @@ def test_mosaic_kernel_refuses_f32_and_odd_blocks():
   with pytest.raises(ValueError, match="block_t a multiple of 64"):
     block_topk(jnp.zeros((64, 64), jnp.bfloat16), g, ids,
                FusedConfig(block_q=64, block_t=32, backend="mosaic"), interpret=True)
+  with pytest.raises(ValueError, match="multiples of the blocks"):  # 2 warpgroups x 128 rows
+    block_topk(jnp.zeros((64, 64), jnp.bfloat16), g[:128], ids[:128], MOSAIC, interpret=True)
 
 
 @pytest.mark.parametrize("dim", [1024, 100])

@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from plato_jax.knn import sharding
 from plato_jax.knn.search import (Neighbours, _check_unique, _ids_array, _k_list, _pick_kernel,
-                                  selector_for)
+                                  row_unit, selector_for)
 
 DEFAULT_BLOCK = 2048
 
@@ -104,7 +104,7 @@ def ring_self_join(x, k, *, ids=None, exclude_self: bool = True, mesh: Mesh | No
       device); each device's rows are padded to a multiple of it.
     compute_dtype / precision: as `search` (f32 inputs: a true-f32 matmul by default).
     kernel: "auto", "xla", "fused" or "fused_mosaic", as `search` (the fused ones: blocks
-      rounded to 128 rows; interpreted on CPU).
+      rounded to their gallery rows per program; interpreted on CPU).
   Returns `Neighbours` [N, max k] in the input row order, with the kernel used and the
   fused kernel's fallback count.
   """
@@ -127,7 +127,7 @@ def ring_self_join(x, k, *, ids=None, exclude_self: bool = True, mesh: Mesh | No
   per_device = -(-n // p)
   block = min(block or DEFAULT_BLOCK, per_device)
   kernel = _pick_kernel(kernel, k_max, mesh.devices.flat[0].platform)
-  align = 32 if kernel == "xla" else 128  # (the fused kernels' blocks)
+  align = 32 if kernel == "xla" else row_unit(kernel)
   block = -(-block // align) * align
   per_device = -(-per_device // block) * block
   dtype = np.dtype(compute_dtype) if compute_dtype is not None else (

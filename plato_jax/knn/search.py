@@ -216,7 +216,7 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
   on_host = mesh.devices.flat[0].platform in FINISH_ON_HOST
   check_kernel_runs_on(kernel, mesh)
   if tile_rows is None:
-    align = 64 if kernel == "xla" else 128
+    align = row_unit(kernel)
     budget = SCORE_TILE_BYTES if mesh.devices.flat[0].platform == "cpu" else \
         ACCELERATOR_SCORE_TILE_BYTES
     tile_rows = max(align, budget // (4 * block) // align * align)
@@ -314,6 +314,15 @@ def selector_for(kernel: str, k: int, tile_rows: int, bucket_width, mesh):
   from kernels.fused_topk import FusedConfig, FusedTopKSelector
   return FusedTopKSelector(k, FusedConfig(**FUSED_CONFIGS[kernel]),
                            interpret=mesh.devices.flat[0].platform == "cpu")
+
+
+def row_unit(kernel: str) -> int:
+  """Tile rows are a multiple of this: the XLA selection's buckets, the fused kernel's
+  gallery rows per program."""
+  if kernel == "xla":
+    return 64
+  from kernels.fused_topk import FusedConfig
+  return max(128, FusedConfig(**FUSED_CONFIGS[kernel]).program_rows)
 
 
 def check_kernel_runs_on(kernel: str, mesh) -> None:
