@@ -20,10 +20,12 @@ The kernel masks what the engine masks: padding columns (id < 0), each query's o
 norms). -0.0 reads +0.0. Ties inside a block: equal scores are kept lower column first
 (columns ascend by id, as in the engine's tiles), so kept candidates keep the tie rule.
 
-Two lowerings of the same kernel (`FusedConfig.backend`): "triton" (any CUDA GPU; f32 or
-half inputs) and "mosaic" (Mosaic GPU, Hopper and later: TMA-pipelined `wgmma` on bf16/f16
-only — its f32 matmul would be tf32, not the engine's f32). Both run on CPU in interpret
-mode (Mosaic GPU's interpreter simulates its shared memory, barriers and wgmma).
+Three lowerings of the same kernel (`FusedConfig.backend`): "triton" (any CUDA GPU; f32 or
+half inputs), "mosaic_gpu" (Mosaic GPU, Hopper and later: warp-specialized, TMA-pipelined
+`wgmma` on bf16/f16 only — its f32 matmul would be tf32, not the engine's f32) and "tpu"
+(Pallas TPU: blocks in VMEM, the MXU matmul, the same selection). All run on CPU in
+interpret mode (Mosaic GPU's interpreter simulates its shared memory, barriers and wgmma;
+Pallas TPU's its VMEM and DMAs), which is how they are tested here.
 
 `reference_block_topk` is the plain-jnp reference of the kernel's output; `fused_topk` is
 the jitted single-tile wrapper (`interpret=True` runs the kernel on CPU, as the tests do);
@@ -44,6 +46,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels.topk import BucketConfig, bucket_topk
 
 NO_QUERY_ID = -2  # matches no column: gallery ids are >= 0, padding is -1
+BACKENDS = ("triton", "mosaic_gpu", "tpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,22 +56,57 @@ class FusedConfig:
   keep: int = 4           # K′: candidates kept per (query, block)
   block_k: int = 64       # feature columns per matmul step (d is zero-padded to a multiple)
   num_warps: int | None = 8      # GPU (Triton) launch parameters; None: the compiler's choice
-  num_stages: int | None = 3     # (mosaic: TMA copies in flight, >= 2)
-  backend: str = "triton"        # "triton" or "mosaic" (Mosaic GPU; bf16/f16 inputs only)
-  warpgroups: int = 2            # mosaic: compute warpgroups per program, one gallery block each
+  num_stages: int | None = 3     # (mosaic_gpu: TMA copies in flight, >= 2)
+  backend: str = "triton"        # one of BACKENDS (mosaic_gpu: bf16/f16 inputs only)
+  warpgroups: int = 2            # mosaic_gpu: compute warpgroups per program, one gallery block each
 
   @property
   def program_rows(self) -> int:
     """Gallery rows per program: tiles are padded to a multiple of it."""
-    return self.block_t * (self.warpgroups if self.backend == "mosaic" else 1)
+    return self.block_t * (self.warpgroups if self.backend == "mosaic_gpu" else 1)
 
 
 def _masked(s, gallery_ids, query_ids, column_scale):
-  """The engine's finished scores from raw dot products (shared by kernel and reference)."""
-  s = s * column_scale[None, :]
-  drop = (gallery_ids[None, :] < 0) | (gallery_ids[None, :] == query_ids[:, None])
+  """The engine's finished scores from raw dot products (shared by kernels and reference)."""
+  return _masked_2d(s, gallery_ids[None, :], query_ids[:, None], column_scale[None, :])
+
+
+def _masked_2d(s, gallery_ids, query_ids, column_scale):
+  """`_masked` with the vectors as [1, T] rows and a [Q, 1] column (TPU blocks are 2-D)."""
+  s = s * column_scale
+  drop = (gallery_ids < 0) | (gallery_ids == query_ids)
   s = jnp.where(drop, -jnp.inf, s)
   return jnp.where(s == 0, 0.0, s)
+
+
+def _select(s, best, keep: int):
+  """K′ rounds of (max, lowest column holding it, mask it) on a [bq, bt] tile whose row
+  maxima are `best` [bq, 1]: (values [bq, K′], block columns [bq, K′], bound [bq, 1])."""
+  bq, bt = s.shape
+  column = lax.broadcasted_iota(jnp.int32, (bq, bt), 1)
+  slot = lax.broadcasted_iota(jnp.int32, (bq, keep), 1)
+  values = jnp.full((bq, keep), -jnp.inf, jnp.float32)
+  columns = jnp.zeros((bq, keep), jnp.int32)
+  left, m = s, best
+  for r in range(keep):
+    c = jnp.min(jnp.where(left == m, column, bt), axis=1, keepdims=True)
+    values = jnp.where(slot == r, m, values)
+    columns = jnp.where(slot == r, c, columns)
+    left = jnp.where(column == c, -jnp.inf, left)
+    m = jnp.max(left, axis=1, keepdims=True)
+  return values, columns, m
+
+
+def _skipped(best, keep: int):
+  """A block no row reaches: nothing kept; the bound (the block's maximum) covers it."""
+  bq = best.shape[0]
+  return (jnp.full((bq, keep), -jnp.inf, jnp.float32), jnp.zeros((bq, keep), jnp.int32), best)
+
+
+def _reached(best, thresholds):
+  """Whether any row of the block reaches its threshold (a max of 0/1, not any(): Pallas'
+  Triton lowering has no reduce_or)."""
+  return jnp.max(jnp.where(best >= thresholds, 1, 0)) > 0
 
 
 def _kernel(q_ref, g_ref, ids_ref, qids_ref, scale_ref, thr_ref, v_ref, c_ref, b_ref, *,
@@ -89,34 +127,67 @@ def _kernel(q_ref, g_ref, ids_ref, qids_ref, scale_ref, thr_ref, v_ref, c_ref, b
   s = lax.fori_loop(0, q_ref.shape[1] // bk, step, jnp.zeros((bq, bt), jnp.float32))
   s = _masked(s, ids_ref[cols], qids_ref[rows], scale_ref[cols])
   best = jnp.max(s, axis=1, keepdims=True)
-
-  def select():
-    column = lax.broadcasted_iota(jnp.int32, (bq, bt), 1)
-    slot = lax.broadcasted_iota(jnp.int32, (bq, keep), 1)
-    values = jnp.full((bq, keep), -jnp.inf, jnp.float32)
-    columns = jnp.zeros((bq, keep), jnp.int32)
-    left, m = s, best
-    for r in range(keep):  # K′ rounds of (max, lowest column holding it, mask it)
-      c = jnp.min(jnp.where(left == m, column, bt), axis=1, keepdims=True)
-      values = jnp.where(slot == r, m, values)
-      columns = jnp.where(slot == r, c, columns)
-      left = jnp.where(column == c, -jnp.inf, left)
-      m = jnp.max(left, axis=1, keepdims=True)
-    return values, columns, m
-
-  def skip():  # no row reaches its threshold: keep nothing; the bound covers the block
-    return (jnp.full((bq, keep), -jnp.inf, jnp.float32), jnp.zeros((bq, keep), jnp.int32),
-            best)
-
-  # (max of 0/1, not any(): Pallas' Triton lowering has no reduce_or)
-  reached = jnp.max(jnp.where(best >= thr_ref[rows][:, None], 1, 0)) > 0
-  values, columns, bound = lax.cond(reached, select, skip)
+  values, columns, bound = lax.cond(_reached(best, thr_ref[rows][:, None]),
+                                    lambda: _select(s, best, keep), lambda: _skipped(best, keep))
   v_ref[...] = values
   c_ref[...] = columns + j * bt
   b_ref[...] = bound
 
 
-def _mosaic_kernel(q_gmem, g_gmem, ids_gmem, qids_gmem, scale_gmem, thr_gmem,
+def _tpu_kernel(q_ref, g_ref, ids_ref, qids_ref, scale_ref, thr_ref, v_ref, c_ref, b_ref, *,
+                config: FusedConfig, precision):
+  # Pallas TPU: the blocks arrive in VMEM by BlockSpec (whole d); vectors as 2-D blocks.
+  j = pl.program_id(1)
+  s = lax.dot_general(q_ref[...], g_ref[...], (((1,), (1,)), ((), ())), precision=precision,
+                      preferred_element_type=jnp.float32)
+  s = _masked_2d(s, ids_ref[...], qids_ref[...], scale_ref[...])
+  best = jnp.max(s, axis=1, keepdims=True)
+  reached = _reached(best, thr_ref[...])
+
+  def write(values, columns, bound):
+    v_ref[0] = values
+    c_ref[0] = columns + j * config.block_t
+    b_ref[0] = bound
+
+  pl.when(reached)(lambda: write(*_select(s, best, config.keep)))
+  pl.when(~reached)(lambda: write(*_skipped(best, config.keep)))
+
+
+def _tpu_block_topk(queries, gallery, gallery_ids, query_ids, column_scale, thresholds,
+                    config: FusedConfig, precision, interpret: bool):
+  bq, bt, keep = config.block_q, config.block_t, config.keep
+  if bq % 8 or bt % 128:
+    raise ValueError(f"TPU blocks: block_q a multiple of 8 (sublanes), block_t a multiple of "
+                     f"128 (lanes); got {config}")
+  q, d = queries.shape
+  nb = gallery.shape[0] // bt
+  params = {}
+  if interpret:
+    from jax.experimental.pallas import tpu as pltpu
+    params["interpret"] = pltpu.InterpretParams() if hasattr(pltpu, "InterpretParams") else True
+  per_block = lambda i, j: (j, i, 0)  # outputs [blocks, Q, K′]: K′ is their whole last dim
+  v, c, b = pl.pallas_call(
+      functools.partial(_tpu_kernel, config=config, precision=precision),
+      out_shape=(jax.ShapeDtypeStruct((nb, q, keep), jnp.float32),
+                 jax.ShapeDtypeStruct((nb, q, keep), jnp.int32),
+                 jax.ShapeDtypeStruct((nb, q, 1), jnp.float32)),
+      grid=(q // bq, nb),
+      in_specs=[pl.BlockSpec((bq, d), lambda i, j: (i, 0)),
+                pl.BlockSpec((bt, d), lambda i, j: (j, 0)),
+                pl.BlockSpec((1, bt), lambda i, j: (0, j)),
+                pl.BlockSpec((bq, 1), lambda i, j: (i, 0)),
+                pl.BlockSpec((1, bt), lambda i, j: (0, j)),
+                pl.BlockSpec((bq, 1), lambda i, j: (i, 0))],
+      out_specs=(pl.BlockSpec((1, bq, keep), per_block), pl.BlockSpec((1, bq, keep), per_block),
+                 pl.BlockSpec((1, bq, 1), per_block)),
+      **params,
+  )(queries, gallery, gallery_ids[None, :], query_ids[:, None], column_scale[None, :],
+    thresholds[:, None])
+  return (jnp.moveaxis(v, 0, 1).reshape(q, nb * keep), jnp.moveaxis(c, 0, 1).reshape(q, nb * keep),
+          b[..., 0].T)
+
+
+def _mgpu_kernel(q_gmem, g_gmem, ids_gmem, qids_gmem, scale_gmem, thr_gmem,
                    v_gmem, c_gmem, b_gmem, *, config: FusedConfig, interpret: bool):
   # A warp-specialized program per (query block i, W gallery blocks): one warpgroup issues
   # the TMA copies of the pipeline, W compute warpgroups each multiply the shared query
@@ -128,13 +199,13 @@ def _mosaic_kernel(q_gmem, g_gmem, ids_gmem, qids_gmem, scale_gmem, thr_gmem,
              plgpu.SMEM((w, config.block_t), jnp.int32), plgpu.SMEM((w, config.block_q), jnp.int32),
              plgpu.SMEM((w, config.block_t), jnp.float32),
              plgpu.SMEM((w, config.block_q), jnp.float32), plgpu.Barrier(num_barriers=4 * w))
-  pl.run_scoped(functools.partial(_mosaic_program, q_gmem, g_gmem, ids_gmem, qids_gmem,
+  pl.run_scoped(functools.partial(_mgpu_program, q_gmem, g_gmem, ids_gmem, qids_gmem,
                                   scale_gmem, thr_gmem, v_gmem, c_gmem, b_gmem, config=config,
                                   interpret=interpret),
                 *scratch, collective_axes="wg")
 
 
-def _mosaic_program(q_gmem, g_gmem, ids_gmem, qids_gmem, scale_gmem, thr_gmem, v_gmem, c_gmem,
+def _mgpu_program(q_gmem, g_gmem, ids_gmem, qids_gmem, scale_gmem, thr_gmem, v_gmem, c_gmem,
                     b_gmem, v_all, c_all, b_all, ids_all, qids_all, scale_all, thr_all, copied, *,
                     config: FusedConfig, interpret: bool):
   bq, bt, bk, w = config.block_q, config.block_t, config.block_k, config.warpgroups
@@ -159,7 +230,7 @@ def _mosaic_program(q_gmem, g_gmem, ids_gmem, qids_gmem, scale_gmem, thr_gmem, v
     s = pl.run_scoped(scores, plgpu.ACC((bq, bt), jnp.float32))
     for n in range(4):
       plgpu.barrier_wait(copied.at[4 * wg + n])
-    _mosaic_select(s, ids_all.at[wg], qids_all.at[wg], scale_all.at[wg], thr_all.at[wg],
+    _mgpu_select(s, ids_all.at[wg], qids_all.at[wg], scale_all.at[wg], thr_all.at[wg],
                    v_all.at[wg], c_all.at[wg], b_all.at[wg], block, config, interpret)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(v_all.at[wg], v_gmem.at[block, :, pl.ds(i * bq, bq)])
@@ -181,7 +252,7 @@ def _mosaic_program(q_gmem, g_gmem, ids_gmem, qids_gmem, scale_gmem, thr_gmem, v
                                 delay_release=1)])(q_gmem, g_gmem)
 
 
-def _mosaic_select(s, ids_smem, qids_smem, scale_smem, thr_smem, v_smem, c_smem, b_smem,
+def _mgpu_select(s, ids_smem, qids_smem, scale_smem, thr_smem, v_smem, c_smem, b_smem,
                    block, config: FusedConfig, interpret: bool):
   """The kernel's epilogue on one warpgroup's [bq, bt] score tile (in registers): the
   engine's masks, then K′ rounds of selection, or nothing where no row reaches its
@@ -231,7 +302,7 @@ def _mosaic_select(s, ids_smem, qids_smem, scale_smem, thr_smem, v_smem, c_smem,
     b_smem[...] = best
 
 
-def _mosaic_block_topk(queries, gallery, gallery_ids, query_ids, column_scale, thresholds,
+def _mgpu_block_topk(queries, gallery, gallery_ids, query_ids, column_scale, thresholds,
                        config: FusedConfig, interpret: bool):
   half = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
   if jnp.dtype(queries.dtype) not in half or gallery.dtype != queries.dtype:
@@ -248,9 +319,9 @@ def _mosaic_block_topk(queries, gallery, gallery_ids, query_ids, column_scale, t
   nb = t // bt
   params = {}
   if interpret:
-    params["interpret"] = _mosaic_interpret_params()
+    params["interpret"] = _mgpu_interpret_params()
   v, c, b = plgpu.kernel(
-      functools.partial(_mosaic_kernel, config=config, interpret=interpret),
+      functools.partial(_mgpu_kernel, config=config, interpret=interpret),
       out_type=(jax.ShapeDtypeStruct((nb, keep, q), jnp.float32),
                 jax.ShapeDtypeStruct((nb, keep, q), jnp.int32),
                 jax.ShapeDtypeStruct((nb, q), jnp.float32)),
@@ -262,7 +333,7 @@ def _mosaic_block_topk(queries, gallery, gallery_ids, query_ids, column_scale, t
           b.T)
 
 
-def _mosaic_interpret_params():
+def _mgpu_interpret_params():
   try:
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
   except ImportError as e:  # a JAX without Mosaic GPU's interpreter
@@ -298,12 +369,16 @@ def block_topk(queries, gallery, gallery_ids, config: FusedConfig = FusedConfig(
     queries = jnp.pad(queries, ((0, 0), (0, bk - d % bk)))
     gallery = jnp.pad(gallery, ((0, 0), (0, bk - d % bk)))
   query_ids, column_scale, thresholds = _defaults(q, t, query_ids, column_scale, thresholds)
-  if config.backend == "mosaic":
-    return _mosaic_block_topk(queries, gallery, gallery_ids.astype(jnp.int32),
+  if config.backend == "mosaic_gpu":
+    return _mgpu_block_topk(queries, gallery, gallery_ids.astype(jnp.int32),
                               query_ids.astype(jnp.int32), column_scale.astype(jnp.float32),
                               thresholds.astype(jnp.float32), config, interpret)
+  if config.backend == "tpu":
+    return _tpu_block_topk(queries, gallery, gallery_ids.astype(jnp.int32),
+                           query_ids.astype(jnp.int32), column_scale.astype(jnp.float32),
+                           thresholds.astype(jnp.float32), config, precision, interpret)
   if config.backend != "triton":
-    raise ValueError(f"backend must be 'triton' or 'mosaic', got {config.backend!r}")
+    raise ValueError(f"backend must be one of {BACKENDS}, got {config.backend!r}")
   nb = t // bt
   params = {}
   if not interpret:  # compiled: the Triton backend (GPU)

@@ -32,9 +32,9 @@ for s in $steps; do case $s in
         --tb=long "tests/test_knn.py::test_fused_kernel_in_the_engine_equals_brute_force" ;;
   mosaic) TAIL=60 step mosaic_tests 150 env JAX_PLATFORMS=cuda $PY -m pytest -x -vv -p no:cacheprovider \
         --tb=long -k mosaic tests/test_fused_topk.py tests/test_knn.py
-        step mosaic_tune 180 $PY -m kernels.tune_fused --config=128,128,4,64,8,3,mosaic \
-        --config=128,128,4,64,8,4,mosaic --config=64,128,4,64,8,4,mosaic \
-        --config=128,128,4,64,8,4,mosaic,1 --config=128,128,4,64,8,3 ;;
+        step mosaic_tune 180 $PY -m kernels.tune_fused --config=128,128,4,64,8,3,mosaic_gpu \
+        --config=128,128,4,64,8,4,mosaic_gpu --config=64,128,4,64,8,4,mosaic_gpu \
+        --config=128,128,4,64,8,4,mosaic_gpu,1 --config=128,128,4,64,8,3 ;;
   stream) step stream 200 $PY -m kernels.bench_stream --rows=${STREAM_ROWS:-4000000} --dir=/tmp/bench_store ;;
   encoders) step encoders 180 $PY -m kernels.bench_encoders ;;
   scaling) step scaling 200 $PY -m experiments.scaling ${SCALING_ARGS:---gallery=1m} --out=/tmp/scaling_gpu ;;

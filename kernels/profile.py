@@ -27,10 +27,11 @@ flags.DEFINE_integer("tile_rows", 32768, "gallery rows per tile (T)")
 flags.DEFINE_integer("dim", 768, "feature dimension (d)")
 flags.DEFINE_integer("k", 10, "neighbours")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "storage and matmul dtype")
-flags.DEFINE_enum("kernel", "auto", ["auto", "xla", "fused", "fused_mosaic"],
+flags.DEFINE_enum("kernel", "auto", ["auto", "xla", "fused", "fused:triton", "fused:mosaic_gpu",
+                                      "fused:tpu"],
                   "auto: the engine's choice for this backend (xla); fused: kernels.fused_topk "
-                  "(Pallas, Triton; interpreted on CPU, so keep CPU shapes small); fused_mosaic: "
-                  "its Mosaic GPU lowering (bf16)")
+                  "in this platform's lowering (interpreted on CPU, so keep CPU shapes small); "
+                  "fused:<backend>: that lowering (mosaic_gpu: bf16)")
 flags.DEFINE_integer("fused_keep", 4, "fused kernel: K', candidates kept per row and block")
 flags.DEFINE_integer("repeats", 5, "timed runs (best is reported)")
 flags.DEFINE_float("peak_tflops", None, "the chip's spec peak for --dtype (default: known "
@@ -73,9 +74,11 @@ def profile(queries: int, tile_rows: int, dim: int, k: int, dtype: str, repeats:
 
   if kernel.startswith("fused"):  # the Pallas kernel on the same tile, not the engine's step
     from kernels.fused_topk import FusedConfig, fused_topk
-    config = FusedConfig(block_q=min(64, queries), block_t=min(256 if kernel == "fused" else 128,
-                                                               tile_rows),
-                         keep=fused_keep, backend="mosaic" if kernel == "fused_mosaic" else "triton")
+    from plato_jax.knn.search import pick_kernel
+    backend = pick_kernel(kernel, k, dev.platform).split(":")[1]
+    config = FusedConfig(block_q=64 if backend == "mosaic_gpu" else min(64, queries),
+                         block_t=min(128 if backend == "mosaic_gpu" else 256, tile_rows),
+                         keep=fused_keep, backend=backend)
     interpret = dev.platform == "cpu"
     gids = jnp.arange(tile_rows, dtype=jnp.int32)
 

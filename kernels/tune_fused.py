@@ -38,11 +38,11 @@ def define_flags():
   flags.DEFINE_integer("k", 10, "neighbours")
   flags.DEFINE_multi_string("config", ["128,128,4,64,8,3", "128,128,4,32,8,4", "128,128,4,64,8,4",
                                        "128,128,4,128,8,3", "128,64,4,64,4,3", "256,128,4,64,8,3",
-                                       "64,128,4,64,4,4", "128,128,4,64,8,3,mosaic",
-                                       "128,128,4,64,8,4,mosaic", "64,128,4,64,8,4,mosaic",
-                                       "128,128,4,64,8,4,mosaic,1"],
+                                       "64,128,4,64,4,4", "128,128,4,64,8,3,mosaic_gpu",
+                                       "128,128,4,64,8,4,mosaic_gpu", "64,128,4,64,8,4,mosaic_gpu",
+                                       "128,128,4,64,8,4,mosaic_gpu,1"],
                             "block_q,block_t,keep,block_k,num_warps,num_stages"
-                            "[,backend[,warpgroups]] (mosaic ignores num_warps)")
+                            "[,backend[,warpgroups]] (mosaic_gpu ignores num_warps)")
   flags.DEFINE_integer("iters", 10, "calls per timing sample")
   flags.DEFINE_bool("torch", True, "time torch matmul + topk (GPU only)")
   flags.DEFINE_integer("stream_rows", 0, "rows of the measured stream (0: none)")

@@ -158,9 +158,9 @@ def test_tune_checks_each_configuration_and_projects_a_stream():
   """kernels.tune_fused on a tiny shape (interpreted): the exactness check runs per
   configuration, and the stream projection scales per-tile time to an N x N self-join."""
   from kernels.tune_fused import parse_config, stream, tune
-  config, mosaic = parse_config("32,128,4,32,4,3"), parse_config("64,128,4,32,4,2,mosaic")
-  assert mosaic.backend == "mosaic" and config.backend == "triton" and mosaic.warpgroups == 2
-  assert parse_config("64,128,4,32,4,2,mosaic,1").warpgroups == 1
+  config, mosaic = parse_config("32,128,4,32,4,3"), parse_config("64,128,4,32,4,2,mosaic_gpu")
+  assert mosaic.backend == "mosaic_gpu" and config.backend == "triton" and mosaic.warpgroups == 2
+  assert parse_config("64,128,4,32,4,2,mosaic_gpu,1").warpgroups == 1
   lines = []
   rows = tune(64, 512, 40, 5, [config, mosaic], iters=1, with_torch=False, log=lines.append)
   fused = [r for r in rows if r["name"].startswith("fused")]
@@ -174,7 +174,7 @@ def test_tune_checks_each_configuration_and_projects_a_stream():
 
 # ---- the Mosaic GPU lowering -----------------------------------------------------------------
 
-MOSAIC = FusedConfig(block_q=64, block_t=128, keep=3, num_stages=2, backend="mosaic")
+MOSAIC = FusedConfig(block_q=64, block_t=128, keep=3, num_stages=2, backend="mosaic_gpu")
 MOSAIC_1WG = dataclasses.replace(MOSAIC, warpgroups=1)
 INTERPRET = jax.default_backend() == "cpu"  # on a GPU these run compiled
 
@@ -227,10 +227,10 @@ def test_mosaic_kernel_refuses_f32_and_odd_blocks():
     block_topk(jnp.zeros((64, 64)), g.astype(jnp.float32), ids, MOSAIC, interpret=True)
   with pytest.raises(ValueError, match="multiple of 64"):
     block_topk(jnp.zeros((32, 64), jnp.bfloat16), g, ids,
-               FusedConfig(block_q=32, backend="mosaic"), interpret=True)
+               FusedConfig(block_q=32, backend="mosaic_gpu"), interpret=True)
   with pytest.raises(ValueError, match="block_t a multiple of 64"):
     block_topk(jnp.zeros((64, 64), jnp.bfloat16), g, ids,
-               FusedConfig(block_q=64, block_t=32, backend="mosaic"), interpret=True)
+               FusedConfig(block_q=64, block_t=32, backend="mosaic_gpu"), interpret=True)
   with pytest.raises(ValueError, match="multiples of the blocks"):  # 2 warpgroups x 128 rows
     block_topk(jnp.zeros((64, 64), jnp.bfloat16), g[:128], ids[:128], MOSAIC, interpret=True)
 
@@ -245,6 +245,58 @@ def test_mosaic_kernel_lowers_for_gpus(dim):
   g = jax.ShapeDtypeStruct((1024, dim), jnp.bfloat16)
   ids = jax.ShapeDtypeStruct((1024,), jnp.int32)
   prior = (jax.ShapeDtypeStruct((256, 10), jnp.float32), jax.ShapeDtypeStruct((256, 10), jnp.int32))
-  fn = jax.jit(functools.partial(fused_update, k=10, config=FusedConfig(backend="mosaic")))
+  fn = jax.jit(functools.partial(fused_update, k=10, config=FusedConfig(backend="mosaic_gpu")))
   exported = export.export(fn, platforms=["cuda"])(prior, q, g, ids)
   assert "mosaic_gpu" in exported.mlir_module()
+
+
+# ---- the Pallas TPU lowering -----------------------------------------------------------------
+
+TPU = FusedConfig(block_q=64, block_t=128, keep=3, backend="tpu")
+
+
+@pytest.mark.parametrize("kind", ["wide", "integers"])
+def test_tpu_kernel_equals_its_reference(rng, kind):
+  """Interpreted Pallas TPU: self-exclusion, column scale, padding (the last block has 2
+  real rows, fewer than K′), and thresholds that make programs select or skip."""
+  q, g, ids = data(rng, 128, 512, 24, kind)
+  ids = ids.at[512 - 126:].set(-1)
+  query_ids = ids[rng.choice(512 - 126, 128, replace=False)]
+  scale = jnp.asarray(rng.integers(1, 4, 512), jnp.float32)
+  s = np.asarray(jnp.dot(q, g.T, precision=HI)) * np.asarray(scale)
+  s[(np.asarray(ids)[None] < 0) | (np.asarray(ids)[None] == np.asarray(query_ids)[:, None])] = -np.inf
+  thresholds = jnp.asarray(np.where(np.arange(128) < 2, s.max(axis=1), np.inf), jnp.float32)
+  kw = dict(query_ids=query_ids, column_scale=scale, thresholds=thresholds, precision=HI)
+  got = block_topk(q, g, ids, TPU, interpret=True, **kw)
+  assert_same_blocks(got, reference_block_topk(q, g, ids, TPU, **kw))
+  skipped = np.isinf(np.asarray(got[0]).reshape(128, 4, 3)).all(axis=2)
+  assert skipped[:64].mean() < 1 and skipped[64:].all()  # both branches ran
+
+
+def test_tpu_merge_is_exact_and_falls_back_when_it_must(rng):
+  q, g, ids = data(rng, 64, 1024, 16, "integers")
+  q = q.at[0].set(2.0)
+  g = g.at[:6].set(2.0)  # query 0's six best rows in one block: more than K' = 3
+  v, i, fallbacks = fused_topk(q, g, ids, 8, TPU, precision=HI, interpret=True)
+  ref_v, ref_i = exact(q, g, ids, 8)
+  np.testing.assert_array_equal(v, ref_v)
+  np.testing.assert_array_equal(i, ref_i)
+  assert fallbacks > 0
+  with pytest.raises(ValueError, match="multiple of 128"):
+    block_topk(q, g, ids, FusedConfig(block_q=64, block_t=64, backend="tpu"), interpret=True)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_tpu_kernel_lowers_for_tpus(dtype):
+  """Pallas TPU's lowering to Mosaic runs without a TPU."""
+  import functools
+
+  from jax import export
+  q = jax.ShapeDtypeStruct((256, 1024), dtype)
+  g = jax.ShapeDtypeStruct((1024, 1024), dtype)
+  ids = jax.ShapeDtypeStruct((1024,), jnp.int32)
+  prior = (jax.ShapeDtypeStruct((256, 10), jnp.float32), jax.ShapeDtypeStruct((256, 10), jnp.int32))
+  fn = jax.jit(functools.partial(fused_update, k=10, config=FusedConfig(backend="tpu"),
+                                 precision=HI if dtype == jnp.float32 else None))
+  exported = export.export(fn, platforms=["tpu"])(prior, q, g, ids)
+  assert "tpu_custom_call" in exported.mlir_module()

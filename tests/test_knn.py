@@ -289,7 +289,7 @@ def test_fused_kernel_in_the_engine_equals_brute_force(rng, normalize, dtype):
   res = search(q, x, 6, kernel="fused", **kw)
   xla = search(q, x, 6, kernel="xla", **kw)
   for r, other, n in zip(res, xla, [500, 900]):
-    assert r.kernel == "fused" and other.kernel == "xla"
+    assert r.kernel == "fused:triton" and other.kernel == "xla"
     np.testing.assert_array_equal(r.ids, other.ids)
     np.testing.assert_array_equal(r.scores, other.scores)
     if not normalize:  # cosine's f32 rounding is checked against the XLA kernel above
@@ -299,9 +299,11 @@ def test_fused_kernel_in_the_engine_equals_brute_force(rng, normalize, dtype):
       np.testing.assert_array_equal(r.scores, scores.astype(np.float32))
 
 
-@pytest.mark.parametrize("normalize", [False, True])
-def test_mosaic_kernel_in_the_engine_equals_brute_force(rng, normalize):
-  """kernel="fused_mosaic" (Mosaic GPU; on CPU interpreted, one device): bf16 tiles,
+@pytest.mark.parametrize("kernel,normalize", [("fused:mosaic_gpu", False),
+                                              ("fused:mosaic_gpu", True), ("fused:tpu", True)])
+def test_mosaic_kernels_in_the_engine_equal_brute_force(rng, kernel, normalize):
+  """kernel="fused:mosaic_gpu" / "fused:tpu" (Mosaic GPU / Pallas TPU; on CPU interpreted,
+  one device): bf16 tiles,
   self-exclusion, duplicate rows, prefixes, a gallery not a multiple of the tile, cosine."""
   x = integer_rows(rng, 600, 40)
   x[7] = x[300]
@@ -311,10 +313,10 @@ def test_mosaic_kernel_in_the_engine_equals_brute_force(rng, normalize):
   q, qids = x[:100], np.arange(100)
   kw = dict(query_ids=qids, tile_rows=256, prefix_sizes=[300, 600], normalize=normalize,
             mesh=one_device_mesh(), compute_dtype=ml_dtypes.bfloat16)
-  res = search(q, x, 6, kernel="fused_mosaic", **kw)
+  res = search(q, x, 6, kernel=kernel, **kw)
   xla = search(q, x, 6, kernel="xla", **kw)
   for r, other, n in zip(res, xla, [300, 600]):
-    assert r.kernel == "fused_mosaic"
+    assert r.kernel == kernel
     np.testing.assert_array_equal(r.ids, other.ids)
     np.testing.assert_array_equal(r.scores, other.scores)
     if not normalize:
@@ -322,11 +324,11 @@ def test_mosaic_kernel_in_the_engine_equals_brute_force(rng, normalize):
                                 query_ids=qids)
       np.testing.assert_array_equal(r.ids, ids)
       np.testing.assert_array_equal(r.scores, scores.astype(np.float32))
-  if jax.default_backend() == "cpu":
+  if jax.default_backend() == "cpu" and kernel == "fused:mosaic_gpu":
     with pytest.raises(ValueError, match="one-device mesh"):
-      search(q, x, 6, kernel="fused_mosaic", compute_dtype=ml_dtypes.bfloat16)
+      search(q, x, 6, kernel="fused:mosaic_gpu", compute_dtype=ml_dtypes.bfloat16)
     with pytest.raises(ValueError, match="bf16/f16 only"):
-      search(q, x, 6, kernel="fused_mosaic", mesh=one_device_mesh())  # f32 on CPU
+      search(q, x, 6, kernel="fused:mosaic_gpu", mesh=one_device_mesh())  # f32 on CPU
 
 
 def test_kernel_choice_is_checked_and_reported(rng):
@@ -348,7 +350,7 @@ def test_a_fused_kernel_that_does_not_compile_falls_back_to_xla(rng, monkeypatch
 
   search_module._selector_that_compiles.cache_clear()  # probes are cached per shape
   monkeypatch.setattr(fused_topk.FusedTopKSelector, "update_rows", broken)
-  monkeypatch.setattr(search_module, "_pick_kernel", lambda kernel, k, platform: "fused")
+  monkeypatch.setattr(search_module, "pick_kernel", lambda kernel, k, platform: "fused:triton")
   with pytest.warns(UserWarning, match="did not compile.*using the XLA kernel"):
     res = search(x[:20], x, 4, query_ids=np.arange(20))
   assert res.kernel == "xla"

@@ -20,9 +20,10 @@ def test_profile_reports_consistent_figures(tmp_path, k):
     assert any((tmp_path / "trace").rglob("*")), "a trace was written"
 
 
-@pytest.mark.parametrize("kernel,dtype", [("fused", "float32"), ("fused_mosaic", "bfloat16")])
-def test_profile_of_the_fused_kernel_counts_fallbacks(kernel, dtype):
+@pytest.mark.parametrize("kernel,dtype,backend", [("fused", "float32", "triton"),
+                                                  ("fused:mosaic_gpu", "bfloat16", "mosaic_gpu")])
+def test_profile_of_the_fused_kernel_counts_fallbacks(kernel, dtype, backend):
   r = profile(64, 512, 16, 5, dtype, repeats=1, kernel=kernel, fused_keep=1)
   assert r["kernel"].startswith("fused (Pallas, interpreted")
-  assert ("mosaic" in r["kernel"]) == (kernel == "fused_mosaic")
+  assert f"backend='{backend}'" in r["kernel"]
   assert 0 <= r["fallbacks"] <= 1 and r["step_s"] > 0

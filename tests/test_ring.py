@@ -55,14 +55,15 @@ def test_ring_bad_input():
     ring_self_join(np.ones((3, 2), np.float32), 1, ids=[1, 1, 2])
 
 
-@pytest.mark.parametrize("kernel,devices", [("fused", 8), ("fused_mosaic", 1)])
+@pytest.mark.parametrize("kernel,devices", [("fused:triton", 8), ("fused:mosaic_gpu", 1),
+                                            ("fused:tpu", 1)])
 def test_ring_with_the_fused_kernel_equals_brute_force(rng, kernel, devices):
-  """The fused Pallas kernel inside the ring (interpreted on CPU; Mosaic GPU's interpreter
-  takes one device): exact ties, duplicates, padding, shuffled ids; bf16 for Mosaic."""
+  """The fused Pallas kernel inside the ring (interpreted on CPU; the Mosaic interpreters on
+  one device): exact ties, duplicates, padding, shuffled ids; bf16 for Mosaic GPU."""
   x = integer_rows(rng, 700, 8)
   x[300:310] = x[0]
   ids = rng.permutation(10**6)[:700]
-  dtype = np.float32 if kernel == "fused" else jax.numpy.bfloat16
+  dtype = jax.numpy.bfloat16 if kernel == "fused:mosaic_gpu" else np.float32
   res = ring_self_join(x.astype(dtype), 6, ids=ids, mesh=mesh_of(devices), kernel=kernel,
                        compute_dtype=dtype)
   ref_ids, ref_scores = brute_force(x, x, 6, query_ids=ids, gallery_ids=ids)

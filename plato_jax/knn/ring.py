@@ -6,8 +6,8 @@ P ring steps, each scoring the local queries against the block in hand while the
 passed on with `lax.ppermute` (issued before the compute, so the transfer overlaps it).
 Nothing is gathered and nothing N×N exists: per device, three blocks of rows and the
 [rows, k] running state. The selection is the engine's (`TopKSelector` / `ThresholdSelector`
-on score tiles of `block` columns, or with `kernel="fused"`/`"fused_mosaic"` the fused
-Pallas kernel, which never writes the score tile), so results are exactly
+on score tiles of `block` columns, or with `kernel="fused"` the fused Pallas kernel, which
+never writes the score tile), so results are exactly
 `search(x, x, k)`'s: sorted by (score descending, id ascending), identical for any device
 count.
 """
@@ -22,7 +22,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from plato_jax.knn import sharding
-from plato_jax.knn.search import (Neighbours, _check_unique, _ids_array, _k_list, _pick_kernel,
+from plato_jax.knn.search import (Neighbours, _check_unique, _ids_array, _k_list, pick_kernel,
                                   row_unit, selector_for)
 
 DEFAULT_BLOCK = 2048
@@ -103,8 +103,8 @@ def ring_self_join(x, k, *, ids=None, exclude_self: bool = True, mesh: Mesh | No
     block: rows per query block and per score tile (default 2048, at most the rows per
       device); each device's rows are padded to a multiple of it.
     compute_dtype / precision: as `search` (f32 inputs: a true-f32 matmul by default).
-    kernel: "auto", "xla", "fused" or "fused_mosaic", as `search` (the fused ones: blocks
-      rounded to their gallery rows per program; interpreted on CPU).
+    kernel: as `search`'s ("auto", "xla", "fused", "fused:<backend>"; the fused ones round
+      blocks to their gallery rows per program and run interpreted on CPU).
   Returns `Neighbours` [N, max k] in the input row order, with the kernel used and the
   fused kernel's fallback count.
   """
@@ -126,7 +126,7 @@ def ring_self_join(x, k, *, ids=None, exclude_self: bool = True, mesh: Mesh | No
   p = mesh.devices.size
   per_device = -(-n // p)
   block = min(block or DEFAULT_BLOCK, per_device)
-  kernel = _pick_kernel(kernel, k_max, mesh.devices.flat[0].platform)
+  kernel = pick_kernel(kernel, k_max, mesh.devices.flat[0].platform)
   align = 32 if kernel == "xla" else row_unit(kernel)
   block = -(-block // align) * align
   per_device = -(-per_device // block) * block

@@ -43,8 +43,10 @@ FUSED_BY_DEFAULT_ON: frozenset[str] = frozenset()
 # (k = 2,621 of ~8k candidates per row, 1,024 rows: 490 ms on the device, ~90 ms so).
 FINISH_ON_HOST: frozenset[str] = frozenset({"cpu"})
 NO_ID = -2  # a query id no gallery row has (padding uses -1)
-# The fused kernel's lowerings by name (kernels.fused_topk.FusedConfig.backend).
-FUSED_CONFIGS = {"fused": {}, "fused_mosaic": {"backend": "mosaic"}}
+# kernel="fused" picks this lowering of the fused kernel (kernels.fused_topk.BACKENDS) per
+# platform; "fused:<backend>" names one.
+FUSED_BACKEND_ON = {"tpu": "tpu"}
+DEFAULT_FUSED_BACKEND = "triton"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,15 +147,17 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
       on the device, per tile, in f32); all-zero rows are an error.
     kernel: the tile kernel. "xla": matmul, then `kernels.topk.bucket_topk` (or the
       threshold selector for k >= 128) on the score tile. "fused": `kernels.fused_topk`,
-      the Pallas kernel that selects inside the matmul (small k; Triton on GPUs,
-      interpreted elsewhere — slow, for tests). "fused_mosaic": the same kernel lowered by
-      Mosaic GPU (TMA-pipelined wgmma; Hopper and later, bf16/f16 only: pass
-      compute_dtype=bfloat16 for f32 inputs you accept to round). "auto": fused for k < 128 on the platforms
-      in `FUSED_BY_DEFAULT_ON` (none yet), else xla; if the fused kernel does not compile
-      there, xla, with a warning.
-      Either is exact; the two accumulate in different orders, so on data where f32
-      rounding decides between two scores they may disagree. The result's `kernel` says
-      which ran, and `fallbacks` how often the fused kernel took its exact path.
+      the Pallas kernel that selects inside the matmul (small k), in the platform's
+      lowering: Triton on GPUs, Pallas TPU on TPUs (interpreted on CPU — slow, for tests).
+      "fused:<backend>" names one of `kernels.fused_topk.BACKENDS`: "fused:mosaic_gpu" is
+      Mosaic GPU (warp-specialized TMA + wgmma; Hopper and later, bf16/f16 only: pass
+      compute_dtype=bfloat16 for f32 inputs you accept to round). "auto": fused for k < 128
+      on the platforms in `FUSED_BY_DEFAULT_ON` (none yet), else xla; if the fused kernel
+      does not compile there, xla, with a warning (a kernel named explicitly must compile).
+      All are exact; they accumulate in different orders, so on data where f32 rounding
+      decides between two scores they may disagree. The result's `kernel` says which ran
+      ("xla" or "fused:<backend>"), and `fallbacks` how often the fused kernel took its
+      exact path.
     resume_dir: checkpoint the running state there every `checkpoint_every` steps; a rerun
       with the same inputs and options continues from the last checkpoint.
     progress: print rows/s and ETA on stderr.
@@ -212,7 +216,8 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
   if precision is None:
     precision = lax.Precision.HIGHEST if dtype == np.float32 else lax.Precision.DEFAULT
   block = max(1, min(query_block, num_q))
-  requested, kernel = kernel, _pick_kernel(kernel, k_max, mesh.devices.flat[0].platform)
+  requested, kernel = kernel, pick_kernel(kernel, k_max, mesh.devices.flat[0].platform)
+  required = requested != "auto"  # a fused kernel asked for by name must compile
   on_host = mesh.devices.flat[0].platform in FINISH_ON_HOST
   check_kernel_runs_on(kernel, mesh)
   if tile_rows is None:
@@ -223,7 +228,7 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
     per_device = -(-n // num_dev)
     tile_rows = min(tile_rows, -(-per_device // align) * align)
   selector, kernel = _selector_that_compiles(
-      kernel, requested == kernel, k_max, tile_rows, bucket_width, mesh, block, source.dim,
+      kernel, required, k_max, tile_rows, bucket_width, mesh, block, source.dim,
       dtype, tile_dtype,
       bool(exclude_self), precision, bool(normalize))
   step = sharding.sharded_step(mesh, selector, bool(exclude_self), precision, bool(normalize))
@@ -307,13 +312,18 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
 
 
 def selector_for(kernel: str, k: int, tile_rows: int, bucket_width, mesh):
-  """The selector of a kernel picked by `_pick_kernel`: XLA's, or the fused kernel's."""
+  """The selector of a kernel `pick_kernel` resolved: XLA's, or the fused kernel's."""
   if kernel == "xla":
     return choose_selector(k, tile_rows, bucket_width)
   check_kernel_runs_on(kernel, mesh)
-  from kernels.fused_topk import FusedConfig, FusedTopKSelector
-  return FusedTopKSelector(k, FusedConfig(**FUSED_CONFIGS[kernel]),
+  from kernels.fused_topk import FusedTopKSelector
+  return FusedTopKSelector(k, _fused_config(kernel),
                            interpret=mesh.devices.flat[0].platform == "cpu")
+
+
+def _fused_config(kernel: str):
+  from kernels.fused_topk import FusedConfig
+  return FusedConfig(backend=kernel.split(":")[1])
 
 
 def row_unit(kernel: str) -> int:
@@ -321,21 +331,26 @@ def row_unit(kernel: str) -> int:
   gallery rows per program."""
   if kernel == "xla":
     return 64
-  from kernels.fused_topk import FusedConfig
-  return max(128, FusedConfig(**FUSED_CONFIGS[kernel]).program_rows)
+  return max(128, _fused_config(kernel).program_rows)
 
 
 def check_kernel_runs_on(kernel: str, mesh) -> None:
-  if kernel == "fused_mosaic" and mesh.devices.flat[0].platform == "cpu" and mesh.devices.size > 1:
-    raise ValueError("kernel='fused_mosaic' runs interpreted on CPU, and Mosaic GPU's "
+  if kernel == "fused:mosaic_gpu" and mesh.devices.flat[0].platform == "cpu" and \
+      mesh.devices.size > 1:
+    raise ValueError("kernel='fused:mosaic_gpu' runs interpreted on CPU, and Mosaic GPU's "
                      "interpreter runs one device's kernels at a time: pass a one-device mesh")
 
 
-def _pick_kernel(kernel: str, k: int, platform: str) -> str:
-  if kernel not in ("auto", "xla", *FUSED_CONFIGS):
-    raise ValueError(f"kernel must be 'auto', 'xla', 'fused' or 'fused_mosaic', got {kernel!r}")
+def pick_kernel(kernel: str, k: int, platform: str) -> str:
+  """"xla" or "fused:<backend>" for a requested kernel name."""
+  from kernels.fused_topk import BACKENDS
+  names = ("auto", "xla", "fused", *(f"fused:{b}" for b in BACKENDS))
+  if kernel not in names:
+    raise ValueError(f"kernel must be one of {names}, got {kernel!r}")
   if kernel == "auto":
-    return "fused" if platform in FUSED_BY_DEFAULT_ON and k < LARGE_K_THRESHOLD else "xla"
+    kernel = "fused" if platform in FUSED_BY_DEFAULT_ON and k < LARGE_K_THRESHOLD else "xla"
+  if kernel == "fused":
+    kernel = f"fused:{FUSED_BACKEND_ON.get(platform, DEFAULT_FUSED_BACKEND)}"
   return kernel
 
 
