@@ -176,7 +176,7 @@ def test_tune_checks_each_configuration_and_projects_a_stream():
 
 MOSAIC = FusedConfig(block_q=64, block_t=128, keep=3, num_stages=2, backend="mosaic_gpu")
 MOSAIC_1WG = dataclasses.replace(MOSAIC, warpgroups=1)
-INTERPRET = jax.default_backend() == "cpu"  # on a GPU these run compiled
+INTERPRET = jax.default_backend() != "gpu"  # on a GPU these run compiled
 
 
 def half_data(rng, q, t, d, span, padding=37):
@@ -253,6 +253,7 @@ def test_mosaic_kernel_lowers_for_gpus(dim):
 # ---- the Pallas TPU lowering -----------------------------------------------------------------
 
 TPU = FusedConfig(block_q=64, block_t=128, keep=3, backend="tpu")
+INTERPRET_TPU = jax.default_backend() != "tpu"  # on a TPU these run compiled
 
 
 @pytest.mark.parametrize("kind", ["wide", "integers"])
@@ -267,7 +268,7 @@ def test_tpu_kernel_equals_its_reference(rng, kind):
   s[(np.asarray(ids)[None] < 0) | (np.asarray(ids)[None] == np.asarray(query_ids)[:, None])] = -np.inf
   thresholds = jnp.asarray(np.where(np.arange(128) < 2, s.max(axis=1), np.inf), jnp.float32)
   kw = dict(query_ids=query_ids, column_scale=scale, thresholds=thresholds, precision=HI)
-  got = block_topk(q, g, ids, TPU, interpret=True, **kw)
+  got = block_topk(q, g, ids, TPU, interpret=INTERPRET_TPU, **kw)
   assert_same_blocks(got, reference_block_topk(q, g, ids, TPU, **kw))
   skipped = np.isinf(np.asarray(got[0]).reshape(128, 4, 3)).all(axis=2)
   assert skipped[:64].mean() < 1 and skipped[64:].all()  # both branches ran
@@ -277,7 +278,7 @@ def test_tpu_merge_is_exact_and_falls_back_when_it_must(rng):
   q, g, ids = data(rng, 64, 1024, 16, "integers")
   q = q.at[0].set(2.0)
   g = g.at[:6].set(2.0)  # query 0's six best rows in one block: more than K' = 3
-  v, i, fallbacks = fused_topk(q, g, ids, 8, TPU, precision=HI, interpret=True)
+  v, i, fallbacks = fused_topk(q, g, ids, 8, TPU, precision=HI, interpret=INTERPRET_TPU)
   ref_v, ref_i = exact(q, g, ids, 8)
   np.testing.assert_array_equal(v, ref_v)
   np.testing.assert_array_equal(i, ref_i)

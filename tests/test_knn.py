@@ -336,6 +336,17 @@ def test_kernel_choice_is_checked_and_reported(rng):
   assert search(x[:5], x, 3).kernel == "xla"  # auto on CPU
   with pytest.raises(ValueError, match="kernel must be"):
     search(x[:5], x, 3, kernel="triton")
+  import types
+
+  from plato_jax.knn.search import check_kernel_runs_on, pick_kernel
+  assert pick_kernel("fused", 10, "tpu") == "fused:tpu"
+  assert pick_kernel("fused", 10, "gpu") == "fused:triton"
+  assert pick_kernel("auto", 10, "gpu") == "xla"  # until measured exact there
+  gpu = types.SimpleNamespace(devices=types.SimpleNamespace(
+      flat=[types.SimpleNamespace(platform="gpu")], size=1))
+  check_kernel_runs_on("fused:mosaic_gpu", gpu)
+  with pytest.raises(ValueError, match="runs on tpu devices"):
+    check_kernel_runs_on("fused:tpu", gpu)
 
 
 def test_a_fused_kernel_that_does_not_compile_falls_back_to_xla(rng, monkeypatch):

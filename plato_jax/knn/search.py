@@ -47,6 +47,8 @@ NO_ID = -2  # a query id no gallery row has (padding uses -1)
 # platform; "fused:<backend>" names one.
 FUSED_BACKEND_ON = {"tpu": "tpu"}
 DEFAULT_FUSED_BACKEND = "triton"
+# Where each lowering compiles; on CPU every one runs interpreted.
+FUSED_BACKEND_PLATFORMS = {"triton": "gpu", "mosaic_gpu": "gpu", "tpu": "tpu"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,8 +337,14 @@ def row_unit(kernel: str) -> int:
 
 
 def check_kernel_runs_on(kernel: str, mesh) -> None:
-  if kernel == "fused:mosaic_gpu" and mesh.devices.flat[0].platform == "cpu" and \
-      mesh.devices.size > 1:
+  if kernel == "xla":
+    return
+  platform = mesh.devices.flat[0].platform
+  backend = kernel.split(":")[1]
+  if platform not in ("cpu", FUSED_BACKEND_PLATFORMS[backend]):
+    raise ValueError(f"kernel={kernel!r} runs on {FUSED_BACKEND_PLATFORMS[backend]} devices "
+                     f"(or interpreted on CPU), not on {platform}")
+  if kernel == "fused:mosaic_gpu" and platform == "cpu" and mesh.devices.size > 1:
     raise ValueError("kernel='fused:mosaic_gpu' runs interpreted on CPU, and Mosaic GPU's "
                      "interpreter runs one device's kernels at a time: pass a one-device mesh")
 
