@@ -25,6 +25,8 @@ flags.DEFINE_integer("repeats", 3, "timed runs per method (best is reported)")
 flags.DEFINE_integer("tile_rows", None, "engine tile rows (default: engine's choice)")
 flags.DEFINE_list("peers", ["faiss", "numpy", "torch"], "peers to run when available")
 flags.DEFINE_integer("seed", 0, "data seed")
+flags.DEFINE_string("kernel", "auto", "the engine's tile kernel: auto, xla, fused, "
+                    "fused:<backend> (see plato_jax.knn.search)")
 
 
 def numpy_topk(q, g, k, block=32_768):
@@ -77,12 +79,12 @@ def main(argv):
   for k_spec in FLAGS.k:
     k = FLAGS.gallery // 100 if k_spec == "n/100" else int(k_spec)
     rows = []
-    ours_t, ours = best_time(lambda: search(q, g, k, exclude_self=False, tile_rows=FLAGS.tile_rows),
-                         FLAGS.repeats)
-    rows.append(("plato_jax", ours_t, None))
+    ours_t, ours = best_time(lambda: search(q, g, k, exclude_self=False, tile_rows=FLAGS.tile_rows,
+                                            kernel=FLAGS.kernel), FLAGS.repeats)
+    rows.append((f"plato_jax ({ours.kernel})", ours_t, None))
     if backend != "cpu":  # the gallery already in device memory, as the torch peer's is
       gd = jax.device_put(g)
-      t, resident = best_time(lambda: search(q, gd, k, exclude_self=False,
+      t, resident = best_time(lambda: search(q, gd, k, exclude_self=False, kernel=FLAGS.kernel,
                                              tile_rows=FLAGS.tile_rows), FLAGS.repeats)
       rows.append(("plato_jax, gallery on device", t, (resident.ids == ours.ids).mean()))
     if "faiss" in FLAGS.peers and backend == "cpu":
@@ -114,11 +116,11 @@ def main(argv):
       t, t_ids = best_time(torch_topk, FLAGS.repeats)
       rows.append(("torch matmul+topk", t, (t_ids == ours.ids).mean()))
     print(f"\nk={k}: plato_jax at {dot_t / ours_t:.0%} of the jnp.dot rate")
-    print(f"{'method':28s} {'seconds':>9s} {'GFLOP/s':>9s} {'peer/ours':>10s} {'id agreement':>13s}")
+    print(f"{'method':30s} {'seconds':>9s} {'GFLOP/s':>9s} {'peer/ours':>10s} {'id agreement':>13s}")
     for name, t, agree in rows:
-      ratio = "" if name == "plato_jax" else f"{t / ours_t:10.2f}"
+      ratio = "" if name.startswith("plato_jax (") else f"{t / ours_t:10.2f}"
       ag = "" if agree is None else f"{agree:13.4f}"
-      print(f"{name:28s} {t:9.3f} {flop / t / 1e9:9.1f} {ratio:>10s} {ag}")
+      print(f"{name:30s} {t:9.3f} {flop / t / 1e9:9.1f} {ratio:>10s} {ag}")
 
 
 if __name__ == "__main__":

@@ -2,10 +2,11 @@
 # The GPU session's checks and benchmarks in one go, each step under its own time limit so
 # one slow step cannot starve the rest; logs go to $OUT (or ./gpu_logs).
 #   bash kernels/gpu_checks.sh [step ...]     steps: env tune bench profile tests fusedbf16 stream
-#                                             encoders scaling mosaic (fusedbf16: the engine test of
+#                                             encoders scaling mosaic mosaicbench (fusedbf16: the engine test of
 #                                             the fused kernel that failed on the H100 in bf16, alone,
 #                                             with its full report; mosaic: the Mosaic GPU lowering's
-#                                             tests, compiled, then its tuning rows alone)
+#                                             tests, compiled, then its tuning rows alone;
+#                                             mosaicbench: the engine call with it)
 set -u
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}. PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
@@ -35,6 +36,8 @@ for s in $steps; do case $s in
         step mosaic_tune 180 $PY -m kernels.tune_fused --config=128,128,4,64,8,3,mosaic_gpu \
         --config=128,128,4,64,8,4,mosaic_gpu --config=64,128,4,64,8,4,mosaic_gpu \
         --config=128,128,4,64,8,4,mosaic_gpu,1 --config=128,128,4,64,8,3 ;;
+  mosaicbench) step mosaic_bench 120 $PY -m kernels.bench --dtype=bfloat16 --repeats=5 --k=10 \
+        --kernel=fused:mosaic_gpu ;;
   stream) step stream 200 $PY -m kernels.bench_stream --rows=${STREAM_ROWS:-4000000} --dir=/tmp/bench_store ;;
   encoders) step encoders 180 $PY -m kernels.bench_encoders ;;
   scaling) step scaling 200 $PY -m experiments.scaling ${SCALING_ARGS:---gallery=1m} --out=/tmp/scaling_gpu ;;
