@@ -46,7 +46,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from kernels.topk import BucketConfig, bucket_topk
 
 NO_QUERY_ID = -2  # matches no column: gallery ids are >= 0, padding is -1
-BACKENDS = ("triton", "mosaic_gpu", "tpu")
+# Each lowering and the platform it compiles for (on CPU every one runs interpreted).
+BACKENDS = {"triton": "gpu", "mosaic_gpu": "gpu", "tpu": "tpu"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +60,12 @@ class FusedConfig:
   num_stages: int | None = 3     # (mosaic_gpu: TMA copies in flight, >= 2)
   backend: str = "triton"        # one of BACKENDS (mosaic_gpu: bf16/f16 inputs only)
   warpgroups: int = 2            # mosaic_gpu: compute warpgroups per program, one gallery block each
+
+  def __post_init__(self):
+    if self.backend not in BACKENDS:
+      raise ValueError(f"backend must be one of {tuple(BACKENDS)}, got {self.backend!r}")
+    if self.warpgroups not in (1, 2):
+      raise ValueError(f"warpgroups must be 1 or 2, got {self.warpgroups}")
 
   @property
   def program_rows(self) -> int:
@@ -136,7 +143,8 @@ def _kernel(q_ref, g_ref, ids_ref, qids_ref, scale_ref, thr_ref, v_ref, c_ref, b
 
 def _tpu_kernel(q_ref, g_ref, ids_ref, qids_ref, scale_ref, thr_ref, v_ref, c_ref, b_ref, *,
                 config: FusedConfig, precision):
-  # Pallas TPU: the blocks arrive in VMEM by BlockSpec (whole d); vectors as 2-D blocks.
+  # Pallas TPU: the blocks arrive in VMEM by BlockSpec (whole d: (bq + bt)·d elements,
+  # double-buffered, must fit the scoped VMEM); vectors as 2-D blocks.
   j = pl.program_id(1)
   s = lax.dot_general(q_ref[...], g_ref[...], (((1,), (1,)), ((), ())), precision=precision,
                       preferred_element_type=jnp.float32)
@@ -161,10 +169,12 @@ def _tpu_block_topk(queries, gallery, gallery_ids, query_ids, column_scale, thre
                      f"128 (lanes); got {config}")
   q, d = queries.shape
   nb = gallery.shape[0] // bt
-  params = {}
+  from jax.experimental.pallas import tpu as pltpu
   if interpret:
-    from jax.experimental.pallas import tpu as pltpu
-    params["interpret"] = pltpu.InterpretParams() if hasattr(pltpu, "InterpretParams") else True
+    params = {"interpret": pltpu.InterpretParams() if hasattr(pltpu, "InterpretParams") else True}
+  else:  # programs are independent: megacore chips split them over their cores
+    params = {"compiler_params": pltpu.CompilerParams(
+        dimension_semantics=("parallel", "parallel"))}
   per_block = lambda i, j: (j, i, 0)  # outputs [blocks, Q, K′]: K′ is their whole last dim
   v, c, b = pl.pallas_call(
       functools.partial(_tpu_kernel, config=config, precision=precision),
@@ -307,14 +317,15 @@ def _mgpu_block_topk(queries, gallery, gallery_ids, query_ids, column_scale, thr
   half = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
   if jnp.dtype(queries.dtype) not in half or gallery.dtype != queries.dtype:
     raise ValueError(f"the Mosaic GPU kernel multiplies bf16/f16 only (its f32 wgmma is tf32), "
-                     f"got {queries.dtype} x {gallery.dtype}: use backend='triton'")
+                     f"got {queries.dtype} x {gallery.dtype}: use the Triton lowering "
+                     f"(kernel='fused:triton'), or compute_dtype=bfloat16 if rounding is fine")
   bq, bt, keep, w = config.block_q, config.block_t, config.keep, config.warpgroups
   itemsize = jnp.dtype(queries.dtype).itemsize
   lanes = plgpu.find_swizzle(config.block_k * itemsize * 8) // itemsize  # swizzled row width
-  if bq % 64 or bt % lanes or bt > 256 or (config.num_stages or 0) < 2 or w not in (1, 2):
+  if bq % 64 or bt % lanes or bt > 256 or (config.num_stages or 0) < 2:
     raise ValueError(f"Mosaic GPU blocks: block_q a multiple of 64 (wgmma rows), block_t a "
                      f"multiple of {lanes} (the swizzle block_k sets) up to 256, num_stages "
-                     f">= 2, warpgroups 1 or 2; got {config}")
+                     f">= 2; got {config}")
   q, t = queries.shape[0], gallery.shape[0]
   nb = t // bt
   params = {}
@@ -377,8 +388,6 @@ def block_topk(queries, gallery, gallery_ids, config: FusedConfig = FusedConfig(
     return _tpu_block_topk(queries, gallery, gallery_ids.astype(jnp.int32),
                            query_ids.astype(jnp.int32), column_scale.astype(jnp.float32),
                            thresholds.astype(jnp.float32), config, precision, interpret)
-  if config.backend != "triton":
-    raise ValueError(f"backend must be one of {BACKENDS}, got {config.backend!r}")
   nb = t // bt
   params = {}
   if not interpret:  # compiled: the Triton backend (GPU)

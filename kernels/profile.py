@@ -74,8 +74,10 @@ def profile(queries: int, tile_rows: int, dim: int, k: int, dtype: str, repeats:
 
   if kernel.startswith("fused"):  # the Pallas kernel on the same tile, not the engine's step
     from kernels.fused_topk import FusedConfig, fused_topk
-    from plato_jax.knn.search import pick_kernel
-    backend = pick_kernel(kernel, k, dev.platform).split(":")[1]
+    from plato_jax.knn.search import check_kernel_runs_on, pick_kernel
+    resolved = pick_kernel(kernel, k, dev.platform)
+    check_kernel_runs_on(resolved, mesh)
+    backend = resolved.split(":")[1]
     config = FusedConfig(block_q=64 if backend == "mosaic_gpu" else min(64, queries),
                          block_t=min(128 if backend == "mosaic_gpu" else 256, tile_rows),
                          keep=fused_keep, backend=backend)

@@ -37,3 +37,12 @@ def brute_mutual_knn(xa, xb, num_queries, k):
   """Mutual k-NN of the first `num_queries` rows of two paired galleries (float64 cosine)."""
   a, b = cosine_top_k(xa, num_queries, k), cosine_top_k(xb, num_queries, k)
   return np.mean([len(np.intersect1d(r, t)) for r, t in zip(a, b)]) / k
+
+
+def skip_unless_runs_here(kernel: str):
+  """A fused lowering runs on its own accelerator, or interpreted on CPU."""
+  import pytest
+
+  from kernels.fused_topk import BACKENDS
+  if jax.default_backend() not in ("cpu", BACKENDS[kernel.split(":")[1]]):
+    pytest.skip(f"{kernel} does not run on {jax.default_backend()}")

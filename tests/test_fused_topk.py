@@ -1,7 +1,7 @@
 """The fused Pallas kernel (interpret mode on CPU) against its plain-jnp reference, and the
 certified merge + fallback against the exact selection: random data, exact ties, padding.
-Both lowerings: Triton, and Mosaic GPU (its own interpreter simulates TMA, barriers and
-wgmma; bf16 only)."""
+All three lowerings: Triton, Mosaic GPU (its own interpreter simulates TMA, barriers and
+wgmma; bf16 only) and Pallas TPU (its interpreter)."""
 import dataclasses
 
 import jax
@@ -222,6 +222,10 @@ def test_mosaic_merge_is_exact_and_falls_back_when_it_must(rng):
 
 
 def test_mosaic_kernel_refuses_f32_and_odd_blocks():
+  with pytest.raises(ValueError, match="backend must be one of"):
+    FusedConfig(backend="mosaic")
+  with pytest.raises(ValueError, match="warpgroups must be 1 or 2"):
+    FusedConfig(backend="mosaic_gpu", warpgroups=0)
   g, ids = jnp.zeros((256, 64), jnp.bfloat16), jnp.zeros(256, jnp.int32)
   with pytest.raises(ValueError, match="bf16/f16 only"):
     block_topk(jnp.zeros((64, 64)), g.astype(jnp.float32), ids, MOSAIC, interpret=True)

@@ -3,7 +3,7 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
-from knn_reference import brute_force, integer_rows, one_device_mesh
+from knn_reference import brute_force, integer_rows, one_device_mesh, skip_unless_runs_here
 
 from plato_jax.knn import ArraySource, search
 from plato_jax.knn.sources import plan_tiles
@@ -305,6 +305,7 @@ def test_mosaic_kernels_in_the_engine_equal_brute_force(rng, kernel, normalize):
   """kernel="fused:mosaic_gpu" / "fused:tpu" (Mosaic GPU / Pallas TPU; on CPU interpreted,
   one device): bf16 tiles,
   self-exclusion, duplicate rows, prefixes, a gallery not a multiple of the tile, cosine."""
+  skip_unless_runs_here(kernel)
   x = integer_rows(rng, 600, 40)
   x[7] = x[300]
   if normalize:

@@ -127,7 +127,7 @@ def ring_self_join(x, k, *, ids=None, exclude_self: bool = True, mesh: Mesh | No
   per_device = -(-n // p)
   block = min(block or DEFAULT_BLOCK, per_device)
   kernel = pick_kernel(kernel, k_max, mesh.devices.flat[0].platform)
-  align = 32 if kernel == "xla" else row_unit(kernel)
+  align = 32 if kernel == "xla" else row_unit(kernel)  # (XLA's selection: any multiple of 32)
   block = -(-block // align) * align
   per_device = -(-per_device // block) * block
   dtype = np.dtype(compute_dtype) if compute_dtype is not None else (

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import math
 import warnings
 from typing import Sequence
 
@@ -47,8 +48,6 @@ NO_ID = -2  # a query id no gallery row has (padding uses -1)
 # platform; "fused:<backend>" names one.
 FUSED_BACKEND_ON = {"tpu": "tpu"}
 DEFAULT_FUSED_BACKEND = "triton"
-# Where each lowering compiles; on CPU every one runs interpreted.
-FUSED_BACKEND_PLATFORMS = {"triton": "gpu", "mosaic_gpu": "gpu", "tpu": "tpu"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +220,6 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
   requested, kernel = kernel, pick_kernel(kernel, k_max, mesh.devices.flat[0].platform)
   required = requested != "auto"  # a fused kernel asked for by name must compile
   on_host = mesh.devices.flat[0].platform in FINISH_ON_HOST
-  check_kernel_runs_on(kernel, mesh)
   if tile_rows is None:
     align = row_unit(kernel)
     budget = SCORE_TILE_BYTES if mesh.devices.flat[0].platform == "cpu" else \
@@ -333,24 +331,24 @@ def row_unit(kernel: str) -> int:
   gallery rows per program."""
   if kernel == "xla":
     return 64
-  return max(128, _fused_config(kernel).program_rows)
+  return math.lcm(128, _fused_config(kernel).program_rows)
 
 
 def check_kernel_runs_on(kernel: str, mesh) -> None:
   if kernel == "xla":
     return
-  platform = mesh.devices.flat[0].platform
-  backend = kernel.split(":")[1]
-  if platform not in ("cpu", FUSED_BACKEND_PLATFORMS[backend]):
-    raise ValueError(f"kernel={kernel!r} runs on {FUSED_BACKEND_PLATFORMS[backend]} devices "
-                     f"(or interpreted on CPU), not on {platform}")
+  from kernels.fused_topk import BACKENDS
+  platform, home = mesh.devices.flat[0].platform, BACKENDS[kernel.split(":")[1]]
+  if platform not in ("cpu", home):
+    raise ValueError(f"kernel={kernel!r} runs on {home} devices (or interpreted on CPU), not "
+                     f"on {platform}")
   if kernel == "fused:mosaic_gpu" and platform == "cpu" and mesh.devices.size > 1:
     raise ValueError("kernel='fused:mosaic_gpu' runs interpreted on CPU, and Mosaic GPU's "
                      "interpreter runs one device's kernels at a time: pass a one-device mesh")
 
 
 def pick_kernel(kernel: str, k: int, platform: str) -> str:
-  """"xla" or "fused:<backend>" for a requested kernel name."""
+  """The kernel a requested name resolves to: "xla" or "fused:<backend>"."""
   from kernels.fused_topk import BACKENDS
   names = ("auto", "xla", "fused", *(f"fused:{b}" for b in BACKENDS))
   if kernel not in names:
