@@ -50,12 +50,8 @@ def _ring_fn(mesh: Mesh, selector, block: int, exclude_self: bool, precision, k:
 
       def per_tile(st, tile):
         rows, ids = tile
-        if hasattr(selector, "update_rows"):  # a fused kernel: scores never leave the chip
-          return selector.update_rows(st, q, qid if exclude_self else None, rows, ids,
-                                      column_scale=None, precision=precision), None
-        s = sharding.score_tile(q, qid, rows, ids, exclude_self=exclude_self,
-                                precision=precision)
-        return selector.update(st, s), None
+        return sharding.fold_tile(selector, st, q, qid, rows, ids, exclude_self=exclude_self,
+                                  precision=precision), None
 
       st, _ = lax.scan(per_tile, st, (gallery.reshape(-1, block, d),
                                       gallery_ids.reshape(-1, block)))
@@ -85,7 +81,7 @@ def _ring_fn(mesh: Mesh, selector, block: int, exclude_self: bool, precision, k:
     return v[:, :k], i[:, :k], fallbacks[None]
 
   # (A Pallas call declares no per-axis variance for its outputs: the check is off then.)
-  fused = hasattr(selector, "update_rows")
+  fused = sharding.is_fused(selector)
   fn = jax.shard_map(local, mesh=mesh, in_specs=(P(axis), P(axis)),
                      out_specs=(P(axis), P(axis), P(axis)), check_vma=not fused)
   return jax.jit(fn)

@@ -41,7 +41,8 @@ ACCELERATOR_SCORE_TILE_BYTES = 1024 * 2**20
 FUSED_BY_DEFAULT_ON: frozenset[str] = frozenset()
 # Platforms whose devices hand their candidates to numpy for the final sort
 # (`sharding.host_topk`): the host's own CPU, where XLA sorts ~10x slower than numpy
-# (k = 2,621 of ~8k candidates per row, 1,024 rows: 490 ms on the device, ~90 ms so).
+# (the merge for k = 2,621 of ~8.9k candidates per row, 1,024 rows, 2026-11-23: 528–594 ms
+# on the device, 121–139 ms so).
 FINISH_ON_HOST: frozenset[str] = frozenset({"cpu"})
 NO_ID = -2  # a query id no gallery row has (padding uses -1)
 # kernel="fused" picks this lowering of the fused kernel (kernels.fused_topk.BACKENDS) per

@@ -171,8 +171,7 @@ class TopKSelector:
   def result(self, state):
     return state
 
-  def candidates(self, state):
-    return state
+  candidates = result  # (already the exact top-k)
 
 
 def count_bad_rows(row_sumsq, tile_ids, normalize: bool):
@@ -182,6 +181,25 @@ def count_bad_rows(row_sumsq, tile_ids, normalize: bool):
   if normalize:
     bad = bad | (row_sumsq == 0)
   return jnp.sum(bad & (tile_ids >= 0), dtype=jnp.int32)
+
+
+def is_fused(selector) -> bool:
+  """A fused kernel's selector: fed raw rows (`update_rows`), its scores never leave the chip."""
+  return hasattr(selector, "update_rows")
+
+
+def fold_tile(selector, state, queries, query_ids, tile, tile_ids, *, exclude_self: bool,
+              precision, row_sumsq=None):
+  """One tile folded into a device's running state: scored and selected (`score_tile`,
+  `selector.update`), or in one fused kernel (`selector.update_rows`)."""
+  if is_fused(selector):
+    return selector.update_rows(
+        state, queries, query_ids if exclude_self else None, tile, tile_ids,
+        column_scale=None if row_sumsq is None else inverse_norms(row_sumsq),
+        precision=precision)
+  s = score_tile(queries, query_ids, tile, tile_ids, exclude_self=exclude_self,
+                 precision=precision, row_sumsq=row_sumsq)
+  return selector.update(state, s)
 
 
 @functools.lru_cache(maxsize=64)
@@ -196,14 +214,9 @@ def sharded_step(mesh: Mesh, selector, exclude_self: bool, precision, normalize:
   def local(state, bad, queries, query_ids, tiles, tile_ids):
     state = jax.tree.map(lambda x: x[0], state)
     sumsq = jnp.sum(jnp.square(tiles[0].astype(jnp.float32)), axis=-1)
-    if hasattr(selector, "update_rows"):  # a fused kernel: scores never leave the chip
-      state = selector.update_rows(
-          state, queries, query_ids if exclude_self else None, tiles[0], tile_ids[0],
-          column_scale=inverse_norms(sumsq) if normalize else None, precision=precision)
-    else:
-      s = score_tile(queries, query_ids, tiles[0], tile_ids[0], exclude_self=exclude_self,
-                     precision=precision, row_sumsq=sumsq if normalize else None)
-      state = selector.update(state, s)
+    state = fold_tile(selector, state, queries, query_ids, tiles[0], tile_ids[0],
+                      exclude_self=exclude_self, precision=precision,
+                      row_sumsq=sumsq if normalize else None)
     bad = bad + count_bad_rows(sumsq, tile_ids[0], normalize)
     return jax.tree.map(lambda x: x[None], state), bad
 
@@ -211,7 +224,7 @@ def sharded_step(mesh: Mesh, selector, exclude_self: bool, precision, normalize:
   # A Pallas call inside declares no per-axis variance for its outputs; JAX then asks for
   # the check to be off (the specs above state the layout either way).
   fn = jax.shard_map(local, mesh=mesh, in_specs=(split, split, whole, whole, split, split),
-                     out_specs=(split, split), check_vma=not hasattr(selector, "update_rows"))
+                     out_specs=(split, split), check_vma=not is_fused(selector))
   return jax.jit(fn, donate_argnums=(0, 1))
 
 
