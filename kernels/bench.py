@@ -25,8 +25,9 @@ flags.DEFINE_integer("repeats", 3, "timed runs per method (best is reported)")
 flags.DEFINE_integer("tile_rows", None, "engine tile rows (default: engine's choice)")
 flags.DEFINE_list("peers", ["faiss", "numpy", "torch"], "peers to run when available")
 flags.DEFINE_integer("seed", 0, "data seed")
-flags.DEFINE_string("kernel", "auto", "the engine's tile kernel: auto, xla, fused, "
-                    "fused:<backend> (see plato_jax.knn.search)")
+flags.DEFINE_list("kernel", ["auto"], "the engine's tile kernels to time: auto, xla, cpu, "
+                  "fused, fused:<backend> (see plato_jax.knn.search); ratios are against the "
+                  "first")
 
 
 def numpy_topk(q, g, k, block=32_768):
@@ -79,12 +80,17 @@ def main(argv):
   for k_spec in FLAGS.k:
     k = FLAGS.gallery // 100 if k_spec == "n/100" else int(k_spec)
     rows = []
+    first, *others = FLAGS.kernel
     ours_t, ours = best_time(lambda: search(q, g, k, exclude_self=False, tile_rows=FLAGS.tile_rows,
-                                            kernel=FLAGS.kernel), FLAGS.repeats)
+                                            kernel=first), FLAGS.repeats)
     rows.append((f"plato_jax ({ours.kernel})", ours_t, None))
+    for kernel in others:
+      t, other = best_time(lambda: search(q, g, k, exclude_self=False, kernel=kernel,
+                                          tile_rows=FLAGS.tile_rows), FLAGS.repeats)
+      rows.append((f"plato_jax, kernel {other.kernel}", t, (other.ids == ours.ids).mean()))
     if backend != "cpu":  # the gallery already in device memory, as the torch peer's is
       gd = jax.device_put(g)
-      t, resident = best_time(lambda: search(q, gd, k, exclude_self=False, kernel=FLAGS.kernel,
+      t, resident = best_time(lambda: search(q, gd, k, exclude_self=False, kernel=first,
                                              tile_rows=FLAGS.tile_rows), FLAGS.repeats)
       rows.append(("plato_jax, gallery on device", t, (resident.ids == ours.ids).mean()))
     if "faiss" in FLAGS.peers and backend == "cpu":

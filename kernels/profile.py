@@ -27,9 +27,10 @@ flags.DEFINE_integer("tile_rows", 32768, "gallery rows per tile (T)")
 flags.DEFINE_integer("dim", 768, "feature dimension (d)")
 flags.DEFINE_integer("k", 10, "neighbours")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "storage and matmul dtype")
-flags.DEFINE_enum("kernel", "auto", ["auto", "xla", "fused", "fused:triton", "fused:mosaic_gpu",
-                                      "fused:tpu"],
-                  "auto: the engine's choice for this backend (xla); fused: kernels.fused_topk "
+flags.DEFINE_enum("kernel", "auto", ["auto", "xla", "cpu", "fused", "fused:triton",
+                                      "fused:mosaic_gpu", "fused:tpu"],
+                  "auto: the engine's choice for this backend (cpu on CPU, else xla); cpu: "
+                  "kernels.cpu_topk (CPU devices, f32); fused: kernels.fused_topk "
                   "in this platform's lowering (interpreted on CPU, so keep CPU shapes small); "
                   "fused:<backend>: that lowering (mosaic_gpu: bf16)")
 flags.DEFINE_integer("fused_keep", 4, "fused kernel: K', candidates kept per row and block")
@@ -55,7 +56,6 @@ def profile(queries: int, tile_rows: int, dim: int, k: int, dtype: str, repeats:
   from jax import lax
 
   from plato_jax.knn import sharding
-  from plato_jax.knn.large_k import choose_selector
 
   dev = jax.devices()[0]
   mesh = sharding.default_mesh([dev])
@@ -92,8 +92,10 @@ def profile(queries: int, tile_rows: int, dim: int, k: int, dtype: str, repeats:
 
     t_select, name = None, f"fused (Pallas{', interpreted' if interpret else ''}; {config})"
   else:
-    selector = choose_selector(k, tile_rows)
-    name = f"xla ({type(selector).__name__})"
+    from plato_jax.knn.search import pick_kernel, selector_for
+    resolved = pick_kernel(kernel, k, dev.platform, jdtype)
+    selector = selector_for(resolved, k, tile_rows, None, mesh)
+    name = f"{resolved} ({type(selector).__name__})"
     step = sharding.sharded_step(mesh, selector, True, precision, False)
     qids = sharding.put_whole(mesh, np.full(queries, -2, np.int32))
     qw = sharding.put_whole(mesh, np.asarray(q).astype(jdtype))
@@ -112,10 +114,12 @@ def profile(queries: int, tile_rows: int, dim: int, k: int, dtype: str, repeats:
       jax.block_until_ready(step(state, bad, qw, qids, tile, tile_ids))
       return time.perf_counter() - t, 0  # exact on every tile: no certificate, no fallback
 
-    ids = jnp.arange(tile_rows, dtype=jnp.int32)
-    select = jax.jit(lambda st, s: selector.update(st, sharding.ScoreTile(s, ids)))
-    local = jax.tree.map(lambda a: a[0], warm[0])
-    t_select, _ = best_time(lambda: select(local, scores), repeats)
+    t_select = None  # a fused kernel's selection has no score tile to run on alone
+    if not sharding.is_fused(selector):
+      ids = jnp.arange(tile_rows, dtype=jnp.int32)
+      select = jax.jit(lambda st, s: selector.update(st, sharding.ScoreTile(s, ids)))
+      local = jax.tree.map(lambda a: a[0], warm[0])
+      t_select, _ = best_time(lambda: select(local, scores), repeats)
 
   run_once()
   runs = [run_once() for _ in range(max(1, repeats))]
@@ -138,7 +142,8 @@ def profile(queries: int, tile_rows: int, dim: int, k: int, dtype: str, repeats:
       dot_tflops=flop / t_dot / 1e12, step_tflops=flop / t_step / 1e12,
       pct_of_dot=t_dot / t_step, pct_of_peak=None if peak is None else flop / t_step / 1e12 / peak,
       fallbacks=fallbacks,  # query blocks the fused kernel could not certify (XLA: none)
-      bytes_tile=tile_rows * dim * item, bytes_scores=2 * queries * tile_rows * 4)
+      bytes_tile=tile_rows * dim * item,
+      bytes_scores=0 if t_select is None else 2 * queries * tile_rows * 4)
 
 
 def main(argv):
@@ -159,8 +164,9 @@ def main(argv):
   print(f"  split             matmul {r['dot_s'] / r['step_s']:.0%}, selection and the rest "
         f"{other / r['step_s']:.0%}{alone}")
   print(f"  fallbacks         {r['fallbacks']} query blocks took the exact path")
-  print(f"  bytes per step    tile {r['bytes_tile'] / 1e6:.1f} MB, score tile written and read "
-        f"{r['bytes_scores'] / 1e6:.1f} MB (unfused)")
+  scores = (f"score tile written and read {r['bytes_scores'] / 1e6:.1f} MB (unfused)"
+            if r["bytes_scores"] else "no score tile (fused)")
+  print(f"  bytes per step    tile {r['bytes_tile'] / 1e6:.1f} MB, {scores}")
   if FLAGS.trace_dir:
     print(f"  trace             {FLAGS.trace_dir}")
 

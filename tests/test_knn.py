@@ -9,34 +9,70 @@ from plato_jax.knn import ArraySource, search
 from plato_jax.knn.sources import plan_tiles
 
 
+@pytest.fixture(params=["xla", "cpu"])
+def kernel(request):
+  """The engine's CPU kernels: XLA's matmul + selection, and kernels.cpu_topk."""
+  return request.param
+
+
 @pytest.mark.parametrize("n,tile", [(1000, 64), (1000, 128), (777, 100), (64, 1024)])
-def test_self_join_equals_brute_force_with_ties(rng, n, tile):
+def test_self_join_equals_brute_force_with_ties(rng, n, tile, kernel):
   x = integer_rows(rng, n, 12)
   x[5] = x[17]          # duplicate rows: exact ties between distinct ids
   x[n - 1] = x[3]
-  res = search(x, x, 10, tile_rows=tile)
+  res = search(x, x, 10, tile_rows=tile, kernel=kernel)
   ids, scores = brute_force(x, x, 10, query_ids=np.arange(n))
   np.testing.assert_array_equal(res.ids, ids)
   np.testing.assert_array_equal(res.scores, scores.astype(np.float32))
   assert res.ids.dtype == np.int64 and res.scores.dtype == np.float32
 
 
-def test_identical_across_tiles_devices_and_runs(rng):
+def test_identical_across_tiles_devices_and_runs(rng, kernel):
   x = integer_rows(rng, 1500, 8)
   q = x[:300]
-  runs = [search(q, x, 25, query_ids=np.arange(300), tile_rows=t, mesh=m)
+  runs = [search(q, x, 25, query_ids=np.arange(300), tile_rows=t, mesh=m, kernel=kernel)
           for t, m in [(64, None), (256, None), (1024, one_device_mesh()), (192, one_device_mesh())]]
-  runs.append(search(q, x, 25, query_ids=np.arange(300), tile_rows=64, query_block=7))
+  runs.append(search(q, x, 25, query_ids=np.arange(300), tile_rows=64, query_block=7,
+                     kernel=kernel))
   for r in runs[1:]:
     np.testing.assert_array_equal(r.ids, runs[0].ids)
     np.testing.assert_array_equal(r.scores, runs[0].scores)
   assert len(jax.devices()) == 8
 
 
-def test_random_gaussian_float32_matches_float64(rng):
+def test_float_duplicates_tie_exactly_wherever_they_sit(rng, kernel):
+  """Non-integer rows, so every score is rounded: a duplicate row must still score exactly
+  like its twin in any tile, position or device (else rounding, not id, breaks the tie),
+  and every layout must give bit-identical results."""
+  g = rng.standard_normal((3001, 40)).astype(np.float32)
+  twins = rng.choice(3001, size=(60, 2), replace=False)
+  g[twins[:, 1]] = g[twins[:, 0]]
+  q = np.concatenate([g[twins[:30, 0]], rng.standard_normal((20, 40)).astype(np.float32)])
+  runs = [search(q, g, 12, tile_rows=t, mesh=m, kernel=kernel)
+          for t, m in [(64, None), (1024, one_device_mesh()), (3008, one_device_mesh())]]
+  for r in runs[1:]:
+    np.testing.assert_array_equal(r.ids, runs[0].ids)
+    np.testing.assert_array_equal(r.scores, runs[0].scores)
+  res = runs[0]
+  pairs = 0
+  for a, b in twins:
+    for row in range(len(q)):
+      hit = np.flatnonzero(np.isin(res.ids[row], [a, b]))
+      if len(hit) == 2:  # both twins listed: equal scores, adjacent, lower id first
+        pairs += 1
+        assert res.scores[row, hit[0]] == res.scores[row, hit[1]]
+        assert hit[1] == hit[0] + 1 and res.ids[row, hit[0]] == min(a, b)
+      elif len(hit) == 1:  # one listed: only at the last place, and the lower id
+        assert res.ids[row, hit[0]] == min(a, b) and hit[0] == 11
+  assert pairs >= 30  # each query that is a twin finds both
+  ids, _ = brute_force(q, g, 12)
+  assert (res.ids == ids).mean() > 0.99
+
+
+def test_random_gaussian_float32_matches_float64(rng, kernel):
   g = rng.standard_normal((4000, 48)).astype(np.float32)
   q = rng.standard_normal((100, 48)).astype(np.float32)
-  res = search(q, g, 20)
+  res = search(q, g, 20, kernel=kernel)
   ids, scores = brute_force(q, g, 20)
   np.testing.assert_allclose(res.scores, scores, rtol=0, atol=1e-4)
   # Lists agree except where float32 rounding swaps scores closer than its error: the
@@ -46,48 +82,50 @@ def test_random_gaussian_float32_matches_float64(rng):
   assert (res.ids == ids).mean() > 0.99
 
 
-def test_shuffled_ids_break_ties_by_id_not_position(rng):
+def test_shuffled_ids_break_ties_by_id_not_position(rng, kernel):
   n = 900
   x = integer_rows(rng, n, 6, -1, 2)  # few distinct rows: massive ties
   gids = rng.permutation(10 * n)[:n]
-  res = search(x, x, 15, query_ids=gids, gallery_ids=gids, tile_rows=128)
+  res = search(x, x, 15, query_ids=gids, gallery_ids=gids, tile_rows=128, kernel=kernel)
   ids, _ = brute_force(x, x, 15, query_ids=gids, gallery_ids=gids)
   np.testing.assert_array_equal(res.ids, ids)
 
 
-def test_query_ids_absent_from_gallery_and_no_exclusion(rng):
+def test_query_ids_absent_from_gallery_and_no_exclusion(rng, kernel):
   g = integer_rows(rng, 300, 8)
   q = g[:20].copy()
-  res = search(q, g, 300, query_ids=np.arange(1000, 1020))  # k = n: nothing excluded
+  res = search(q, g, 300, query_ids=np.arange(1000, 1020), kernel=kernel)  # k = n: nothing excluded
   ids, _ = brute_force(q, g, 300)
   np.testing.assert_array_equal(res.ids, ids)
-  res = search(q, g, 5, exclude_self=False, query_ids=np.arange(20))
+  res = search(q, g, 5, exclude_self=False, query_ids=np.arange(20), kernel=kernel)
   np.testing.assert_array_equal(res.ids, brute_force(q, g, 5)[0])
 
 
 @pytest.mark.parametrize("k", [1, 299])
-def test_k_one_and_n_minus_one(rng, k):
+def test_k_one_and_n_minus_one(rng, k, kernel):
   x = integer_rows(rng, 300, 8)
-  res = search(x, x, k, tile_rows=64)
+  res = search(x, x, k, tile_rows=64, kernel=kernel)
   np.testing.assert_array_equal(res.ids, brute_force(x, x, k, query_ids=np.arange(300))[0])
 
 
-def test_prefixes_and_multi_k_in_one_pass(rng):
+def test_prefixes_and_multi_k_in_one_pass(rng, kernel):
   x = integer_rows(rng, 2000, 10)
   q = x[::7]
   qid = np.arange(0, 2000, 7)
   sizes = [50, 333, 1024, 2000]
-  results = search(q, x, [1, 10, 40], query_ids=qid, prefix_sizes=sizes, tile_rows=96)
+  results = search(q, x, [1, 10, 40], query_ids=qid, prefix_sizes=sizes, tile_rows=96,
+                   kernel=kernel)
   assert [r.gallery_size for r in results] == sizes
   kept = search(q, x, [1, 10, 40], query_ids=qid, prefix_sizes=sizes, prefix_k=[3, 40, 7, 1],
-                tile_rows=96)
+                tile_rows=96, kernel=kernel)
   for r, kr, kk in zip(results, kept, [3, 40, 7, 1]):
     assert kr.k == kk
     np.testing.assert_array_equal(kr.ids, r.top(kk).ids)
   with pytest.raises(ValueError, match="one k <= 40 per prefix"):
-    search(q, x, 40, query_ids=qid, prefix_sizes=sizes, prefix_k=[41, 1, 1, 1])
+    search(q, x, 40, query_ids=qid, prefix_sizes=sizes, prefix_k=[41, 1, 1, 1], kernel=kernel)
   for size, r in zip(sizes, results):
-    alone = search(q, x[:size], 40, query_ids=qid, prefix_sizes=[size], tile_rows=64)[0]
+    alone = search(q, x[:size], 40, query_ids=qid, prefix_sizes=[size], tile_rows=64,
+                   kernel=kernel)[0]
     np.testing.assert_array_equal(r.ids, alone.ids)
     ids, _ = brute_force(q, x[:size], 40, query_ids=qid)
     np.testing.assert_array_equal(r.top(40).ids, ids)
@@ -95,11 +133,11 @@ def test_prefixes_and_multi_k_in_one_pass(rng):
     np.testing.assert_array_equal(r.top(1).ids, ids[:, :1])
 
 
-def test_large_k_n_over_100(rng):
+def test_large_k_n_over_100(rng, kernel):
   n = 100_000
   g = rng.standard_normal((n, 16)).astype(np.float32)
   q = g[:32]
-  res = search(q, g, n // 100, query_ids=np.arange(32))
+  res = search(q, g, n // 100, query_ids=np.arange(32), kernel=kernel)
   ids, scores = brute_force(q, g, n // 100, query_ids=np.arange(32))
   np.testing.assert_allclose(res.scores, scores, atol=1e-5)
   agree = np.mean([len(np.intersect1d(a, b)) / (n // 100) for a, b in zip(res.ids, ids)])
@@ -115,7 +153,7 @@ def test_bfloat16_storage_exact_on_stored_values(rng):
   assert (res.ids == ids).mean() > 0.99
 
 
-def test_matches_faiss_inner_product(rng):
+def test_matches_faiss_inner_product(rng, kernel):
   faiss = pytest.importorskip("faiss")
   g = rng.standard_normal((5000, 64)).astype(np.float32)
   g /= np.linalg.norm(g, axis=1, keepdims=True)
@@ -124,7 +162,7 @@ def test_matches_faiss_inner_product(rng):
   index = faiss.IndexFlatIP(64)
   index.add(g)
   f_scores, f_ids = index.search(q, 10)
-  res = search(q, g, 10)
+  res = search(q, g, 10, kernel=kernel)
   np.testing.assert_allclose(res.scores, f_scores, atol=1e-5)
   assert (res.ids == f_ids).mean() > 0.99
 
@@ -180,10 +218,10 @@ def test_bad_input_errors(case, match):
     call()
 
 
-def test_normalize_gives_cosine_neighbours(rng):
+def test_normalize_gives_cosine_neighbours(rng, kernel):
   g = rng.standard_normal((2000, 24)).astype(np.float32) * rng.uniform(0.1, 10, (2000, 1)).astype(np.float32)
   q = rng.standard_normal((40, 24)).astype(np.float32) * 3
-  res = search(q, g, 10, normalize=True, tile_rows=320)
+  res = search(q, g, 10, normalize=True, tile_rows=320, kernel=kernel)
   gn = g / np.linalg.norm(g, axis=1, keepdims=True)
   qn = q / np.linalg.norm(q, axis=1, keepdims=True)
   ids, scores = brute_force(qn, gn, 10)
@@ -192,9 +230,9 @@ def test_normalize_gives_cosine_neighbours(rng):
   zero = g.copy()
   zero[[3, 8]] = 0
   with pytest.raises(ValueError, match=r"zero norm .*ids \[3, 8\]"):
-    search(q, zero, 10, normalize=True)
+    search(q, zero, 10, normalize=True, kernel=kernel)
   with pytest.raises(ValueError, match=r"query rows with zero norm .*\[1\]"):
-    search(np.where(np.arange(40)[:, None] == 1, 0, q), g, 10, normalize=True)
+    search(np.where(np.arange(40)[:, None] == 1, 0, q), g, 10, normalize=True, kernel=kernel)
 
 
 class CrashingSource(ArraySource):
@@ -211,10 +249,11 @@ class CrashingSource(ArraySource):
     return super().read(start, stop)
 
 
-def test_resume_after_crash_gives_identical_results(rng, tmp_path):
+def test_resume_after_crash_gives_identical_results(rng, tmp_path, kernel):
   x = integer_rows(rng, 3000, 8)
   q = x[:100]
-  kw = dict(query_ids=np.arange(100), prefix_sizes=[500, 3000], tile_rows=64, query_block=60)
+  kw = dict(query_ids=np.arange(100), prefix_sizes=[500, 3000], tile_rows=64, query_block=60,
+            kernel=kernel)
   clean = search(q, x, 20, **kw)
   with pytest.raises(KeyboardInterrupt):
     search(q, CrashingSource(x, 70), 20, resume_dir=str(tmp_path / "ck"), checkpoint_every=2, **kw)
@@ -333,8 +372,13 @@ def test_mosaic_kernels_in_the_engine_equal_brute_force(rng, kernel, normalize):
 
 
 def test_kernel_choice_is_checked_and_reported(rng):
+  from kernels.cpu_topk import unavailable_reason
   x = integer_rows(rng, 200, 8)
-  assert search(x[:5], x, 3).kernel == "xla"  # auto on CPU
+  auto = "cpu" if unavailable_reason() is None else "xla"
+  assert search(x[:5], x, 3).kernel == auto  # auto on CPU, f32
+  assert search(x[:5], x, 3, compute_dtype=ml_dtypes.bfloat16).kernel == "xla"
+  with pytest.raises(ValueError, match="f32 only"):
+    search(x[:5], x, 3, kernel="cpu", compute_dtype=ml_dtypes.bfloat16)
   with pytest.raises(ValueError, match="kernel must be"):
     search(x[:5], x, 3, kernel="triton")
   import types
@@ -346,6 +390,9 @@ def test_kernel_choice_is_checked_and_reported(rng):
   gpu = types.SimpleNamespace(devices=types.SimpleNamespace(
       flat=[types.SimpleNamespace(platform="gpu")], size=1))
   check_kernel_runs_on("fused:mosaic_gpu", gpu)
+  assert pick_kernel("auto", 10, "gpu", np.float32) == "xla"
+  with pytest.raises(ValueError, match="runs on CPU devices"):
+    check_kernel_runs_on("cpu", gpu)
   with pytest.raises(ValueError, match="runs on tpu devices"):
     check_kernel_runs_on("fused:tpu", gpu)
 
@@ -362,7 +409,7 @@ def test_a_fused_kernel_that_does_not_compile_falls_back_to_xla(rng, monkeypatch
 
   search_module._selector_that_compiles.cache_clear()  # probes are cached per shape
   monkeypatch.setattr(fused_topk.FusedTopKSelector, "update_rows", broken)
-  monkeypatch.setattr(search_module, "pick_kernel", lambda kernel, k, platform: "fused:triton")
+  monkeypatch.setattr(search_module, "pick_kernel", lambda *args: "fused:triton")
   with pytest.warns(UserWarning, match="did not compile.*using the XLA kernel"):
     res = search(x[:20], x, 4, query_ids=np.arange(20))
   assert res.kernel == "xla"
@@ -402,3 +449,18 @@ def test_host_topk_orders_by_score_then_id(rng):
   np.testing.assert_array_equal(more_i[:, :20], all_i)
   assert (more_v[:, 20:] == -np.inf).all() and (more_i[:, 20:] == -1).all()
   np.testing.assert_array_equal(all_v[:, 0], clean[:, :20].max(axis=1))
+
+
+def test_tile_buffers_are_reused_only_once_given_back(rng):
+  from plato_jax.knn.sources import TileBuffers, host_aligned
+  buffers = TileBuffers()
+  rows = rng.standard_normal((65, 16)).astype(np.float32)[1:]  # unaligned: must be copied
+  first = host_aligned(rows, buffers=buffers)
+  assert first.ctypes.data % 64 == 0 and np.array_equal(first, rows)
+  second = host_aligned(rows, buffers=buffers)
+  assert second is not first  # `first` not given back: still in use
+  buffers.give_back(first)
+  buffers.give_back(rows)  # not one of its buffers: ignored
+  third = host_aligned(rows * 2, buffers=buffers)
+  assert third is first and np.array_equal(third, rows * 2)
+  assert host_aligned(rows, np.float64, buffers=buffers).dtype == np.float64  # another key

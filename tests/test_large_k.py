@@ -49,18 +49,25 @@ def finish(request, monkeypatch):
   return request.param
 
 
+@pytest.fixture(params=["xla", "cpu"])
+def kernel(request):
+  """The XLA kernel (ThresholdSelector for k >= 128) and kernels.cpu_topk's pools."""
+  return request.param
+
+
 @pytest.mark.parametrize("n,lo,hi", [(3001, -2, 3), (2345, -40, 41)])
-def test_search_integer_ties_shuffled_ids(rng, n, lo, hi, finish):
+def test_search_integer_ties_shuffled_ids(rng, n, lo, hi, finish, kernel):
   """Massive ties (and few), duplicate rows, shuffled ids, N not a multiple of the tile."""
   x = with_duplicates(rng, integer_rows(rng, n, D, lo, hi), 50)
   gids = rng.permutation(5 * n)[:n]
   q, qids = x[:Q], gids[:Q]
   assert isinstance(choose_selector(K, TILE), ThresholdSelector)
-  res = search(q, x, K, query_ids=qids, gallery_ids=gids, tile_rows=TILE)
+  res = search(q, x, K, query_ids=qids, gallery_ids=gids, tile_rows=TILE, kernel=kernel)
+  assert res.kernel == kernel
   assert_exact(res, q, x, K, query_ids=qids, gallery_ids=gids)
 
 
-def test_search_adversarial_orders(rng, finish):
+def test_search_adversarial_orders(rng, finish, kernel):
   """Gallery sorted by score: ascending for some queries (every tile raises τ, the dense
   path each time), descending for the others (the first tile holds the answer)."""
   n = 2600
@@ -72,11 +79,12 @@ def test_search_adversarial_orders(rng, finish):
   q[: Q // 2, 0] = rng.integers(1, 4, Q // 2)       # ascending scores along the stream
   q[Q // 2:, 0] = -rng.integers(1, 4, Q - Q // 2)   # descending
   qids = np.arange(10**6, 10**6 + Q)
-  res = search(q, x, K, query_ids=qids, tile_rows=TILE)
+  res = search(q, x, K, query_ids=qids, tile_rows=TILE, kernel=kernel)
   assert_exact(res, q, x, K, query_ids=qids)
   # Reversed storage order swaps the roles; the ids stay the rows' own.
   gids = np.arange(n)[::-1].copy()
-  res = search(q, x[::-1].copy(), K, query_ids=qids, gallery_ids=gids, tile_rows=TILE)
+  res = search(q, x[::-1].copy(), K, query_ids=qids, gallery_ids=gids, tile_rows=TILE,
+               kernel=kernel)
   assert_exact(res, q, x[::-1], K, query_ids=qids, gallery_ids=gids)
 
 
@@ -86,9 +94,10 @@ def test_search_prefixes_one_and_eight_devices(rng, finish):
   gids = rng.permutation(n) * 3
   q, qids = x[:Q], gids[:Q]
   sizes = [450, 1024, 1501, n]
-  eight = search(q, x, K, query_ids=qids, gallery_ids=gids, prefix_sizes=sizes, tile_rows=TILE)
+  eight = search(q, x, K, query_ids=qids, gallery_ids=gids, prefix_sizes=sizes, tile_rows=TILE,
+                 kernel="xla")
   one = search(q, x, K, query_ids=qids, gallery_ids=gids, prefix_sizes=sizes, tile_rows=TILE,
-               mesh=one_device_mesh())
+               mesh=one_device_mesh(), kernel="xla")
   for size, r8, r1 in zip(sizes, eight, one):
     assert r8.gallery_size == size
     np.testing.assert_array_equal(r8.ids, r1.ids)
@@ -99,7 +108,7 @@ def test_search_prefixes_one_and_eight_devices(rng, finish):
 def test_search_k_n_minus_one(rng):
   n = 700
   x = with_duplicates(rng, integer_rows(rng, n, D), 30)
-  res = search(x[:Q], x, n - 1, query_ids=np.arange(Q), tile_rows=TILE)
+  res = search(x[:Q], x, n - 1, query_ids=np.arange(Q), tile_rows=TILE, kernel="xla")
   assert_exact(res, x[:Q], x, n - 1, query_ids=np.arange(Q))
 
 
@@ -107,7 +116,7 @@ def test_search_k_n_over_100_at_100k_rows(rng):
   n, q_rows = 100_000, 12
   x = with_duplicates(rng, integer_rows(rng, n, D), 500)
   qids = rng.choice(n, q_rows, replace=False)
-  res = search(x[qids], x, n // 100, query_ids=qids, tile_rows=2048)
+  res = search(x[qids], x, n // 100, query_ids=qids, tile_rows=2048, kernel="xla")
   assert_exact(res, x[qids], x, n // 100, query_ids=qids)
 
 

@@ -14,31 +14,37 @@ def mesh_of(p):
   return Mesh(np.array(jax.devices()[:p]), ("gallery",))
 
 
+@pytest.fixture(params=["xla", "cpu"])
+def kernel(request):
+  return request.param
+
+
 @pytest.mark.parametrize("devices", [1, 8])
-def test_ring_equals_brute_force_with_ties_and_padding(rng, devices):
+def test_ring_equals_brute_force_with_ties_and_padding(rng, devices, kernel):
   x = integer_rows(rng, 1003, 6)          # massive exact ties; 1003: padding everywhere
   x[500:520] = x[0]                       # duplicate rows
   ids = rng.permutation(10**6)[:1003]     # ids in no particular order
-  res = ring_self_join(x, 12, ids=ids, mesh=mesh_of(devices), block=64)
+  res = ring_self_join(x, 12, ids=ids, mesh=mesh_of(devices), block=64, kernel=kernel)
+  assert res.kernel == kernel
   ref_ids, ref_scores = brute_force(x, x, 12, query_ids=ids, gallery_ids=ids)
   np.testing.assert_array_equal(res.ids, ref_ids)
   np.testing.assert_array_equal(res.scores, ref_scores)
 
 
-def test_ring_equals_the_engine_on_float_data_and_without_exclusion(rng):
+def test_ring_equals_the_engine_on_float_data_and_without_exclusion(rng, kernel):
   x = rng.standard_normal((700, 16)).astype(np.float32)
   x /= np.linalg.norm(x, axis=1, keepdims=True)
   for exclude in (True, False):
-    ref = search(x, x, 5, exclude_self=exclude, tile_rows=128)
-    res = ring_self_join(x, 5, exclude_self=exclude, mesh=mesh_of(8), block=32)
+    ref = search(x, x, 5, exclude_self=exclude, tile_rows=128, kernel=kernel)
+    res = ring_self_join(x, 5, exclude_self=exclude, mesh=mesh_of(8), block=32, kernel=kernel)
     np.testing.assert_array_equal(res.ids, ref.ids)
     np.testing.assert_array_equal(res.scores, ref.scores)
   assert (res.ids[:, 0] == np.arange(700)).all()  # unit rows: without exclusion, itself first
 
 
-def test_ring_large_k_uses_the_threshold_selector(rng):
+def test_ring_large_k(rng, kernel):
   x = integer_rows(rng, 2000, 5)
-  res = ring_self_join(x, [20, 150], mesh=mesh_of(8), block=64)
+  res = ring_self_join(x, [20, 150], mesh=mesh_of(8), block=64, kernel=kernel)
   ref_ids, ref_scores = brute_force(x, x, 150, query_ids=np.arange(2000))
   np.testing.assert_array_equal(res.ids, ref_ids)
   np.testing.assert_array_equal(res.top(20).ids, ref_ids[:, :20])

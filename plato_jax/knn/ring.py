@@ -99,7 +99,7 @@ def ring_self_join(x, k, *, ids=None, exclude_self: bool = True, mesh: Mesh | No
     block: rows per query block and per score tile (default 2048, at most the rows per
       device); each device's rows are padded to a multiple of it.
     compute_dtype / precision: as `search` (f32 inputs: a true-f32 matmul by default).
-    kernel: as `search`'s ("auto", "xla", "fused", "fused:<backend>"; the fused ones round
+    kernel: as `search`'s ("auto", "xla", "cpu", "fused", "fused:<backend>"; the fused ones round
       blocks to their gallery rows per program and run interpreted on CPU).
   Returns `Neighbours` [N, max k] in the input row order, with the kernel used and the
   fused kernel's fallback count.
@@ -122,13 +122,13 @@ def ring_self_join(x, k, *, ids=None, exclude_self: bool = True, mesh: Mesh | No
   p = mesh.devices.size
   per_device = -(-n // p)
   block = min(block or DEFAULT_BLOCK, per_device)
-  kernel = pick_kernel(kernel, k_max, mesh.devices.flat[0].platform)
-  align = 32 if kernel == "xla" else row_unit(kernel)  # (XLA's selection: any multiple of 32)
-  block = -(-block // align) * align
-  per_device = -(-per_device // block) * block
   dtype = np.dtype(compute_dtype) if compute_dtype is not None else (
       x_host.dtype if x_host.dtype in (np.dtype(jnp.bfloat16), np.dtype(np.float16)) and
       mesh.devices.flat[0].platform != "cpu" else np.dtype(np.float32))
+  kernel = pick_kernel(kernel, k_max, mesh.devices.flat[0].platform, dtype)
+  align = 32 if kernel == "xla" else row_unit(kernel)  # (XLA's selection: any multiple of 32)
+  block = -(-block // align) * align
+  per_device = -(-per_device // block) * block
   if precision is None:
     precision = lax.Precision.HIGHEST if dtype == np.float32 else lax.Precision.DEFAULT
 

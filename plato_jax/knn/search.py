@@ -23,8 +23,8 @@ from jax import lax
 
 from plato_jax.knn import sharding
 from plato_jax.knn.large_k import LARGE_K_THRESHOLD, choose_selector
-from plato_jax.knn.sources import (MAX_ID, aligned_empty, as_source, on_accelerator, plan_tiles,
-                                   raise_for_bad_rows, stream_tiles)
+from plato_jax.knn.sources import (MAX_ID, TileBuffers, aligned_empty, as_source, on_accelerator,
+                                   plan_tiles, raise_for_bad_rows, stream_tiles)
 from plato_jax.progress import Progress
 from plato_jax.resume import ResumePoint
 
@@ -49,6 +49,10 @@ NO_ID = -2  # a query id no gallery row has (padding uses -1)
 # platform; "fused:<backend>" names one.
 FUSED_BACKEND_ON = {"tpu": "tpu"}
 DEFAULT_FUSED_BACKEND = "triton"
+# Platforms where kernel="auto" picks `kernels.cpu_topk` (f32 matmuls, where it builds and
+# the CPU has AVX2/FMA). On the 2-core reference machine (2026-11-23), one 1024 × 32,768 ×
+# 768 tile: 300–340 ms at k = 10, against 380–460 ms for the XLA step.
+CPU_KERNEL_ON: frozenset[str] = frozenset({"cpu"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,17 +152,20 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
     normalize: cosine similarity: queries and gallery rows are L2-normalised (gallery rows
       on the device, per tile, in f32); all-zero rows are an error.
     kernel: the tile kernel. "xla": matmul, then `kernels.topk.bucket_topk` (or the
-      threshold selector for k >= 128) on the score tile. "fused": `kernels.fused_topk`,
+      threshold selector for k >= 128) on the score tile. "cpu": `kernels.cpu_topk`, a C++
+      kernel (XLA FFI) for CPU devices that selects inside its matmul (f32 only; built with
+      the host compiler on first use). "fused": `kernels.fused_topk`,
       the Pallas kernel that selects inside the matmul (small k), in the platform's
       lowering: Triton on GPUs, Pallas TPU on TPUs (interpreted on CPU — slow, for tests).
       "fused:<backend>" names one of `kernels.fused_topk.BACKENDS`: "fused:mosaic_gpu" is
       Mosaic GPU (warp-specialized TMA + wgmma; Hopper and later, bf16/f16 only: pass
-      compute_dtype=bfloat16 for f32 inputs you accept to round). "auto": fused for k < 128
-      on the platforms in `FUSED_BY_DEFAULT_ON` (none yet), else xla; if the fused kernel
-      does not compile there, xla, with a warning (a kernel named explicitly must compile).
+      compute_dtype=bfloat16 for f32 inputs you accept to round). "auto": "cpu" for f32 on
+      CPU devices where it builds; fused for k < 128 on the platforms in
+      `FUSED_BY_DEFAULT_ON` (none yet); else xla. If the chosen kernel does not compile,
+      xla, with a warning (a kernel named explicitly must compile).
       All are exact; they accumulate in different orders, so on data where f32 rounding
       decides between two scores they may disagree. The result's `kernel` says which ran
-      ("xla" or "fused:<backend>"), and `fallbacks` how often the fused kernel took its
+      ("xla", "cpu" or "fused:<backend>"), and `fallbacks` how often the fused kernel took its
       exact path.
     resume_dir: checkpoint the running state there every `checkpoint_every` steps; a rerun
       with the same inputs and options continues from the last checkpoint.
@@ -218,7 +225,7 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
   if precision is None:
     precision = lax.Precision.HIGHEST if dtype == np.float32 else lax.Precision.DEFAULT
   block = max(1, min(query_block, num_q))
-  requested, kernel = kernel, pick_kernel(kernel, k_max, mesh.devices.flat[0].platform)
+  requested, kernel = kernel, pick_kernel(kernel, k_max, mesh.devices.flat[0].platform, dtype)
   required = requested != "auto"  # a fused kernel asked for by name must compile
   on_host = mesh.devices.flat[0].platform in FINISH_ON_HOST
   if tile_rows is None:
@@ -258,6 +265,9 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
   done = sizes[-1] * (start // len(groups)) + (groups[start % len(groups) - 1][-1][1]
                                                if start % len(groups) else 0)
   fallbacks = 0
+  # The CPU backend aliases aligned host tiles (no copy), so a copied tile's buffer is free
+  # again only when its step is done; accelerators copy tiles to their own memory.
+  buffers = TileBuffers() if mesh.devices.flat[0].platform == "cpu" else None
   meter = Progress(sizes[-1] * num_blocks, initial=done, label=f"knn ({kernel})",
                    enabled=progress)
   for b in range(start // len(groups), num_blocks):
@@ -275,7 +285,7 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
       state = sharding.empty_state(mesh, selector, block)
       bad = sharding.put_split(mesh, np.zeros(num_dev, np.int32))
     tiles = stream_tiles(source, g_ids, [g[slot] for g in groups[first:] for slot in mine
-                                         if slot < len(g)], dtype=tile_dtype)
+                                         if slot < len(g)], dtype=tile_dtype, buffers=buffers)
     for gi in range(first, len(groups)):
       group = groups[gi]
       rows_by_slot, ids_by_slot = {}, {}
@@ -284,6 +294,10 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
         rows_by_slot[slot], ids_by_slot[slot] = _padded(tile, tile_rows, source.dim, tile_dtype)
       state, bad = step(state, bad, qd, qd_ids, sharding.put_local_slots(mesh, rows_by_slot),
                         sharding.put_local_slots(mesh, ids_by_slot))
+      if buffers is not None:  # the step has read its tiles once it is done: reuse them
+        jax.block_until_ready(state)
+        for used in rows_by_slot.values():
+          buffers.give_back(used)
       stop = group[-1][1]
       if stop in sizes:
         num_bad = int(sharding.replicated_sum(mesh)(bad))
@@ -313,10 +327,15 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
 
 
 def selector_for(kernel: str, k: int, tile_rows: int, bucket_width, mesh):
-  """The selector of a kernel `pick_kernel` resolved: XLA's, or the fused kernel's."""
+  """The selector of a kernel `pick_kernel` resolved: XLA's, the CPU kernel's or the fused
+  kernel's."""
   if kernel == "xla":
     return choose_selector(k, tile_rows, bucket_width)
   check_kernel_runs_on(kernel, mesh)
+  if kernel == "cpu":
+    from kernels.cpu_topk import CpuTopKSelector, default_threads
+    # The host's cores are shared by the mesh's CPU devices, which run concurrently.
+    return CpuTopKSelector(k, threads=max(1, default_threads() // mesh.local_mesh.size))
   from kernels.fused_topk import FusedTopKSelector
   return FusedTopKSelector(k, _fused_config(kernel),
                            interpret=mesh.devices.flat[0].platform == "cpu")
@@ -328,15 +347,20 @@ def _fused_config(kernel: str):
 
 
 def row_unit(kernel: str) -> int:
-  """Tile rows are a multiple of this: the XLA selection's buckets, the fused kernel's
-  gallery rows per program."""
-  if kernel == "xla":
+  """Tile rows are a multiple of this: the XLA selection's buckets, the CPU kernel's
+  micro-tiles, the fused kernel's gallery rows per program."""
+  if kernel in ("xla", "cpu"):
     return 64
   return math.lcm(128, _fused_config(kernel).program_rows)
 
 
 def check_kernel_runs_on(kernel: str, mesh) -> None:
   if kernel == "xla":
+    return
+  if kernel == "cpu":
+    if mesh.devices.flat[0].platform != "cpu":
+      raise ValueError(f"kernel='cpu' runs on CPU devices, not on "
+                       f"{mesh.devices.flat[0].platform}")
     return
   from kernels.fused_topk import BACKENDS
   platform, home = mesh.devices.flat[0].platform, BACKENDS[kernel.split(":")[1]]
@@ -348,17 +372,31 @@ def check_kernel_runs_on(kernel: str, mesh) -> None:
                      "interpreter runs one device's kernels at a time: pass a one-device mesh")
 
 
-def pick_kernel(kernel: str, k: int, platform: str) -> str:
-  """The kernel a requested name resolves to: "xla" or "fused:<backend>"."""
+def pick_kernel(kernel: str, k: int, platform: str, dtype=np.float32) -> str:
+  """The kernel a requested name resolves to: "xla", "cpu" or "fused:<backend>" (`dtype`:
+  the matmul's input dtype)."""
   from kernels.fused_topk import BACKENDS
-  names = ("auto", "xla", "fused", *(f"fused:{b}" for b in BACKENDS))
+  names = ("auto", "xla", "cpu", "fused", *(f"fused:{b}" for b in BACKENDS))
   if kernel not in names:
     raise ValueError(f"kernel must be one of {names}, got {kernel!r}")
+  f32 = np.dtype(dtype) == np.float32
+  if kernel == "cpu" and not f32:
+    raise ValueError(f"kernel='cpu' multiplies f32 only, got compute dtype {np.dtype(dtype)}")
+  if kernel == "auto" and platform in CPU_KERNEL_ON and f32:
+    from kernels.cpu_topk import unavailable_reason
+    if unavailable_reason() is None:
+      return "cpu"
+    _warn_once(f"the CPU kernel is unavailable ({unavailable_reason()}); using the XLA kernel")
   if kernel == "auto":
     kernel = "fused" if platform in FUSED_BY_DEFAULT_ON and k < LARGE_K_THRESHOLD else "xla"
   if kernel == "fused":
     kernel = f"fused:{FUSED_BACKEND_ON.get(platform, DEFAULT_FUSED_BACKEND)}"
   return kernel
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+  warnings.warn(message)
 
 
 @functools.lru_cache(maxsize=32)
@@ -387,7 +425,7 @@ def _selector_that_compiles(kernel, required, k, tile_rows, bucket_width, mesh, 
   except Exception as e:  # noqa: BLE001 — any compiler failure means: use the XLA kernel
     if required:
       raise
-    warnings.warn(f"the fused top-k kernel did not compile on {platform} ({type(e).__name__}: "
+    warnings.warn(f"the {kernel} top-k kernel did not compile on {platform} ({type(e).__name__}: "
                   f"{str(e).splitlines()[0][:200]}); using the XLA kernel")
     return xla, "xla"
 

@@ -13,8 +13,10 @@ A gallery source is anything with this small protocol (duck-typed):
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
+import threading
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -189,9 +191,39 @@ def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
   return buf[offset:offset + nbytes].view(dtype).reshape(shape)
 
 
-def host_aligned(rows: np.ndarray, dtype=None) -> np.ndarray:
+class TileBuffers:
+  """Aligned host buffers that tile copies reuse. A fresh 100 MB buffer pays its page faults
+  on every tile: copying a 32,768 × 768 f32 tile took 42–64 ms into a new buffer and 16 ms
+  into a reused one (2-core CPU, 2026-11-23). Whoever consumes a tile gives its buffer back
+  (`give_back`) once nothing reads it any more."""
+
+  def __init__(self):
+    self._free = collections.defaultdict(list)
+    self._mine: dict[int, tuple] = {}
+    self._lock = threading.Lock()
+
+  def take(self, shape, dtype) -> np.ndarray:
+    key = (tuple(shape), np.dtype(dtype))
+    with self._lock:
+      if self._free[key]:
+        return self._free[key].pop()
+    out = aligned_empty(shape, dtype)
+    with self._lock:
+      self._mine[id(out)] = key
+    return out
+
+  def give_back(self, array) -> None:
+    """Returns a buffer `take` made; anything else is ignored."""
+    with self._lock:
+      key = self._mine.get(id(array))
+      if key is not None and not any(b is array for b in self._free[key]):
+        self._free[key].append(array)
+
+
+def host_aligned(rows: np.ndarray, dtype=None, buffers: TileBuffers | None = None) -> np.ndarray:
   """`rows` as a 64-byte-aligned C-contiguous array of `dtype` (default: its own), copied
-  only when it is not one already; a conversion and the alignment share one copy.
+  only when it is not one already (into a buffer from `buffers`, when given); a conversion
+  and the alignment share one copy.
 
   The CPU backend takes such arrays without a copy (measured: 0.2 ms instead of 90 ms for
   a 100 MB tile); the copy, when needed, happens here in a reader thread.
@@ -199,7 +231,7 @@ def host_aligned(rows: np.ndarray, dtype=None) -> np.ndarray:
   dtype = rows.dtype if dtype is None else np.dtype(dtype)
   if rows.dtype == dtype and rows.flags.c_contiguous and rows.ctypes.data % 64 == 0:
     return rows
-  out = aligned_empty(rows.shape, dtype)
+  out = aligned_empty(rows.shape, dtype) if buffers is None else buffers.take(rows.shape, dtype)
   np.copyto(out, rows, casting="unsafe" if rows.dtype != dtype else "no")
   return out
 
@@ -237,9 +269,12 @@ def raise_for_bad_rows(source, ids: np.ndarray, ranges: Sequence[tuple[int, int]
 
 
 def stream_tiles(source, ids: np.ndarray, ranges: Sequence[tuple[int, int]], *,
-                 dtype=None, prefetch: int = 4) -> Iterator[Tile]:
+                 dtype=None, prefetch: int = 4,
+                 buffers: TileBuffers | None = None) -> Iterator[Tile]:
   """Reads tiles in background threads, `prefetch` reads in flight; sorts each tile by id
-  (and converts it to `dtype`, when given).
+  (and converts it to `dtype`, when given). Host tiles that must be copied (unaligned,
+  converted or reordered rows) are copied into `buffers`' when given; the consumer gives
+  them back.
 
   Several reads in flight matter: one TensorStore read of a tile does not keep the storage
   and decode threads busy on its own (measured: one in flight read at a quarter of the rate).
@@ -259,7 +294,7 @@ def stream_tiles(source, ids: np.ndarray, ranges: Sequence[tuple[int, int]], *,
       rows, tile_ids = rows[order], tile_ids[order]
     if on_device:
       return Tile(start, stop, rows if dtype is None else rows.astype(dtype), tile_ids)
-    return Tile(start, stop, host_aligned(rows, dtype), tile_ids)
+    return Tile(start, stop, host_aligned(rows, dtype, buffers), tile_ids)
 
   with concurrent.futures.ThreadPoolExecutor(max_workers=prefetch) as pool:
     pending = [pool.submit(load, r) for r in ranges[:prefetch]]

@@ -1,0 +1,288 @@
+// Exact running top-k of dot-product scores on a CPU device, as an XLA FFI handler.
+//
+// A register-blocked matmul (6 queries × 16 gallery rows per micro-tile) whose scores go
+// straight from registers into per-query candidate pools: no score tile is ever written.
+// A query's pool holds, unordered, every entry that ranked before its threshold when it
+// came — (score descending, id ascending) — and the threshold is the k-th best entry as of
+// the pool's last compaction, so the pool always contains the query's true top-k. A
+// micro-tile row is checked against the threshold in two vector compares; an entry that
+// passes is appended; a full pool is compacted to its k best (nth_element) and the k-th
+// becomes the threshold. Amortised O(1) per entry for any k, and in a long stream almost
+// nothing passes, so selection costs ~1% of the matmul.
+//
+// Every score is the same chain of fused multiply-adds in feature order, starting from 0,
+// whatever the tile, block, thread or position of its row: duplicate rows score
+// identically (ties are decided by id, not by rounding), and results do not depend on how
+// the gallery is cut into tiles or devices. (Host BLAS sgemm kernels do not promise this:
+// OpenBLAS's values move by ulps with a row's position in the call.) The AVX2 path runs
+// 8 such chains per vector lane-wise; the portable path runs them with fmaf.
+//
+// Threads split the queries; each packs its own copy of every gallery block, so they never
+// synchronise within a call.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define PLATO_X86 1
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kRows = 6;   // queries per micro-tile
+constexpr int64_t kCols = 16;  // gallery rows per micro-tile
+
+inline bool RanksBefore(float v, int32_t id, float other_v, int32_t other_id) {
+  return v > other_v || (v == other_v && id < other_id);
+}
+
+struct Entry {
+  float value;
+  int32_t id;
+};
+
+struct Problem {
+  const float* scale;          // [T] column scale
+  const int32_t* gallery_ids;  // [T], < 0: padding
+  const int32_t* query_ids;    // [Q]
+  float* values;               // [Q, capacity] pools; unused slots hold (-inf, -1)
+  int32_t* ids;
+  int32_t* count;              // [Q] entries in each pool
+  float* threshold_value;      // [Q] an entry must rank before (value, id) to enter
+  int32_t* threshold_id;
+  int64_t k, capacity, num_t, dim;
+};
+
+// Keeps the k best entries of query q's full pool, and makes the k-th its threshold.
+void Compact(const Problem& p, int64_t q, std::vector<Entry>& scratch) {
+  float* values = p.values + q * p.capacity;
+  int32_t* ids = p.ids + q * p.capacity;
+  const int64_t n = p.count[q];
+  scratch.resize(n);
+  for (int64_t j = 0; j < n; ++j) scratch[j] = {values[j], ids[j]};
+  auto before = [](const Entry& a, const Entry& b) {
+    return RanksBefore(a.value, a.id, b.value, b.id);
+  };
+  std::nth_element(scratch.begin(), scratch.begin() + (p.k - 1), scratch.end(), before);
+  for (int64_t j = 0; j < p.k; ++j) values[j] = scratch[j].value, ids[j] = scratch[j].id;
+  for (int64_t j = p.k; j < n; ++j) values[j] = -INFINITY, ids[j] = -1;
+  p.count[q] = static_cast<int32_t>(p.k);
+  p.threshold_value[q] = scratch[p.k - 1].value;
+  p.threshold_id[q] = scratch[p.k - 1].id;
+}
+
+// Offers query q the finished score of column col + j of `raw`, for each j in `lanes`.
+void Offer(const Problem& p, int64_t q, int64_t col, const float* raw, uint32_t lanes,
+           std::vector<Entry>& scratch) {
+  const int32_t own = p.query_ids[q];
+  for (; lanes; lanes &= lanes - 1) {
+    const int64_t j = __builtin_ctz(lanes);
+    float v = raw[j] * p.scale[col + j];
+    const int32_t id = p.gallery_ids[col + j];
+    if (id < 0 || id == own) continue;  // padding; the query's own row
+    if (v == 0.0f) v = 0.0f;            // -0 ranks (and is kept) as +0
+    if (!RanksBefore(v, id, p.threshold_value[q], p.threshold_id[q])) continue;
+    const int64_t slot = p.count[q]++;
+    p.values[q * p.capacity + slot] = v;
+    p.ids[q * p.capacity + slot] = id;
+    if (slot + 1 == p.capacity) Compact(p, q, scratch);
+  }
+}
+
+// Packs rows [r0, r0 + rows) of x [*, dim] feature-major: out[f * width + r] (zero-padded).
+void Pack(const float* x, int64_t r0, int64_t rows, int64_t width, int64_t dim, float* out) {
+  for (int64_t f = 0; f < dim; ++f) {
+    float* o = out + f * width;
+    for (int64_t r = 0; r < rows; ++r) o[r] = x[(r0 + r) * dim + f];
+    for (int64_t r = rows; r < width; ++r) o[r] = 0.0f;
+  }
+}
+
+// Portable micro-tile: acc[r][c] = fmaf chain over features.
+void MicroTilePortable(const float* a, const float* b, int64_t dim, float acc[kRows][kCols]) {
+  for (int64_t r = 0; r < kRows; ++r)
+    for (int64_t c = 0; c < kCols; ++c) acc[r][c] = 0.0f;
+  for (int64_t f = 0; f < dim; ++f) {
+    for (int64_t r = 0; r < kRows; ++r) {
+      for (int64_t c = 0; c < kCols; ++c) {
+        acc[r][c] = std::fma(a[f * kRows + r], b[f * kCols + c], acc[r][c]);
+      }
+    }
+  }
+}
+
+void FoldTilePortable(const Problem& p, const float* a, const float* b, int64_t q0,
+                      int64_t rows, int64_t col, int64_t n, std::vector<Entry>& scratch) {
+  float acc[kRows][kCols];
+  MicroTilePortable(a, b, p.dim, acc);
+  for (int64_t r = 0; r < rows; ++r) Offer(p, q0 + r, col, acc[r], (1u << n) - 1, scratch);
+}
+
+#ifdef PLATO_X86
+__attribute__((target("avx2,fma"))) void FoldTileAvx2(const Problem& p, const float* a,
+                                                      const float* b, int64_t q0, int64_t rows,
+                                                      int64_t col, int64_t n,
+                                                      std::vector<Entry>& scratch) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
+  __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
+  __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
+  __m256 c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
+  __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps();
+  __m256 c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+  for (int64_t f = 0; f < p.dim; ++f) {
+    const __m256 b0 = _mm256_loadu_ps(b + f * kCols), b1 = _mm256_loadu_ps(b + f * kCols + 8);
+    const float* af = a + f * kRows;
+    __m256 x = _mm256_broadcast_ss(af + 0);
+    c00 = _mm256_fmadd_ps(x, b0, c00), c01 = _mm256_fmadd_ps(x, b1, c01);
+    x = _mm256_broadcast_ss(af + 1);
+    c10 = _mm256_fmadd_ps(x, b0, c10), c11 = _mm256_fmadd_ps(x, b1, c11);
+    x = _mm256_broadcast_ss(af + 2);
+    c20 = _mm256_fmadd_ps(x, b0, c20), c21 = _mm256_fmadd_ps(x, b1, c21);
+    x = _mm256_broadcast_ss(af + 3);
+    c30 = _mm256_fmadd_ps(x, b0, c30), c31 = _mm256_fmadd_ps(x, b1, c31);
+    x = _mm256_broadcast_ss(af + 4);
+    c40 = _mm256_fmadd_ps(x, b0, c40), c41 = _mm256_fmadd_ps(x, b1, c41);
+    x = _mm256_broadcast_ss(af + 5);
+    c50 = _mm256_fmadd_ps(x, b0, c50), c51 = _mm256_fmadd_ps(x, b1, c51);
+  }
+  const __m256 s0 = _mm256_loadu_ps(p.scale + col), s1 = _mm256_loadu_ps(p.scale + col + 8);
+  const __m256 lo[kRows] = {c00, c10, c20, c30, c40, c50};
+  const __m256 hi[kRows] = {c01, c11, c21, c31, c41, c51};
+  for (int64_t r = 0; r < rows; ++r) {
+    // Only lanes whose finished score reaches the threshold are offered (NaN never does).
+    const __m256 root = _mm256_set1_ps(p.threshold_value[q0 + r]);
+    const uint32_t reach =
+        _mm256_movemask_ps(_mm256_cmp_ps(_mm256_mul_ps(lo[r], s0), root, _CMP_GE_OQ)) |
+        _mm256_movemask_ps(_mm256_cmp_ps(_mm256_mul_ps(hi[r], s1), root, _CMP_GE_OQ)) << 8;
+    if (!reach) continue;
+    alignas(32) float raw[kCols];
+    _mm256_store_ps(raw, lo[r]);
+    _mm256_store_ps(raw + 8, hi[r]);
+    Offer(p, q0 + r, col, raw, reach, scratch);
+  }
+}
+#endif
+
+bool HasAvx2() {
+#ifdef PLATO_X86
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+// One thread's share: queries [q_begin, q_end) against the whole tile.
+void FoldQueries(const Problem& p, const float* queries, const float* tile, int64_t q_begin,
+                 int64_t q_end, int64_t block_cols, bool avx2) {
+  const int64_t dim = p.dim;
+  const int64_t panels = (q_end - q_begin + kRows - 1) / kRows;
+  std::vector<float> a(static_cast<size_t>(panels * kRows * dim));
+  for (int64_t i = 0; i < panels; ++i) {
+    const int64_t r0 = q_begin + i * kRows;
+    Pack(queries, r0, std::min(kRows, q_end - r0), kRows, dim, a.data() + i * kRows * dim);
+  }
+  std::vector<Entry> scratch;
+  const int64_t block = (block_cols + kCols - 1) / kCols * kCols;
+  std::vector<float> b(static_cast<size_t>(block * dim));
+  for (int64_t t0 = 0; t0 < p.num_t; t0 += block) {
+    const int64_t cols = std::min(block, p.num_t - t0);
+    const int64_t strips = (cols + kCols - 1) / kCols;
+    for (int64_t s = 0; s < strips; ++s) {
+      Pack(tile, t0 + s * kCols, std::min(kCols, cols - s * kCols), kCols, dim,
+           b.data() + s * kCols * dim);
+    }
+    for (int64_t i = 0; i < panels; ++i) {
+      const int64_t q0 = q_begin + i * kRows, rows = std::min(kRows, q_end - q0);
+      for (int64_t s = 0; s < strips; ++s) {
+        const int64_t col = t0 + s * kCols, n = std::min(kCols, p.num_t - col);
+        const float* ap = a.data() + i * kRows * dim;
+        const float* bp = b.data() + s * kCols * dim;
+#ifdef PLATO_X86
+        if (avx2 && n == kCols) {
+          FoldTileAvx2(p, ap, bp, q0, rows, col, n, scratch);
+          continue;
+        }
+#endif
+        FoldTilePortable(p, ap, bp, q0, rows, col, n, scratch);
+      }
+    }
+  }
+}
+
+ffi::Error TileTopKImpl(ffi::Buffer<ffi::F32> values_in, ffi::Buffer<ffi::S32> ids_in,
+                        ffi::Buffer<ffi::S32> count_in, ffi::Buffer<ffi::F32> threshold_value_in,
+                        ffi::Buffer<ffi::S32> threshold_id_in, ffi::Buffer<ffi::F32> queries,
+                        ffi::Buffer<ffi::S32> query_ids, ffi::Buffer<ffi::F32> tile,
+                        ffi::Buffer<ffi::S32> tile_ids, ffi::Buffer<ffi::F32> column_scale,
+                        ffi::ResultBuffer<ffi::F32> values_out,
+                        ffi::ResultBuffer<ffi::S32> ids_out,
+                        ffi::ResultBuffer<ffi::S32> count_out,
+                        ffi::ResultBuffer<ffi::F32> threshold_value_out,
+                        ffi::ResultBuffer<ffi::S32> threshold_id_out, int64_t k,
+                        int64_t block_cols, int64_t threads, bool portable) {
+  const auto qd = queries.dimensions(), td = tile.dimensions(), sd = values_in.dimensions();
+  const int64_t num_q = qd[0], dim = qd[1], num_t = td[0], capacity = sd[1];
+  if (td[1] != dim || sd[0] != num_q || k < 1 || capacity <= k || block_cols < 1 ||
+      threads < 1) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "plato_tile_topk: bad shapes");
+  }
+  Problem p{column_scale.typed_data(), tile_ids.typed_data(), query_ids.typed_data(),
+            values_out->typed_data(), ids_out->typed_data(), count_out->typed_data(),
+            threshold_value_out->typed_data(), threshold_id_out->typed_data(),
+            k, capacity, num_t, dim};
+  // In place when XLA aliased the state (it does: input_output_aliases); else copy it over.
+  auto keep = [](void* out, const void* in, size_t bytes) {
+    if (out != in) std::memcpy(out, in, bytes);
+  };
+  keep(p.values, values_in.typed_data(), sizeof(float) * num_q * capacity);
+  keep(p.ids, ids_in.typed_data(), sizeof(int32_t) * num_q * capacity);
+  keep(p.count, count_in.typed_data(), sizeof(int32_t) * num_q);
+  keep(p.threshold_value, threshold_value_in.typed_data(), sizeof(float) * num_q);
+  keep(p.threshold_id, threshold_id_in.typed_data(), sizeof(int32_t) * num_q);
+  if (num_q == 0 || num_t == 0) return ffi::Error::Success();
+  const bool avx2 = !portable && HasAvx2();
+  // Whole micro-tiles of queries per thread.
+  const int64_t panels = (num_q + kRows - 1) / kRows;
+  const int64_t workers = std::max<int64_t>(1, std::min(threads, panels));
+  auto share = [&](int64_t w) { return std::min(num_q, panels * w / workers * kRows); };
+  std::vector<std::thread> pool;
+  for (int64_t w = 1; w < workers; ++w) {
+    pool.emplace_back(FoldQueries, std::cref(p), queries.typed_data(), tile.typed_data(),
+                      share(w), share(w + 1), block_cols, avx2);
+  }
+  FoldQueries(p, queries.typed_data(), tile.typed_data(), share(0), share(1), block_cols, avx2);
+  for (auto& t : pool) t.join();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PlatoTileTopK, TileTopKImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // pool values
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // pool ids
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // pool counts
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // threshold values
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // threshold ids
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // queries
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // query ids
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // tile
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // tile ids
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // column scale
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("k")
+                                  .Attr<int64_t>("block_cols")
+                                  .Attr<int64_t>("threads")
+                                  .Attr<bool>("portable"));
