@@ -12,6 +12,7 @@ from plato_jax.knn.sources import plan_tiles
 @pytest.fixture(params=["xla", "cpu"])
 def kernel(request):
   """The engine's CPU kernels: XLA's matmul + selection, and kernels.cpu_topk."""
+  skip_unless_runs_here(request.param)
   return request.param
 
 

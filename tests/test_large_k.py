@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from knn_reference import brute_force, integer_rows, one_device_mesh
+from knn_reference import brute_force, integer_rows, one_device_mesh, skip_unless_runs_here
 
 from plato_jax.knn import large_k, search
 from plato_jax.knn.large_k import ThresholdSelector, choose_selector
@@ -52,6 +52,7 @@ def finish(request, monkeypatch):
 @pytest.fixture(params=["xla", "cpu"])
 def kernel(request):
   """The XLA kernel (ThresholdSelector for k >= 128) and kernels.cpu_topk's pools."""
+  skip_unless_runs_here(request.param)
   return request.param
 
 

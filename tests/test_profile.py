@@ -1,11 +1,13 @@
 """kernels.profile on a small tile: every figure present and consistent with its timings."""
 import pytest
+from knn_reference import skip_unless_runs_here
 
 from kernels.profile import profile
 
 
 @pytest.mark.parametrize("k,kernel", [(4, "xla"), (200, "xla"), (4, "cpu"), (200, "cpu")])
 def test_profile_reports_consistent_figures(tmp_path, k, kernel):
+  skip_unless_runs_here(kernel)
   r = profile(64, 512, 32, k, "float32", repeats=1, peak_tflops=1.0,
               trace_dir=str(tmp_path / "trace") if k == 4 else None, kernel=kernel)
   flop = 2 * 64 * 512 * 32

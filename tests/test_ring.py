@@ -16,6 +16,7 @@ def mesh_of(p):
 
 @pytest.fixture(params=["xla", "cpu"])
 def kernel(request):
+  skip_unless_runs_here(request.param)
   return request.param
 
 
