@@ -161,8 +161,12 @@ def main(argv):
   other = max(r["step_s"] - r["dot_s"], 0.0)
   alone = "" if r["select_s"] is None else \
       f" (selection alone on precomputed scores: {r['select_s'] * 1e3:.2f} ms)"
-  print(f"  split             matmul {r['dot_s'] / r['step_s']:.0%}, selection and the rest "
-        f"{other / r['step_s']:.0%}{alone}")
+  if r["step_s"] < r["dot_s"]:
+    print("  split             none: the step beats the bare jnp.dot (it selects inside its own "
+          "matmul and writes no score tile)")
+  else:
+    print(f"  split             matmul {r['dot_s'] / r['step_s']:.0%}, selection and the rest "
+          f"{other / r['step_s']:.0%}{alone}")
   print(f"  fallbacks         {r['fallbacks']} query blocks took the exact path")
   scores = (f"score tile written and read {r['bytes_scores'] / 1e6:.1f} MB (unfused)"
             if r["bytes_scores"] else "no score tile (fused)")
