@@ -453,15 +453,21 @@ def test_host_topk_orders_by_score_then_id(rng):
 
 
 def test_tile_buffers_are_reused_only_once_given_back(rng):
-  from plato_jax.knn.sources import TileBuffers, host_aligned
+  from plato_jax.knn.sources import TileBuffers, aligned_empty, host_aligned
+
+  def unaligned(x):  # 4 bytes past a 64-byte boundary: host_aligned must copy it
+    out = aligned_empty((x.size + 1,), x.dtype)[1:].reshape(x.shape)
+    out[...] = x
+    return out
+
   buffers = TileBuffers()
-  rows = rng.standard_normal((65, 16)).astype(np.float32)[1:]  # unaligned: must be copied
+  rows = unaligned(rng.standard_normal((64, 16)).astype(np.float32))
   first = host_aligned(rows, buffers=buffers)
   assert first.ctypes.data % 64 == 0 and np.array_equal(first, rows)
   second = host_aligned(rows, buffers=buffers)
   assert second is not first  # `first` not given back: still in use
   buffers.give_back(first)
   buffers.give_back(rows)  # not one of its buffers: ignored
-  third = host_aligned(rows * 2, buffers=buffers)
+  third = host_aligned(unaligned(rows * 2), buffers=buffers)
   assert third is first and np.array_equal(third, rows * 2)
   assert host_aligned(rows, np.float64, buffers=buffers).dtype == np.float64  # another key

@@ -288,16 +288,18 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
                                          if slot < len(g)], dtype=tile_dtype, buffers=buffers)
     for gi in range(first, len(groups)):
       group = groups[gi]
-      rows_by_slot, ids_by_slot = {}, {}
+      rows_by_slot, ids_by_slot, read = {}, {}, []
       for slot in mine:
         tile = next(tiles) if slot < len(group) else None
+        read.append(tile)
         rows_by_slot[slot], ids_by_slot[slot] = _padded(tile, tile_rows, source.dim, tile_dtype)
       state, bad = step(state, bad, qd, qd_ids, sharding.put_local_slots(mesh, rows_by_slot),
                         sharding.put_local_slots(mesh, ids_by_slot))
       if buffers is not None:  # the step has read its tiles once it is done: reuse them
         jax.block_until_ready(state)
-        for used in rows_by_slot.values():
-          buffers.give_back(used)
+        for tile in read:
+          if tile is not None:
+            buffers.give_back(tile.rows)
       stop = group[-1][1]
       if stop in sizes:
         num_bad = int(sharding.replicated_sum(mesh)(bad))

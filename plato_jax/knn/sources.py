@@ -199,7 +199,7 @@ class TileBuffers:
 
   def __init__(self):
     self._free = collections.defaultdict(list)
-    self._mine: dict[int, tuple] = {}
+    self._mine: dict[int, tuple[np.ndarray, tuple]] = {}  # id → (buffer, key): ids are reused
     self._lock = threading.Lock()
 
   def take(self, shape, dtype) -> np.ndarray:
@@ -209,14 +209,14 @@ class TileBuffers:
         return self._free[key].pop()
     out = aligned_empty(shape, dtype)
     with self._lock:
-      self._mine[id(out)] = key
+      self._mine[id(out)] = (out, key)
     return out
 
   def give_back(self, array) -> None:
     """Returns a buffer `take` made; anything else is ignored."""
     with self._lock:
-      key = self._mine.get(id(array))
-      if key is not None and not any(b is array for b in self._free[key]):
+      buffer, key = self._mine.get(id(array), (None, None))
+      if buffer is array and not any(b is array for b in self._free[key]):
         self._free[key].append(array)
 
 
