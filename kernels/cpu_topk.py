@@ -1,16 +1,19 @@
 """Exact top-k for CPU devices: a matmul whose scores go from registers straight into
-per-query heaps (`cpu_topk.cc`, an XLA FFI handler), so no score tile is ever written.
+per-query candidate pools (`cpu_topk.cc`, an XLA FFI handler), so no score tile is ever
+written.
 
 Why a kernel outside XLA on CPU: an XLA step writes its [Q, T] score tile to memory and
 reads it back to select, and XLA:CPU's f32 dot (YNNPACK) runs at 142–148 GFLOP/s on the
 2-core reference machine. Here a 6 × 16 register-blocked AVX2/FMA micro-tile is scored and
-compared with the six queries' current k-th scores in the same registers; a score is
-touched again only if it enters.
+compared with the six queries' thresholds in the same registers; a score is touched again
+only if it reaches its query's threshold.
 
-The state per query is a binary heap of its k best (score, id) so far, worst at the root;
-a score enters only if it ranks before the root — (score descending, id ascending) — and
-then costs O(log k). In a long stream almost no score does, so any k costs about the same.
-The state is updated in place (the FFI call aliases it).
+The state per query is an unordered pool holding every (score, id) that ranked before the
+query's threshold — (score descending, id ascending) — when it came; the threshold is the
+k-th best entry as of the pool's last compaction, so the pool always holds the true top-k.
+A full pool is compacted to its k best (nth_element): amortised O(1) per entry for any k,
+and in a long stream almost no score enters. The state is updated in place (the FFI call
+aliases it).
 
 Each score is one chain of fused multiply-adds in feature order, whatever the tile, thread
 or position of its row (host BLAS kernels do not promise that: OpenBLAS's sgemm moves
@@ -45,7 +48,8 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
+
+from plato_jax.knn.sharding import top_by_score_then_id
 
 TARGET = "plato_tile_topk"
 SOURCE = pathlib.Path(__file__).with_name("cpu_topk.cc")
@@ -153,12 +157,6 @@ def cpu_update(pools, queries, query_ids, tile, tile_ids, column_scale, *, k: in
               portable=bool(portable))
 
 
-def pool_topk(values, ids, k: int):
-  """A pool's top-k sorted by (score descending, id ascending)."""
-  neg, ids = lax.sort((-values, ids), dimension=-1, num_keys=2)
-  return -neg[..., :k], ids[..., :k]
-
-
 def reference_update(values, ids, queries, query_ids, tile, tile_ids, column_scale, k: int):
   """Plain numpy: the sorted top-k of the entries `values`/`ids` [Q, m] and the tile's
   finished scores."""
@@ -199,7 +197,7 @@ class CpuTopKSelector:
     return (values, ids, fallbacks, *rest)
 
   def result(self, state):
-    return pool_topk(state[0], state[1], self.k)
+    return top_by_score_then_id(state[0], state[1], self.k)
 
   def candidates(self, state):
     return state[0], state[1]

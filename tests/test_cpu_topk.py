@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from kernels import cpu_topk
+from plato_jax.knn.sharding import top_by_score_then_id
 
 pytestmark = pytest.mark.skipif(cpu_topk.unavailable_reason() is not None,
                                 reason=f"CPU kernel unavailable: {cpu_topk.unavailable_reason()}")
@@ -16,7 +17,7 @@ def fold(tiles, queries, query_ids, k, **kw):
   pools = cpu_topk.empty_pools(len(queries), k)
   for rows, ids, scale in tiles:
     pools = update(pools, queries, query_ids, rows, ids, scale)
-  return tuple(np.asarray(x) for x in cpu_topk.pool_topk(pools[0], pools[1], k))
+  return tuple(np.asarray(x) for x in top_by_score_then_id(pools[0], pools[1], k))
 
 
 def reference(tiles, queries, query_ids, k):
