@@ -18,7 +18,13 @@
 // 8 such chains per vector lane-wise; the portable path runs them with fmaf.
 //
 // Threads split the queries; each packs its own copy of every gallery block, so they never
-// synchronise within a call.
+// synchronise within a call. Packing also yields each row's squared norm (one FMA chain in
+// feature order): the engine's bad-row check, and cosine's column scale, without another
+// pass over the tile.
+//
+// The tile's rows are read from anywhere inside a flat buffer (row r at row_offset + r·D):
+// the engine hands over host rows that do not start on a 64-byte boundary as an aligned
+// window of the memory around them, which XLA takes without a copy.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -50,7 +56,7 @@ struct Entry {
 };
 
 struct Problem {
-  const float* scale;          // [T] column scale
+  const float* rows;           // row r of the tile at rows + r * dim
   const int32_t* gallery_ids;  // [T], < 0: padding
   const int32_t* query_ids;    // [Q]
   float* values;               // [Q, capacity] pools; unused slots hold (-inf, -1)
@@ -58,7 +64,9 @@ struct Problem {
   int32_t* count;              // [Q] entries in each pool
   float* threshold_value;      // [Q] an entry must rank before (value, id) to enter
   int32_t* threshold_id;
+  float* row_sumsq;             // [T] squared norms (written by the first thread)
   int64_t k, capacity, num_t, dim;
+  bool normalize;              // scale each column by 1 / its row's norm (0 for a zero row)
 };
 
 // Keeps the k best entries of query q's full pool, and makes the k-th its threshold.
@@ -79,13 +87,14 @@ void Compact(const Problem& p, int64_t q, std::vector<Entry>& scratch) {
   p.threshold_id[q] = scratch[p.k - 1].id;
 }
 
-// Offers query q the finished score of column col + j of `raw`, for each j in `lanes`.
-void Offer(const Problem& p, int64_t q, int64_t col, const float* raw, uint32_t lanes,
-           std::vector<Entry>& scratch) {
+// Offers query q the finished score of column col + j of `raw` (scaled by `scale[j]`), for
+// each j in `lanes`.
+void Offer(const Problem& p, int64_t q, int64_t col, const float* raw, const float* scale,
+           uint32_t lanes, std::vector<Entry>& scratch) {
   const int32_t own = p.query_ids[q];
   for (; lanes; lanes &= lanes - 1) {
     const int64_t j = __builtin_ctz(lanes);
-    float v = raw[j] * p.scale[col + j];
+    float v = raw[j] * scale[j];
     const int32_t id = p.gallery_ids[col + j];
     if (id < 0 || id == own) continue;  // padding; the query's own row
     if (v == 0.0f) v = 0.0f;            // -0 ranks (and is kept) as +0
@@ -119,17 +128,41 @@ void MicroTilePortable(const float* a, const float* b, int64_t dim, float acc[kR
   }
 }
 
-void FoldTilePortable(const Problem& p, const float* a, const float* b, int64_t q0,
-                      int64_t rows, int64_t col, int64_t n, std::vector<Entry>& scratch) {
+void FoldTilePortable(const Problem& p, const float* a, const float* b, const float* scale,
+                      int64_t q0, int64_t rows, int64_t col, int64_t n,
+                      std::vector<Entry>& scratch) {
   float acc[kRows][kCols];
   MicroTilePortable(a, b, p.dim, acc);
-  for (int64_t r = 0; r < rows; ++r) Offer(p, q0 + r, col, acc[r], (1u << n) - 1, scratch);
+  for (int64_t r = 0; r < rows; ++r) {
+    Offer(p, q0 + r, col, acc[r], scale, (1u << n) - 1, scratch);
+  }
+}
+
+// Squared norms of a packed strip's kCols rows: one fmaf chain per row, in feature order.
+void StripSumSqPortable(const float* b, int64_t dim, float* out) {
+  for (int64_t c = 0; c < kCols; ++c) out[c] = 0.0f;
+  for (int64_t f = 0; f < dim; ++f) {
+    for (int64_t c = 0; c < kCols; ++c) {
+      out[c] = std::fma(b[f * kCols + c], b[f * kCols + c], out[c]);
+    }
+  }
 }
 
 #ifdef PLATO_X86
+__attribute__((target("avx2,fma"))) void StripSumSqAvx2(const float* b, int64_t dim,
+                                                        float* out) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  for (int64_t f = 0; f < dim; ++f) {
+    const __m256 b0 = _mm256_loadu_ps(b + f * kCols), b1 = _mm256_loadu_ps(b + f * kCols + 8);
+    s0 = _mm256_fmadd_ps(b0, b0, s0), s1 = _mm256_fmadd_ps(b1, b1, s1);
+  }
+  _mm256_storeu_ps(out, s0);
+  _mm256_storeu_ps(out + 8, s1);
+}
+
 __attribute__((target("avx2,fma"))) void FoldTileAvx2(const Problem& p, const float* a,
-                                                      const float* b, int64_t q0, int64_t rows,
-                                                      int64_t col, int64_t n,
+                                                      const float* b, const float* scale,
+                                                      int64_t q0, int64_t rows, int64_t col,
                                                       std::vector<Entry>& scratch) {
   __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
   __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
@@ -153,7 +186,7 @@ __attribute__((target("avx2,fma"))) void FoldTileAvx2(const Problem& p, const fl
     x = _mm256_broadcast_ss(af + 5);
     c50 = _mm256_fmadd_ps(x, b0, c50), c51 = _mm256_fmadd_ps(x, b1, c51);
   }
-  const __m256 s0 = _mm256_loadu_ps(p.scale + col), s1 = _mm256_loadu_ps(p.scale + col + 8);
+  const __m256 s0 = _mm256_loadu_ps(scale), s1 = _mm256_loadu_ps(scale + 8);
   const __m256 lo[kRows] = {c00, c10, c20, c30, c40, c50};
   const __m256 hi[kRows] = {c01, c11, c21, c31, c41, c51};
   for (int64_t r = 0; r < rows; ++r) {
@@ -166,7 +199,7 @@ __attribute__((target("avx2,fma"))) void FoldTileAvx2(const Problem& p, const fl
     alignas(32) float raw[kCols];
     _mm256_store_ps(raw, lo[r]);
     _mm256_store_ps(raw + 8, hi[r]);
-    Offer(p, q0 + r, col, raw, reach, scratch);
+    Offer(p, q0 + r, col, raw, scale, reach, scratch);
   }
 }
 #endif
@@ -179,9 +212,10 @@ bool HasAvx2() {
 #endif
 }
 
-// One thread's share: queries [q_begin, q_end) against the whole tile.
-void FoldQueries(const Problem& p, const float* queries, const float* tile, int64_t q_begin,
-                 int64_t q_end, int64_t block_cols, bool avx2) {
+// One thread's share: queries [q_begin, q_end) against the whole tile. The first thread
+// (`first`) also writes the rows' squared norms.
+void FoldQueries(const Problem& p, const float* queries, int64_t q_begin, int64_t q_end,
+                 int64_t block_cols, bool avx2, bool first) {
   const int64_t dim = p.dim;
   const int64_t panels = (q_end - q_begin + kRows - 1) / kRows;
   std::vector<float> a(static_cast<size_t>(panels * kRows * dim));
@@ -191,27 +225,40 @@ void FoldQueries(const Problem& p, const float* queries, const float* tile, int6
   }
   std::vector<Entry> scratch;
   const int64_t block = (block_cols + kCols - 1) / kCols * kCols;
-  std::vector<float> b(static_cast<size_t>(block * dim));
+  std::vector<float> b(static_cast<size_t>(block * dim)), sumsq(block), scale(block);
   for (int64_t t0 = 0; t0 < p.num_t; t0 += block) {
     const int64_t cols = std::min(block, p.num_t - t0);
     const int64_t strips = (cols + kCols - 1) / kCols;
     for (int64_t s = 0; s < strips; ++s) {
-      Pack(tile, t0 + s * kCols, std::min(kCols, cols - s * kCols), kCols, dim,
-           b.data() + s * kCols * dim);
+      float* strip = b.data() + s * kCols * dim;
+      Pack(p.rows, t0 + s * kCols, std::min(kCols, cols - s * kCols), kCols, dim, strip);
+#ifdef PLATO_X86
+      if (avx2) {
+        StripSumSqAvx2(strip, dim, sumsq.data() + s * kCols);
+        continue;
+      }
+#endif
+      StripSumSqPortable(strip, dim, sumsq.data() + s * kCols);
     }
+    for (int64_t j = 0; j < strips * kCols; ++j) {
+      const float x = sumsq[j];
+      scale[j] = !p.normalize ? 1.0f : x > 0.0f ? 1.0f / std::sqrt(x) : 0.0f;
+    }
+    if (first) std::memcpy(p.row_sumsq + t0, sumsq.data(), sizeof(float) * cols);
     for (int64_t i = 0; i < panels; ++i) {
       const int64_t q0 = q_begin + i * kRows, rows = std::min(kRows, q_end - q0);
       for (int64_t s = 0; s < strips; ++s) {
         const int64_t col = t0 + s * kCols, n = std::min(kCols, p.num_t - col);
         const float* ap = a.data() + i * kRows * dim;
         const float* bp = b.data() + s * kCols * dim;
+        const float* sp = scale.data() + s * kCols;
 #ifdef PLATO_X86
         if (avx2 && n == kCols) {
-          FoldTileAvx2(p, ap, bp, q0, rows, col, n, scratch);
+          FoldTileAvx2(p, ap, bp, sp, q0, rows, col, scratch);
           continue;
         }
 #endif
-        FoldTilePortable(p, ap, bp, q0, rows, col, n, scratch);
+        FoldTilePortable(p, ap, bp, sp, q0, rows, col, n, scratch);
       }
     }
   }
@@ -220,24 +267,31 @@ void FoldQueries(const Problem& p, const float* queries, const float* tile, int6
 ffi::Error TileTopKImpl(ffi::Buffer<ffi::F32> values_in, ffi::Buffer<ffi::S32> ids_in,
                         ffi::Buffer<ffi::S32> count_in, ffi::Buffer<ffi::F32> threshold_value_in,
                         ffi::Buffer<ffi::S32> threshold_id_in, ffi::Buffer<ffi::F32> queries,
-                        ffi::Buffer<ffi::S32> query_ids, ffi::Buffer<ffi::F32> tile,
-                        ffi::Buffer<ffi::S32> tile_ids, ffi::Buffer<ffi::F32> column_scale,
+                        ffi::Buffer<ffi::S32> query_ids, ffi::Buffer<ffi::F32> rows,
+                        ffi::Buffer<ffi::S32> row_offset, ffi::Buffer<ffi::S32> tile_ids,
                         ffi::ResultBuffer<ffi::F32> values_out,
                         ffi::ResultBuffer<ffi::S32> ids_out,
                         ffi::ResultBuffer<ffi::S32> count_out,
                         ffi::ResultBuffer<ffi::F32> threshold_value_out,
-                        ffi::ResultBuffer<ffi::S32> threshold_id_out, int64_t k,
-                        int64_t block_cols, int64_t threads, bool portable) {
-  const auto qd = queries.dimensions(), td = tile.dimensions(), sd = values_in.dimensions();
-  const int64_t num_q = qd[0], dim = qd[1], num_t = td[0], capacity = sd[1];
-  if (td[1] != dim || sd[0] != num_q || k < 1 || capacity <= k || block_cols < 1 ||
-      threads < 1) {
+                        ffi::ResultBuffer<ffi::S32> threshold_id_out,
+                        ffi::ResultBuffer<ffi::F32> row_sumsq, int64_t k, int64_t block_cols,
+                        int64_t threads, bool normalize, bool portable) {
+  const auto qd = queries.dimensions(), sd = values_in.dimensions();
+  const int64_t num_q = qd[0], dim = qd[1], num_t = tile_ids.element_count(),
+                capacity = sd[1];
+  if (sd[0] != num_q || k < 1 || capacity <= k || block_cols < 1 || threads < 1 ||
+      row_offset.element_count() != 1) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "plato_tile_topk: bad shapes");
   }
-  Problem p{column_scale.typed_data(), tile_ids.typed_data(), query_ids.typed_data(),
+  const int64_t offset = row_offset.typed_data()[0];
+  if (offset < 0 || offset + num_t * dim > static_cast<int64_t>(rows.element_count())) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "plato_tile_topk: the rows (offset + tile rows x dim) overrun their buffer");
+  }
+  Problem p{rows.typed_data() + offset, tile_ids.typed_data(), query_ids.typed_data(),
             values_out->typed_data(), ids_out->typed_data(), count_out->typed_data(),
             threshold_value_out->typed_data(), threshold_id_out->typed_data(),
-            k, capacity, num_t, dim};
+            row_sumsq->typed_data(), k, capacity, num_t, dim, normalize};
   // In place when XLA aliased the state (it does: input_output_aliases); else copy it over.
   auto keep = [](void* out, const void* in, size_t bytes) {
     if (out != in) std::memcpy(out, in, bytes);
@@ -247,18 +301,19 @@ ffi::Error TileTopKImpl(ffi::Buffer<ffi::F32> values_in, ffi::Buffer<ffi::S32> i
   keep(p.count, count_in.typed_data(), sizeof(int32_t) * num_q);
   keep(p.threshold_value, threshold_value_in.typed_data(), sizeof(float) * num_q);
   keep(p.threshold_id, threshold_id_in.typed_data(), sizeof(int32_t) * num_q);
-  if (num_q == 0 || num_t == 0) return ffi::Error::Success();
+  if (num_t == 0) return ffi::Error::Success();
   const bool avx2 = !portable && HasAvx2();
-  // Whole micro-tiles of queries per thread.
+  // Whole micro-tiles of queries per thread; with no queries, one thread still writes the
+  // norms.
   const int64_t panels = (num_q + kRows - 1) / kRows;
   const int64_t workers = std::max<int64_t>(1, std::min(threads, panels));
   auto share = [&](int64_t w) { return std::min(num_q, panels * w / workers * kRows); };
   std::vector<std::thread> pool;
   for (int64_t w = 1; w < workers; ++w) {
-    pool.emplace_back(FoldQueries, std::cref(p), queries.typed_data(), tile.typed_data(),
-                      share(w), share(w + 1), block_cols, avx2);
+    pool.emplace_back(FoldQueries, std::cref(p), queries.typed_data(), share(w), share(w + 1),
+                      block_cols, avx2, false);
   }
-  FoldQueries(p, queries.typed_data(), tile.typed_data(), share(0), share(1), block_cols, avx2);
+  FoldQueries(p, queries.typed_data(), share(0), share(1), block_cols, avx2, true);
   for (auto& t : pool) t.join();
   return ffi::Error::Success();
 }
@@ -274,15 +329,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PlatoTileTopK, TileTopKImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()   // threshold ids
                                   .Arg<ffi::Buffer<ffi::F32>>()   // queries
                                   .Arg<ffi::Buffer<ffi::S32>>()   // query ids
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // tile
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // rows (flat)
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // offset of row 0 in them
                                   .Arg<ffi::Buffer<ffi::S32>>()   // tile ids
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // column scale
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // row squared norms
                                   .Attr<int64_t>("k")
                                   .Attr<int64_t>("block_cols")
                                   .Attr<int64_t>("threads")
+                                  .Attr<bool>("normalize")
                                   .Attr<bool>("portable"));

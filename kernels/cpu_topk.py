@@ -21,8 +21,14 @@ values by ulps with a row's position in the call), so duplicate rows tie exactly
 results do not depend on tiling.
 
 Same semantics as the engine's other kernels: padding columns (id < 0) and each query's own
-id are never selected, each column is multiplied by `column_scale` (cosine: the rows'
-inverse norms; the same f32 product the XLA path forms), and -0.0 is kept as +0.0.
+id are never selected, with `normalize` each column is multiplied by the inverse of its
+row's norm (computed while the rows are packed: the same f32 product the XLA path forms,
+from a norm summed in another order), and -0.0 is kept as +0.0. The rows' squared norms
+come back for the engine's bad-row check.
+
+The rows are read from a flat buffer at an offset, so the engine passes host rows that are
+not 64-byte aligned (numpy's allocations are 16-byte aligned) as an aligned window around
+them (`sources.RowWindow`), which the CPU client takes without a copy.
 f32 only: the kernel exists for the CPU, where narrower dtypes are widened anyway.
 
 The handler is compiled on first use with the host C++ compiler against the XLA FFI
@@ -50,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from plato_jax.knn.sharding import top_by_score_then_id
+from plato_jax.knn.sources import RowWindow
 
 TARGET = "plato_tile_topk"
 SOURCE = pathlib.Path(__file__).with_name("cpu_topk.cc")
@@ -139,28 +146,40 @@ def empty_pools(num_queries: int, k: int):
           np.full(num_queries, -1, np.int32))
 
 
-def cpu_update(pools, queries, query_ids, tile, tile_ids, column_scale, *, k: int,
-               block_cols: int = 128, threads: int | None = None, portable: bool = False):
-  """`pools` (as `empty_pools`) with the tile's rows folded in. queries f32 [Q, D];
-  query_ids int32 [Q]; tile f32 [T, D]; tile_ids int32 [T] (< 0: padding); column_scale
-  f32 [T]. Call inside jit on a CPU device."""
+def cpu_update(pools, queries, query_ids, rows, tile_ids, *, k: int, row_offset=0,
+               normalize: bool = False, block_cols: int = 128, threads: int | None = None,
+               portable: bool = False):
+  """(`pools` (as `empty_pools`) with the tile's rows folded in, the rows' f32 squared
+  norms [T]). queries f32 [Q, D]; query_ids int32 [Q]; tile_ids int32 [T] (< 0: padding);
+  rows f32 [T, D], or any flat f32 buffer holding row r at `row_offset` + r·D (a scalar,
+  traced or not). normalize: each column is scaled by 1 / its row's norm (0 for a zero
+  row). Call inside jit on a CPU device."""
   _load()
   pools = tuple(jnp.asarray(x) for x in pools)
-  call = jax.ffi.ffi_call(TARGET, tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in pools),
+  outputs = (*pools, jnp.zeros(tile_ids.shape, jnp.float32))
+  call = jax.ffi.ffi_call(TARGET, tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outputs),
                           input_output_aliases={i: i for i in range(len(pools))},
                           vmap_method="sequential")
-  return call(*pools, queries.astype(jnp.float32), query_ids.astype(jnp.int32),
-              tile.astype(jnp.float32), tile_ids.astype(jnp.int32),
-              column_scale.astype(jnp.float32), k=np.int64(k),
-              block_cols=np.int64(block_cols),
-              threads=np.int64(default_threads() if threads is None else threads),
-              portable=bool(portable))
+  *pools, row_sumsq = call(
+      *pools, queries.astype(jnp.float32), query_ids.astype(jnp.int32),
+      rows.astype(jnp.float32).reshape(-1), jnp.asarray(row_offset, jnp.int32).reshape(1),
+      tile_ids.astype(jnp.int32), k=np.int64(k), block_cols=np.int64(block_cols),
+      threads=np.int64(default_threads() if threads is None else threads),
+      normalize=bool(normalize), portable=bool(portable))
+  return tuple(pools), row_sumsq
 
 
-def reference_update(values, ids, queries, query_ids, tile, tile_ids, column_scale, k: int):
+def reference_update(values, ids, queries, query_ids, tile, tile_ids, k: int,
+                     normalize: bool = False):
   """Plain numpy: the sorted top-k of the entries `values`/`ids` [Q, m] and the tile's
   finished scores."""
-  scores = (np.asarray(queries, np.float32) @ np.asarray(tile, np.float32).T) * column_scale
+  tile = np.asarray(tile, np.float32)
+  scores = np.asarray(queries, np.float32) @ tile.T
+  if normalize:
+    with np.errstate(over="ignore", divide="ignore"):
+      sumsq = np.square(tile.astype(np.float64)).sum(1).astype(np.float32)  # exact on integers
+      scale = np.where(sumsq > 0, np.float32(1) / np.sqrt(sumsq), np.float32(0))
+    scores = scores * scale.astype(np.float32)
   scores = np.where(scores == 0, np.float32(0), scores)
   masked = (tile_ids[None, :] < 0) | (tile_ids[None, :] == np.asarray(query_ids)[:, None])
   scores = np.where(masked, -np.inf, scores).astype(np.float32)
@@ -175,26 +194,29 @@ class CpuTopKSelector:
   """The engine's running exact top-k on CPU devices, fed raw rows like the fused kernels'
   selector. State: (pool values [Q, C], pool ids [Q, C], a fallback count that stays 0 —
   this kernel has no inexact path — pool counts [Q], threshold values [Q], threshold ids
-  [Q]); C = `pool_capacity(k)`, unused slots (-inf, -1)."""
+  [Q]); C = `pool_capacity(k)`, unused slots (-inf, -1).
+
+  Its tiles may come as `RowWindow`s: the engine's host rows, read where they lie."""
   k: int
   block_cols: int = 128
   threads: int | None = None
+  reads_windows = True
 
   def init(self, num_queries: int):
     values, ids, *rest = empty_pools(num_queries, self.k)
     return (values, ids, np.zeros((), np.int32), *rest)
 
-  def update_rows(self, state, queries, query_ids, tile, tile_ids, *, column_scale, precision):
+  def update_rows(self, state, queries, query_ids, tile, tile_ids, *, normalize, precision):
+    """(state, the rows' f32 squared norms). `tile`: rows [T, D] or a `RowWindow`."""
     del precision  # f32 FMA chains: a true f32 product, what HIGHEST asks of an f32 matmul
     values, ids, fallbacks, *rest = state
     if query_ids is None:
       query_ids = jnp.full((queries.shape[0],), -2, jnp.int32)  # matches no gallery id
-    if column_scale is None:
-      column_scale = jnp.ones((tile.shape[0],), jnp.float32)  # x * 1 == x, -0 and inf too
-    values, ids, *rest = cpu_update((values, ids, *rest), queries, query_ids, tile, tile_ids,
-                                    column_scale, k=self.k, block_cols=self.block_cols,
-                                    threads=self.threads)
-    return (values, ids, fallbacks, *rest)
+    rows, offset = (tile.window, tile.offset) if isinstance(tile, RowWindow) else (tile, 0)
+    (values, ids, *rest), sumsq = cpu_update(
+        (values, ids, *rest), queries, query_ids, rows, tile_ids, k=self.k, row_offset=offset,
+        normalize=normalize, block_cols=self.block_cols, threads=self.threads)
+    return (values, ids, fallbacks, *rest), sumsq
 
   def result(self, state):
     return top_by_score_then_id(state[0], state[1], self.k)

@@ -43,6 +43,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels.topk import BucketConfig, bucket_topk
+from plato_jax.knn.sharding import inverse_norms, row_sumsq
 
 NO_QUERY_ID = -2  # matches no column: gallery ids are >= 0, padding is -1
 # Each lowering and the platform it compiles for (on CPU every one runs interpreted).
@@ -292,7 +293,10 @@ class FusedTopKSelector:
     return (np.full((num_queries, self.k), -np.inf, np.float32),
             np.full((num_queries, self.k), -1, np.int32), np.zeros((), np.int32))
 
-  def update_rows(self, state, queries, query_ids, tile, tile_ids, *, column_scale, precision):
+  def update_rows(self, state, queries, query_ids, tile, tile_ids, *, normalize, precision):
+    """(state, the rows' f32 squared norms)."""
+    sumsq = row_sumsq(tile)
+    column_scale = inverse_norms(sumsq) if normalize else None
     bq = self.config.block_q
     q, t = queries.shape[0], tile.shape[0]
     pad_q, pad_t = -q % bq, -t % self.config.program_rows  # the engine sizes tiles so: 0
@@ -309,7 +313,7 @@ class FusedTopKSelector:
     v, i, fell = fused_update(prior, queries, tile, tile_ids, self.k, self.config,
                               query_ids=query_ids, column_scale=column_scale,
                               precision=precision, interpret=self.interpret)
-    return v[:q], i[:q], fallbacks + fell
+    return (v[:q], i[:q], fallbacks + fell), sumsq
 
   def result(self, state):
     return state[0], state[1]

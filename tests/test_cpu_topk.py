@@ -12,19 +12,22 @@ pytestmark = pytest.mark.skipif(cpu_topk.unavailable_reason() is not None,
 
 
 def fold(tiles, queries, query_ids, k, **kw):
-  """Streams (rows, ids, scale) tiles through the kernel; returns its sorted top-k."""
-  update = jax.jit(lambda pools, *a: cpu_topk.cpu_update(pools, *a, k=k, **kw))
+  """Streams (rows, ids) tiles through the kernel; returns its sorted top-k. Rows are
+  [T, D], or (flat buffer, offset) windows."""
+  update = jax.jit(lambda pools, q, qid, rows, offset, ids: cpu_topk.cpu_update(
+      pools, q, qid, rows, ids, k=k, row_offset=offset, **kw)[0])
   pools = cpu_topk.empty_pools(len(queries), k)
-  for rows, ids, scale in tiles:
-    pools = update(pools, queries, query_ids, rows, ids, scale)
+  for rows, ids in tiles:
+    rows, offset = rows if isinstance(rows, tuple) else (rows, 0)
+    pools = update(pools, queries, query_ids, rows, offset, ids)
   return tuple(np.asarray(x) for x in top_by_score_then_id(pools[0], pools[1], k))
 
 
-def reference(tiles, queries, query_ids, k):
+def reference(tiles, queries, query_ids, k, normalize=False):
   v = np.full((len(queries), k), -np.inf, np.float32)
   i = np.full((len(queries), k), -1, np.int32)
-  for rows, ids, scale in tiles:
-    v, i = cpu_topk.reference_update(v, i, queries, query_ids, rows, ids, scale, k)
+  for rows, ids in tiles:
+    v, i = cpu_topk.reference_update(v, i, queries, query_ids, rows, ids, k, normalize)
   return v, i
 
 
@@ -35,28 +38,62 @@ def integer_tile(rng, t, d, first_id, pad=0):
   return rows, ids
 
 
-@pytest.mark.parametrize("q,t,d,k,block_cols,threads", [
-    (37, 1000, 24, 7, 128, 2),    # q not a multiple of 6, t not of 16
-    (6, 64, 16, 1, 64, 1),        # k = 1
-    (50, 700, 33, 300, 64, 3),    # k past the first compactions (capacity 556)
-    (13, 40, 5, 60, 16, 4),       # k larger than a tile: filler comes back
+@pytest.mark.parametrize("q,t,d,k,block_cols,threads,normalize", [
+    (37, 1000, 24, 7, 128, 2, False),   # q not a multiple of 6, t not of 16
+    (37, 1000, 24, 7, 128, 2, True),    # cosine: columns scaled by the rows' inverse norms
+    (6, 64, 16, 1, 64, 1, False),       # k = 1
+    (50, 700, 33, 300, 64, 3, True),    # k past the first compactions (capacity 556)
+    (13, 40, 5, 60, 16, 4, False),      # k larger than a tile: filler comes back
 ])
-def test_stream_of_integer_tiles_equals_reference(rng, q, t, d, k, block_cols, threads):
-  """Integer rows: every score is exact, so ties are exact and ids must match exactly."""
+def test_stream_of_integer_tiles_equals_reference(rng, q, t, d, k, block_cols, threads,
+                                                  normalize):
+  """Integer rows: every raw score and squared norm is exact, so ties are exact and ids
+  must match exactly."""
   tiles = []
   for n in range(3):
     rows, ids = integer_tile(rng, t, d, n * t, pad=11 if n == 2 else 0)
     rows[3] = rows[t // 2]  # duplicate rows: ties decided by id
-    scale = np.ones(t, np.float32)
-    scale[::5] = 0.5         # a column scale (cosine's inverse norms), exact in f32
-    tiles.append((rows, ids, scale))
+    rows[5] = 0             # a zero row: scale 0 under normalize
+    tiles.append((rows, ids))
   queries = rng.integers(-3, 4, (q, d)).astype(np.float32)
   query_ids = np.full(q, -2, np.int32)
   query_ids[::4] = rng.integers(0, 3 * t, len(query_ids[::4]))  # self-exclusion by id
-  got = fold(tiles, queries, query_ids, k, block_cols=block_cols, threads=threads)
-  want = reference(tiles, queries, query_ids, k)
+  got = fold(tiles, queries, query_ids, k, block_cols=block_cols, threads=threads,
+             normalize=normalize)
+  want = reference(tiles, queries, query_ids, k, normalize)
   np.testing.assert_array_equal(got[1], want[1])
   np.testing.assert_array_equal(got[0], want[0])
+
+
+@pytest.mark.parametrize("offset", [0, 5, 15])
+def test_rows_read_from_a_window_at_an_offset(rng, offset):
+  """Rows inside a longer flat buffer, at any offset (what the engine passes for unaligned
+  host rows), give what the rows alone give, and their squared norms come back."""
+  t, d, k = 100, 24, 9
+  rows, ids = integer_tile(rng, t, d, 0, pad=3)
+  window = rng.integers(-3, 4, t * d + 16).astype(np.float32)  # neighbours: not rows
+  window[offset:offset + t * d] = rows.reshape(-1)
+  queries = rng.integers(-3, 4, (14, d)).astype(np.float32)
+  query_ids = np.full(14, -2, np.int32)
+  alone = fold([(rows, ids)], queries, query_ids, k)
+  for threads in (1, 2):
+    got = fold([((window, offset), ids)], queries, query_ids, k, threads=threads)
+    np.testing.assert_array_equal(got[1], alone[1])
+    np.testing.assert_array_equal(got[0], alone[0])
+  _, sumsq = jax.jit(lambda *a: cpu_topk.cpu_update(*a, k=k, row_offset=offset))(
+      cpu_topk.empty_pools(14, k), queries, query_ids, window, ids)
+  np.testing.assert_array_equal(np.asarray(sumsq), np.square(rows).sum(1))
+  no_queries = jax.jit(lambda *a: cpu_topk.cpu_update(*a, k=k, row_offset=offset)[1])(
+      cpu_topk.empty_pools(0, k), queries[:0], query_ids[:0], window, ids)
+  np.testing.assert_array_equal(np.asarray(no_queries), np.square(rows).sum(1))
+
+
+def test_a_window_too_short_for_its_rows_is_an_error(rng):
+  rows = np.zeros(10 * 8 + 3, np.float32)
+  update = jax.jit(lambda *a: cpu_topk.cpu_update(*a, k=2, row_offset=4))
+  with pytest.raises(Exception, match="overrun"):
+    jax.block_until_ready(update(cpu_topk.empty_pools(3, 2), np.zeros((3, 8), np.float32),
+                                 np.full(3, -2, np.int32), rows, np.arange(10, dtype=np.int32)))
 
 
 def test_float_scores_are_position_invariant_and_portable_path_agrees(rng):
@@ -66,35 +103,39 @@ def test_float_scores_are_position_invariant_and_portable_path_agrees(rng):
   rows = rng.standard_normal((t, d)).astype(np.float32)
   queries = rng.standard_normal((31, d)).astype(np.float32)
   no_ids = np.full(31, -2, np.int32)
-  ones = np.ones(t, np.float32)
   ids = np.arange(t, dtype=np.int32)
-  base = fold([(rows, ids, ones)], queries, no_ids, k, block_cols=128, threads=2)
+  base = fold([(rows, ids)], queries, no_ids, k, block_cols=128, threads=2)
   perm = rng.permutation(t)
   for kw in [dict(block_cols=16, threads=1), dict(block_cols=512, threads=5),
              dict(block_cols=64, threads=2, portable=True)]:
-    moved = fold([(rows[perm], ids[perm], ones)], queries, no_ids, k, **kw)
+    moved = fold([(rows[perm], ids[perm])], queries, no_ids, k, **kw)
     np.testing.assert_array_equal(moved[1], base[1])
     np.testing.assert_array_equal(moved[0], base[0])
   exact = queries.astype(np.float64) @ rows.astype(np.float64).T
   np.testing.assert_allclose(base[0], np.take_along_axis(exact, base[1], 1), atol=1e-4)
 
 
-def test_negative_zero_and_nan_handling(rng):
+@pytest.mark.parametrize("portable", [False, True])
+def test_negative_zero_nan_and_overflow_handling(portable):
   d = 8
   queries = np.zeros((2, d), np.float32)
-  queries[1, 0] = -1
+  queries[:, 0] = [1, -1]
   rows = np.zeros((40, d), np.float32)
   rows[:, 0] = np.linspace(-1, 1, 40).astype(np.float32)
-  rows[7, 0] = 0.0  # a zero score, times a negative scale: -0.0, which must rank (and come
-  ids = np.arange(40, dtype=np.int32)  # back) as +0.0, below the +0.0 of lower ids
-  scale = np.ones(40, np.float32)
-  scale[7] = -1
-  scale[39] = np.nan  # a NaN score is never selected
-  got = fold([(rows, ids, scale)], queries, np.full(2, -2, np.int32), 40 - 1)
-  want = reference([(rows, ids, scale)], queries, np.full(2, -2, np.int32), 40 - 1)
+  rows[:, 1] = 1
+  rows[7, 0] = -1e20  # squared norm overflows: scale 0, so a negative score becomes -0.0,
+  ids = np.arange(40, dtype=np.int32)  # which must rank (and come back) as +0.0
+  rows[39, 2] = np.nan  # a NaN score is never selected
+  got = fold([(rows, ids)], queries, np.full(2, -2, np.int32), 40 - 1, normalize=True,
+             portable=portable)
+  want = reference([(rows, ids)], queries, np.full(2, -2, np.int32), 40 - 1, normalize=True)
   np.testing.assert_array_equal(got[1], want[1])
-  assert not np.signbit(got[0][got[0] == 0]).any()
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)  # norms summed in another order
+  assert 7 in got[1][0] and not np.signbit(got[0][got[1] == 7]).any()
   assert 39 not in got[1]
+  _, sumsq = jax.jit(lambda *a: cpu_topk.cpu_update(*a, k=3, normalize=True))(
+      cpu_topk.empty_pools(2, 3), queries, np.full(2, -2, np.int32), rows, ids)
+  assert np.isinf(sumsq[7]) and np.isnan(sumsq[39]) and np.isfinite(np.delete(sumsq, [7, 39])).all()
 
 
 def test_a_missing_compiler_is_a_clear_error(monkeypatch, tmp_path):

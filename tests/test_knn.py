@@ -471,3 +471,34 @@ def test_tile_buffers_are_reused_only_once_given_back(rng):
   third = host_aligned(unaligned(rows * 2), buffers=buffers)
   assert third is first and np.array_equal(third, rows * 2)
   assert host_aligned(rows, np.float64, buffers=buffers).dtype == np.float64  # another key
+
+
+def test_host_windows_read_rows_in_place_or_copy_them(rng):
+  """Interior rows of an in-memory gallery come as an aligned view around them; rows at the
+  ends of their allocation, converted or reordered rows are copied (zero past the rows)."""
+  from plato_jax.knn.sources import TileBuffers, aligned_empty, host_window, window_length
+
+  d, t = 24, 10
+  length = window_length(t, d)
+  for shift in range(0, 16, 3):  # every alignment a float32 array can have
+    memory = aligned_empty((100 * d + 16,), np.float32)[shift:shift + 100 * d]
+    gallery = np.frombuffer(memoryview(memory), np.float32).reshape(100, d)  # owns no more
+    memory[...] = rng.standard_normal(memory.shape)
+    for start in (0, 40, 90, 95):
+      rows = gallery[start:start + t]
+      w = host_window(rows, length, np.float32)
+      assert w.window.shape == (length,) and w.window.ctypes.data % 64 == 0
+      got = w.window[w.offset:w.offset + rows.size].reshape(rows.shape)
+      np.testing.assert_array_equal(got, rows)
+      in_place = start == 40 or (start == 0 and shift == 0)
+      assert np.shares_memory(w.window, gallery) == in_place, (shift, start)
+      if not in_place:
+        assert w.offset == 0 and not w.window[rows.size:].any()
+  buffers = TileBuffers()
+  half = rng.standard_normal((t, d)).astype(np.float16)
+  w = host_window(half, length, np.float32, buffers)  # a conversion: a copy, reused later
+  np.testing.assert_array_equal(w.window[:half.size].reshape(t, d), half.astype(np.float32))
+  buffers.give_back(w.window)
+  assert host_window(half, length, np.float32, buffers).window is w.window
+  reordered = host_window(gallery[40:50][::-1], length, np.float32)
+  assert not np.shares_memory(reordered.window, gallery)

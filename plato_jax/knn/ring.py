@@ -50,8 +50,9 @@ def _ring_fn(mesh: Mesh, selector, block: int, exclude_self: bool, precision, k:
 
       def per_tile(st, tile):
         rows, ids = tile
-        return sharding.fold_tile(selector, st, q, qid, rows, ids, exclude_self=exclude_self,
-                                  precision=precision), None
+        st, _ = sharding.fold_tile(selector, st, q, qid, rows, ids, exclude_self=exclude_self,
+                                   precision=precision)
+        return st, None
 
       st, _ = lax.scan(per_tile, st, (gallery.reshape(-1, block, d),
                                       gallery_ids.reshape(-1, block)))

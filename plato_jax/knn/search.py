@@ -23,8 +23,9 @@ from jax import lax
 
 from plato_jax.knn import sharding
 from plato_jax.knn.large_k import LARGE_K_THRESHOLD, choose_selector
-from plato_jax.knn.sources import (MAX_ID, TileBuffers, aligned_empty, as_source, on_accelerator,
-                                   plan_tiles, raise_for_bad_rows, stream_tiles)
+from plato_jax.knn.sources import (MAX_ID, RowWindow, TileBuffers, aligned_empty, as_source,
+                                   on_accelerator, plan_tiles, raise_for_bad_rows, stream_tiles,
+                                   window_length)
 from plato_jax.progress import Progress
 from plato_jax.resume import ResumePoint
 
@@ -240,6 +241,8 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
       dtype, tile_dtype,
       bool(exclude_self), precision, bool(normalize))
   step = sharding.sharded_step(mesh, selector, bool(exclude_self), precision, bool(normalize))
+  # Host rows go to the CPU kernel where they lie (no copy of unaligned numpy rows).
+  window = window_length(tile_rows, source.dim) if sharding.reads_windows(selector) else None
 
   ranges = plan_tiles(sizes[-1], tile_rows, sizes)  # rows past the largest prefix: never read
   groups = _group_ranges(ranges, num_dev, set(sizes))
@@ -285,21 +288,23 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
       state = sharding.empty_state(mesh, selector, block)
       bad = sharding.put_split(mesh, np.zeros(num_dev, np.int32))
     tiles = stream_tiles(source, g_ids, [g[slot] for g in groups[first:] for slot in mine
-                                         if slot < len(g)], dtype=tile_dtype, buffers=buffers)
+                                         if slot < len(g)], dtype=tile_dtype, buffers=buffers,
+                         window=window)
     for gi in range(first, len(groups)):
       group = groups[gi]
       rows_by_slot, ids_by_slot, read = {}, {}, []
       for slot in mine:
         tile = next(tiles) if slot < len(group) else None
         read.append(tile)
-        rows_by_slot[slot], ids_by_slot[slot] = _padded(tile, tile_rows, source.dim, tile_dtype)
+        rows_by_slot[slot], ids_by_slot[slot] = _padded(tile, tile_rows, source.dim, tile_dtype,
+                                                        window)
       state, bad = step(state, bad, qd, qd_ids, sharding.put_local_slots(mesh, rows_by_slot),
                         sharding.put_local_slots(mesh, ids_by_slot))
       if buffers is not None:  # the step has read its tiles once it is done: reuse them
         jax.block_until_ready(state)
         for tile in read:
           if tile is not None:
-            buffers.give_back(tile.rows)
+            buffers.give_back(tile.rows.window if isinstance(tile.rows, RowWindow) else tile.rows)
       stop = group[-1][1]
       if stop in sizes:
         num_bad = int(sharding.replicated_sum(mesh)(bad))
@@ -316,7 +321,7 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
         last = b == num_blocks - 1 and gi == len(groups) - 1
         point.maybe_save(b * len(groups) + gi + 1, {"state": state, "bad": bad, **found},
                          force=last)
-      meter.update(stop - group[0][0], sum(r.nbytes for r in rows_by_slot.values()))
+      meter.update(stop - group[0][0], (stop - group[0][0]) * source.dim * tile_dtype.itemsize)
   meter.close()
   if point is not None:
     point.close()
@@ -418,11 +423,16 @@ def _selector_that_compiles(kernel, required, k, tile_rows, bucket_width, mesh, 
     whole = sharding.NamedSharding(mesh, sharding.P())
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct((p, *x.shape), x.dtype, sharding=split),
                          selector.init(block))
+    if sharding.reads_windows(selector):
+      tiles = RowWindow(
+          jax.ShapeDtypeStruct((p, window_length(tile_rows, dim)), tile_dtype, sharding=split),
+          jax.ShapeDtypeStruct((p,), np.int32, sharding=split))
+    else:
+      tiles = jax.ShapeDtypeStruct((p, tile_rows, dim), tile_dtype, sharding=split)
     sharding.sharded_step(mesh, selector, exclude_self, precision, normalize).lower(
         state, jax.ShapeDtypeStruct((p,), np.int32, sharding=split),
         jax.ShapeDtypeStruct((block, dim), dtype, sharding=whole),
-        jax.ShapeDtypeStruct((block,), np.int32, sharding=whole),
-        jax.ShapeDtypeStruct((p, tile_rows, dim), tile_dtype, sharding=split),
+        jax.ShapeDtypeStruct((block,), np.int32, sharding=whole), tiles,
         jax.ShapeDtypeStruct((p, tile_rows), np.int32, sharding=split)).compile()
     return selector, kernel
   except Exception as e:  # noqa: BLE001 — any compiler failure means: use the XLA kernel
@@ -433,8 +443,20 @@ def _selector_that_compiles(kernel, required, k, tile_rows, bucket_width, mesh, 
     return xla, "xla"
 
 
-def _padded(tile, tile_rows: int, dim: int, dtype):
-  """A device slot's rows and int32 ids, padded to `tile_rows` (id -1: never selected)."""
+def _padded(tile, tile_rows: int, dim: int, dtype, window: int | None = None):
+  """A device slot's rows and int32 ids, padded to `tile_rows` (id -1: never selected).
+  With `window`, the rows are a `RowWindow` of that many elements (already sized)."""
+  if window is not None:
+    ids = np.full(tile_rows, -1, np.int32)
+    if tile is None:
+      empty = aligned_empty((window,), dtype)
+      empty[...] = 0
+      return RowWindow(empty, np.int32(0)), ids
+    ids[:tile.ids.shape[0]] = tile.ids
+    if isinstance(tile.rows, RowWindow):
+      return tile.rows, ids
+    flat = tile.rows.reshape(-1)  # rows already on a device
+    return RowWindow(jax.numpy.pad(flat, (0, window - flat.shape[0])), np.int32(0)), ids
   if tile is not None and tile.rows.shape[0] == tile_rows:
     return tile.rows, tile.ids.astype(np.int32)
   if tile is not None and on_accelerator(tile.rows):

@@ -176,7 +176,7 @@ class TopKSelector:
 
 def count_bad_rows(row_sumsq, tile_ids, normalize: bool):
   """Rows (not padding) whose f32 squared norm is NaN/Inf — a NaN/Inf value, or an overflow —
-  or zero when they must be normalised. One pass over the tile serves this and the norms."""
+  or zero when they must be normalised."""
   bad = ~jnp.isfinite(row_sumsq)
   if normalize:
     bad = bad | (row_sumsq == 0)
@@ -188,23 +188,34 @@ def is_fused(selector) -> bool:
   return hasattr(selector, "update_rows")
 
 
+def row_sumsq(tile):
+  """The rows' f32 squared norms [T] (one pass over the tile serves them and the checks)."""
+  return jnp.sum(jnp.square(tile.astype(jnp.float32)), axis=-1)
+
+
 def fold_tile(selector, state, queries, query_ids, tile, tile_ids, *, exclude_self: bool,
-              precision, row_sumsq=None):
+              precision, normalize: bool = False):
   """One tile folded into a device's running state: scored and selected (`score_tile`,
-  `selector.update`), or in one fused kernel (`selector.update_rows`)."""
+  `selector.update`), or in one fused kernel (`selector.update_rows`). Returns (state, the
+  tile rows' f32 squared norms)."""
   if is_fused(selector):
-    return selector.update_rows(
-        state, queries, query_ids if exclude_self else None, tile, tile_ids,
-        column_scale=None if row_sumsq is None else inverse_norms(row_sumsq),
-        precision=precision)
+    return selector.update_rows(state, queries, query_ids if exclude_self else None, tile,
+                                tile_ids, normalize=normalize, precision=precision)
+  sumsq = row_sumsq(tile)
   s = score_tile(queries, query_ids, tile, tile_ids, exclude_self=exclude_self,
-                 precision=precision, row_sumsq=row_sumsq)
-  return selector.update(state, s)
+                 precision=precision, row_sumsq=sumsq if normalize else None)
+  return selector.update(state, s), sumsq
+
+
+def reads_windows(selector) -> bool:
+  """The selector's kernel reads host rows in place (`sources.RowWindow` tiles)."""
+  return getattr(selector, "reads_windows", False)
 
 
 @functools.lru_cache(maxsize=64)
 def sharded_step(mesh: Mesh, selector, exclude_self: bool, precision, normalize: bool = False):
-  """jit(shard_map(score + selector.update)): per-device state [P, ...], tiles [P, T, D].
+  """jit(shard_map(score + selector.update)): per-device state [P, ...], tiles [P, T, D] (or
+  `RowWindow`s [P, L] and [P], for selectors that read them).
 
   Also adds the tile's bad rows (`count_bad_rows`) to a per-device counter [P]: rows are
   validated on the device, where they are anyway, and named on the host only on error.
@@ -212,11 +223,9 @@ def sharded_step(mesh: Mesh, selector, exclude_self: bool, precision, normalize:
   axis = mesh_axis(mesh)
 
   def local(state, bad, queries, query_ids, tiles, tile_ids):
-    state = jax.tree.map(lambda x: x[0], state)
-    sumsq = jnp.sum(jnp.square(tiles[0].astype(jnp.float32)), axis=-1)
-    state = fold_tile(selector, state, queries, query_ids, tiles[0], tile_ids[0],
-                      exclude_self=exclude_self, precision=precision,
-                      row_sumsq=sumsq if normalize else None)
+    state, tile = jax.tree.map(lambda x: x[0], (state, tiles))
+    state, sumsq = fold_tile(selector, state, queries, query_ids, tile, tile_ids[0],
+                             exclude_self=exclude_self, precision=precision, normalize=normalize)
     bad = bad + count_bad_rows(sumsq, tile_ids[0], normalize)
     return jax.tree.map(lambda x: x[None], state), bad
 
@@ -277,14 +286,18 @@ def put_split(mesh: Mesh, array: np.ndarray):
   return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
 
 
-def put_local_slots(mesh: Mesh, per_slot: dict[int, np.ndarray]):
-  """[P, ...] array from this process's slots only (other processes supply theirs)."""
-  devices = mesh.devices.flat
-  some = next(iter(per_slot.values()))
-  shape = (mesh.devices.size, *some.shape)
-  arrays = [jax.device_put(a[None], devices[slot]) for slot, a in sorted(per_slot.items())]
-  return jax.make_array_from_single_device_arrays(
-      shape, NamedSharding(mesh, P(mesh_axis(mesh))), arrays)
+def put_local_slots(mesh: Mesh, per_slot: dict):
+  """[P, ...] arrays (of each leaf, when the slots hold pytrees) from this process's slots
+  only (other processes supply theirs)."""
+  devices, slots = mesh.devices.flat, sorted(per_slot)
+  split = NamedSharding(mesh, P(mesh_axis(mesh)))
+
+  def put(*leaves):
+    arrays = [jax.device_put(np.asarray(a)[None], devices[s]) for s, a in zip(slots, leaves)]
+    return jax.make_array_from_single_device_arrays(
+        (mesh.devices.size, *np.shape(leaves[0])), split, arrays)
+
+  return jax.tree.map(put, *[per_slot[s] for s in slots])
 
 
 def put_whole(mesh: Mesh, array: np.ndarray):

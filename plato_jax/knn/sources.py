@@ -17,11 +17,12 @@ import collections
 import concurrent.futures
 import dataclasses
 import threading
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
 MAX_ID = 2**31 - 1
+ALIGN = 64  # bytes: the CPU client takes host arrays aligned so without a copy
 
 
 def _as_host_array(x) -> np.ndarray:
@@ -179,11 +180,12 @@ class Tile:
   """Rows [start, stop) of the stream, reordered by id (ties on device break by column)."""
   start: int
   stop: int
-  rows: Any            # [stop-start, D], sorted by id: numpy, or a jax array on the device
+  rows: Any            # [stop-start, D], sorted by id: numpy, a jax array on the device, or
+                       # a RowWindow of host rows
   ids: np.ndarray       # int64, ascending
 
 
-def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
+def aligned_empty(shape, dtype, align: int = ALIGN) -> np.ndarray:
   """An uninitialised C-contiguous array whose data starts on an `align`-byte boundary."""
   nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
   buf = np.empty(nbytes + align, np.uint8)
@@ -229,11 +231,62 @@ def host_aligned(rows: np.ndarray, dtype=None, buffers: TileBuffers | None = Non
   a 100 MB tile); the copy, when needed, happens here in a reader thread.
   """
   dtype = rows.dtype if dtype is None else np.dtype(dtype)
-  if rows.dtype == dtype and rows.flags.c_contiguous and rows.ctypes.data % 64 == 0:
+  if rows.dtype == dtype and rows.flags.c_contiguous and rows.ctypes.data % ALIGN == 0:
     return rows
   out = aligned_empty(rows.shape, dtype) if buffers is None else buffers.take(rows.shape, dtype)
   np.copyto(out, rows, casting="unsafe" if rows.dtype != dtype else "no")
   return out
+
+
+class RowWindow(NamedTuple):
+  """Rows [T, D] read where they lie: row r is `window[offset + r·D : offset + (r+1)·D]`.
+
+  `window` is a flat, 64-byte-aligned view of the memory around the rows, so the CPU client
+  takes it without a copy; kernels that read such windows (`kernels.cpu_topk`) get the
+  rows' offset as a value. Whatever the window holds beyond the T rows is never selected
+  (those columns are padding). With a leading device axis when sharded: [P, L] and [P].
+  """
+  window: Any
+  offset: Any
+
+
+def window_length(tile_rows: int, dim: int, itemsize: int = 4) -> int:
+  """Elements of the windows of `tile_rows`-row tiles: room for any offset."""
+  return tile_rows * dim + ALIGN // itemsize
+
+
+def host_window(rows: np.ndarray, length: int, dtype,
+                buffers: TileBuffers | None = None) -> RowWindow:
+  """`rows` as a `RowWindow` of `length` elements: a view of the allocation holding them
+  when it reaches far enough on both sides (an interior tile of an in-memory gallery),
+  else a copy (converted to `dtype`; zero past the rows)."""
+  dtype = np.dtype(dtype)
+  if rows.dtype == dtype and rows.flags.c_contiguous and rows.size:
+    view = _window_around(rows, length)
+    if view is not None:
+      return view
+  out = aligned_empty((length,), dtype) if buffers is None else buffers.take((length,), dtype)
+  np.copyto(out[:rows.size].reshape(rows.shape), rows,
+            casting="unsafe" if rows.dtype != dtype else "no")
+  out[rows.size:] = 0
+  return RowWindow(out, np.int32(0))
+
+
+def _window_around(rows: np.ndarray, length: int) -> RowWindow | None:
+  """An aligned view of `length` elements starting at most ALIGN bytes before `rows`, inside
+  the array that owns their memory; None if that array does not reach so far."""
+  owner = rows
+  while isinstance(owner.base, np.ndarray):
+    owner = owner.base
+  item, start = rows.itemsize, rows.ctypes.data
+  if not owner.flags.c_contiguous or start % item:
+    return None
+  begin = start - start % ALIGN
+  lo = owner.ctypes.data
+  if begin < lo or begin + length * item > lo + owner.nbytes:
+    return None
+  window = owner.reshape(-1).view(np.uint8)[begin - lo:begin - lo + length * item]
+  return RowWindow(window.view(rows.dtype), np.int32((start - begin) // item))
 
 
 def _raise_for_rows(tile_ids: np.ndarray, bad: np.ndarray, what: str) -> None:
@@ -269,12 +322,13 @@ def raise_for_bad_rows(source, ids: np.ndarray, ranges: Sequence[tuple[int, int]
 
 
 def stream_tiles(source, ids: np.ndarray, ranges: Sequence[tuple[int, int]], *,
-                 dtype=None, prefetch: int = 4,
-                 buffers: TileBuffers | None = None) -> Iterator[Tile]:
+                 dtype=None, prefetch: int = 4, buffers: TileBuffers | None = None,
+                 window: int | None = None) -> Iterator[Tile]:
   """Reads tiles in background threads, `prefetch` reads in flight; sorts each tile by id
   (and converts it to `dtype`, when given). Host tiles that must be copied (unaligned,
   converted or reordered rows) are copied into `buffers`' when given; the consumer gives
-  them back.
+  them back. With `window` (elements), host tiles come as `RowWindow`s of that length,
+  copied only where they cannot be read in place.
 
   Several reads in flight matter: one TensorStore read of a tile does not keep the storage
   and decode threads busy on its own (measured: one in flight read at a quarter of the rate).
@@ -294,6 +348,8 @@ def stream_tiles(source, ids: np.ndarray, ranges: Sequence[tuple[int, int]], *,
       rows, tile_ids = rows[order], tile_ids[order]
     if on_device:
       return Tile(start, stop, rows if dtype is None else rows.astype(dtype), tile_ids)
+    if window is not None:
+      return Tile(start, stop, host_window(rows, window, dtype or rows.dtype, buffers), tile_ids)
     return Tile(start, stop, host_aligned(rows, dtype, buffers), tile_ids)
 
   with concurrent.futures.ThreadPoolExecutor(max_workers=prefetch) as pool:
