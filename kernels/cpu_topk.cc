@@ -64,7 +64,7 @@ struct Problem {
   int32_t* count;              // [Q] entries in each pool
   float* threshold_value;      // [Q] an entry must rank before (value, id) to enter
   int32_t* threshold_id;
-  float* row_sumsq;             // [T] squared norms (written by the first thread)
+  float* row_sumsq;            // [T] squared norms (written by the first thread)
   int64_t k, capacity, num_t, dim;
   bool normalize;              // scale each column by 1 / its row's norm (0 for a zero row)
 };

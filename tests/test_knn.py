@@ -294,7 +294,8 @@ def test_gallery_in_accelerator_memory_is_sliced_there(rng, monkeypatch):
   search_module = sys.modules["plato_jax.knn.search"]
   x = integer_rows(rng, 1000, 8)
   ids = rng.permutation(5000)[:1000]  # not ascending: tiles are reordered on the device
-  host = search(x[:50], x, 7, query_ids=ids[:50], gallery_ids=ids, tile_rows=128)
+  # kernel="xla": an accelerator's kernel (the CPU kernel reads host rows, never these)
+  host = search(x[:50], x, 7, query_ids=ids[:50], gallery_ids=ids, tile_rows=128, kernel="xla")
   sliced = []  # shapes of the jax arrays the engine asked about: the gallery, then its tiles
 
   def on_device(a):
@@ -305,7 +306,7 @@ def test_gallery_in_accelerator_memory_is_sliced_there(rng, monkeypatch):
   monkeypatch.setattr(sources, "on_accelerator", on_device)
   monkeypatch.setattr(search_module, "on_accelerator", on_device)
   dev = search(x[:50], jax.device_put(x), 7, query_ids=ids[:50], gallery_ids=ids,
-               tile_rows=128)
+               tile_rows=128, kernel="xla")
   # full tiles and the last, short one (1000 = 7·128 + 104) stayed jax arrays
   assert (128, 8) in sliced and (104, 8) in sliced
   np.testing.assert_array_equal(dev.ids, host.ids)

@@ -304,7 +304,7 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
         jax.block_until_ready(state)
         for tile in read:
           if tile is not None:
-            buffers.give_back(tile.rows.window if isinstance(tile.rows, RowWindow) else tile.rows)
+            buffers.give_back(tile.rows.window if window else tile.rows)
       stop = group[-1][1]
       if stop in sizes:
         num_bad = int(sharding.replicated_sum(mesh)(bad))
@@ -453,10 +453,7 @@ def _padded(tile, tile_rows: int, dim: int, dtype, window: int | None = None):
       empty[...] = 0
       return RowWindow(empty, np.int32(0)), ids
     ids[:tile.ids.shape[0]] = tile.ids
-    if isinstance(tile.rows, RowWindow):
-      return tile.rows, ids
-    flat = tile.rows.reshape(-1)  # rows already on a device
-    return RowWindow(jax.numpy.pad(flat, (0, window - flat.shape[0])), np.int32(0)), ids
+    return tile.rows, ids
   if tile is not None and tile.rows.shape[0] == tile_rows:
     return tile.rows, tile.ids.astype(np.int32)
   if tile is not None and on_accelerator(tile.rows):

@@ -233,8 +233,15 @@ def host_aligned(rows: np.ndarray, dtype=None, buffers: TileBuffers | None = Non
   dtype = rows.dtype if dtype is None else np.dtype(dtype)
   if rows.dtype == dtype and rows.flags.c_contiguous and rows.ctypes.data % ALIGN == 0:
     return rows
-  out = aligned_empty(rows.shape, dtype) if buffers is None else buffers.take(rows.shape, dtype)
-  np.copyto(out, rows, casting="unsafe" if rows.dtype != dtype else "no")
+  return _aligned_copy(rows, rows.shape, dtype, buffers)
+
+
+def _aligned_copy(rows: np.ndarray, shape, dtype, buffers: TileBuffers | None) -> np.ndarray:
+  """An aligned array of `shape` (from `buffers`, when given) starting with `rows`, converted
+  to `dtype`; the rest is left as it is."""
+  out = aligned_empty(shape, dtype) if buffers is None else buffers.take(shape, dtype)
+  np.copyto(out.reshape(-1)[:rows.size].reshape(rows.shape), rows,
+            casting="unsafe" if rows.dtype != dtype else "no")
   return out
 
 
@@ -265,9 +272,7 @@ def host_window(rows: np.ndarray, length: int, dtype,
     view = _window_around(rows, length)
     if view is not None:
       return view
-  out = aligned_empty((length,), dtype) if buffers is None else buffers.take((length,), dtype)
-  np.copyto(out[:rows.size].reshape(rows.shape), rows,
-            casting="unsafe" if rows.dtype != dtype else "no")
+  out = _aligned_copy(rows, (length,), dtype, buffers)
   out[rows.size:] = 0
   return RowWindow(out, np.int32(0))
 
