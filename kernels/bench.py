@@ -4,16 +4,20 @@
     python -m kernels.bench --gallery=65536 --k=10
 
 Peers: faiss-cpu IndexFlatIP and numpy matmul + argpartition on CPU (same thread count);
-torch matmul + topk on a GPU. Prints seconds, effective GFLOP/s (2·Q·N·d / time) and the
-ratio peer_time / our_time (> 1 means we are faster).
+torch matmul + topk on a GPU. The methods run interleaved (each round runs every method
+once), so the machine's drift falls on all of them. Prints best and median seconds,
+effective GFLOP/s (2·Q·N·d / best time) and the ratios peer_time / our_time of bests and of
+medians (> 1 means we are faster).
 """
 from __future__ import annotations
 
+import functools
 import os
+import statistics
 
 from absl import app, flags
 
-from kernels.timing import best_time
+from kernels.timing import best_time, interleaved_times
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("queries", 1024, "query rows")
@@ -21,7 +25,8 @@ flags.DEFINE_integer("gallery", 262_144, "gallery rows")
 flags.DEFINE_integer("dim", 768, "feature dimension")
 flags.DEFINE_list("k", ["10", "n/100"], "k values; 'n/100' means gallery // 100")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "storage dtype of both sides")
-flags.DEFINE_integer("repeats", 3, "timed runs per method (best is reported)")
+flags.DEFINE_integer("repeats", 3, "timed rounds; each runs every method once, in rotating "
+                     "order (best and median are reported)")
 flags.DEFINE_integer("tile_rows", None, "engine tile rows (default: engine's choice)")
 flags.DEFINE_list("peers", ["faiss", "numpy", "torch"], "peers to run when available")
 flags.DEFINE_integer("seed", 0, "data seed")
@@ -77,37 +82,34 @@ def main(argv):
   dot_t = _dot_time(q, g, FLAGS.repeats)
   print(f"jnp.dot alone (the whole [Q, N] score matrix, f32 accumulation): {dot_t:.3f} s, "
         f"{flop / dot_t / 1e9:.1f} GFLOP/s")
+  index = None
+  if "faiss" in FLAGS.peers and backend == "cpu":
+    try:
+      import faiss
+      faiss.omp_set_num_threads(threads)
+      index = faiss.IndexFlatIP(FLAGS.dim)
+      index.add(np.asarray(g, np.float32))  # faiss's copy of the gallery, made untimed
+    except ImportError:
+      print("faiss not installed: skipped")
+  gd = jax.device_put(g) if backend != "cpu" else None
   for k_spec in FLAGS.k:
     k = FLAGS.gallery // 100 if k_spec == "n/100" else int(k_spec)
-    rows = []
-    first, *others = FLAGS.kernel
-    ours_t, ours = best_time(lambda: search(q, g, k, exclude_self=False, tile_rows=FLAGS.tile_rows,
-                                            kernel=first), FLAGS.repeats)
-    rows.append((f"plato_jax ({ours.kernel})", ours_t, None))
-    for kernel in others:
-      t, other = best_time(lambda: search(q, g, k, exclude_self=False, kernel=kernel,
-                                          tile_rows=FLAGS.tile_rows), FLAGS.repeats)
-      rows.append((f"plato_jax, kernel {other.kernel}", t, (other.ids == ours.ids).mean()))
-    if backend != "cpu":  # the gallery already in device memory, as the torch peer's is
-      gd = jax.device_put(g)
-      t, resident = best_time(lambda: search(q, gd, k, exclude_self=False, kernel=first,
-                                             tile_rows=FLAGS.tile_rows), FLAGS.repeats)
-      rows.append(("plato_jax, gallery on device", t, (resident.ids == ours.ids).mean()))
-    if "faiss" in FLAGS.peers and backend == "cpu":
-      try:
-        import faiss
-        faiss.omp_set_num_threads(threads)
-        g32 = np.asarray(g, np.float32)
-        index = faiss.IndexFlatIP(FLAGS.dim)
-        index.add(g32)
-        t, (_, f_ids) = best_time(lambda: index.search(np.asarray(q, np.float32), k), FLAGS.repeats)
-        rows.append(("faiss-cpu IndexFlatIP", t, (f_ids == ours.ids).mean()))
-      except ImportError:
-        print("faiss not installed: skipped")
+    # name -> (callable, its output's [Q, k] ids); the first is ours, the reference of ratios
+    methods = {}
+    for kernel in FLAGS.kernel:
+      methods[f"plato_jax, kernel {kernel}"] = (
+          functools.partial(search, q, g, k, exclude_self=False, kernel=kernel,
+                            tile_rows=FLAGS.tile_rows), lambda r: r.ids)
+    if gd is not None:  # the gallery already in device memory, as the torch peer's is
+      methods["plato_jax, gallery on device"] = (
+          functools.partial(search, q, gd, k, exclude_self=False, kernel=FLAGS.kernel[0],
+                            tile_rows=FLAGS.tile_rows), lambda r: r.ids)
+    if index is not None:
+      q32 = np.asarray(q, np.float32)
+      methods["faiss-cpu IndexFlatIP"] = (lambda: index.search(q32, k), lambda r: r[1])
     if "numpy" in FLAGS.peers and backend == "cpu":
       g32, q32 = np.asarray(g, np.float32), np.asarray(q, np.float32)
-      t, n_ids = best_time(lambda: numpy_topk(q32, g32, k), FLAGS.repeats)
-      rows.append(("numpy matmul+argpartition", t, (n_ids == ours.ids).mean()))
+      methods["numpy matmul+argpartition"] = (lambda: numpy_topk(q32, g32, k), lambda r: r)
     if "torch" in FLAGS.peers and backend == "gpu":
       import torch
       tq = torch.from_numpy(np.asarray(q, np.float32)).cuda()
@@ -119,15 +121,21 @@ def main(argv):
         out = torch.topk((tq @ tg.T).float(), k, dim=1)
         torch.cuda.synchronize()
         return out.indices.cpu().numpy()
-      t, t_ids = best_time(torch_topk, FLAGS.repeats)
-      rows.append(("torch matmul+topk", t, (t_ids == ours.ids).mean()))
-    print(f"\nk={k}: plato_jax at {dot_t / ours_t:.0%} of the jnp.dot rate")
-    print(f"{'method':30s} {'seconds':>9s} {'GFLOP/s':>9s} {'peer/ours':>10s} {'id agreement':>13s}")
-    for name, t, agree in rows:
-      ratio = "" if name.startswith("plato_jax (") else f"{t / ours_t:10.2f}"
-      ag = "" if agree is None else f"{agree:13.4f}"
-      print(f"{name:30s} {t:9.3f} {flop / t / 1e9:9.1f} {ratio:>10s} {ag}")
-
+      methods["torch matmul+topk"] = (torch_topk, lambda r: r)
+    timed = interleaved_times({name: fn for name, (fn, _) in methods.items()}, FLAGS.repeats)
+    ours_name = next(iter(methods))
+    ours_times, ours = timed[ours_name]
+    ours_ids = np.asarray(ours.ids)
+    best, median = min(ours_times), statistics.median(ours_times)
+    print(f"\nk={k}: {ours_name} ({ours.kernel}) at {dot_t / best:.0%} of the jnp.dot rate; "
+          f"{FLAGS.repeats} interleaved rounds")
+    print(f"{'method':32s} {'best s':>8s} {'median s':>9s} {'GFLOP/s':>8s} "
+          f"{'peer/ours best':>15s} {'median':>7s} {'id agreement':>13s}")
+    for name, (times, out) in timed.items():
+      t, m = min(times), statistics.median(times)
+      ratio = "" if name == ours_name else f"{t / best:15.2f} {m / median:7.2f}"
+      agree = "" if name == ours_name else f"{(np.asarray(methods[name][1](out)) == ours_ids).mean():13.4f}"
+      print(f"{name:32s} {t:8.3f} {m:9.3f} {flop / t / 1e9:8.1f} {ratio:>23s} {agree}")
 
 if __name__ == "__main__":
   app.run(main)

@@ -17,6 +17,13 @@
 // OpenBLAS's values move by ulps with a row's position in the call.) The AVX2 path runs
 // 8 such chains per vector lane-wise; the portable path runs them with fmaf.
 //
+// Blocking follows BLIS: a block of gallery rows is packed feature-major into strips of 16
+// (8 × 8 register transposes), a group of query panels waits in L2, and features go in
+// chunks so that a strip's chunk stays in L1 while the group's panels stream past it. The
+// packed buffers start on cache lines: a strip's 16 floats of one feature are one line.
+// Partial sums wait in memory between chunks; an f32 stored and reloaded is unchanged, so
+// every score is still one FMA chain.
+//
 // Threads split the queries; each packs its own copy of every gallery block, so they never
 // synchronise within a call. Packing also yields each row's squared norm (one FMA chain in
 // feature order): the engine's bad-row check, and cosine's column scale, without another
@@ -115,26 +122,25 @@ void Pack(const float* x, int64_t r0, int64_t rows, int64_t width, int64_t dim, 
   }
 }
 
-// Portable micro-tile: acc[r][c] = fmaf chain over features.
-void MicroTilePortable(const float* a, const float* b, int64_t dim, float acc[kRows][kCols]) {
-  for (int64_t r = 0; r < kRows; ++r)
-    for (int64_t c = 0; c < kCols; ++c) acc[r][c] = 0.0f;
-  for (int64_t f = 0; f < dim; ++f) {
+// acc[r][c] continues its fmaf chain over `depth` more features (from 0 when `fresh`).
+// a: a packed query panel from the chunk's first feature; b: a packed strip, likewise.
+void MicroTilePortable(const float* a, const float* b, int64_t depth, float* acc, bool fresh) {
+  if (fresh) std::fill(acc, acc + kRows * kCols, 0.0f);
+  for (int64_t f = 0; f < depth; ++f) {
     for (int64_t r = 0; r < kRows; ++r) {
       for (int64_t c = 0; c < kCols; ++c) {
-        acc[r][c] = std::fma(a[f * kRows + r], b[f * kCols + c], acc[r][c]);
+        acc[r * kCols + c] = std::fma(a[f * kRows + r], b[f * kCols + c], acc[r * kCols + c]);
       }
     }
   }
 }
 
-void FoldTilePortable(const Problem& p, const float* a, const float* b, const float* scale,
-                      int64_t q0, int64_t rows, int64_t col, int64_t n,
-                      std::vector<Entry>& scratch) {
-  float acc[kRows][kCols];
-  MicroTilePortable(a, b, p.dim, acc);
+// Offers the finished scores of a micro-tile (acc [kRows][kCols], columns col.. of which
+// the first n are rows of the tile) to queries q0..q0 + rows.
+void FinishTilePortable(const Problem& p, const float* acc, const float* scale, int64_t q0,
+                        int64_t rows, int64_t col, int64_t n, std::vector<Entry>& scratch) {
   for (int64_t r = 0; r < rows; ++r) {
-    Offer(p, q0 + r, col, acc[r], scale, (1u << n) - 1, scratch);
+    Offer(p, q0 + r, col, acc + r * kCols, scale, (1u << n) - 1, scratch);
   }
 }
 
@@ -160,18 +166,55 @@ __attribute__((target("avx2,fma"))) void StripSumSqAvx2(const float* b, int64_t 
   _mm256_storeu_ps(out + 8, s1);
 }
 
-__attribute__((target("avx2,fma"))) void FoldTileAvx2(const Problem& p, const float* a,
-                                                      const float* b, const float* scale,
-                                                      int64_t q0, int64_t rows, int64_t col,
-                                                      std::vector<Entry>& scratch) {
-  __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
-  __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
-  __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
-  __m256 c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps();
-  __m256 c40 = _mm256_setzero_ps(), c41 = _mm256_setzero_ps();
-  __m256 c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
-  for (int64_t f = 0; f < p.dim; ++f) {
-    const __m256 b0 = _mm256_loadu_ps(b + f * kCols), b1 = _mm256_loadu_ps(b + f * kCols + 8);
+// Pack for a whole strip (kCols rows): 8 × 8 blocks transposed in registers.
+__attribute__((target("avx2,fma"))) void PackStripAvx2(const float* x, int64_t r0,
+                                                       int64_t dim, float* out) {
+  const int64_t whole = dim / 8 * 8;
+  for (int64_t half = 0; half < kCols; half += 8) {
+    const float* src = x + (r0 + half) * dim;
+    for (int64_t f = 0; f < whole; f += 8) {
+      __m256 r[8], t[8];
+      for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_ps(src + j * dim + f);
+      for (int j = 0; j < 8; j += 2) {
+        t[j] = _mm256_unpacklo_ps(r[j], r[j + 1]), t[j + 1] = _mm256_unpackhi_ps(r[j], r[j + 1]);
+      }
+      for (int j = 0; j < 8; j += 4) {
+        r[j] = _mm256_shuffle_ps(t[j], t[j + 2], 0x44), r[j + 1] = _mm256_shuffle_ps(t[j], t[j + 2], 0xEE);
+        r[j + 2] = _mm256_shuffle_ps(t[j + 1], t[j + 3], 0x44);
+        r[j + 3] = _mm256_shuffle_ps(t[j + 1], t[j + 3], 0xEE);
+      }
+      // r[0..3]: features f+{0,1,2,3} of rows 0-3 (low half) and f+{4..7} (high half), rows
+      // 4-7 in r[4..7].
+      for (int j = 0; j < 4; ++j) {
+        _mm256_storeu_ps(out + (f + j) * kCols + half, _mm256_permute2f128_ps(r[j], r[j + 4], 0x20));
+        _mm256_storeu_ps(out + (f + j + 4) * kCols + half,
+                         _mm256_permute2f128_ps(r[j], r[j + 4], 0x31));
+      }
+    }
+    for (int64_t f = whole; f < dim; ++f) {
+      for (int64_t j = 0; j < 8; ++j) out[f * kCols + half + j] = src[j * dim + f];
+    }
+  }
+}
+
+// The AVX2 micro-tile: 12 accumulators, 8 lanes each; the same chains as the portable one.
+// (Named registers, not an array: GCC keeps an array of vectors in memory.)
+__attribute__((target("avx2,fma"))) void MicroTileAvx2(const float* a, const float* b,
+                                                       int64_t depth, float* acc, bool fresh) {
+  __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
+  if (fresh) {
+    c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = _mm256_setzero_ps();
+  } else {
+    c00 = _mm256_load_ps(acc + 0 * kCols), c01 = _mm256_load_ps(acc + 0 * kCols + 8);
+    c10 = _mm256_load_ps(acc + 1 * kCols), c11 = _mm256_load_ps(acc + 1 * kCols + 8);
+    c20 = _mm256_load_ps(acc + 2 * kCols), c21 = _mm256_load_ps(acc + 2 * kCols + 8);
+    c30 = _mm256_load_ps(acc + 3 * kCols), c31 = _mm256_load_ps(acc + 3 * kCols + 8);
+    c40 = _mm256_load_ps(acc + 4 * kCols), c41 = _mm256_load_ps(acc + 4 * kCols + 8);
+    c50 = _mm256_load_ps(acc + 5 * kCols), c51 = _mm256_load_ps(acc + 5 * kCols + 8);
+  }
+#pragma GCC unroll 4
+  for (int64_t f = 0; f < depth; ++f) {
+    const __m256 b0 = _mm256_load_ps(b + f * kCols), b1 = _mm256_load_ps(b + f * kCols + 8);
     const float* af = a + f * kRows;
     __m256 x = _mm256_broadcast_ss(af + 0);
     c00 = _mm256_fmadd_ps(x, b0, c00), c01 = _mm256_fmadd_ps(x, b1, c01);
@@ -186,20 +229,28 @@ __attribute__((target("avx2,fma"))) void FoldTileAvx2(const Problem& p, const fl
     x = _mm256_broadcast_ss(af + 5);
     c50 = _mm256_fmadd_ps(x, b0, c50), c51 = _mm256_fmadd_ps(x, b1, c51);
   }
+  _mm256_store_ps(acc + 0 * kCols, c00), _mm256_store_ps(acc + 0 * kCols + 8, c01);
+  _mm256_store_ps(acc + 1 * kCols, c10), _mm256_store_ps(acc + 1 * kCols + 8, c11);
+  _mm256_store_ps(acc + 2 * kCols, c20), _mm256_store_ps(acc + 2 * kCols + 8, c21);
+  _mm256_store_ps(acc + 3 * kCols, c30), _mm256_store_ps(acc + 3 * kCols + 8, c31);
+  _mm256_store_ps(acc + 4 * kCols, c40), _mm256_store_ps(acc + 4 * kCols + 8, c41);
+  _mm256_store_ps(acc + 5 * kCols, c50), _mm256_store_ps(acc + 5 * kCols + 8, c51);
+}
+
+__attribute__((target("avx2,fma"))) void FinishTileAvx2(const Problem& p, const float* acc,
+                                                        const float* scale, int64_t q0,
+                                                        int64_t rows, int64_t col, int64_t n,
+                                                        std::vector<Entry>& scratch) {
   const __m256 s0 = _mm256_loadu_ps(scale), s1 = _mm256_loadu_ps(scale + 8);
-  const __m256 lo[kRows] = {c00, c10, c20, c30, c40, c50};
-  const __m256 hi[kRows] = {c01, c11, c21, c31, c41, c51};
+  const uint32_t valid = (1u << n) - 1;
   for (int64_t r = 0; r < rows; ++r) {
     // Only lanes whose finished score reaches the threshold are offered (NaN never does).
     const __m256 root = _mm256_set1_ps(p.threshold_value[q0 + r]);
+    const __m256 lo = _mm256_load_ps(acc + r * kCols), hi = _mm256_load_ps(acc + r * kCols + 8);
     const uint32_t reach =
-        _mm256_movemask_ps(_mm256_cmp_ps(_mm256_mul_ps(lo[r], s0), root, _CMP_GE_OQ)) |
-        _mm256_movemask_ps(_mm256_cmp_ps(_mm256_mul_ps(hi[r], s1), root, _CMP_GE_OQ)) << 8;
-    if (!reach) continue;
-    alignas(32) float raw[kCols];
-    _mm256_store_ps(raw, lo[r]);
-    _mm256_store_ps(raw + 8, hi[r]);
-    Offer(p, q0 + r, col, raw, scale, reach, scratch);
+        valid & (_mm256_movemask_ps(_mm256_cmp_ps(_mm256_mul_ps(lo, s0), root, _CMP_GE_OQ)) |
+                 _mm256_movemask_ps(_mm256_cmp_ps(_mm256_mul_ps(hi, s1), root, _CMP_GE_OQ)) << 8);
+    if (reach) Offer(p, q0 + r, col, acc + r * kCols, scale, reach, scratch);
   }
 }
 #endif
@@ -212,32 +263,63 @@ bool HasAvx2() {
 #endif
 }
 
+// A float buffer whose data starts on a cache line (so a packed strip's 16 floats of one
+// feature are one line, not two).
+class LineAligned {
+ public:
+  explicit LineAligned(size_t n) : storage_(n + 16) {
+    data_ = storage_.data() + (-reinterpret_cast<uintptr_t>(storage_.data()) / 4 & 15);
+  }
+  float* data() { return data_; }
+
+ private:
+  std::vector<float> storage_;
+  float* data_;
+};
+
 // One thread's share: queries [q_begin, q_end) against the whole tile. The first thread
 // (`first`) also writes the rows' squared norms.
+//
+// Loop order (as BLIS's): a block of gallery rows is packed once (L2); for a group of query
+// panels (L2) and a chunk of `depth_chunk` features, each strip's chunk stays in L1 while
+// the group's panels stream past it. Partial sums wait in `acc` between chunks: storing
+// and reloading an f32 keeps every score the same FMA chain.
 void FoldQueries(const Problem& p, const float* queries, int64_t q_begin, int64_t q_end,
-                 int64_t block_cols, bool avx2, bool first) {
+                 int64_t block_cols, int64_t group_panels, int64_t depth_chunk, bool avx2,
+                 bool first) {
   const int64_t dim = p.dim;
   const int64_t panels = (q_end - q_begin + kRows - 1) / kRows;
-  std::vector<float> a(static_cast<size_t>(panels * kRows * dim));
+  LineAligned a(static_cast<size_t>(panels * kRows * dim));
   for (int64_t i = 0; i < panels; ++i) {
     const int64_t r0 = q_begin + i * kRows;
     Pack(queries, r0, std::min(kRows, q_end - r0), kRows, dim, a.data() + i * kRows * dim);
   }
   std::vector<Entry> scratch;
   const int64_t block = (block_cols + kCols - 1) / kCols * kCols;
-  std::vector<float> b(static_cast<size_t>(block * dim)), sumsq(block), scale(block);
+  const int64_t block_strips = block / kCols;
+  LineAligned b(static_cast<size_t>(block * dim));
+  std::vector<float> sumsq(block), scale(block);
+  constexpr int64_t kTile = kRows * kCols;
+  // Micro-tile accumulators, one per (panel of the group, strip).
+  LineAligned acc_buffer(static_cast<size_t>(group_panels * block_strips * kTile));
+  float* acc = acc_buffer.data();
   for (int64_t t0 = 0; t0 < p.num_t; t0 += block) {
     const int64_t cols = std::min(block, p.num_t - t0);
     const int64_t strips = (cols + kCols - 1) / kCols;
     for (int64_t s = 0; s < strips; ++s) {
       float* strip = b.data() + s * kCols * dim;
-      Pack(p.rows, t0 + s * kCols, std::min(kCols, cols - s * kCols), kCols, dim, strip);
 #ifdef PLATO_X86
       if (avx2) {
+        if (cols - s * kCols >= kCols) {
+          PackStripAvx2(p.rows, t0 + s * kCols, dim, strip);
+        } else {
+          Pack(p.rows, t0 + s * kCols, cols - s * kCols, kCols, dim, strip);
+        }
         StripSumSqAvx2(strip, dim, sumsq.data() + s * kCols);
         continue;
       }
 #endif
+      Pack(p.rows, t0 + s * kCols, std::min(kCols, cols - s * kCols), kCols, dim, strip);
       StripSumSqPortable(strip, dim, sumsq.data() + s * kCols);
     }
     for (int64_t j = 0; j < strips * kCols; ++j) {
@@ -245,20 +327,39 @@ void FoldQueries(const Problem& p, const float* queries, int64_t q_begin, int64_
       scale[j] = !p.normalize ? 1.0f : x > 0.0f ? 1.0f / std::sqrt(x) : 0.0f;
     }
     if (first) std::memcpy(p.row_sumsq + t0, sumsq.data(), sizeof(float) * cols);
-    for (int64_t i = 0; i < panels; ++i) {
-      const int64_t q0 = q_begin + i * kRows, rows = std::min(kRows, q_end - q0);
-      for (int64_t s = 0; s < strips; ++s) {
-        const int64_t col = t0 + s * kCols, n = std::min(kCols, p.num_t - col);
-        const float* ap = a.data() + i * kRows * dim;
-        const float* bp = b.data() + s * kCols * dim;
-        const float* sp = scale.data() + s * kCols;
+    for (int64_t g0 = 0; g0 < panels; g0 += group_panels) {
+      const int64_t g1 = std::min(panels, g0 + group_panels);
+      for (int64_t f0 = 0; f0 < dim; f0 += depth_chunk) {
+        const int64_t depth = std::min(depth_chunk, dim - f0);
+        for (int64_t s = 0; s < strips; ++s) {
+          const float* bp = b.data() + s * kCols * dim + f0 * kCols;
+          for (int64_t i = g0; i < g1; ++i) {
+            const float* ap = a.data() + i * kRows * dim + f0 * kRows;
+            float* out = acc + ((i - g0) * block_strips + s) * kTile;
 #ifdef PLATO_X86
-        if (avx2 && n == kCols) {
-          FoldTileAvx2(p, ap, bp, sp, q0, rows, col, scratch);
-          continue;
-        }
+            if (avx2) {
+              MicroTileAvx2(ap, bp, depth, out, f0 == 0);
+              continue;
+            }
 #endif
-        FoldTilePortable(p, ap, bp, sp, q0, rows, col, n, scratch);
+            MicroTilePortable(ap, bp, depth, out, f0 == 0);
+          }
+        }
+      }
+      for (int64_t i = g0; i < g1; ++i) {
+        const int64_t q0 = q_begin + i * kRows, rows = std::min(kRows, q_end - q0);
+        for (int64_t s = 0; s < strips; ++s) {
+          const int64_t col = t0 + s * kCols, n = std::min(kCols, p.num_t - col);
+          const float* out = acc + ((i - g0) * block_strips + s) * kTile;
+          const float* sp = scale.data() + s * kCols;
+#ifdef PLATO_X86
+          if (avx2) {
+            FinishTileAvx2(p, out, sp, q0, rows, col, n, scratch);
+            continue;
+          }
+#endif
+          FinishTilePortable(p, out, sp, q0, rows, col, n, scratch);
+        }
       }
     }
   }
@@ -275,11 +376,12 @@ ffi::Error TileTopKImpl(ffi::Buffer<ffi::F32> values_in, ffi::Buffer<ffi::S32> i
                         ffi::ResultBuffer<ffi::F32> threshold_value_out,
                         ffi::ResultBuffer<ffi::S32> threshold_id_out,
                         ffi::ResultBuffer<ffi::F32> row_sumsq, int64_t k, int64_t block_cols,
-                        int64_t threads, bool normalize, bool portable) {
+                        int64_t group_panels, int64_t depth_chunk, int64_t threads,
+                        bool normalize, bool portable) {
   const auto qd = queries.dimensions(), sd = values_in.dimensions();
   const int64_t num_q = qd[0], dim = qd[1], num_t = tile_ids.element_count(),
                 capacity = sd[1];
-  if (sd[0] != num_q || k < 1 || capacity <= k || block_cols < 1 || threads < 1 ||
+  if (sd[0] != num_q || k < 1 || capacity <= k || block_cols < 1 || group_panels < 1 || depth_chunk < 1 || threads < 1 ||
       row_offset.element_count() != 1) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "plato_tile_topk: bad shapes");
   }
@@ -311,9 +413,10 @@ ffi::Error TileTopKImpl(ffi::Buffer<ffi::F32> values_in, ffi::Buffer<ffi::S32> i
   std::vector<std::thread> pool;
   for (int64_t w = 1; w < workers; ++w) {
     pool.emplace_back(FoldQueries, std::cref(p), queries.typed_data(), share(w), share(w + 1),
-                      block_cols, avx2, false);
+                      block_cols, group_panels, depth_chunk, avx2, false);
   }
-  FoldQueries(p, queries.typed_data(), share(0), share(1), block_cols, avx2, true);
+  FoldQueries(p, queries.typed_data(), share(0), share(1), block_cols, group_panels, depth_chunk,
+              avx2, true);
   for (auto& t : pool) t.join();
   return ffi::Error::Success();
 }
@@ -340,6 +443,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PlatoTileTopK, TileTopKImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()   // row squared norms
                                   .Attr<int64_t>("k")
                                   .Attr<int64_t>("block_cols")
+                                  .Attr<int64_t>("group_panels")
+                                  .Attr<int64_t>("depth_chunk")
                                   .Attr<int64_t>("threads")
                                   .Attr<bool>("normalize")
                                   .Attr<bool>("portable"));

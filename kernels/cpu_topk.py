@@ -4,9 +4,9 @@ written.
 
 Why a kernel outside XLA on CPU: an XLA step writes its [Q, T] score tile to memory and
 reads it back to select, and XLA:CPU's f32 dot (YNNPACK) runs at 142–148 GFLOP/s on the
-2-core reference machine. Here a 6 × 16 register-blocked AVX2/FMA micro-tile is scored and
-compared with the six queries' thresholds in the same registers; a score is touched again
-only if it reaches its query's threshold.
+2-core reference machine. Here a 6 × 16 register-blocked AVX2/FMA micro-tile is scored
+(blocked for the caches as BLIS does), and each finished micro-tile is compared with its six
+queries' thresholds; a score is touched again only if it reaches its query's threshold.
 
 The state per query is an unordered pool holding every (score, id) that ranked before the
 query's threshold — (score descending, id ascending) — when it came; the threshold is the
@@ -147,13 +147,16 @@ def empty_pools(num_queries: int, k: int):
 
 
 def cpu_update(pools, queries, query_ids, rows, tile_ids, *, k: int, row_offset=0,
-               normalize: bool = False, block_cols: int = 128, threads: int | None = None,
+               normalize: bool = False, block_cols: int = 128, group_panels: int = 24,
+               depth_chunk: int = 256, threads: int | None = None,
                portable: bool = False):
   """(`pools` (as `empty_pools`) with the tile's rows folded in, the rows' f32 squared
   norms [T]). queries f32 [Q, D]; query_ids int32 [Q]; tile_ids int32 [T] (< 0: padding);
   rows f32 [T, D], or any flat f32 buffer holding row r at `row_offset` + r·D (a scalar,
   traced or not). normalize: each column is scaled by 1 / its row's norm (0 for a zero
-  row). Call inside jit on a CPU device."""
+  row). Blocking (speed only; results are bit-identical for any values): `block_cols`
+  gallery rows packed at a time, `group_panels` panels of 6 queries per pass over them,
+  features in chunks of `depth_chunk`. Call inside jit on a CPU device."""
   _load()
   pools = tuple(jnp.asarray(x) for x in pools)
   outputs = (*pools, jnp.zeros(tile_ids.shape, jnp.float32))
@@ -164,6 +167,7 @@ def cpu_update(pools, queries, query_ids, rows, tile_ids, *, k: int, row_offset=
       *pools, queries.astype(jnp.float32), query_ids.astype(jnp.int32),
       rows.astype(jnp.float32).reshape(-1), jnp.asarray(row_offset, jnp.int32).reshape(1),
       tile_ids.astype(jnp.int32), k=np.int64(k), block_cols=np.int64(block_cols),
+      group_panels=np.int64(group_panels), depth_chunk=np.int64(depth_chunk),
       threads=np.int64(default_threads() if threads is None else threads),
       normalize=bool(normalize), portable=bool(portable))
   return tuple(pools), row_sumsq

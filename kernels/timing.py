@@ -1,4 +1,6 @@
-"""One timing rule for every benchmark: a warm-up call, then the best of `repeats` calls."""
+"""Timing rules for the benchmarks: a warm-up call, then the best of `repeats` calls; or,
+to compare methods on a machine whose speed drifts, rounds in which every method runs once
+(`interleaved_times`)."""
 from __future__ import annotations
 
 import time
@@ -15,6 +17,23 @@ def best_time(fn, repeats: int):
     out = jax.block_until_ready(fn())
     times.append(time.perf_counter() - t)
   return min(times), out
+
+
+def interleaved_times(fns: dict, rounds: int) -> dict:
+  """{name: (seconds of each round, the last output)} for a dict of callables. After one
+  warm-up call each, every round calls each method once, the order rotating from round to
+  round, so a slow spell of the machine falls on all methods alike instead of on whichever
+  ran during it."""
+  import jax
+  names = list(fns)
+  out = {name: jax.block_until_ready(fns[name]()) for name in names}
+  times = {name: [] for name in names}
+  for r in range(max(1, rounds)):
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      t = time.perf_counter()
+      out[name] = jax.block_until_ready(fns[name]())
+      times[name].append(time.perf_counter() - t)
+  return {name: (times[name], out[name]) for name in names}
 
 
 def device_time(fn, iters: int = 10, sync=None, samples: int = 5) -> float:

@@ -38,15 +38,18 @@ def integer_tile(rng, t, d, first_id, pad=0):
   return rows, ids
 
 
-@pytest.mark.parametrize("q,t,d,k,block_cols,threads,normalize", [
-    (37, 1000, 24, 7, 128, 2, False),   # q not a multiple of 6, t not of 16
-    (37, 1000, 24, 7, 128, 2, True),    # cosine: columns scaled by the rows' inverse norms
-    (6, 64, 16, 1, 64, 1, False),       # k = 1
-    (50, 700, 33, 300, 64, 3, True),    # k past the first compactions (capacity 556)
-    (13, 40, 5, 60, 16, 4, False),      # k larger than a tile: filler comes back
+@pytest.mark.parametrize("q,t,d,k,block_cols,threads,normalize,blocking", [
+    (37, 1000, 24, 7, 128, 2, False, {}),   # q not a multiple of 6, t not of 16
+    (37, 1000, 24, 7, 128, 2, True, {}),    # cosine: columns scaled by the rows' inverse norms
+    (6, 64, 16, 1, 64, 1, False, {}),       # k = 1
+    (50, 700, 33, 300, 64, 3, True, {}),    # k past the first compactions (capacity 556)
+    (13, 40, 5, 60, 16, 4, False, {}),      # k larger than a tile: filler comes back
+    # features in chunks (the last one short) and query panels in groups (the last one short)
+    (50, 700, 33, 300, 64, 2, True, dict(group_panels=2, depth_chunk=8)),
+    (37, 1000, 41, 7, 128, 1, False, dict(group_panels=4, depth_chunk=16)),
 ])
 def test_stream_of_integer_tiles_equals_reference(rng, q, t, d, k, block_cols, threads,
-                                                  normalize):
+                                                  normalize, blocking):
   """Integer rows: every raw score and squared norm is exact, so ties are exact and ids
   must match exactly."""
   tiles = []
@@ -59,7 +62,7 @@ def test_stream_of_integer_tiles_equals_reference(rng, q, t, d, k, block_cols, t
   query_ids = np.full(q, -2, np.int32)
   query_ids[::4] = rng.integers(0, 3 * t, len(query_ids[::4]))  # self-exclusion by id
   got = fold(tiles, queries, query_ids, k, block_cols=block_cols, threads=threads,
-             normalize=normalize)
+             normalize=normalize, **blocking)
   want = reference(tiles, queries, query_ids, k, normalize)
   np.testing.assert_array_equal(got[1], want[1])
   np.testing.assert_array_equal(got[0], want[0])
@@ -98,7 +101,8 @@ def test_a_window_too_short_for_its_rows_is_an_error(rng):
 
 def test_float_scores_are_position_invariant_and_portable_path_agrees(rng):
   """Each score is one FMA chain: the same number wherever its row sits in the tile, with
-  any block size or thread count, on the AVX2 and the portable path alike."""
+  any block size, thread count or feature chunking (partial sums stored and reloaded), on
+  the AVX2 and the portable path alike."""
   t, d, k = 500, 77, 20
   rows = rng.standard_normal((t, d)).astype(np.float32)
   queries = rng.standard_normal((31, d)).astype(np.float32)
@@ -107,7 +111,9 @@ def test_float_scores_are_position_invariant_and_portable_path_agrees(rng):
   base = fold([(rows, ids)], queries, no_ids, k, block_cols=128, threads=2)
   perm = rng.permutation(t)
   for kw in [dict(block_cols=16, threads=1), dict(block_cols=512, threads=5),
-             dict(block_cols=64, threads=2, portable=True)]:
+             dict(block_cols=64, threads=2, portable=True),
+             dict(block_cols=48, threads=2, group_panels=1, depth_chunk=10),
+             dict(block_cols=32, threads=1, group_panels=3, depth_chunk=32, portable=True)]:
     moved = fold([(rows[perm], ids[perm])], queries, no_ids, k, **kw)
     np.testing.assert_array_equal(moved[1], base[1])
     np.testing.assert_array_equal(moved[0], base[0])
