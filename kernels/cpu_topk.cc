@@ -36,6 +36,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <thread>
 #include <vector>
 
@@ -76,28 +77,76 @@ struct Problem {
   bool normalize;              // scale each column by 1 / its row's norm (0 for a zero row)
 };
 
-// Keeps the k best entries of query q's full pool, and makes the k-th its threshold.
-void Compact(const Problem& p, int64_t q, std::vector<Entry>& scratch) {
+// Per-thread scratch space of the compactions.
+struct Scratch {
+  std::vector<float> values;
+  std::vector<Entry> ties;
+};
+
+// The k-th largest of values[0, n) (no NaN; 1 <= k <= n). A histogram over [min, max]
+// finds the bin holding it (binning by (v - min) * scale is monotone in v), and only that
+// bin's values are ordered: a few passes without unpredictable branches instead of
+// nth_element over the whole pool.
+float KthLargest(const float* values, int64_t n, int64_t k, Scratch& scratch) {
+  float lo = values[0], hi = values[0];
+  for (int64_t j = 1; j < n; ++j) {
+    lo = values[j] < lo ? values[j] : lo;
+    hi = values[j] > hi ? values[j] : hi;
+  }
+  constexpr int64_t kBins = 1024;
+  const float scale = static_cast<float>(kBins - 1) / (hi - lo);
+  int64_t bin = 0, above = 0;
+  if (std::isfinite(hi - lo) && std::isfinite(scale) && scale > 0.0f) {
+    auto bin_of = [&](float v) {
+      return std::min<int64_t>(kBins - 1, static_cast<int64_t>((v - lo) * scale));
+    };
+    int32_t counts[kBins] = {};
+    for (int64_t j = 0; j < n; ++j) ++counts[bin_of(values[j])];
+    for (bin = kBins - 1; above + counts[bin] < k; --bin) above += counts[bin];
+    scratch.values.clear();
+    for (int64_t j = 0; j < n; ++j) {
+      if (bin_of(values[j]) == bin) scratch.values.push_back(values[j]);
+    }
+  } else {  // all equal, or a range past f32 (infinite scores): order them all
+    scratch.values.assign(values, values + n);
+  }
+  std::nth_element(scratch.values.begin(), scratch.values.begin() + (k - above - 1),
+                   scratch.values.end(), std::greater<float>());
+  return scratch.values[k - above - 1];
+}
+
+// Keeps the k best entries of query q's full pool, and makes the k-th its threshold: the
+// k-th largest value, then every entry above it and, of the entries equal to it, those
+// with the smallest ids.
+void Compact(const Problem& p, int64_t q, Scratch& scratch) {
   float* values = p.values + q * p.capacity;
   int32_t* ids = p.ids + q * p.capacity;
-  const int64_t n = p.count[q];
-  scratch.resize(n);
-  for (int64_t j = 0; j < n; ++j) scratch[j] = {values[j], ids[j]};
-  auto before = [](const Entry& a, const Entry& b) {
-    return RanksBefore(a.value, a.id, b.value, b.id);
-  };
-  std::nth_element(scratch.begin(), scratch.begin() + (p.k - 1), scratch.end(), before);
-  for (int64_t j = 0; j < p.k; ++j) values[j] = scratch[j].value, ids[j] = scratch[j].id;
-  for (int64_t j = p.k; j < n; ++j) values[j] = -INFINITY, ids[j] = -1;
-  p.count[q] = static_cast<int32_t>(p.k);
-  p.threshold_value[q] = scratch[p.k - 1].value;
-  p.threshold_id[q] = scratch[p.k - 1].id;
+  const int64_t n = p.count[q], k = p.k;
+  const float kth = KthLargest(values, n, k, scratch);
+  int64_t kept = 0;
+  scratch.ties.clear();
+  for (int64_t j = 0; j < n; ++j) {  // kept <= j: entries move forward only
+    const float v = values[j];
+    const int32_t id = ids[j];
+    values[kept] = v, ids[kept] = id;
+    kept += v > kth;  // no branch: about half the entries are above
+    if (v == kth) scratch.ties.push_back({v, id});
+  }
+  const int64_t need = k - kept;  // 1 <= need <= ties
+  auto by_id = [](const Entry& a, const Entry& b) { return a.id < b.id; };
+  std::nth_element(scratch.ties.begin(), scratch.ties.begin() + (need - 1), scratch.ties.end(),
+                   by_id);
+  for (int64_t j = 0; j < need; ++j) values[kept + j] = kth, ids[kept + j] = scratch.ties[j].id;
+  for (int64_t j = k; j < n; ++j) values[j] = -INFINITY, ids[j] = -1;
+  p.count[q] = static_cast<int32_t>(k);
+  p.threshold_value[q] = kth;
+  p.threshold_id[q] = scratch.ties[need - 1].id;
 }
 
 // Offers query q the finished score of column col + j of `raw` (scaled by `scale[j]`), for
 // each j in `lanes`.
 void Offer(const Problem& p, int64_t q, int64_t col, const float* raw, const float* scale,
-           uint32_t lanes, std::vector<Entry>& scratch) {
+           uint32_t lanes, Scratch& scratch) {
   const int32_t own = p.query_ids[q];
   for (; lanes; lanes &= lanes - 1) {
     const int64_t j = __builtin_ctz(lanes);
@@ -138,7 +187,7 @@ void MicroTilePortable(const float* a, const float* b, int64_t depth, float* acc
 // Offers the finished scores of a micro-tile (acc [kRows][kCols], columns col.. of which
 // the first n are rows of the tile) to queries q0..q0 + rows.
 void FinishTilePortable(const Problem& p, const float* acc, const float* scale, int64_t q0,
-                        int64_t rows, int64_t col, int64_t n, std::vector<Entry>& scratch) {
+                        int64_t rows, int64_t col, int64_t n, Scratch& scratch) {
   for (int64_t r = 0; r < rows; ++r) {
     Offer(p, q0 + r, col, acc + r * kCols, scale, (1u << n) - 1, scratch);
   }
@@ -237,20 +286,84 @@ __attribute__((target("avx2,fma"))) void MicroTileAvx2(const float* a, const flo
   _mm256_store_ps(acc + 5 * kCols, c50), _mm256_store_ps(acc + 5 * kCols + 8, c51);
 }
 
+// For each 8-bit lane mask, a lane order that puts the set lanes first (AVX2 has no
+// compress-store).
+struct CompressOrder {
+  alignas(32) int32_t lanes[256][8];
+  CompressOrder() {
+    for (int m = 0; m < 256; ++m) {
+      int n = 0;
+      for (int j = 0; j < 8; ++j) if (m >> j & 1) lanes[m][n++] = j;
+      for (int j = 0; j < 8; ++j) if (!(m >> j & 1)) lanes[m][n++] = j;
+    }
+  }
+};
+
+// Appends the lanes of `take` (values v, ids id) to a pool at `values`/`ids`, set lanes
+// first; the 8 - popcount slots after them get (-inf, -1), which unused slots hold anyway.
+__attribute__((target("avx2,fma"))) int64_t AppendLanes(float* values, int32_t* ids,
+                                                       __m256 v, __m256i id, __m256 take) {
+  static const CompressOrder order;
+  const int mask = _mm256_movemask_ps(take);
+  const __m256i perm =
+      _mm256_load_si256(reinterpret_cast<const __m256i*>(order.lanes[mask]));
+  v = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), v, take);
+  id = _mm256_castps_si256(
+      _mm256_blendv_ps(_mm256_castsi256_ps(_mm256_set1_epi32(-1)), _mm256_castsi256_ps(id), take));
+  _mm256_storeu_ps(values, _mm256_permutevar8x32_ps(v, perm));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(ids), _mm256_permutevar8x32_epi32(id, perm));
+  return __builtin_popcount(mask);
+}
+
+// Offers a finished micro-tile's scores to queries q0..q0 + rows. Lanes above a query's
+// threshold value are appended 8 at a time; the rare lanes equal to it (decided by id), and
+// rows near a full pool or in a partial strip, go through the scalar Offer.
 __attribute__((target("avx2,fma"))) void FinishTileAvx2(const Problem& p, const float* acc,
                                                         const float* scale, int64_t q0,
                                                         int64_t rows, int64_t col, int64_t n,
-                                                        std::vector<Entry>& scratch) {
+                                                        Scratch& scratch) {
   const __m256 s0 = _mm256_loadu_ps(scale), s1 = _mm256_loadu_ps(scale + 8);
   const uint32_t valid = (1u << n) - 1;
+  __m256i id0 = _mm256_set1_epi32(-1), id1 = id0;
+  if (n == kCols) {
+    id0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.gallery_ids + col));
+    id1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.gallery_ids + col + 8));
+  }
+  const __m256i zero_i = _mm256_setzero_si256();
+  const __m256 zero = _mm256_setzero_ps();
   for (int64_t r = 0; r < rows; ++r) {
+    const int64_t q = q0 + r;
     // Only lanes whose finished score reaches the threshold are offered (NaN never does).
-    const __m256 root = _mm256_set1_ps(p.threshold_value[q0 + r]);
+    const __m256 root = _mm256_set1_ps(p.threshold_value[q]);
     const __m256 lo = _mm256_load_ps(acc + r * kCols), hi = _mm256_load_ps(acc + r * kCols + 8);
-    const uint32_t reach =
-        valid & (_mm256_movemask_ps(_mm256_cmp_ps(_mm256_mul_ps(lo, s0), root, _CMP_GE_OQ)) |
-                 _mm256_movemask_ps(_mm256_cmp_ps(_mm256_mul_ps(hi, s1), root, _CMP_GE_OQ)) << 8);
-    if (reach) Offer(p, q0 + r, col, acc + r * kCols, scale, reach, scratch);
+    const __m256 v0 = _mm256_mul_ps(lo, s0), v1 = _mm256_mul_ps(hi, s1);
+    const uint32_t reach = valid & (_mm256_movemask_ps(_mm256_cmp_ps(v0, root, _CMP_GE_OQ)) |
+                                    _mm256_movemask_ps(_mm256_cmp_ps(v1, root, _CMP_GE_OQ)) << 8);
+    if (!reach) continue;
+    if (n < kCols || p.count[q] + kCols > p.capacity) {
+      Offer(p, q, col, acc + r * kCols, scale, reach, scratch);
+      continue;
+    }
+    // Above the threshold's value, a padding id (< 0) or the query's own: never selected.
+    const __m256i own = _mm256_set1_epi32(p.query_ids[q]);
+    const __m256 bad0 = _mm256_castsi256_ps(
+        _mm256_or_si256(_mm256_cmpgt_epi32(zero_i, id0), _mm256_cmpeq_epi32(id0, own)));
+    const __m256 bad1 = _mm256_castsi256_ps(
+        _mm256_or_si256(_mm256_cmpgt_epi32(zero_i, id1), _mm256_cmpeq_epi32(id1, own)));
+    const __m256 above0 = _mm256_cmp_ps(v0, root, _CMP_GT_OQ);
+    const __m256 above1 = _mm256_cmp_ps(v1, root, _CMP_GT_OQ);
+    const int64_t base = q * p.capacity;
+    int64_t count = p.count[q];
+    // + 0.0f: -0.0 is kept as +0.0.
+    count += AppendLanes(p.values + base + count, p.ids + base + count, _mm256_add_ps(v0, zero),
+                         id0, _mm256_andnot_ps(bad0, above0));
+    count += AppendLanes(p.values + base + count, p.ids + base + count, _mm256_add_ps(v1, zero),
+                         id1, _mm256_andnot_ps(bad1, above1));
+    p.count[q] = static_cast<int32_t>(count);
+    if (count == p.capacity) Compact(p, q, scratch);
+    const uint32_t ties = reach & ~static_cast<uint32_t>(
+        _mm256_movemask_ps(above0) | _mm256_movemask_ps(above1) << 8);
+    if (ties) Offer(p, q, col, acc + r * kCols, scale, ties, scratch);
   }
 }
 #endif
@@ -294,7 +407,7 @@ void FoldQueries(const Problem& p, const float* queries, int64_t q_begin, int64_
     const int64_t r0 = q_begin + i * kRows;
     Pack(queries, r0, std::min(kRows, q_end - r0), kRows, dim, a.data() + i * kRows * dim);
   }
-  std::vector<Entry> scratch;
+  Scratch scratch;
   const int64_t block = (block_cols + kCols - 1) / kCols * kCols;
   const int64_t block_strips = block / kCols;
   LineAligned b(static_cast<size_t>(block * dim));

@@ -47,14 +47,22 @@ def integer_tile(rng, t, d, first_id, pad=0):
     # features in chunks (the last one short) and query panels in groups (the last one short)
     (50, 700, 33, 300, 64, 2, True, dict(group_panels=2, depth_chunk=8)),
     (37, 1000, 41, 7, 128, 1, False, dict(group_panels=4, depth_chunk=16)),
+    # ids falling along the stream: a score equal to the threshold's value now ranks
+    # before it (ties go to the smaller id), which ascending ids never exercise
+    (37, 1000, 24, 40, 128, 2, False, dict(descending_ids=True)),
+    (50, 700, 33, 300, 64, 2, True, dict(descending_ids=True, depth_chunk=8)),
 ])
 def test_stream_of_integer_tiles_equals_reference(rng, q, t, d, k, block_cols, threads,
                                                   normalize, blocking):
   """Integer rows: every raw score and squared norm is exact, so ties are exact and ids
   must match exactly."""
+  blocking = dict(blocking)
+  descending = blocking.pop("descending_ids", False)
   tiles = []
   for n in range(3):
     rows, ids = integer_tile(rng, t, d, n * t, pad=11 if n == 2 else 0)
+    if descending:
+      ids = np.where(ids < 0, ids, 3 * t - 1 - ids)
     rows[3] = rows[t // 2]  # duplicate rows: ties decided by id
     rows[5] = 0             # a zero row: scale 0 under normalize
     tiles.append((rows, ids))
@@ -64,6 +72,27 @@ def test_stream_of_integer_tiles_equals_reference(rng, q, t, d, k, block_cols, t
   got = fold(tiles, queries, query_ids, k, block_cols=block_cols, threads=threads,
              normalize=normalize, **blocking)
   want = reference(tiles, queries, query_ids, k, normalize)
+  np.testing.assert_array_equal(got[1], want[1])
+  np.testing.assert_array_equal(got[0], want[0])
+
+
+@pytest.mark.parametrize("k", [5, 300])
+@pytest.mark.parametrize("portable", [False, True])
+def test_ties_across_compactions_keep_the_smallest_ids(rng, k, portable):
+  """Many equal scores, ids in random order: every compaction splits a run of ties at the
+  k-th value, and must keep the smallest ids (and make the largest kept one the
+  threshold), or the final top-k differs."""
+  t, d = 1500, 8
+  rows = np.zeros((t, d), np.float32)
+  rows[:, 0] = rng.choice([1.0, 2.0], t, p=[0.2, 0.8])  # scores 1 or 2: long runs of ties
+  rows[rng.choice(t, 3, replace=False), 0] = 3.0
+  ids = rng.permutation(10 * t)[:t].astype(np.int32)
+  tiles = [(rows[:700], ids[:700]), (rows[700:], ids[700:])]
+  queries = np.zeros((7, d), np.float32)
+  queries[:, 0] = 1
+  query_ids = np.full(7, -2, np.int32)
+  got = fold(tiles, queries, query_ids, k, portable=portable)
+  want = reference(tiles, queries, query_ids, k)
   np.testing.assert_array_equal(got[1], want[1])
   np.testing.assert_array_equal(got[0], want[0])
 
