@@ -228,14 +228,16 @@ __attribute__((target("avx2,fma"))) void PackStripAvx2(const float* x, int64_t r
         t[j] = _mm256_unpacklo_ps(r[j], r[j + 1]), t[j + 1] = _mm256_unpackhi_ps(r[j], r[j + 1]);
       }
       for (int j = 0; j < 8; j += 4) {
-        r[j] = _mm256_shuffle_ps(t[j], t[j + 2], 0x44), r[j + 1] = _mm256_shuffle_ps(t[j], t[j + 2], 0xEE);
+        r[j] = _mm256_shuffle_ps(t[j], t[j + 2], 0x44);
+        r[j + 1] = _mm256_shuffle_ps(t[j], t[j + 2], 0xEE);
         r[j + 2] = _mm256_shuffle_ps(t[j + 1], t[j + 3], 0x44);
         r[j + 3] = _mm256_shuffle_ps(t[j + 1], t[j + 3], 0xEE);
       }
-      // r[0..3]: features f+{0,1,2,3} of rows 0-3 (low half) and f+{4..7} (high half), rows
-      // 4-7 in r[4..7].
+      // Now r[j] (j < 4) holds feature f + j of rows 0-3 in its low 128 bits and feature
+      // f + j + 4 of rows 0-3 in its high 128 bits; r[j + 4] the same for rows 4-7.
       for (int j = 0; j < 4; ++j) {
-        _mm256_storeu_ps(out + (f + j) * kCols + half, _mm256_permute2f128_ps(r[j], r[j + 4], 0x20));
+        _mm256_storeu_ps(out + (f + j) * kCols + half,
+                         _mm256_permute2f128_ps(r[j], r[j + 4], 0x20));
         _mm256_storeu_ps(out + (f + j + 4) * kCols + half,
                          _mm256_permute2f128_ps(r[j], r[j + 4], 0x31));
       }
@@ -289,8 +291,8 @@ __attribute__((target("avx2,fma"))) void MicroTileAvx2(const float* a, const flo
 // For each 8-bit lane mask, a lane order that puts the set lanes first (AVX2 has no
 // compress-store).
 struct CompressOrder {
-  alignas(32) int32_t lanes[256][8];
-  CompressOrder() {
+  alignas(32) int32_t lanes[256][8] = {};
+  constexpr CompressOrder() {
     for (int m = 0; m < 256; ++m) {
       int n = 0;
       for (int j = 0; j < 8; ++j) if (m >> j & 1) lanes[m][n++] = j;
@@ -298,15 +300,15 @@ struct CompressOrder {
     }
   }
 };
+constexpr CompressOrder kCompressOrder;
 
 // Appends the lanes of `take` (values v, ids id) to a pool at `values`/`ids`, set lanes
 // first; the 8 - popcount slots after them get (-inf, -1), which unused slots hold anyway.
 __attribute__((target("avx2,fma"))) int64_t AppendLanes(float* values, int32_t* ids,
                                                        __m256 v, __m256i id, __m256 take) {
-  static const CompressOrder order;
   const int mask = _mm256_movemask_ps(take);
   const __m256i perm =
-      _mm256_load_si256(reinterpret_cast<const __m256i*>(order.lanes[mask]));
+      _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompressOrder.lanes[mask]));
   v = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), v, take);
   id = _mm256_castps_si256(
       _mm256_blendv_ps(_mm256_castsi256_ps(_mm256_set1_epi32(-1)), _mm256_castsi256_ps(id), take));
@@ -383,6 +385,8 @@ class LineAligned {
   explicit LineAligned(size_t n) : storage_(n + 16) {
     data_ = storage_.data() + (-reinterpret_cast<uintptr_t>(storage_.data()) / 4 & 15);
   }
+  LineAligned(const LineAligned&) = delete;  // a copy's data_ would point into the original
+  LineAligned& operator=(const LineAligned&) = delete;
   float* data() { return data_; }
 
  private:
@@ -408,7 +412,8 @@ void FoldQueries(const Problem& p, const float* queries, int64_t q_begin, int64_
     Pack(queries, r0, std::min(kRows, q_end - r0), kRows, dim, a.data() + i * kRows * dim);
   }
   Scratch scratch;
-  const int64_t block = (block_cols + kCols - 1) / kCols * kCols;
+  group_panels = std::min(group_panels, std::max<int64_t>(panels, 1));
+  const int64_t block = (std::min(block_cols, p.num_t) + kCols - 1) / kCols * kCols;
   const int64_t block_strips = block / kCols;
   LineAligned b(static_cast<size_t>(block * dim));
   std::vector<float> sumsq(block), scale(block);
@@ -442,7 +447,7 @@ void FoldQueries(const Problem& p, const float* queries, int64_t q_begin, int64_
     if (first) std::memcpy(p.row_sumsq + t0, sumsq.data(), sizeof(float) * cols);
     for (int64_t g0 = 0; g0 < panels; g0 += group_panels) {
       const int64_t g1 = std::min(panels, g0 + group_panels);
-      for (int64_t f0 = 0; f0 < dim; f0 += depth_chunk) {
+      for (int64_t f0 = 0; f0 == 0 || f0 < dim; f0 += depth_chunk) {  // once when dim = 0
         const int64_t depth = std::min(depth_chunk, dim - f0);
         for (int64_t s = 0; s < strips; ++s) {
           const float* bp = b.data() + s * kCols * dim + f0 * kCols;
@@ -494,9 +499,23 @@ ffi::Error TileTopKImpl(ffi::Buffer<ffi::F32> values_in, ffi::Buffer<ffi::S32> i
   const auto qd = queries.dimensions(), sd = values_in.dimensions();
   const int64_t num_q = qd[0], dim = qd[1], num_t = tile_ids.element_count(),
                 capacity = sd[1];
-  if (sd[0] != num_q || k < 1 || capacity <= k || block_cols < 1 || group_panels < 1 || depth_chunk < 1 || threads < 1 ||
-      row_offset.element_count() != 1) {
+  if (sd[0] != num_q || k < 1 || capacity <= k || row_offset.element_count() != 1) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "plato_tile_topk: bad shapes");
+  }
+  constexpr int64_t kMaxBlocking = 1 << 20;
+  if (block_cols < 1 || group_panels < 1 || depth_chunk < 1 || threads < 1 ||
+      std::max({block_cols, group_panels, depth_chunk, threads}) > kMaxBlocking) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "plato_tile_topk: block_cols, group_panels, depth_chunk and threads must "
+                      "be in [1, 2^20]");
+  }
+  // The pools must be this kernel's own state (empty_pools, or a previous call's output).
+  const int32_t* counts = count_in.typed_data();
+  for (int64_t q = 0; q < num_q; ++q) {
+    if (counts[q] < 0 || counts[q] >= capacity) {
+      return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                        "plato_tile_topk: a pool count is outside [0, capacity)");
+    }
   }
   const int64_t offset = row_offset.typed_data()[0];
   if (offset < 0 || offset + num_t * dim > static_cast<int64_t>(rows.element_count())) {

@@ -160,17 +160,43 @@ def test_negative_zero_nan_and_overflow_handling(portable):
   rows[:, 1] = 1
   rows[7, 0] = -1e20  # squared norm overflows: scale 0, so a negative score becomes -0.0,
   ids = np.arange(40, dtype=np.int32)  # which must rank (and come back) as +0.0
-  rows[39, 2] = np.nan  # a NaN score is never selected
-  got = fold([(rows, ids)], queries, np.full(2, -2, np.int32), 40 - 1, normalize=True,
+  rows[[20, 39], 2] = np.nan  # a NaN score is never selected (a full strip and a partial one)
+  got = fold([(rows, ids)], queries, np.full(2, -2, np.int32), 40 - 2, normalize=True,
              portable=portable)
-  want = reference([(rows, ids)], queries, np.full(2, -2, np.int32), 40 - 1, normalize=True)
+  want = reference([(rows, ids)], queries, np.full(2, -2, np.int32), 40 - 2, normalize=True)
   np.testing.assert_array_equal(got[1], want[1])
   np.testing.assert_allclose(got[0], want[0], rtol=1e-6)  # norms summed in another order
   assert 7 in got[1][0] and not np.signbit(got[0][got[1] == 7]).any()
-  assert 39 not in got[1]
+  assert 20 not in got[1] and 39 not in got[1]
   _, sumsq = jax.jit(lambda *a: cpu_topk.cpu_update(*a, k=3, normalize=True))(
       cpu_topk.empty_pools(2, 3), queries, np.full(2, -2, np.int32), rows, ids)
-  assert np.isinf(sumsq[7]) and np.isnan(sumsq[39]) and np.isfinite(np.delete(sumsq, [7, 39])).all()
+  sumsq = np.asarray(sumsq)
+  assert np.isinf(sumsq[7]) and np.isnan(sumsq[[20, 39]]).all()
+  assert np.isfinite(np.delete(sumsq, [7, 20, 39])).all()
+
+
+@pytest.mark.parametrize("k", [5, 300])
+@pytest.mark.parametrize("portable", [False, True])
+def test_infinite_scores_and_ranges_past_f32(rng, k, portable):
+  """Scores of +inf (ties among them decided by id), and finite scores whose range overflows
+  f32 (the compaction's histogram cannot bin either), through several compactions."""
+  t, d = 1200, 4
+  rows = np.zeros((t, d), np.float32)
+  rows[:, 0] = rng.choice(np.float32([-3e38, -1, 0, 1, 3e38]), t)
+  rows[:, 1] = rng.integers(-3, 4, t)
+  rows[:, 2] = rng.choice(np.float32([0, 3e38]), t, p=[0.8, 0.2])
+  ids = rng.permutation(10 * t)[:t].astype(np.int32)
+  tiles = [(rows[:500], ids[:500]), (rows[500:], ids[500:])]
+  queries = np.float32([[1, 1, 0, 0],     # finite scores from -3e38 to 3e38
+                        [1, 0, 10, 0],    # + inf wherever rows[:, 2] = 3e38
+                        [1, -1, 0, 0]])
+  query_ids = np.full(3, -2, np.int32)
+  got = fold(tiles, queries, query_ids, k, portable=portable)
+  with np.errstate(over="ignore"):
+    want = reference(tiles, queries, query_ids, k)
+  assert np.isfinite(want[0][0]).all() and np.isposinf(want[0][1, :5]).all()  # tied infs
+  np.testing.assert_array_equal(got[1], want[1])
+  np.testing.assert_array_equal(got[0], want[0])
 
 
 def test_a_missing_compiler_is_a_clear_error(monkeypatch, tmp_path):
