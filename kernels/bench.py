@@ -83,12 +83,13 @@ def main(argv):
   print(f"jnp.dot alone (the whole [Q, N] score matrix, f32 accumulation): {dot_t:.3f} s, "
         f"{flop / dot_t / 1e9:.1f} GFLOP/s")
   index = None
+  g32, q32 = np.asarray(g, np.float32), np.asarray(q, np.float32)
   if "faiss" in FLAGS.peers and backend == "cpu":
     try:
       import faiss
       faiss.omp_set_num_threads(threads)
       index = faiss.IndexFlatIP(FLAGS.dim)
-      index.add(np.asarray(g, np.float32))  # faiss's copy of the gallery, made untimed
+      index.add(g32)  # faiss's copy of the gallery, made untimed
     except ImportError:
       print("faiss not installed: skipped")
   gd = jax.device_put(g) if backend != "cpu" else None
@@ -105,15 +106,13 @@ def main(argv):
           functools.partial(search, q, gd, k, exclude_self=False, kernel=FLAGS.kernel[0],
                             tile_rows=FLAGS.tile_rows), lambda r: r.ids)
     if index is not None:
-      q32 = np.asarray(q, np.float32)
       methods["faiss-cpu IndexFlatIP"] = (lambda: index.search(q32, k), lambda r: r[1])
     if "numpy" in FLAGS.peers and backend == "cpu":
-      g32, q32 = np.asarray(g, np.float32), np.asarray(q, np.float32)
       methods["numpy matmul+argpartition"] = (lambda: numpy_topk(q32, g32, k), lambda r: r)
     if "torch" in FLAGS.peers and backend == "gpu":
       import torch
-      tq = torch.from_numpy(np.asarray(q, np.float32)).cuda()
-      tg = torch.from_numpy(np.asarray(g, np.float32)).cuda()
+      tq = torch.from_numpy(q32).cuda()
+      tg = torch.from_numpy(g32).cuda()
       if FLAGS.dtype == "bfloat16":
         tq, tg = tq.bfloat16(), tg.bfloat16()
 
@@ -134,7 +133,8 @@ def main(argv):
     for name, (times, out) in timed.items():
       t, m = min(times), statistics.median(times)
       ratio = "" if name == ours_name else f"{t / best:15.2f} {m / median:7.2f}"
-      agree = "" if name == ours_name else f"{(np.asarray(methods[name][1](out)) == ours_ids).mean():13.4f}"
+      ids = None if name == ours_name else np.asarray(methods[name][1](out))
+      agree = "" if ids is None else f"{(ids == ours_ids).mean():13.4f}"
       print(f"{name:32s} {t:8.3f} {m:9.3f} {flop / t / 1e9:8.1f} {ratio:>23s} {agree}")
 
 if __name__ == "__main__":

@@ -416,7 +416,8 @@ void FoldQueries(const Problem& p, const float* queries, int64_t q_begin, int64_
   const int64_t block = (std::min(block_cols, p.num_t) + kCols - 1) / kCols * kCols;
   const int64_t block_strips = block / kCols;
   LineAligned b(static_cast<size_t>(block * dim));
-  std::vector<float> sumsq(block), scale(block);
+  std::vector<float> sumsq(block), scale(block, 1.0f);
+  const bool norms = first || p.normalize;  // the others need no norms without normalize
   constexpr int64_t kTile = kRows * kCols;
   // Micro-tile accumulators, one per (panel of the group, strip).
   LineAligned acc_buffer(static_cast<size_t>(group_panels * block_strips * kTile));
@@ -433,16 +434,17 @@ void FoldQueries(const Problem& p, const float* queries, int64_t q_begin, int64_
         } else {
           Pack(p.rows, t0 + s * kCols, cols - s * kCols, kCols, dim, strip);
         }
-        StripSumSqAvx2(strip, dim, sumsq.data() + s * kCols);
+        if (norms) StripSumSqAvx2(strip, dim, sumsq.data() + s * kCols);
         continue;
       }
 #endif
       Pack(p.rows, t0 + s * kCols, std::min(kCols, cols - s * kCols), kCols, dim, strip);
-      StripSumSqPortable(strip, dim, sumsq.data() + s * kCols);
+      if (norms) StripSumSqPortable(strip, dim, sumsq.data() + s * kCols);
     }
-    for (int64_t j = 0; j < strips * kCols; ++j) {
-      const float x = sumsq[j];
-      scale[j] = !p.normalize ? 1.0f : x > 0.0f ? 1.0f / std::sqrt(x) : 0.0f;
+    if (p.normalize) {
+      for (int64_t j = 0; j < strips * kCols; ++j) {
+        scale[j] = sumsq[j] > 0.0f ? 1.0f / std::sqrt(sumsq[j]) : 0.0f;
+      }
     }
     if (first) std::memcpy(p.row_sumsq + t0, sumsq.data(), sizeof(float) * cols);
     for (int64_t g0 = 0; g0 < panels; g0 += group_panels) {

@@ -446,26 +446,19 @@ def _selector_that_compiles(kernel, required, k, tile_rows, bucket_width, mesh, 
 def _padded(tile, tile_rows: int, dim: int, dtype, window: int | None = None):
   """A device slot's rows and int32 ids, padded to `tile_rows` (id -1: never selected).
   With `window`, the rows are a `RowWindow` of that many elements (already sized)."""
-  if window is not None:
-    ids = np.full(tile_rows, -1, np.int32)
-    if tile is None:
-      empty = aligned_empty((window,), dtype)
-      empty[...] = 0
-      return RowWindow(empty, np.int32(0)), ids
-    ids[:tile.ids.shape[0]] = tile.ids
+  ids = np.full(tile_rows, -1, np.int32)
+  if tile is None:
+    rows = aligned_empty((tile_rows, dim) if window is None else (window,), dtype)
+    rows[...] = 0
+    return (rows if window is None else RowWindow(rows, np.int32(0))), ids
+  ids[:tile.ids.shape[0]] = tile.ids
+  if window is not None or tile.rows.shape[0] == tile_rows:
     return tile.rows, ids
-  if tile is not None and tile.rows.shape[0] == tile_rows:
-    return tile.rows, tile.ids.astype(np.int32)
-  if tile is not None and on_accelerator(tile.rows):
-    ids = np.full(tile_rows, -1, np.int32)
-    ids[:tile.ids.shape[0]] = tile.ids
+  if on_accelerator(tile.rows):
     return jax.numpy.pad(tile.rows, ((0, tile_rows - tile.rows.shape[0]), (0, 0))), ids
   rows = aligned_empty((tile_rows, dim), dtype)
   rows[...] = 0
-  ids = np.full(tile_rows, -1, np.int32)
-  if tile is not None:
-    rows[:tile.rows.shape[0]] = tile.rows
-    ids[:tile.ids.shape[0]] = tile.ids
+  rows[:tile.rows.shape[0]] = tile.rows
   return rows, ids
 
 
