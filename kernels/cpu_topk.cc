@@ -6,9 +6,10 @@
 // came — (score descending, id ascending) — and the threshold is the k-th best entry as of
 // the pool's last compaction, so the pool always contains the query's true top-k. A
 // micro-tile row is checked against the threshold in two vector compares; an entry that
-// passes is appended; a full pool is compacted to its k best (nth_element) and the k-th
-// becomes the threshold. Amortised O(1) per entry for any k, and in a long stream almost
-// nothing passes, so selection costs ~1% of the matmul.
+// passes is appended; a full pool is compacted to its k best (a histogram finds the bin
+// of the k-th, and only that bin's entries are ordered) and the k-th becomes the
+// threshold. Amortised O(1) per entry for any k, and in a long stream almost nothing
+// passes, so selection costs ~1% of the matmul.
 //
 // Every score is the same chain of fused multiply-adds in feature order, starting from 0,
 // whatever the tile, block, thread or position of its row: duplicate rows score
@@ -75,71 +76,182 @@ struct Problem {
   float* row_sumsq;            // [T] squared norms (written by the first thread)
   int64_t k, capacity, num_t, dim;
   bool normalize;              // scale each column by 1 / its row's norm (0 for a zero row)
+  bool avx2;                   // the AVX2/FMA path (else the portable one)
 };
 
 // Per-thread scratch space of the compactions.
 struct Scratch {
-  std::vector<float> values;
-  std::vector<Entry> ties;
+  std::vector<int32_t> bins;  // each pool entry's histogram bin
+  std::vector<Entry> ties;    // the entries of the bin that holds the k-th
 };
 
-// The k-th largest of values[0, n) (no NaN; 1 <= k <= n). A histogram over [min, max]
-// finds the bin holding it (binning by (v - min) * scale is monotone in v), and only that
-// bin's values are ordered: a few passes without unpredictable branches instead of
-// nth_element over the whole pool.
-float KthLargest(const float* values, int64_t n, int64_t k, Scratch& scratch) {
-  float lo = values[0], hi = values[0];
-  for (int64_t j = 1; j < n; ++j) {
-    lo = values[j] < lo ? values[j] : lo;
-    hi = values[j] > hi ? values[j] : hi;
-  }
-  constexpr int64_t kBins = 1024;
-  const float scale = static_cast<float>(kBins - 1) / (hi - lo);
-  int64_t bin = 0, above = 0;
-  if (std::isfinite(hi - lo) && std::isfinite(scale) && scale > 0.0f) {
-    auto bin_of = [&](float v) {
-      return std::min<int64_t>(kBins - 1, static_cast<int64_t>((v - lo) * scale));
-    };
-    int32_t counts[kBins] = {};
-    for (int64_t j = 0; j < n; ++j) ++counts[bin_of(values[j])];
-    for (bin = kBins - 1; above + counts[bin] < k; --bin) above += counts[bin];
-    scratch.values.clear();
-    for (int64_t j = 0; j < n; ++j) {
-      if (bin_of(values[j]) == bin) scratch.values.push_back(values[j]);
+constexpr int64_t kBins = 1024;  // compaction's histogram
+
+#ifdef PLATO_X86
+// For each 8-bit lane mask, a lane order that puts the set lanes first (AVX2 has no
+// compress-store).
+struct CompressOrder {
+  alignas(32) int32_t lanes[256][8] = {};
+  constexpr CompressOrder() {
+    for (int m = 0; m < 256; ++m) {
+      int n = 0;
+      for (int j = 0; j < 8; ++j) if (m >> j & 1) lanes[m][n++] = j;
+      for (int j = 0; j < 8; ++j) if (!(m >> j & 1)) lanes[m][n++] = j;
     }
-  } else {  // all equal, or a range past f32 (infinite scores): order them all
-    scratch.values.assign(values, values + n);
   }
-  std::nth_element(scratch.values.begin(), scratch.values.begin() + (k - above - 1),
-                   scratch.values.end(), std::greater<float>());
-  return scratch.values[k - above - 1];
+};
+constexpr CompressOrder kCompressOrder;
+
+// Appends the lanes of `take` (values v, ids id) to a pool at `values`/`ids`, set lanes
+// first; the 8 - popcount slots after them get (-inf, -1), which unused slots hold anyway.
+__attribute__((target("avx2,fma"))) int64_t AppendLanes(float* values, int32_t* ids,
+                                                       __m256 v, __m256i id, __m256 take) {
+  const int mask = _mm256_movemask_ps(take);
+  const __m256i perm =
+      _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompressOrder.lanes[mask]));
+  v = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), v, take);
+  id = _mm256_castps_si256(
+      _mm256_blendv_ps(_mm256_castsi256_ps(_mm256_set1_epi32(-1)), _mm256_castsi256_ps(id), take));
+  _mm256_storeu_ps(values, _mm256_permutevar8x32_ps(v, perm));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(ids), _mm256_permutevar8x32_epi32(id, perm));
+  return __builtin_popcount(mask);
 }
 
-// Keeps the k best entries of query q's full pool, and makes the k-th its threshold: the
-// k-th largest value, then every entry above it and, of the entries equal to it, those
-// with the smallest ids.
+// The smallest and largest of values[0, n) (n >= 1, no NaN).
+__attribute__((target("avx2,fma"))) void MinMaxAvx2(const float* values, int64_t n, float& lo,
+                                                    float& hi) {
+  __m256 vlo = _mm256_set1_ps(values[0]), vhi = vlo;
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 v = _mm256_loadu_ps(values + j);
+    vlo = _mm256_min_ps(vlo, v), vhi = _mm256_max_ps(vhi, v);
+  }
+  alignas(32) float l[8], h[8];
+  _mm256_store_ps(l, vlo), _mm256_store_ps(h, vhi);
+  lo = *std::min_element(l, l + 8), hi = *std::max_element(h, h + 8);
+  for (; j < n; ++j) lo = std::min(lo, values[j]), hi = std::max(hi, values[j]);
+}
+
+// bins[j] = min(kBins - 1, int((values[j] - lo) * scale)), as BinsPortable computes it.
+__attribute__((target("avx2,fma"))) void BinsAvx2(const float* values, int64_t n, float lo,
+                                                  float scale, int32_t* bins) {
+  const __m256 vlo = _mm256_set1_ps(lo), vscale = _mm256_set1_ps(scale);
+  const __m256i top = _mm256_set1_epi32(kBins - 1);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 x = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(values + j), vlo), vscale);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(bins + j),
+                        _mm256_min_epi32(_mm256_cvttps_epi32(x), top));
+  }
+  for (; j < n; ++j) {
+    bins[j] = std::min<int32_t>(kBins - 1, static_cast<int32_t>((values[j] - lo) * scale));
+  }
+}
+
+// Moves the entries of bins above `bin` to the front (in order; returns how many) and
+// appends those of `bin` itself to `ties`, eight entries at a time.
+__attribute__((target("avx2,fma"))) int64_t PartitionAvx2(float* values, int32_t* ids,
+                                                          const int32_t* bins, int64_t n,
+                                                          int32_t bin, std::vector<Entry>& ties) {
+  const __m256i vbin = _mm256_set1_epi32(bin);
+  int64_t kept = 0, j = 0;
+  for (; j + 8 <= n; j += 8) {  // kept <= j: the 8 lanes stored at kept were loaded already
+    const __m256 v = _mm256_loadu_ps(values + j);
+    const __m256i id = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ids + j));
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bins + j));
+    for (int mask = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(b, vbin))); mask;
+         mask &= mask - 1) {
+      const int lane = __builtin_ctz(mask);
+      ties.push_back({values[j + lane], ids[j + lane]});
+    }
+    kept += AppendLanes(values + kept, ids + kept, v, id,
+                        _mm256_castsi256_ps(_mm256_cmpgt_epi32(b, vbin)));
+  }
+  for (; j < n; ++j) {
+    const float v = values[j];
+    const int32_t id = ids[j];
+    if (bins[j] == bin) ties.push_back({v, id});
+    values[kept] = v, ids[kept] = id;
+    kept += bins[j] > bin;
+  }
+  return kept;
+}
+#endif
+
+void MinMaxPortable(const float* values, int64_t n, float& lo, float& hi) {
+  lo = hi = values[0];
+  for (int64_t j = 1; j < n; ++j) lo = std::min(lo, values[j]), hi = std::max(hi, values[j]);
+}
+
+void BinsPortable(const float* values, int64_t n, float lo, float scale, int32_t* bins) {
+  for (int64_t j = 0; j < n; ++j) {
+    bins[j] = std::min<int32_t>(kBins - 1, static_cast<int32_t>((values[j] - lo) * scale));
+  }
+}
+
+int64_t PartitionPortable(float* values, int32_t* ids, const int32_t* bins, int64_t n,
+                          int32_t bin, std::vector<Entry>& ties) {
+  int64_t kept = 0;
+  for (int64_t j = 0; j < n; ++j) {  // kept <= j: entries move forward only
+    const float v = values[j];
+    const int32_t id = ids[j];
+    if (bins[j] == bin) ties.push_back({v, id});
+    values[kept] = v, ids[kept] = id;
+    kept += bins[j] > bin;  // no branch: about half the entries are above
+  }
+  return kept;
+}
+
+#ifndef PLATO_X86  // p.avx2 is never set off x86: these names only keep one dispatch
+constexpr auto MinMaxAvx2 = MinMaxPortable;
+constexpr auto BinsAvx2 = BinsPortable;
+constexpr auto PartitionAvx2 = PartitionPortable;
+#endif
+
+// Keeps the k best entries of query q's full pool, (score descending, id ascending), and
+// makes the k-th its threshold. A histogram over [min, max] finds the bin holding the k-th
+// value (binning by (v - min) * scale is monotone in v); one pass keeps the entries of the
+// bins above it and sets that bin's aside, and only those are ordered. Every pass but the
+// histogram's runs eight entries at a time: no nth_element over the whole pool.
 void Compact(const Problem& p, int64_t q, Scratch& scratch) {
   float* values = p.values + q * p.capacity;
   int32_t* ids = p.ids + q * p.capacity;
   const int64_t n = p.count[q], k = p.k;
-  const float kth = KthLargest(values, n, k, scratch);
-  int64_t kept = 0;
-  scratch.ties.clear();
-  for (int64_t j = 0; j < n; ++j) {  // kept <= j: entries move forward only
-    const float v = values[j];
-    const int32_t id = ids[j];
-    values[kept] = v, ids[kept] = id;
-    kept += v > kth;  // no branch: about half the entries are above
-    if (v == kth) scratch.ties.push_back({v, id});
+  scratch.bins.resize(p.capacity);
+  int32_t* bins = scratch.bins.data();
+  float lo, hi;
+  if (p.avx2) MinMaxAvx2(values, n, lo, hi); else MinMaxPortable(values, n, lo, hi);
+  const float scale = static_cast<float>(kBins - 1) / (hi - lo);
+  if (std::isfinite(hi - lo) && std::isfinite(scale) && scale > 0.0f) {
+    if (p.avx2) BinsAvx2(values, n, lo, scale, bins); else BinsPortable(values, n, lo, scale, bins);
+  } else {  // all equal, or a range past f32 (infinite scores): one bin, all ordered
+    std::fill(bins, bins + n, 0);
   }
+  // Two histograms, even and odd entries: neighbours often share a bin, and a counter
+  // incremented twice in a row waits for its own store.
+  int32_t counts[2][kBins] = {};
+  int64_t j = 0;
+  for (; j + 2 <= n; j += 2) ++counts[0][bins[j]], ++counts[1][bins[j + 1]];
+  if (j < n) ++counts[0][bins[j]];
+  auto in_bin = [&](int32_t b) { return counts[0][b] + counts[1][b]; };
+  int32_t bin = kBins - 1;
+  for (int64_t above = 0; above + in_bin(bin) < k; --bin) above += in_bin(bin);
+  scratch.ties.clear();
+  const int64_t kept = p.avx2 ? PartitionAvx2(values, ids, bins, n, bin, scratch.ties)
+                              : PartitionPortable(values, ids, bins, n, bin, scratch.ties);
   const int64_t need = k - kept;  // 1 <= need <= ties
-  auto by_id = [](const Entry& a, const Entry& b) { return a.id < b.id; };
+  auto before = [](const Entry& a, const Entry& b) {
+    return RanksBefore(a.value, a.id, b.value, b.id);
+  };
   std::nth_element(scratch.ties.begin(), scratch.ties.begin() + (need - 1), scratch.ties.end(),
-                   by_id);
-  for (int64_t j = 0; j < need; ++j) values[kept + j] = kth, ids[kept + j] = scratch.ties[j].id;
-  for (int64_t j = k; j < n; ++j) values[j] = -INFINITY, ids[j] = -1;
+                   before);
+  for (int64_t t = 0; t < need; ++t) {
+    values[kept + t] = scratch.ties[t].value, ids[kept + t] = scratch.ties[t].id;
+  }
+  std::fill(values + k, values + n, -INFINITY);
+  std::fill(ids + k, ids + n, -1);
   p.count[q] = static_cast<int32_t>(k);
-  p.threshold_value[q] = kth;
+  p.threshold_value[q] = scratch.ties[need - 1].value;
   p.threshold_id[q] = scratch.ties[need - 1].id;
 }
 
@@ -288,35 +400,6 @@ __attribute__((target("avx2,fma"))) void MicroTileAvx2(const float* a, const flo
   _mm256_store_ps(acc + 5 * kCols, c50), _mm256_store_ps(acc + 5 * kCols + 8, c51);
 }
 
-// For each 8-bit lane mask, a lane order that puts the set lanes first (AVX2 has no
-// compress-store).
-struct CompressOrder {
-  alignas(32) int32_t lanes[256][8] = {};
-  constexpr CompressOrder() {
-    for (int m = 0; m < 256; ++m) {
-      int n = 0;
-      for (int j = 0; j < 8; ++j) if (m >> j & 1) lanes[m][n++] = j;
-      for (int j = 0; j < 8; ++j) if (!(m >> j & 1)) lanes[m][n++] = j;
-    }
-  }
-};
-constexpr CompressOrder kCompressOrder;
-
-// Appends the lanes of `take` (values v, ids id) to a pool at `values`/`ids`, set lanes
-// first; the 8 - popcount slots after them get (-inf, -1), which unused slots hold anyway.
-__attribute__((target("avx2,fma"))) int64_t AppendLanes(float* values, int32_t* ids,
-                                                       __m256 v, __m256i id, __m256 take) {
-  const int mask = _mm256_movemask_ps(take);
-  const __m256i perm =
-      _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompressOrder.lanes[mask]));
-  v = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), v, take);
-  id = _mm256_castps_si256(
-      _mm256_blendv_ps(_mm256_castsi256_ps(_mm256_set1_epi32(-1)), _mm256_castsi256_ps(id), take));
-  _mm256_storeu_ps(values, _mm256_permutevar8x32_ps(v, perm));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(ids), _mm256_permutevar8x32_epi32(id, perm));
-  return __builtin_popcount(mask);
-}
-
 // Offers a finished micro-tile's scores to queries q0..q0 + rows. Lanes above a query's
 // threshold value are appended 8 at a time; the rare lanes equal to it (decided by id), and
 // rows near a full pool or in a partial strip, go through the scalar Offer.
@@ -402,9 +485,9 @@ class LineAligned {
 // the group's panels stream past it. Partial sums wait in `acc` between chunks: storing
 // and reloading an f32 keeps every score the same FMA chain.
 void FoldQueries(const Problem& p, const float* queries, int64_t q_begin, int64_t q_end,
-                 int64_t block_cols, int64_t group_panels, int64_t depth_chunk, bool avx2,
-                 bool first) {
+                 int64_t block_cols, int64_t group_panels, int64_t depth_chunk, bool first) {
   const int64_t dim = p.dim;
+  const bool avx2 = p.avx2;
   const int64_t panels = (q_end - q_begin + kRows - 1) / kRows;
   LineAligned a(static_cast<size_t>(panels * kRows * dim));
   for (int64_t i = 0; i < panels; ++i) {
@@ -527,7 +610,8 @@ ffi::Error TileTopKImpl(ffi::Buffer<ffi::F32> values_in, ffi::Buffer<ffi::S32> i
   Problem p{rows.typed_data() + offset, tile_ids.typed_data(), query_ids.typed_data(),
             values_out->typed_data(), ids_out->typed_data(), count_out->typed_data(),
             threshold_value_out->typed_data(), threshold_id_out->typed_data(),
-            row_sumsq->typed_data(), k, capacity, num_t, dim, normalize};
+            row_sumsq->typed_data(), k, capacity, num_t, dim, normalize,
+            !portable && HasAvx2()};
   // In place when XLA aliased the state (it does: input_output_aliases); else copy it over.
   auto keep = [](void* out, const void* in, size_t bytes) {
     if (out != in) std::memcpy(out, in, bytes);
@@ -538,7 +622,6 @@ ffi::Error TileTopKImpl(ffi::Buffer<ffi::F32> values_in, ffi::Buffer<ffi::S32> i
   keep(p.threshold_value, threshold_value_in.typed_data(), sizeof(float) * num_q);
   keep(p.threshold_id, threshold_id_in.typed_data(), sizeof(int32_t) * num_q);
   if (num_t == 0) return ffi::Error::Success();
-  const bool avx2 = !portable && HasAvx2();
   // Whole micro-tiles of queries per thread; with no queries, one thread still writes the
   // norms.
   const int64_t panels = (num_q + kRows - 1) / kRows;
@@ -547,10 +630,10 @@ ffi::Error TileTopKImpl(ffi::Buffer<ffi::F32> values_in, ffi::Buffer<ffi::S32> i
   std::vector<std::thread> pool;
   for (int64_t w = 1; w < workers; ++w) {
     pool.emplace_back(FoldQueries, std::cref(p), queries.typed_data(), share(w), share(w + 1),
-                      block_cols, group_panels, depth_chunk, avx2, false);
+                      block_cols, group_panels, depth_chunk, false);
   }
   FoldQueries(p, queries.typed_data(), share(0), share(1), block_cols, group_panels, depth_chunk,
-              avx2, true);
+              true);
   for (auto& t : pool) t.join();
   return ffi::Error::Success();
 }
