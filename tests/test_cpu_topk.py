@@ -78,14 +78,18 @@ def test_stream_of_integer_tiles_equals_reference(rng, q, t, d, k, block_cols, t
 
 @pytest.mark.parametrize("k", [5, 300])
 @pytest.mark.parametrize("portable", [False, True])
-def test_ties_across_compactions_keep_the_smallest_ids(rng, k, portable):
+@pytest.mark.parametrize("outlier", [False, True])
+def test_ties_across_compactions_keep_the_smallest_ids(rng, k, portable, outlier):
   """Many equal scores, ids in random order: every compaction splits a run of ties at the
   k-th value, and must keep the smallest ids (and make the largest kept one the
-  threshold), or the final top-k differs."""
+  threshold), or the final top-k differs. outlier: one score of 1e30 stretches the
+  compaction's histogram so that all the others share its lowest bin."""
   t, d = 1500, 8
   rows = np.zeros((t, d), np.float32)
   rows[:, 0] = rng.choice([1.0, 2.0], t, p=[0.2, 0.8])  # scores 1 or 2: long runs of ties
   rows[rng.choice(t, 3, replace=False), 0] = 3.0
+  if outlier:
+    rows[rng.integers(t), 0] = 1e30
   ids = rng.permutation(10 * t)[:t].astype(np.int32)
   tiles = [(rows[:700], ids[:700]), (rows[700:], ids[700:])]
   queries = np.zeros((7, d), np.float32)

@@ -113,12 +113,17 @@ def test_search_k_n_minus_one(rng):
   assert_exact(res, x[:Q], x, n - 1, query_ids=np.arange(Q))
 
 
-def test_search_k_n_over_100_at_100k_rows(rng):
-  n, q_rows = 100_000, 12
+@pytest.mark.parametrize("kernel", ["xla", "cpu"])
+@pytest.mark.parametrize("n,k", [(100_000, 1_000), (40_000, 10_000)])
+def test_search_k_n_over_100_at_100k_rows_and_k_10000(rng, kernel, n, k):
+  """k = n/100 at n = 100,000, and k = 10,000 (the issue's n/100 at 1M) on a smaller
+  gallery; both CPU kernels, duplicates among the rows."""
+  skip_unless_runs_here(kernel)
+  q_rows = 12
   x = with_duplicates(rng, integer_rows(rng, n, D), 500)
   qids = rng.choice(n, q_rows, replace=False)
-  res = search(x[qids], x, n // 100, query_ids=qids, tile_rows=2048, kernel="xla")
-  assert_exact(res, x[qids], x, n // 100, query_ids=qids)
+  res = search(x[qids], x, k, query_ids=qids, tile_rows=2048, kernel=kernel)
+  assert_exact(res, x[qids], x, k, query_ids=qids)
 
 
 # ---- the selector against TopKSelector, tile by tile ---------------------------------------

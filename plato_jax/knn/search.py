@@ -6,7 +6,9 @@ are multiplied in that dtype with f32 accumulation, which is exact per product. 
 are ordered by (score descending, id ascending), so the result is a pure function of the
 scores and the ids: identical across tile sizes, device counts and runs. It equals a float64
 brute force wherever float32 accumulation does not reorder two scores (tests use integer data
-to make that unconditional).
+to make that unconditional). Subnormal values and results count as zero, as XLA's CPU runtime
+flushes them (the C++ kernel runs on its threads): scores below 1.2e-38 in magnitude tie
+with 0.
 """
 from __future__ import annotations
 
@@ -23,9 +25,9 @@ from jax import lax
 
 from plato_jax.knn import sharding
 from plato_jax.knn.large_k import LARGE_K_THRESHOLD, choose_selector
-from plato_jax.knn.sources import (MAX_ID, RowWindow, TileBuffers, aligned_empty, as_source,
-                                   on_accelerator, plan_tiles, raise_for_bad_rows, stream_tiles,
-                                   window_length)
+from plato_jax.knn.sources import (MAX_ID, IdRows, RowWindow, TileBuffers, aligned_empty,
+                                   as_source, on_accelerator, plan_tiles, raise_for_bad_rows,
+                                   stream_tiles, window_length)
 from plato_jax.progress import Progress
 from plato_jax.resume import ResumePoint
 
@@ -91,6 +93,26 @@ def _ids_array(ids, n: int, what: str) -> np.ndarray:
     bad = np.flatnonzero((ids < 0) | (ids >= MAX_ID))
     raise ValueError(f"{what} must lie in [0, 2**31-1); rows {bad[:10].tolist()} do not")
   return ids.astype(np.int64)
+
+
+def _neighbours_kept(sizes, wanted, q_ids, g_ids, exclude_self: bool) -> dict:
+  """Columns of each prefix's result: its k, at most what the prefix holds for every query —
+  n_j rows, one fewer where self-exclusion takes a query's own row out. The largest prefix
+  (the gallery, without prefixes) must give its k to every query: else a ValueError naming
+  the queries short of it."""
+  own = np.full(len(q_ids), np.iinfo(np.int64).max)  # each query's own row in the stream
+  if exclude_self and len(q_ids):
+    rows = IdRows(g_ids)
+    present = np.isin(q_ids, g_ids)
+    own[present] = rows(q_ids[present])
+  first_own = own.min(initial=np.iinfo(np.int64).max)
+  keep = {s: min(kk, s - int(first_own < s)) for s, kk in zip(sizes, wanted)}
+  last, k_last = sizes[-1], wanted[-1]
+  short = np.flatnonzero(k_last > last - (own < last))
+  if short.size:
+    raise ValueError(f"k={k_last} exceeds the neighbours available in a gallery of {last} rows "
+                     f"(after self-exclusion) for query rows {short[:10].tolist()}")
+  return keep
 
 
 def _check_unique(ids: np.ndarray, what: str) -> None:
@@ -174,7 +196,9 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
 
   Returns:
     `Neighbours` (ids int64 [Q, max k], scores f32) sorted by (score desc, id asc); with
-    `prefix_sizes`, a list of them, one per prefix, each holding min(prefix k, n_j) columns.
+    `prefix_sizes`, a list of them, one per prefix, each holding min(prefix k, n_j) columns
+    (n_j - 1 where self-exclusion takes some query's own row out of the prefix). The
+    gallery (the largest prefix) must hold k neighbours for every query, else ValueError.
   """
   ks = _k_list(k)
   k_max = max(ks)
@@ -192,6 +216,11 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
   bad = np.flatnonzero(~np.isfinite(q_host.astype(np.float32)).all(axis=1))
   if bad.size:
     raise ValueError(f"query rows with NaN/Inf values: {bad[:10].tolist()}")
+  with np.errstate(over="ignore"):  # as the gallery's check: a score is at most ‖q‖·‖g‖
+    bad = np.flatnonzero(~np.isfinite(np.square(q_host.astype(np.float32)).sum(axis=1)))
+  if bad.size:
+    raise ValueError(f"query rows with a squared norm that overflows float32: "
+                     f"{bad[:10].tolist()}")
   if normalize:
     norms = np.linalg.norm(q_host.astype(np.float32), axis=1, keepdims=True)
     if not norms.all():
@@ -207,14 +236,15 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
     q_ids = _ids_array(query_ids, num_q, "query ids")
 
   sizes = [n] if prefix_sizes is None else [int(s) for s in prefix_sizes]
-  if any(b <= a for a, b in zip(sizes[:-1], sizes[1:])) or sizes[0] < 1 or sizes[-1] > n:
+  if (not sizes or any(b <= a for a, b in zip(sizes[:-1], sizes[1:])) or sizes[0] < 1
+      or sizes[-1] > n):
     raise ValueError(f"prefix_sizes must increase strictly within [1, {n}], got {sizes}")
   if k_max > sizes[-1]:
     raise ValueError(f"k={k_max} is larger than the gallery ({sizes[-1]} rows)")
   wanted = [k_max] * len(sizes) if prefix_k is None else _k_list(prefix_k)
   if len(wanted) != len(sizes) or max(wanted) > k_max:
     raise ValueError(f"prefix_k must give one k <= {k_max} per prefix size, got {prefix_k}")
-  keep = {s: min(kk, s) for s, kk in zip(sizes, wanted)}
+  keep = _neighbours_kept(sizes, wanted, q_ids, g_ids, bool(exclude_self))
 
   mesh = sharding.default_mesh() if mesh is None else mesh
   num_dev = mesh.devices.size
@@ -328,9 +358,10 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
 
   out = [Neighbours(found["ids"][str(s)].astype(np.int64), found["values"][str(s)], s,
                     kernel, fallbacks) for s in sizes]
-  if prefix_sizes is None:
-    return out[0].top(k_max)  # raises if self-exclusion left some query short
-  return out
+  for r in out:  # every column a real neighbour: `_neighbours_kept` makes this hold
+    if r.k:
+      r.top(r.k)
+  return out[0] if prefix_sizes is None else out
 
 
 def selector_for(kernel: str, k: int, tile_rows: int, bucket_width, mesh):

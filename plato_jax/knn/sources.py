@@ -9,7 +9,7 @@ A gallery source is anything with this small protocol (duck-typed):
     read(start, stop) -> ndarray   rows [start, stop) as a [stop-start, dim] numpy array
 
 `as_source` wraps numpy / jax arrays, TensorStore arrays (optionally one layer of an
-[N, L, D] array) and lists of sources (shards concatenated in order).
+[N, L, D] array) and lists of shards (arrays or sources, concatenated in order).
 """
 from __future__ import annotations
 
@@ -112,22 +112,34 @@ class TensorStoreSource(_RowNumberIds):
 
 
 class ConcatSource:
-  """Shards read one after another as one gallery."""
+  """Shards read one after another as one gallery. Ids: `ids` [N] when given; else a shard
+  that is a source (the protocol above) brings its own, and an array shard's rows are
+  numbered by their place in the whole gallery. Shards of different dtypes are read in
+  their common dtype (`np.result_type`: a widening, values unchanged)."""
 
-  def __init__(self, shards: Sequence[Any]):
+  def __init__(self, shards: Sequence[Any], ids=None):
     if not shards:
       raise ValueError("empty list of gallery shards")
+    self._own_ids = [is_source(s) for s in shards]
     self._shards = [as_source(s) for s in shards]
-    dims = {s.dim for s in self._shards}
-    if len(dims) != 1:
-      raise ValueError(f"gallery shards have different dimensions: {sorted(dims)}")
-    self.dim = dims.pop()
+    dims = [s.dim for s in self._shards]
+    if len(set(dims)) != 1:
+      raise ValueError("gallery shards have different dimensions: " + ", ".join(
+          f"shard {i} has D={d}" for i, d in enumerate(dims) if d != dims[0]) +
+          f" (shard 0 has D={dims[0]})")
+    self.dim = dims[0]
     self.dtype = np.result_type(*[s.dtype for s in self._shards])
     self._offsets = np.cumsum([0] + [s.num_rows for s in self._shards])
     self.num_rows = int(self._offsets[-1])
+    self._ids = None if ids is None else np.asarray(ids)
 
   def ids(self) -> np.ndarray:
-    return np.concatenate([s.ids() for s in self._shards])
+    if self._ids is not None:
+      return self._ids
+    return np.concatenate([
+        s.ids() if own else np.arange(lo, hi, dtype=np.int64)
+        for s, own, lo, hi in zip(self._shards, self._own_ids, self._offsets[:-1],
+                                  self._offsets[1:])])
 
   def read(self, start: int, stop: int) -> np.ndarray:
     parts = []
@@ -160,13 +172,16 @@ class OrderedSource:
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
+def is_source(x) -> bool:
+  """`x` follows the gallery source protocol."""
+  return all(hasattr(x, a) for a in ("num_rows", "dim", "ids", "read"))
+
+
 def as_source(gallery, ids=None):
   """Wraps `gallery` in a source; objects that already follow the protocol pass through."""
   if isinstance(gallery, (list, tuple)):
-    if ids is not None:
-      raise ValueError("pass ids with each shard (wrap shards with ArraySource(rows, ids))")
-    return ConcatSource(gallery)
-  if all(hasattr(gallery, a) for a in ("num_rows", "dim", "ids", "read")):
+    return ConcatSource(gallery, ids=ids)
+  if is_source(gallery):
     if ids is not None:
       raise ValueError("a gallery source carries its own ids")
     return gallery
@@ -345,8 +360,8 @@ def stream_tiles(source, ids: np.ndarray, ranges: Sequence[tuple[int, int]], *,
     on_device = on_accelerator(rows)
     rows = rows if on_device else np.asarray(rows)
     if rows.shape != (stop - start, source.dim):
-      raise ValueError(f"gallery source returned shape {rows.shape} for rows [{start}, {stop}), "
-                       f"expected {(stop - start, source.dim)}")
+      raise ValueError(f"gallery source {type(source).__name__} returned shape {rows.shape} "
+                       f"for rows [{start}, {stop}), expected {(stop - start, source.dim)}")
     tile_ids = ids[start:stop]
     order = np.argsort(tile_ids, kind="stable")
     if not np.all(order == np.arange(order.size)):
