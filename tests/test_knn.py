@@ -8,7 +8,7 @@ import pytest
 from knn_reference import brute_force, integer_rows, one_device_mesh, skip_unless_runs_here
 
 from plato_jax.knn import ArraySource, search
-from plato_jax.knn.sources import plan_tiles
+from plato_jax.knn.sources import TensorStoreSource, plan_tiles
 
 
 @pytest.fixture(params=["xla", "cpu"])
@@ -28,6 +28,19 @@ def test_self_join_equals_brute_force_with_ties(rng, n, tile, kernel):
   np.testing.assert_array_equal(res.ids, ids)
   np.testing.assert_array_equal(res.scores, scores.astype(np.float32))
   assert res.ids.dtype == np.int64 and res.scores.dtype == np.float32
+
+
+def test_self_join_of_30k_rows_in_query_blocks(rng):
+  """queries = gallery at N = 30,000 (15 query blocks, each a pass over the gallery, no N×N
+  anywhere); 300 random rows checked against the float64 brute force."""
+  n = 30_000
+  x = integer_rows(rng, n, 8)
+  x[n - 1] = x[0]
+  res = search(x, x, 10, query_block=2048)
+  rows = np.r_[0, n - 1, rng.choice(n, 298, replace=False)]
+  ids, scores = brute_force(x[rows], x, 10, query_ids=rows)
+  np.testing.assert_array_equal(res.ids[rows], ids)
+  np.testing.assert_array_equal(res.scores[rows], scores.astype(np.float32))
 
 
 def test_identical_across_tiles_devices_and_runs(rng, kernel):
@@ -209,6 +222,9 @@ def test_tensorstore_and_shard_sources(tmp_path, rng):
   arr.write(x).result()
   expected = brute_force(x[:40], x, 12)[0]
   np.testing.assert_array_equal(search(x[:40], arr, 12, tile_rows=128).ids, expected)
+  with pytest.raises(ValueError, match=r"needs an \[N, L, D\] array, got shape \(700, 8\) "
+                                       r"\(file://.*/g/\)"):
+    TensorStoreSource(arr, layer=0)
   shards = [ArraySource(x[:250], np.arange(250)), ArraySource(x[250:], np.arange(250, 700))]
   np.testing.assert_array_equal(search(x[:40], shards, 12, tile_rows=64).ids, expected)
   # array shards: rows numbered by their place in the whole gallery, or `gallery_ids`
@@ -301,6 +317,10 @@ def test_normalize_gives_cosine_neighbours(rng, kernel):
     search(np.where(np.arange(40)[:, None] == 1, 0, q), g, 10, normalize=True, kernel=kernel)
 
 
+class SimulatedCrash(BaseException):
+  """What a killed process leaves: nothing catches it on the way out."""
+
+
 class CrashingSource(ArraySource):
   """Dies (like a killed process) after `limit` tile reads."""
 
@@ -311,7 +331,7 @@ class CrashingSource(ArraySource):
   def read(self, start, stop):
     self.limit -= 1
     if self.limit < 0:
-      raise KeyboardInterrupt("simulated crash")
+      raise SimulatedCrash(f"after {start} rows")
     return super().read(start, stop)
 
 
@@ -321,7 +341,7 @@ def test_resume_after_crash_gives_identical_results(rng, tmp_path, kernel):
   kw = dict(query_ids=np.arange(100), prefix_sizes=[500, 3000], tile_rows=64, query_block=60,
             kernel=kernel)
   clean = search(q, x, 20, **kw)
-  with pytest.raises(KeyboardInterrupt):
+  with pytest.raises(SimulatedCrash):
     search(q, CrashingSource(x, 70), 20, resume_dir=str(tmp_path / "ck"), checkpoint_every=2, **kw)
   assert any((tmp_path / "ck").iterdir()), "a checkpoint was written before the crash"
   reads = CrashingSource(x, 10**9)

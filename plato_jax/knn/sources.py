@@ -93,13 +93,16 @@ class TensorStoreSource(_RowNumberIds):
 
   def __init__(self, array, ids=None, layer: int | None = None):
     shape = tuple(array.shape)
+    kvstore = getattr(array, "kvstore", None)
+    where = f" ({kvstore.url})" if kvstore is not None else ""  # in-memory arrays have none
     if layer is None and len(shape) != 2:
-      raise ValueError(f"TensorStore gallery must be [N, D] or be given a layer; shape {shape}")
+      raise ValueError(f"TensorStore gallery{where} must be [N, D] or be given a layer; "
+                       f"shape {shape}")
     if layer is not None:
       if len(shape) != 3:
-        raise ValueError(f"layer={layer} needs an [N, L, D] array, got shape {shape}")
+        raise ValueError(f"layer={layer} needs an [N, L, D] array, got shape {shape}{where}")
       if not -shape[1] <= layer < shape[1]:
-        raise ValueError(f"layer {layer} out of range for {shape[1]} layers")
+        raise ValueError(f"layer {layer} out of range for {shape[1]} layers{where}")
       array = array[:, layer, :]
     self._array = array
     self.num_rows, self.dim = int(array.shape[0]), int(array.shape[1])
