@@ -237,11 +237,12 @@ def test_tensorstore_and_shard_sources(tmp_path, rng):
 
 
 def test_prefix_results_hold_only_real_neighbours(rng, kernel):
-  """A self-join whose small prefix holds fewer rows than k: that prefix's result has
-  n_1 - 1 columns (each query's own row is out), every one a real neighbour."""
+  """A self-join whose small prefixes hold fewer rows than k: such a prefix's result has
+  n_j - 1 columns (each query's own row is out; none for a one-row prefix), every one a
+  real neighbour."""
   x = integer_rows(rng, 300, 6)
-  small, large = search(x, x, 10, prefix_sizes=[6, 300], kernel=kernel)
-  assert small.k == 5 and large.k == 10
+  single, small, large = search(x, x, 10, prefix_sizes=[1, 6, 300], kernel=kernel)
+  assert single.k == 0 and small.k == 5 and large.k == 10
   for r, n in [(small, 6), (large, 300)]:
     ids, scores = brute_force(x, x[:n], r.k, query_ids=np.arange(300))
     np.testing.assert_array_equal(r.ids, ids)

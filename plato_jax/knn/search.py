@@ -342,11 +342,12 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
           raise_for_bad_rows(source, g_ids, ranges, nonzero=normalize)
           raise ValueError(f"{num_bad} gallery rows have non-finite or overflowing norms on the "
                            f"device, but a host scan could not name them")
-        v, i = sharding.device_merger(mesh, selector, keep[stop], on_host)(state)
         if kernel != "xla" and stop == sizes[-1]:
           fallbacks += int(sharding.replicated_sum(mesh)(state[2]))
-        found["values"][str(stop)][q0:q0 + rows] = np.asarray(v)[:rows]
-        found["ids"][str(stop)][q0:q0 + rows] = np.asarray(i)[:rows]
+        if keep[stop]:  # (0 where a one-row prefix holds only the query itself)
+          v, i = sharding.device_merger(mesh, selector, keep[stop], on_host)(state)
+          found["values"][str(stop)][q0:q0 + rows] = np.asarray(v)[:rows]
+          found["ids"][str(stop)][q0:q0 + rows] = np.asarray(i)[:rows]
       if point is not None:
         last = b == num_blocks - 1 and gi == len(groups) - 1
         point.maybe_save(b * len(groups) + gi + 1, {"state": state, "bad": bad, **found},
