@@ -228,7 +228,7 @@ def test_tensorstore_and_shard_sources(tmp_path, rng):
   shards = [ArraySource(x[:250], np.arange(250)), ArraySource(x[250:], np.arange(250, 700))]
   np.testing.assert_array_equal(search(x[:40], shards, 12, tile_rows=64).ids, expected)
   # array shards: rows numbered by their place in the whole gallery, or `gallery_ids`
-  arrays = [x[:250], x[250:600], x[600:]]
+  arrays = [x[:250], ArraySource(x[250:600]), x[600:]]  # (an ArraySource made without ids)
   np.testing.assert_array_equal(search(x[:40], arrays, 12, tile_rows=64).ids, expected)
   ids = np.arange(700) * 3 + 5
   np.testing.assert_array_equal(
@@ -237,12 +237,15 @@ def test_tensorstore_and_shard_sources(tmp_path, rng):
 
 
 def test_prefix_results_hold_only_real_neighbours(rng, kernel):
-  """A self-join whose small prefixes hold fewer rows than k: such a prefix's result has
-  n_j - 1 columns (each query's own row is out; none for a one-row prefix), every one a
-  real neighbour."""
+  """A self-join whose small prefix holds fewer rows than k: that prefix's result has
+  n_1 - 1 columns (each query's own row is out), every one a real neighbour. A one-row
+  prefix holds none: an error."""
   x = integer_rows(rng, 300, 6)
-  single, small, large = search(x, x, 10, prefix_sizes=[1, 6, 300], kernel=kernel)
-  assert single.k == 0 and small.k == 5 and large.k == 10
+  small, large = search(x, x, 10, prefix_sizes=[6, 300], kernel=kernel)
+  assert small.k == 5 and large.k == 10
+  with pytest.raises(ValueError, match=r"prefix of 1 rows holds no neighbour for query rows "
+                                       r"\[0\], only their own"):
+    search(x, x, 10, prefix_sizes=[1, 300], kernel=kernel)
   for r, n in [(small, 6), (large, 300)]:
     ids, scores = brute_force(x, x[:n], r.k, query_ids=np.arange(300))
     np.testing.assert_array_equal(r.ids, ids)

@@ -95,34 +95,64 @@ def _ids_array(ids, n: int, what: str) -> np.ndarray:
   return ids.astype(np.int64)
 
 
-def _neighbours_kept(sizes, wanted, q_ids, g_ids, exclude_self: bool) -> dict:
-  """Columns of each prefix's result: its k, at most what the prefix holds for every query —
-  n_j rows, one fewer where self-exclusion takes a query's own row out. The largest prefix
-  (the gallery, without prefixes) must give its k to every query: else a ValueError naming
-  the queries short of it."""
-  own = np.full(len(q_ids), np.iinfo(np.int64).max)  # each query's own row in the stream
-  if exclude_self and len(q_ids):
-    rows = IdRows(g_ids)
-    present = np.isin(q_ids, g_ids)
-    own[present] = rows(q_ids[present])
-  first_own = own.min(initial=np.iinfo(np.int64).max)
+def _own_rows(q_ids, gallery: IdRows, is_self_join: bool, exclude_self: bool):
+  """Each query's own row in the stream (the gallery row with its id), or None when no
+  query can meet its own row."""
+  if not exclude_self or not q_ids.size:
+    return None
+  if is_self_join and q_ids is gallery.ids:
+    return np.arange(q_ids.size)
+  rows, found = gallery.lookup(q_ids)
+  return np.where(found, rows, np.iinfo(np.int64).max) if found.any() else None
+
+
+def _neighbours_kept(sizes, wanted, own) -> dict:
+  """Columns of each prefix's result: min(its k, n_j), or min(its k, n_j - 1) where some
+  query's own row (`own`, from `_own_rows`) lies in the prefix. ValueError naming the query
+  rows: where the largest prefix (the gallery, without prefixes) cannot give its k to every
+  query, or a prefix holds nothing but the queries' own rows."""
+  first_own = np.iinfo(np.int64).max if own is None else int(own.min())
   keep = {s: min(kk, s - int(first_own < s)) for s, kk in zip(sizes, wanted)}
   last, k_last = sizes[-1], wanted[-1]
-  short = np.flatnonzero(k_last > last - (own < last))
+  short = np.zeros(0, np.int64) if own is None else np.flatnonzero(k_last > last - (own < last))
   if short.size:
     raise ValueError(f"k={k_last} exceeds the neighbours available in a gallery of {last} rows "
                      f"(after self-exclusion) for query rows {short[:10].tolist()}")
+  empty = [s for s in sizes if keep[s] == 0]
+  if empty:
+    raise ValueError(f"prefix of {empty[0]} rows holds no neighbour for query rows "
+                     f"{np.flatnonzero(own < empty[0])[:10].tolist()}, only their own rows "
+                     f"(self-exclusion): drop it from prefix_sizes")
   return keep
 
 
-def _check_unique(ids: np.ndarray, what: str) -> None:
-  order = np.argsort(ids, kind="stable")
-  sorted_ids = ids[order]
+def _check_unique(gallery: IdRows, what: str) -> None:
+  sorted_ids = gallery.ids[gallery.sorter]
   dup = np.flatnonzero(sorted_ids[1:] == sorted_ids[:-1])
   if dup.size:
-    rows = sorted(set(order[dup].tolist()) | set(order[dup + 1].tolist()))
+    rows = sorted(set(gallery.sorter[dup].tolist()) | set(gallery.sorter[dup + 1].tolist()))
     raise ValueError(f"duplicate {what}: ids {np.unique(sorted_ids[dup])[:10].tolist()} "
                      f"at rows {rows[:10]}")
+
+
+def _check_queries(q_host, chunk: int = 65536) -> None:
+  """Query rows with NaN/Inf values, or an f32 squared norm that overflows (as the gallery's
+  check: a score is at most ‖q‖·‖g‖), are a ValueError naming them. In chunks: no
+  temporary as large as the queries."""
+  nonfinite, overflow = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+  for a in range(0, len(q_host), chunk):
+    x = q_host[a:a + chunk].astype(np.float32)
+    finite = np.isfinite(x).all(axis=1)
+    nonfinite.append(a + np.flatnonzero(~finite))
+    with np.errstate(over="ignore", invalid="ignore"):
+      overflow.append(a + np.flatnonzero(finite & ~np.isfinite(np.einsum("ij,ij->i", x, x))))
+  bad = np.concatenate(nonfinite)
+  if bad.size:
+    raise ValueError(f"query rows with NaN/Inf values: {bad[:10].tolist()}")
+  bad = np.concatenate(overflow)
+  if bad.size:
+    raise ValueError(f"query rows with a squared norm that overflows float32: "
+                     f"{bad[:10].tolist()}")
 
 
 def _compute_dtype(q_dtype, g_dtype, requested, platform: str):
@@ -197,8 +227,9 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
   Returns:
     `Neighbours` (ids int64 [Q, max k], scores f32) sorted by (score desc, id asc); with
     `prefix_sizes`, a list of them, one per prefix, each holding min(prefix k, n_j) columns
-    (n_j - 1 where self-exclusion takes some query's own row out of the prefix). The
-    gallery (the largest prefix) must hold k neighbours for every query, else ValueError.
+    (min(prefix k, n_j - 1) where self-exclusion takes some query's own row out of the
+    prefix). The gallery (the largest prefix) must hold k neighbours for every query, else
+    ValueError.
   """
   ks = _k_list(k)
   k_max = max(ks)
@@ -213,14 +244,7 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
   if q_host.shape[1] != source.dim:
     raise ValueError(f"dimension mismatch: queries have D={q_host.shape[1]}, "
                      f"gallery has D={source.dim}")
-  bad = np.flatnonzero(~np.isfinite(q_host.astype(np.float32)).all(axis=1))
-  if bad.size:
-    raise ValueError(f"query rows with NaN/Inf values: {bad[:10].tolist()}")
-  with np.errstate(over="ignore"):  # as the gallery's check: a score is at most ‖q‖·‖g‖
-    bad = np.flatnonzero(~np.isfinite(np.square(q_host.astype(np.float32)).sum(axis=1)))
-  if bad.size:
-    raise ValueError(f"query rows with a squared norm that overflows float32: "
-                     f"{bad[:10].tolist()}")
+  _check_queries(q_host)
   if normalize:
     norms = np.linalg.norm(q_host.astype(np.float32), axis=1, keepdims=True)
     if not norms.all():
@@ -228,7 +252,8 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
                        f"{np.flatnonzero(norms[:, 0] == 0)[:10].tolist()}")
     q_host = q_host.astype(np.float32) / norms
   g_ids = _ids_array(source.ids(), n, "gallery ids")
-  _check_unique(g_ids, "gallery ids")
+  gallery_rows = IdRows(g_ids)
+  _check_unique(gallery_rows, "gallery ids")
   num_q = q_host.shape[0]
   if query_ids is None:
     q_ids = g_ids if is_self_join else np.full(num_q, NO_ID, np.int64)
@@ -244,7 +269,8 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
   wanted = [k_max] * len(sizes) if prefix_k is None else _k_list(prefix_k)
   if len(wanted) != len(sizes) or max(wanted) > k_max:
     raise ValueError(f"prefix_k must give one k <= {k_max} per prefix size, got {prefix_k}")
-  keep = _neighbours_kept(sizes, wanted, q_ids, g_ids, bool(exclude_self))
+  keep = _neighbours_kept(sizes, wanted, _own_rows(q_ids, gallery_rows, is_self_join,
+                                                   bool(exclude_self)))
 
   mesh = sharding.default_mesh() if mesh is None else mesh
   num_dev = mesh.devices.size
@@ -344,10 +370,9 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
                            f"device, but a host scan could not name them")
         if kernel != "xla" and stop == sizes[-1]:
           fallbacks += int(sharding.replicated_sum(mesh)(state[2]))
-        if keep[stop]:  # (0 where a one-row prefix holds only the query itself)
-          v, i = sharding.device_merger(mesh, selector, keep[stop], on_host)(state)
-          found["values"][str(stop)][q0:q0 + rows] = np.asarray(v)[:rows]
-          found["ids"][str(stop)][q0:q0 + rows] = np.asarray(i)[:rows]
+        v, i = sharding.device_merger(mesh, selector, keep[stop], on_host)(state)
+        found["values"][str(stop)][q0:q0 + rows] = np.asarray(v)[:rows]
+        found["ids"][str(stop)][q0:q0 + rows] = np.asarray(i)[:rows]
       if point is not None:
         last = b == num_blocks - 1 and gi == len(groups) - 1
         point.maybe_save(b * len(groups) + gi + 1, {"state": state, "bad": bad, **found},
@@ -360,8 +385,7 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
   out = [Neighbours(found["ids"][str(s)].astype(np.int64), found["values"][str(s)], s,
                     kernel, fallbacks) for s in sizes]
   for r in out:  # every column a real neighbour: `_neighbours_kept` makes this hold
-    if r.k:
-      r.top(r.k)
+    r.top(r.k)
   return out[0] if prefix_sizes is None else out
 
 

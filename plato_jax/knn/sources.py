@@ -45,16 +45,20 @@ class IdRows:
 
   def __init__(self, ids):
     self.ids = np.asarray(ids)
-    self._sorter = np.argsort(self.ids, kind="stable")
+    self.sorter = np.argsort(self.ids, kind="stable")  # ids[sorter] ascending
+
+  def lookup(self, wanted) -> tuple[np.ndarray, np.ndarray]:
+    """(the row of each wanted id — meaningless where absent —, whether it is there)."""
+    wanted = np.asarray(wanted)
+    if not self.ids.size:
+      return np.zeros(wanted.shape, np.int64), np.zeros(wanted.shape, bool)
+    at = np.minimum(np.searchsorted(self.ids, wanted, sorter=self.sorter), self.ids.size - 1)
+    rows = self.sorter[at]
+    return rows, self.ids[rows] == wanted
 
   def __call__(self, wanted, what: str = "ids not found") -> np.ndarray:
     wanted = np.asarray(wanted)
-    if not self.ids.size:
-      rows, found = np.zeros(wanted.shape, np.int64), np.zeros(wanted.shape, bool)
-    else:
-      at = np.minimum(np.searchsorted(self.ids, wanted, sorter=self._sorter), self.ids.size - 1)
-      rows = self._sorter[at]
-      found = self.ids[rows] == wanted
+    rows, found = self.lookup(wanted)
     if not found.all():
       raise ValueError(f"{what}: {wanted[~found][:10].tolist()}")
     return rows
@@ -116,14 +120,15 @@ class TensorStoreSource(_RowNumberIds):
 
 class ConcatSource:
   """Shards read one after another as one gallery. Ids: `ids` [N] when given; else a shard
-  that is a source (the protocol above) brings its own, and an array shard's rows are
-  numbered by their place in the whole gallery. Shards of different dtypes are read in
+  that is a source (the protocol above) brings its own, and an array shard's rows (or an
+  `ArraySource`'s / `TensorStoreSource`'s made without ids) are numbered by their place in
+  the whole gallery. Shards of different dtypes are read in
   their common dtype (`np.result_type`: a widening, values unchanged)."""
 
   def __init__(self, shards: Sequence[Any], ids=None):
     if not shards:
       raise ValueError("empty list of gallery shards")
-    self._own_ids = [is_source(s) for s in shards]
+    self._numbered = [_numbered_by_place(s) for s in shards]
     self._shards = [as_source(s) for s in shards]
     dims = [s.dim for s in self._shards]
     if len(set(dims)) != 1:
@@ -140,9 +145,9 @@ class ConcatSource:
     if self._ids is not None:
       return self._ids
     return np.concatenate([
-        s.ids() if own else np.arange(lo, hi, dtype=np.int64)
-        for s, own, lo, hi in zip(self._shards, self._own_ids, self._offsets[:-1],
-                                  self._offsets[1:])])
+        np.arange(lo, hi, dtype=np.int64) if numbered else s.ids()
+        for s, numbered, lo, hi in zip(self._shards, self._numbered, self._offsets[:-1],
+                                       self._offsets[1:])])
 
   def read(self, start: int, stop: int) -> np.ndarray:
     parts = []
@@ -178,6 +183,12 @@ class OrderedSource:
 def is_source(x) -> bool:
   """`x` follows the gallery source protocol."""
   return all(hasattr(x, a) for a in ("num_rows", "dim", "ids", "read"))
+
+
+def _numbered_by_place(shard) -> bool:
+  """A shard whose rows take their place in the whole gallery as ids: an array, or one of
+  the sources here made without ids."""
+  return not is_source(shard) or (isinstance(shard, _RowNumberIds) and shard._ids is None)
 
 
 def as_source(gallery, ids=None):
