@@ -126,11 +126,13 @@ def _neighbours_kept(sizes, wanted, own) -> dict:
   return keep
 
 
-def _check_unique(gallery: IdRows, what: str) -> None:
-  sorted_ids = gallery.ids[gallery.sorter]
+def _check_unique(ids: np.ndarray, what: str, order: np.ndarray | None = None) -> None:
+  """ValueError naming repeated ids and their rows. `order`: an argsort of ids, if at hand."""
+  order = np.argsort(ids, kind="stable") if order is None else order
+  sorted_ids = ids[order]
   dup = np.flatnonzero(sorted_ids[1:] == sorted_ids[:-1])
   if dup.size:
-    rows = sorted(set(gallery.sorter[dup].tolist()) | set(gallery.sorter[dup + 1].tolist()))
+    rows = sorted(set(order[dup].tolist()) | set(order[dup + 1].tolist()))
     raise ValueError(f"duplicate {what}: ids {np.unique(sorted_ids[dup])[:10].tolist()} "
                      f"at rows {rows[:10]}")
 
@@ -253,7 +255,7 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
     q_host = q_host.astype(np.float32) / norms
   g_ids = _ids_array(source.ids(), n, "gallery ids")
   gallery_rows = IdRows(g_ids)
-  _check_unique(gallery_rows, "gallery ids")
+  _check_unique(g_ids, "gallery ids", gallery_rows.sorter)
   num_q = q_host.shape[0]
   if query_ids is None:
     q_ids = g_ids if is_self_join else np.full(num_q, NO_ID, np.int64)
