@@ -95,12 +95,12 @@ def _ids_array(ids, n: int, what: str) -> np.ndarray:
   return ids.astype(np.int64)
 
 
-def _own_rows(q_ids, gallery: IdRows, is_self_join: bool, exclude_self: bool):
+def _own_rows(q_ids, gallery: IdRows, exclude_self: bool):
   """Each query's own row in the stream (the gallery row with its id), or None when no
   query can meet its own row."""
   if not exclude_self or not q_ids.size:
     return None
-  if is_self_join and q_ids is gallery.ids:
+  if q_ids is gallery.ids:  # a self-join's default ids: query i is row i
     return np.arange(q_ids.size)
   rows, found = gallery.lookup(q_ids)
   return np.where(found, rows, np.iinfo(np.int64).max) if found.any() else None
@@ -111,10 +111,11 @@ def _neighbours_kept(sizes, wanted, own) -> dict:
   query's own row (`own`, from `_own_rows`) lies in the prefix. ValueError naming the query
   rows: where the largest prefix (the gallery, without prefixes) cannot give its k to every
   query, or a prefix holds nothing but the queries' own rows."""
-  first_own = np.iinfo(np.int64).max if own is None else int(own.min())
-  keep = {s: min(kk, s - int(first_own < s)) for s, kk in zip(sizes, wanted)}
+  if own is None:
+    return {s: min(kk, s) for s, kk in zip(sizes, wanted)}
+  keep = {s: min(kk, s - int(own.min() < s)) for s, kk in zip(sizes, wanted)}
   last, k_last = sizes[-1], wanted[-1]
-  short = np.zeros(0, np.int64) if own is None else np.flatnonzero(k_last > last - (own < last))
+  short = np.flatnonzero(k_last > last - (own < last))
   if short.size:
     raise ValueError(f"k={k_last} exceeds the neighbours available in a gallery of {last} rows "
                      f"(after self-exclusion) for query rows {short[:10].tolist()}")
@@ -271,8 +272,7 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
   wanted = [k_max] * len(sizes) if prefix_k is None else _k_list(prefix_k)
   if len(wanted) != len(sizes) or max(wanted) > k_max:
     raise ValueError(f"prefix_k must give one k <= {k_max} per prefix size, got {prefix_k}")
-  keep = _neighbours_kept(sizes, wanted, _own_rows(q_ids, gallery_rows, is_self_join,
-                                                   bool(exclude_self)))
+  keep = _neighbours_kept(sizes, wanted, _own_rows(q_ids, gallery_rows, bool(exclude_self)))
 
   mesh = sharding.default_mesh() if mesh is None else mesh
   num_dev = mesh.devices.size
@@ -370,9 +370,9 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
           raise_for_bad_rows(source, g_ids, ranges, nonzero=normalize)
           raise ValueError(f"{num_bad} gallery rows have non-finite or overflowing norms on the "
                            f"device, but a host scan could not name them")
+        v, i = sharding.device_merger(mesh, selector, keep[stop], on_host)(state)
         if kernel != "xla" and stop == sizes[-1]:
           fallbacks += int(sharding.replicated_sum(mesh)(state[2]))
-        v, i = sharding.device_merger(mesh, selector, keep[stop], on_host)(state)
         found["values"][str(stop)][q0:q0 + rows] = np.asarray(v)[:rows]
         found["ids"][str(stop)][q0:q0 + rows] = np.asarray(i)[:rows]
       if point is not None:
