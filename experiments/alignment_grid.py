@@ -22,7 +22,7 @@ import csv
 import numpy as np
 from absl import app, flags
 
-from experiments import common
+from . import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models_a", None, "stores of the models of modality a (vision); default: "

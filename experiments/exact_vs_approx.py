@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from experiments import common
+from . import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("k", 10, "neighbours")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from absl import app, flags
 
-from experiments import common
+from . import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("ipc", ["1", "9", "19", "29", "39", "49"], "gallery items per class")

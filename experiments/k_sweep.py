@@ -15,7 +15,7 @@ import dataclasses
 
 from absl import app, flags
 
-from experiments import common
+from . import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_k", 24, "k values per gallery size (log-spaced)")

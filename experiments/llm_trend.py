@@ -29,7 +29,7 @@ import os
 import numpy as np
 from absl import app, flags
 
-from experiments import common
+from . import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models_a", None, "stores of the vision models; default: synthetic")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from experiments import common
+from . import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dense_a", None, "modality a, several items per source (T2I); synthetic "

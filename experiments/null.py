@@ -19,7 +19,7 @@ import os
 
 from absl import app, flags
 
-from experiments import common
+from . import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("k", ["1", "10"], "k values: integers or n/100")

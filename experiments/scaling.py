@@ -13,7 +13,7 @@ import dataclasses
 
 from absl import app, flags
 
-from experiments import common
+from . import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("k", ["1", "10", "n/100"], "k values: integers or n/100")

@@ -17,7 +17,7 @@ import dataclasses
 
 from absl import app, flags
 
-from experiments import common
+from . import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("same_a", None, "a second store of model a's modality (pairs with "

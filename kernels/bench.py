@@ -1,13 +1,20 @@
 """Exact top-k benchmark: plato_jax.knn.search against its peers, in the same run.
 
-    python -m kernels.bench                      # 1,024 x 262,144 x 768, k = 10 and n/100
-    python -m kernels.bench --gallery=65536 --k=10
+    python -m plato_jax.kernels.bench                      # 1,024 x 262,144 x 768, k = 10 and n/100
+    python -m plato_jax.kernels.bench --gallery=65536 --k=10
+    python -m plato_jax.kernels.bench --self_join --gallery=100000 --dim=256 --k=10
+    python -m plato_jax.kernels.bench --baseline=../old-checkout   # before vs after a change
 
 Peers: faiss-cpu IndexFlatIP and numpy matmul + argpartition on CPU (same thread count);
 torch matmul + topk on a GPU. The methods run interleaved (each round runs every method
 once), so the machine's drift falls on all of them. Prints best and median seconds,
 effective GFLOP/s (2·Q·N·d / best time) and the ratios peer_time / our_time of bests and of
-medians (> 1 means we are faster).
+medians (> 1 means we are faster), and how many candidates per query the certificate
+rescored in float64.
+
+`--baseline=DIR` times another checkout's engine (e.g. the commit before a change) on the
+same data in the same rounds: a worker process with DIR first on its path runs the same
+search whenever its turn comes.
 """
 from __future__ import annotations
 
@@ -17,7 +24,7 @@ import statistics
 
 from absl import app, flags
 
-from kernels.timing import best_time, interleaved_times
+from plato_jax.kernels.timing import best_time, interleaved_times
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("queries", 1024, "query rows")
@@ -30,9 +37,76 @@ flags.DEFINE_integer("repeats", 3, "timed rounds; each runs every method once, i
 flags.DEFINE_integer("tile_rows", None, "engine tile rows (default: engine's choice)")
 flags.DEFINE_list("peers", ["faiss", "numpy", "torch"], "peers to run when available")
 flags.DEFINE_integer("seed", 0, "data seed")
+flags.DEFINE_bool("self_join", False, "queries = the whole gallery, each excluding itself "
+                  "(--queries is ignored)")
+flags.DEFINE_string("baseline", None, "another checkout whose engine is timed beside ours")
 flags.DEFINE_list("kernel", ["auto"], "the engine's tile kernels to time: auto, xla, cpu, "
                   "fused, fused:<backend> (see plato_jax.knn.search); ratios are against the "
                   "first")
+
+
+_WORKER = r"""
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+from plato_jax.knn import search
+data, self_join = sys.argv[2], sys.argv[3] == "1"
+g = np.load(os.path.join(data, "g.npy"))
+q = g if self_join else np.load(os.path.join(data, "q.npy"))
+for line in sys.stdin:
+  k, kernel, tile_rows = json.loads(line)
+  res = search(q, g, k, exclude_self=self_join, kernel=kernel, tile_rows=tile_rows)
+  np.save(os.path.join(data, "ids.npy"), res.ids)
+  print("done", flush=True)
+"""
+
+
+class Baseline:
+  """Another checkout's engine in a worker process (`_WORKER`) over the same rows (saved
+  once to a temporary folder), called round by round."""
+
+  def __init__(self, checkout: str, q, g, self_join: bool):
+    import subprocess
+    import sys
+    import tempfile
+
+    import numpy as np
+    self._data = tempfile.mkdtemp()
+    np.save(f"{self._data}/g.npy", g)
+    np.save(f"{self._data}/q.npy", q)
+    self._proc = subprocess.Popen(
+        [sys.executable, "-c", _WORKER, checkout, self._data, "1" if self_join else "0"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=checkout)
+
+  def __call__(self, k: int, kernel: str, tile_rows):
+    import json
+
+    import numpy as np
+    self._proc.stdin.write(json.dumps([k, kernel, tile_rows]) + "\n")
+    self._proc.stdin.flush()
+    if self._proc.stdout.readline().strip() != "done":
+      raise RuntimeError(f"the baseline worker stopped (exit {self._proc.poll()})")
+    return np.load(f"{self._data}/ids.npy")
+
+  def close(self):
+    import shutil
+    self._proc.stdin.close()
+    self._proc.wait()
+    shutil.rmtree(self._data, ignore_errors=True)
+
+
+def bench_data(seed: int, gallery: int, dim: int, queries: int, dtype: str, self_join: bool):
+  """The benchmark's unit rows: (queries drawn from the gallery, or the gallery itself for a
+  self-join; gallery)."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  g = rng.standard_normal((gallery, dim), dtype=np.float32)
+  g /= np.linalg.norm(g, axis=1, keepdims=True)
+  q = g if self_join else g[rng.choice(gallery, queries, replace=False)]
+  if dtype == "bfloat16":
+    import ml_dtypes
+    g, q = g.astype(ml_dtypes.bfloat16), q.astype(ml_dtypes.bfloat16)
+  return q, g
 
 
 def numpy_topk(q, g, k, block=32_768):
@@ -67,18 +141,14 @@ def main(argv):
 
   from plato_jax.knn import search
 
-  rng = np.random.default_rng(FLAGS.seed)
-  g = rng.standard_normal((FLAGS.gallery, FLAGS.dim), dtype=np.float32)
-  g /= np.linalg.norm(g, axis=1, keepdims=True)
-  q = g[rng.choice(FLAGS.gallery, FLAGS.queries, replace=False)]
-  if FLAGS.dtype == "bfloat16":
-    import ml_dtypes
-    g, q = g.astype(ml_dtypes.bfloat16), q.astype(ml_dtypes.bfloat16)
+  q, g = bench_data(FLAGS.seed, FLAGS.gallery, FLAGS.dim, FLAGS.queries, FLAGS.dtype,
+                    FLAGS.self_join)
+  num_q = q.shape[0]
   backend = jax.default_backend()
   threads = os.cpu_count()
   print(f"backend={backend} devices={len(jax.devices())} cpu_threads={threads} "
-        f"Q={FLAGS.queries} N={FLAGS.gallery} d={FLAGS.dim} dtype={FLAGS.dtype}")
-  flop = 2.0 * FLAGS.queries * FLAGS.gallery * FLAGS.dim
+        f"Q={num_q} N={FLAGS.gallery} d={FLAGS.dim} dtype={FLAGS.dtype}")
+  flop = 2.0 * num_q * FLAGS.gallery * FLAGS.dim
   dot_t = _dot_time(q, g, FLAGS.repeats)
   print(f"jnp.dot alone (the whole [Q, N] score matrix, f32 accumulation): {dot_t:.3f} s, "
         f"{flop / dot_t / 1e9:.1f} GFLOP/s")
@@ -93,23 +163,31 @@ def main(argv):
     except ImportError:
       print("faiss not installed: skipped")
   gd = jax.device_put(g) if backend != "cpu" else None
+  baseline = Baseline(os.path.abspath(FLAGS.baseline), q, g, FLAGS.self_join) \
+      if FLAGS.baseline else None
+  exclude = FLAGS.self_join
+  q_arg = g if FLAGS.self_join else q  # `queries is gallery`: a self-join
   for k_spec in FLAGS.k:
     k = FLAGS.gallery // 100 if k_spec == "n/100" else int(k_spec)
     # name -> (callable, its output's [Q, k] ids); the first is ours, the reference of ratios
     methods = {}
     for kernel in FLAGS.kernel:
       methods[f"plato_jax, kernel {kernel}"] = (
-          functools.partial(search, q, g, k, exclude_self=False, kernel=kernel,
+          functools.partial(search, q_arg, g, k, exclude_self=exclude, kernel=kernel,
                             tile_rows=FLAGS.tile_rows), lambda r: r.ids)
+    if baseline is not None:
+      methods["plato_jax at --baseline"] = (
+          functools.partial(baseline, k, FLAGS.kernel[0], FLAGS.tile_rows), lambda r: r)
     if gd is not None:  # the gallery already in device memory, as the torch peer's is
       methods["plato_jax, gallery on device"] = (
-          functools.partial(search, q, gd, k, exclude_self=False, kernel=FLAGS.kernel[0],
+          functools.partial(search, q_arg if not FLAGS.self_join else gd, gd, k,
+                            exclude_self=exclude, kernel=FLAGS.kernel[0],
                             tile_rows=FLAGS.tile_rows), lambda r: r.ids)
-    if index is not None:
+    if index is not None and not FLAGS.self_join:
       methods["faiss-cpu IndexFlatIP"] = (lambda: index.search(q32, k), lambda r: r[1])
-    if "numpy" in FLAGS.peers and backend == "cpu":
+    if "numpy" in FLAGS.peers and backend == "cpu" and not FLAGS.self_join:
       methods["numpy matmul+argpartition"] = (lambda: numpy_topk(q32, g32, k), lambda r: r)
-    if "torch" in FLAGS.peers and backend == "gpu":
+    if "torch" in FLAGS.peers and backend == "gpu" and not FLAGS.self_join:
       import torch
       tq = torch.from_numpy(q32).cuda()
       tg = torch.from_numpy(g32).cuda()
@@ -127,7 +205,8 @@ def main(argv):
     ours_ids = np.asarray(ours.ids)
     best, median = min(ours_times), statistics.median(ours_times)
     print(f"\nk={k}: {ours_name} ({ours.kernel}) at {dot_t / best:.0%} of the jnp.dot rate; "
-          f"{FLAGS.repeats} interleaved rounds")
+          f"{FLAGS.repeats} interleaved rounds; certificate: {ours.rescored / num_q:.2f} rows "
+          f"rescored per query, {ours.searched_again} queries searched again")
     print(f"{'method':32s} {'best s':>8s} {'median s':>9s} {'GFLOP/s':>8s} "
           f"{'peer/ours best':>15s} {'median':>7s} {'id agreement':>13s}")
     for name, (times, out) in timed.items():
@@ -136,6 +215,9 @@ def main(argv):
       ids = None if name == ours_name else np.asarray(methods[name][1](out))
       agree = "" if ids is None else f"{(ids == ours_ids).mean():13.4f}"
       print(f"{name:32s} {t:8.3f} {m:9.3f} {flop / t / 1e9:8.1f} {ratio:>23s} {agree}")
+  if baseline is not None:
+    baseline.close()
+
 
 if __name__ == "__main__":
   app.run(main)

@@ -8,7 +8,7 @@ top-k of the kept candidates and the running top-k by (score desc, id asc). It i
 a row when every bound is strictly below the row's merged k-th score: nothing dropped could
 have entered. Rows where some bound reaches it (a block held more than K′ of the row's
 top-k, or ties at the boundary) make their query block fall back to the exact XLA path
-(`kernels.topk.bucket_topk` on the materialised tile); the caller learns how many did.
+(`plato_jax.kernels.topk.bucket_topk` on the materialised tile); the caller learns how many did.
 
 A streaming search also passes each row's running k-th score as a threshold: a program
 whose block no row reaches keeps nothing and skips the selection rounds (its bound is the
@@ -21,8 +21,8 @@ norms). -0.0 reads +0.0. Ties inside a block: equal scores are kept lower column
 (columns ascend by id, as in the engine's tiles), so kept candidates keep the tie rule.
 
 Three lowerings of the same kernel (`FusedConfig.backend`): "triton" (here; any CUDA GPU;
-f32 or half inputs), "mosaic_gpu" (`kernels.fused_topk_mosaic_gpu`: Hopper and later,
-warp-specialized TMA + wgmma, bf16/f16 only) and "tpu" (`kernels.fused_topk_tpu`: Pallas
+f32 or half inputs), "mosaic_gpu" (`plato_jax.kernels.fused_topk_mosaic_gpu`: Hopper and later,
+warp-specialized TMA + wgmma, bf16/f16 only) and "tpu" (`plato_jax.kernels.fused_topk_tpu`: Pallas
 TPU). All run on CPU in interpret mode (Mosaic GPU's interpreter simulates its shared
 memory, barriers and wgmma; Pallas TPU's its VMEM and DMAs), which is how they are tested
 here.
@@ -42,7 +42,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels.topk import BucketConfig, bucket_topk
+from plato_jax.kernels.topk import BucketConfig, bucket_topk
 from plato_jax.knn.sharding import inverse_norms, row_sumsq
 
 NO_QUERY_ID = -2  # matches no column: gallery ids are >= 0, padding is -1
@@ -174,10 +174,10 @@ def block_topk(queries, gallery, gallery_ids, config: FusedConfig = FusedConfig(
   lowered = (queries, gallery, gallery_ids.astype(jnp.int32), query_ids.astype(jnp.int32),
              column_scale.astype(jnp.float32), thresholds.astype(jnp.float32), config)
   if config.backend == "mosaic_gpu":
-    from kernels import fused_topk_mosaic_gpu
+    from plato_jax.kernels import fused_topk_mosaic_gpu
     return fused_topk_mosaic_gpu.block_topk(*lowered, interpret)
   if config.backend == "tpu":
-    from kernels import fused_topk_tpu
+    from plato_jax.kernels import fused_topk_tpu
     return fused_topk_tpu.block_topk(*lowered, precision, interpret)
   nb = t // bt
   params = {}

@@ -1,4 +1,4 @@
-"""The fused kernel (`kernels.fused_topk`) lowered by Mosaic GPU (Hopper and later):
+"""The fused kernel (`plato_jax.kernels.fused_topk`) lowered by Mosaic GPU (Hopper and later):
 warp-specialized — one warpgroup issues the TMA pipeline, 1 or 2 compute warpgroups share
 the query block and each multiplies it with its own gallery block (wgmma, f32 accumulator in
 registers), then selects from it in registers. bf16/f16 inputs only: its f32 matmul would
@@ -13,7 +13,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kernels.fused_topk import FusedConfig
+from plato_jax.kernels.fused_topk import FusedConfig
 
 
 def _kernel(q_gmem, g_gmem, ids_gmem, qids_gmem, scale_gmem, thr_gmem,
@@ -133,7 +133,7 @@ def _select(s, ids_smem, qids_smem, scale_smem, thr_smem, v_smem, c_smem, b_smem
 
 def block_topk(queries, gallery, gallery_ids, query_ids, column_scale, thresholds,
                config: FusedConfig, interpret: bool):
-  """`kernels.fused_topk.block_topk`'s outputs (ids, vectors already int32/f32)."""
+  """`plato_jax.kernels.fused_topk.block_topk`'s outputs (ids, vectors already int32/f32)."""
   half = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
   if jnp.dtype(queries.dtype) not in half or gallery.dtype != queries.dtype:
     raise ValueError(f"the Mosaic GPU kernel multiplies bf16/f16 only (its f32 wgmma is tf32), "

@@ -1,4 +1,4 @@
-"""The fused kernel (`kernels.fused_topk`) lowered by Pallas TPU: one program per (query
+"""The fused kernel (`plato_jax.kernels.fused_topk`) lowered by Pallas TPU: one program per (query
 block, gallery block), both blocks in VMEM by BlockSpec, the MXU matmul, the Triton
 kernel's masks and selection rounds (shared), outputs [blocks, Q, K′] (a TPU block's last
 dimension must be 128-aligned or whole). Tested with Pallas TPU's interpreter on CPU."""
@@ -12,7 +12,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.fused_topk import FusedConfig, any_row_reaches, finish_scores, nothing_kept, select_top
+from plato_jax.kernels.fused_topk import FusedConfig, any_row_reaches, finish_scores, nothing_kept, select_top
 
 
 def _kernel(q_ref, g_ref, ids_ref, qids_ref, scale_ref, thr_ref, v_ref, c_ref, b_ref, *,
@@ -37,7 +37,7 @@ def _kernel(q_ref, g_ref, ids_ref, qids_ref, scale_ref, thr_ref, v_ref, c_ref, b
 
 def block_topk(queries, gallery, gallery_ids, query_ids, column_scale, thresholds,
                config: FusedConfig, precision, interpret: bool):
-  """`kernels.fused_topk.block_topk`'s outputs (ids, vectors already int32/f32)."""
+  """`plato_jax.kernels.fused_topk.block_topk`'s outputs (ids, vectors already int32/f32)."""
   bq, bt, keep = config.block_q, config.block_t, config.keep
   if bq % 8 or bt % 128:
     raise ValueError(f"TPU blocks: block_q a multiple of 8 (sublanes), block_t a multiple of "

@@ -1,7 +1,7 @@
 """Where the engine's time goes on this machine, for one tile shape.
 
-    python -m kernels.profile --queries=1024 --tile_rows=32768 --dim=768 --k=10
-    python -m kernels.profile --dtype=bfloat16 --trace_dir=/tmp/trace      # + a profiler trace
+    python -m plato_jax.kernels.profile --queries=1024 --tile_rows=32768 --dim=768 --k=10
+    python -m plato_jax.kernels.profile --dtype=bfloat16 --trace_dir=/tmp/trace      # + a profiler trace
 
 For one device and one tile (Q queries × T gallery rows × d), in the same run:
   * the bare matmul (`jnp.dot`, f32 accumulation) — the rate the engine is measured against;
@@ -19,7 +19,7 @@ import time
 
 from absl import app, flags
 
-from kernels.timing import best_time
+from plato_jax.kernels.timing import best_time
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("queries", 1024, "queries per tile (Q)")
@@ -30,7 +30,7 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "storage and matm
 flags.DEFINE_enum("kernel", "auto", ["auto", "xla", "cpu", "fused", "fused:triton",
                                       "fused:mosaic_gpu", "fused:tpu"],
                   "auto: the engine's choice for this backend (cpu on CPU, else xla); cpu: "
-                  "kernels.cpu_topk (CPU devices, f32); fused: kernels.fused_topk "
+                  "plato_jax.kernels.cpu_topk (CPU devices, f32); fused: plato_jax.kernels.fused_topk "
                   "in this platform's lowering (interpreted on CPU, so keep CPU shapes small); "
                   "fused:<backend>: that lowering (mosaic_gpu: bf16)")
 flags.DEFINE_integer("fused_keep", 4, "fused kernel: K', candidates kept per row and block")
@@ -73,7 +73,7 @@ def profile(queries: int, tile_rows: int, dim: int, k: int, dtype: str, repeats:
   t_dot, scores = best_time(lambda: dot(qd, gd), repeats)
 
   if kernel.startswith("fused"):  # the Pallas kernel on the same tile, not the engine's step
-    from kernels.fused_topk import FusedConfig, fused_topk
+    from plato_jax.kernels.fused_topk import FusedConfig, fused_topk
     from plato_jax.knn.search import check_kernel_runs_on, pick_kernel
     resolved = pick_kernel(kernel, k, dev.platform)
     check_kernel_runs_on(resolved, mesh)
@@ -105,13 +105,14 @@ def profile(queries: int, tile_rows: int, dim: int, k: int, dtype: str, repeats:
     # tile but a query block's first (which, for large k, sets the first threshold).
     first = sharding.put_split(mesh, rng.standard_normal((1, tile_rows, dim)).astype(jdtype))
     warm = step(sharding.empty_state(mesh, selector, queries),
-                sharding.put_split(mesh, np.zeros(1, np.int32)), qw, qids, first, tile_ids)
+                jax.tree.map(lambda a: sharding.put_split(mesh, a), sharding.empty_row_stats(1)),
+                qw, qids, first, tile_ids)
 
     def run_once():
-      state, bad = jax.tree.map(jnp.copy, warm)  # the step donates its state
+      state, stats = jax.tree.map(jnp.copy, warm)  # the step donates its state
       jax.block_until_ready(state)
       t = time.perf_counter()
-      jax.block_until_ready(step(state, bad, qw, qids, tile, tile_ids))
+      jax.block_until_ready(step(state, stats, qw, qids, tile, tile_ids))
       return time.perf_counter() - t, 0  # exact on every tile: no certificate, no fallback
 
     t_select = None  # a fused kernel's selection has no score tile to run on alone

@@ -1,13 +1,13 @@
 """Check and time the fused kernel's configurations against the XLA path and torch, one run,
 and project a full self-join from a measured stream.
 
-    python -m kernels.tune_fused --shape=8192,65536,1024 --shape=8192,65536,384 --k=10
-    python -m kernels.tune_fused --shape=8192,65536,1024 --stream_rows=15000000
+    python -m plato_jax.kernels.tune_fused --shape=8192,65536,1024 --shape=8192,65536,384 --k=10
+    python -m plato_jax.kernels.tune_fused --shape=8192,65536,1024 --stream_rows=15000000
 
 For each shape (Q queries × T gallery rows × d, bf16 in, f32 accumulate), in the same run:
   * `jnp.dot` alone (the rate everything is measured against) and torch matmul + topk (GPU);
-  * the XLA path: the same dot, then `kernels.topk.bucket_topk`;
-  * every `--config` of `kernels.fused_topk`: first checked (on integer-valued data, where
+  * the XLA path: the same dot, then `plato_jax.kernels.topk.bucket_topk`;
+  * every `--config` of `plato_jax.kernels.fused_topk`: first checked (on integer-valued data, where
     every summation order gives the same f32 scores, its ids and values must equal the XLA
     path's), then timed on random data as a stream's first tile (every program selects),
     and with every program skipping its selection (thresholds +inf: the kernel's floor, a
@@ -26,7 +26,7 @@ import time
 
 from absl import app, flags
 
-from kernels.timing import device_time
+from plato_jax.kernels.timing import device_time
 
 FLAGS = flags.FLAGS
 
@@ -50,7 +50,7 @@ def define_flags():
 
 
 def parse_config(text: str):
-  from kernels.fused_topk import FusedConfig
+  from plato_jax.kernels.fused_topk import FusedConfig
   fields = text.split(",")
   bq, bt, keep, bk, warps, stages = (int(x) for x in fields[:6])
   return FusedConfig(block_q=bq, block_t=bt, keep=keep, block_k=bk, num_warps=warps,
@@ -69,8 +69,8 @@ def tune(q_rows: int, t_rows: int, dim: int, k: int, configs, iters: int = 10,
   import numpy as np
   from jax import lax
 
-  from kernels.fused_topk import block_topk, fused_topk
-  from kernels.topk import BucketConfig, bucket_topk
+  from plato_jax.kernels.fused_topk import block_topk, fused_topk
+  from plato_jax.kernels.topk import BucketConfig, bucket_topk
 
   interpret = jax.default_backend() == "cpu"
   rng = np.random.default_rng(0)
@@ -143,8 +143,8 @@ def stream(q_rows: int, t_rows: int, dim: int, k: int, config, num_rows: int,
   import jax.numpy as jnp
   from jax import lax
 
-  from kernels.fused_topk import fused_update
-  from kernels.topk import BucketConfig, bucket_topk
+  from plato_jax.kernels.fused_topk import fused_update
+  from plato_jax.kernels.topk import BucketConfig, bucket_topk
   from plato_jax.knn.sharding import merge_topk
 
   interpret = jax.default_backend() == "cpu"

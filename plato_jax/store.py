@@ -375,3 +375,6 @@ class LayerSource:
 
   def read(self, start: int, stop: int) -> np.ndarray:
     return self.store._features[start:stop, self.layer].read().result()
+
+  def take(self, positions) -> np.ndarray:
+    return self.store.gather(positions, self.layer)

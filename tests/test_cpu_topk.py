@@ -1,10 +1,10 @@
-"""kernels.cpu_topk (the C++ fused matmul + selection for CPU devices) against its numpy
+"""plato_jax.kernels.cpu_topk (the C++ fused matmul + selection for CPU devices) against its numpy
 reference, one tile and a stream of tiles, on the cases the engine's tiles produce."""
 import jax
 import numpy as np
 import pytest
 
-from kernels import cpu_topk
+from plato_jax.kernels import cpu_topk
 from plato_jax.knn.sharding import top_by_score_then_id
 
 pytestmark = pytest.mark.skipif(cpu_topk.unavailable_reason() is not None,

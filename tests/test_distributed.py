@@ -38,7 +38,8 @@ def test_two_processes_equal_one(tmp_path):
   reads = [np.load(out)["reads"] for out in outs]
   rows = [np.concatenate([np.arange(a, b) for a, b in r]) for r in reads]
   assert len(np.intersect1d(rows[0], rows[1])) == 0, "each process reads only its own tiles"
-  np.testing.assert_array_equal(np.sort(np.concatenate(rows)), np.arange(1100))
+  # Every row read (again, in a second pass for queries whose ties outrun the margin).
+  np.testing.assert_array_equal(np.unique(np.concatenate(rows)), np.arange(1100))
   for out in outs:
     got = np.load(out)
     for i, r in enumerate(expected):

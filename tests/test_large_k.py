@@ -51,7 +51,7 @@ def finish(request, monkeypatch):
 
 @pytest.fixture(params=["xla", "cpu"])
 def kernel(request):
-  """The XLA kernel (ThresholdSelector for k >= 128) and kernels.cpu_topk's pools."""
+  """The XLA kernel (ThresholdSelector for k >= 128) and plato_jax.kernels.cpu_topk's pools."""
   skip_unless_runs_here(request.param)
   return request.param
 

@@ -39,7 +39,8 @@ def test_ring_equals_the_engine_on_float_data_and_without_exclusion(rng, kernel)
     ref = search(x, x, 5, exclude_self=exclude, tile_rows=128, kernel=kernel)
     res = ring_self_join(x, 5, exclude_self=exclude, mesh=mesh_of(8), block=32, kernel=kernel)
     np.testing.assert_array_equal(res.ids, ref.ids)
-    np.testing.assert_array_equal(res.scores, ref.scores)
+    # Scores: the kernel's float32 ones (float64 rounded where rescored), within the bound.
+    np.testing.assert_allclose(res.scores, ref.scores, rtol=0, atol=2 * (16 + 8) * 2.0**-24)
   assert (res.ids[:, 0] == np.arange(700)).all()  # unit rows: without exclusion, itself first
 
 

@@ -1,9 +1,9 @@
-"""kernels.topk.bucket_topk against its plain reference (lax.top_k), ties and -inf included."""
+"""plato_jax.kernels.topk.bucket_topk against its plain reference (lax.top_k), ties and -inf included."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.topk import BucketConfig, bucket_topk, reference_topk
+from plato_jax.kernels.topk import BucketConfig, bucket_topk, reference_topk
 
 
 @pytest.mark.parametrize("k", [1, 5, 10, 60])

@@ -50,8 +50,8 @@ def _row_id(value, where: str) -> int:
     row_id = int(value)
   except (TypeError, ValueError):
     raise ValueError(f"{where}: id {value!r} is not an integer") from None
-  if not 0 <= row_id < 2**31 - 1:
-    raise ValueError(f"{where}: id {row_id} outside [0, 2**31-1)")
+  if not -2**63 <= row_id < 2**63:
+    raise ValueError(f"{where}: id {row_id} does not fit int64")
   return row_id
 
 

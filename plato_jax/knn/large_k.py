@@ -24,7 +24,7 @@ Per tile (Q queries × T columns):
      entries >= the new τ. If the tile still does not fit, the same search counts pool and
      tile together (first tile: τ ≈ the tile's k-th score). If ties still leave too many
      candidates (integer scores, duplicate rows), the exact fallback: the tile's top-k by
-     `kernels.topk.bucket_topk` merged with the pool by `lax.top_k`, τ = the exact k-th
+     `plato_jax.kernels.topk.bucket_topk` merged with the pool by `lax.top_k`, τ = the exact k-th
      (value, id). Raising τ by value alone is exact too: ids only matter at equal values.
   `result`: the same search with no slack (count ≈ k), the compaction, then one exact
   top-k of the survivors: `lax.top_k` by value, a check that equal values come out in id
@@ -59,7 +59,7 @@ import numpy as np
 from jax import lax
 from jax.custom_batching import custom_vmap
 
-from kernels.topk import BucketConfig, bucket_topk
+from plato_jax.kernels.topk import BucketConfig, bucket_topk
 from plato_jax.knn.sharding import TopKSelector, top_by_score_then_id
 
 INT_MIN = np.iinfo(np.int32).min

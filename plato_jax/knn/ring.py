@@ -7,9 +7,9 @@ passed on with `lax.ppermute` (issued before the compute, so the transfer overla
 Nothing is gathered and nothing N×N exists: per device, three blocks of rows and the
 [rows, k] running state. The selection is the engine's (`TopKSelector` / `ThresholdSelector`
 on score tiles of `block` columns, or with `kernel="fused"` the fused Pallas kernel, which
-never writes the score tile), so results are exactly
-`search(x, x, k)`'s: sorted by (score descending, id ascending), identical for any device
-count.
+never writes the score tile), and the candidates go through the same float64 certificate
+(`plato_jax.knn.exact`), so results are exactly `search(x, x, k)`'s — the float64 top-k,
+ties to the lower id — for any device count.
 """
 from __future__ import annotations
 
@@ -21,9 +21,11 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from plato_jax.knn import sharding
-from plato_jax.knn.search import (Neighbours, _check_unique, _ids_array, _k_list, pick_kernel,
+from plato_jax.knn import exact, sharding
+from plato_jax.knn.search import (Neighbours, _bound_slack, _check_unique, _ids_array,
+                                  _k_list, _norm_bound, _rescorer, _rounds_inputs, pick_kernel,
                                   row_unit, selector_for)
+from plato_jax.knn.sources import ArraySource
 
 DEFAULT_BLOCK = 2048
 
@@ -133,17 +135,38 @@ def ring_self_join(x, k, *, ids=None, exclude_self: bool = True, mesh: Mesh | No
   if precision is None:
     precision = lax.Precision.HIGHEST if dtype == np.float32 else lax.Precision.DEFAULT
 
-  # Rows in id order (tiles' columns must ascend by id for the tie rule), padded at the end.
-  order = np.argsort(row_ids, kind="stable")
+  # Rows by position (the devices' ids, ascending in every tile), padded at the end.
   padded = np.zeros((per_device * p, d), dtype)
-  padded[:n] = x_host[order]
+  padded[:n] = x_host
   padded_ids = np.full(per_device * p, -1, np.int32)
-  padded_ids[:n] = row_ids[order]
+  padded_ids[:n] = np.arange(n)
   split = NamedSharding(mesh, P(sharding.mesh_axis(mesh)))
-  selector = selector_for(kernel, k_max, block, None, mesh)
-  fn = _ring_fn(mesh, selector, block, bool(exclude_self), precision, k_max)
-  v, i, fallbacks = fn(jax.device_put(padded, split), jax.device_put(padded_ids, split))
-  v, i = np.asarray(v)[:n], np.asarray(i)[:n].astype(np.int64)
-  inverse = np.empty(n, np.int64)
-  inverse[order] = np.arange(n)
-  return Neighbours(i[inverse], v[inverse], n, kernel, int(np.asarray(fallbacks).sum()))
+  x_exact = x_host.astype(dtype).astype(np.float64)
+  norms = np.linalg.norm(x_exact, axis=1)
+  bound = exact.error_bound(d, norms, _norm_bound(np.square(norms).max(), d, up=True), 0.0,
+                            normalize=False, rounds_inputs=_rounds_inputs(dtype, precision),
+                            slack=_bound_slack(mesh.devices.flat[0].platform))
+  rescore = _rescorer(ArraySource(x_host), x_exact, norms, dtype, False)
+  queries = np.arange(n)
+  kept = min(k_max + exact.margin(k_max), available)
+  fallbacks, rescored, searched_again = 0, 0, 0
+  result = None
+  while queries.size:  # a query whose certificate needs more candidates runs again
+    selector = selector_for(kernel, kept, block, None, mesh)
+    fn = _ring_fn(mesh, selector, block, bool(exclude_self), precision, kept)
+    v, i, more = fn(jax.device_put(padded, split), jax.device_put(padded_ids, split))
+    fallbacks += int(np.asarray(more).sum())
+    v, i = np.asarray(v)[:n][queries], np.asarray(i)[:n][queries]
+    got = exact.certify(v, i, bound[queries], np.full(queries.size, available), k_max, ks,
+                        row_ids, lambda which, pos: rescore(queries[which], pos))
+    if result is None:
+      result = got
+      searched_again = int(got.failed.sum())
+    else:
+      result.positions[queries] = got.positions
+      result.scores[queries] = got.scores
+    rescored += got.rescored
+    queries = queries[got.failed]
+    kept = min(8 * kept, available)
+  return Neighbours(row_ids[result.positions], result.scores, n, kernel, fallbacks, rescored,
+                    searched_again)

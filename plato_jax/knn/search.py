@@ -1,14 +1,19 @@
 """The public exact top-k search: tiles, ids, self-exclusion, prefixes, multi-k.
 
-Exactness contract. Scores are dot products accumulated in float32 over the stored values:
-f32 inputs use a true-f32 matmul (`Precision.HIGHEST`); bf16 (or f16) inputs on both sides
-are multiplied in that dtype with f32 accumulation, which is exact per product. Neighbours
-are ordered by (score descending, id ascending), so the result is a pure function of the
-scores and the ids: identical across tile sizes, device counts and runs. It equals a float64
-brute force wherever float32 accumulation does not reorder two scores (tests use integer data
-to make that unconditional). Subnormal values and results count as zero, as XLA's CPU runtime
-flushes them (the C++ kernel runs on its threads): scores below 1.2e-38 in magnitude tie
-with 0.
+Exactness contract. The result is the top-k under real arithmetic of the values the matmul
+takes (the stored values, cast to the compute dtype): scores are the float64 dot products
+(cosines with `normalize`), ties go to the lower id. For every kernel, tile size, device
+count and ring or stream, the neighbour set at every requested k and every prefix is that
+of a float64 brute force, and so is the order of the first 128 neighbours
+(`plato_jax.knn.exact.EXACT_ORDER`); further down, the order is the kernel's float32
+scores'. The kernels score in float32 (f32 inputs through a true-f32 matmul, bf16/f16
+inputs in their dtype with f32 accumulation); the engine keeps a few more candidates than
+asked (`exact.margin`), and `exact.certify` rescores in float64, from their rows, the
+candidates whose float32 scores lie within the rigorous rounding bound of a cut that
+matters. A query whose certificate needs rows it dropped is searched again with more
+candidates. Results count both (`Neighbours.rescored`, `.searched_again`).
+
+Ids are any distinct int64 values; on the devices a row is its position in the stream.
 """
 from __future__ import annotations
 
@@ -23,11 +28,11 @@ import jax
 import numpy as np
 from jax import lax
 
-from plato_jax.knn import sharding
+from plato_jax.knn import exact, sharding
 from plato_jax.knn.large_k import LARGE_K_THRESHOLD, choose_selector
-from plato_jax.knn.sources import (MAX_ID, IdRows, RowWindow, TileBuffers, aligned_empty,
+from plato_jax.knn.sources import (MAX_POSITION, IdRows, RowWindow, TileBuffers, aligned_empty,
                                    as_source, on_accelerator, plan_tiles, raise_for_bad_rows,
-                                   stream_tiles, window_length)
+                                   stream_tiles, take_rows, window_length)
 from plato_jax.progress import Progress
 from plato_jax.resume import ResumePoint
 
@@ -47,12 +52,13 @@ FUSED_BY_DEFAULT_ON: frozenset[str] = frozenset()
 # (the merge for k = 2,621 of ~8.9k candidates per row, 1,024 rows, 2026-11-23: 528–594 ms
 # on the device, 121–139 ms so).
 FINISH_ON_HOST: frozenset[str] = frozenset({"cpu"})
-NO_ID = -2  # a query id no gallery row has (padding uses -1)
-# kernel="fused" picks this lowering of the fused kernel (kernels.fused_topk.BACKENDS) per
+NO_ID = -2  # on the device: a query whose own row is not in the gallery (padding uses -1)
+RESCORE_VALUES = 2**22  # values of the rows gathered and rescored in float64 at once
+# kernel="fused" picks this lowering of the fused kernel (plato_jax.kernels.fused_topk.BACKENDS) per
 # platform; "fused:<backend>" names one.
 FUSED_BACKEND_ON = {"tpu": "tpu"}
 DEFAULT_FUSED_BACKEND = "triton"
-# Platforms where kernel="auto" picks `kernels.cpu_topk` (f32 matmuls, where it builds and
+# Platforms where kernel="auto" picks `plato_jax.kernels.cpu_topk` (f32 matmuls, where it builds and
 # the CPU has AVX2/FMA). On the 2-core reference machine (2026-11-23), one 1024 × 32,768 ×
 # 768 tile: 300–370 ms at k = 10, against 430–460 ms for the XLA step.
 CPU_KERNEL_ON: frozenset[str] = frozenset({"cpu"})
@@ -66,6 +72,8 @@ class Neighbours:
   gallery_size: int
   kernel: str = "xla"   # the tile kernel that ran (see `search`'s `kernel`)
   fallbacks: int = 0    # fused kernel: query blocks × tiles that took the exact path
+  rescored: int = 0     # candidates rescored in float64 (`plato_jax.knn.exact`)
+  searched_again: int = 0  # queries searched again with more candidates for the certificate
 
   @property
   def k(self) -> int:
@@ -84,21 +92,22 @@ class Neighbours:
 
 
 def _ids_array(ids, n: int, what: str) -> np.ndarray:
+  """`ids` as int64 [n]: any integers that int64 holds."""
   ids = np.asarray(ids)
   if ids.shape != (n,):
     raise ValueError(f"{what} has shape {ids.shape}, expected ({n},)")
   if not np.issubdtype(ids.dtype, np.integer):
     raise ValueError(f"{what} must be integers, got dtype {ids.dtype}")
-  if n and (ids.min() < 0 or ids.max() >= MAX_ID):
-    bad = np.flatnonzero((ids < 0) | (ids >= MAX_ID))
-    raise ValueError(f"{what} must lie in [0, 2**31-1); rows {bad[:10].tolist()} do not")
+  if ids.dtype == np.uint64 and n and ids.max() > np.iinfo(np.int64).max:
+    bad = np.flatnonzero(ids > np.iinfo(np.int64).max)
+    raise ValueError(f"{what} must fit int64; rows {bad[:10].tolist()} do not")
   return ids.astype(np.int64)
 
 
 def _own_rows(q_ids, gallery: IdRows, exclude_self: bool):
   """Each query's own row in the stream (the gallery row with its id), or None when no
   query can meet its own row."""
-  if not exclude_self or not q_ids.size:
+  if not exclude_self or q_ids is None or not q_ids.size:
     return None
   if q_ids is gallery.ids:  # a self-join's default ids: query i is row i
     return np.arange(q_ids.size)
@@ -190,7 +199,8 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
     gallery: [N, D] array, TensorStore array, list of shards, or a gallery source
       (see `plato_jax.knn.sources`). Streamed tile by tile; never held whole.
     k: an int, or a list of ints (multi-k: the result holds max(k); `.top(k)` slices the rest).
-    query_ids, gallery_ids: int ids in [0, 2**31-1). Gallery ids default to row numbers.
+    query_ids, gallery_ids: ids, any distinct int64 values (negative, hashed 63-bit keys).
+      Gallery ids default to row numbers.
       Query ids default to the gallery ids when `queries is gallery` (a self-join), and
       to "no id" otherwise.
     exclude_self: a query never gets back a gallery row with its own id.
@@ -205,22 +215,23 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
     compute_dtype: matmul input dtype (default: bf16/f16 if both sides are, else f32).
     precision: `lax.Precision` of the matmul (default HIGHEST for f32, DEFAULT otherwise).
     bucket_width: columns per bucket of the tile selection (default: chosen from k).
-    normalize: cosine similarity: queries and gallery rows are L2-normalised (gallery rows
-      on the device, per tile, in f32); all-zero rows are an error.
-    kernel: the tile kernel. "xla": matmul, then `kernels.topk.bucket_topk` (or the
-      threshold selector for k >= 128) on the score tile. "cpu": `kernels.cpu_topk`, a C++
+    normalize: cosine similarity. The devices divide each score by its gallery row's f32
+      norm (the query's norm does not change its order); the result divides by the query's
+      norm, and the certificate rescores as float64 cosines. All-zero rows are an error.
+    kernel: the tile kernel. "xla": matmul, then `plato_jax.kernels.topk.bucket_topk` (or the
+      threshold selector for k >= 128) on the score tile. "cpu": `plato_jax.kernels.cpu_topk`, a C++
       kernel (XLA FFI) for CPU devices that selects inside its matmul (f32 only; built with
-      the host compiler on first use). "fused": `kernels.fused_topk`,
+      the host compiler on first use). "fused": `plato_jax.kernels.fused_topk`,
       the Pallas kernel that selects inside the matmul (small k), in the platform's
       lowering: Triton on GPUs, Pallas TPU on TPUs (interpreted on CPU — slow, for tests).
-      "fused:<backend>" names one of `kernels.fused_topk.BACKENDS`: "fused:mosaic_gpu" is
+      "fused:<backend>" names one of `plato_jax.kernels.fused_topk.BACKENDS`: "fused:mosaic_gpu" is
       Mosaic GPU (warp-specialized TMA + wgmma; Hopper and later, bf16/f16 only: pass
       compute_dtype=bfloat16 for f32 inputs you accept to round). "auto": "cpu" for f32 on
       CPU devices where it builds; fused for k < 128 on the platforms in
       `FUSED_BY_DEFAULT_ON` (none yet); else xla. If the chosen kernel does not compile,
       xla, with a warning (a kernel named explicitly must compile).
-      All are exact; they accumulate in different orders, so on data where f32 rounding
-      decides between two scores they may disagree. The result's `kernel` says which ran
+      They accumulate in different float32 orders; the certificate (module docstring) makes
+      every kernel's result the float64 one. The result's `kernel` says which ran
       ("xla", "cpu" or "fused:<backend>"), and `fallbacks` how often the fused kernel took its
       exact path.
     resume_dir: checkpoint the running state there every `checkpoint_every` steps; a rerun
@@ -228,7 +239,8 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
     progress: print rows/s and ETA on stderr.
 
   Returns:
-    `Neighbours` (ids int64 [Q, max k], scores f32) sorted by (score desc, id asc); with
+    `Neighbours` (ids int64 [Q, max k], scores f32) sorted by (score desc, id asc): the set
+    exact at every k asked for, the order exact in the first 128 (module docstring); with
     `prefix_sizes`, a list of them, one per prefix, each holding min(prefix k, n_j) columns
     (min(prefix k, n_j - 1) where self-exclusion takes some query's own row out of the
     prefix). The gallery (the largest prefix) must hold k neighbours for every query, else
@@ -248,18 +260,15 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
     raise ValueError(f"dimension mismatch: queries have D={q_host.shape[1]}, "
                      f"gallery has D={source.dim}")
   _check_queries(q_host)
-  if normalize:
-    norms = np.linalg.norm(q_host.astype(np.float32), axis=1, keepdims=True)
-    if not norms.all():
-      raise ValueError(f"query rows with zero norm (cannot be normalised): "
-                       f"{np.flatnonzero(norms[:, 0] == 0)[:10].tolist()}")
-    q_host = q_host.astype(np.float32) / norms
+  if n > MAX_POSITION:
+    raise ValueError(f"gallery of {n} rows: the devices number rows with int32, at most "
+                     f"{MAX_POSITION}")
   g_ids = _ids_array(source.ids(), n, "gallery ids")
   gallery_rows = IdRows(g_ids)
   _check_unique(g_ids, "gallery ids", gallery_rows.sorter)
   num_q = q_host.shape[0]
   if query_ids is None:
-    q_ids = g_ids if is_self_join else np.full(num_q, NO_ID, np.int64)
+    q_ids = g_ids if is_self_join else None
   else:
     q_ids = _ids_array(query_ids, num_q, "query ids")
 
@@ -272,123 +281,243 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
   wanted = [k_max] * len(sizes) if prefix_k is None else _k_list(prefix_k)
   if len(wanted) != len(sizes) or max(wanted) > k_max:
     raise ValueError(f"prefix_k must give one k <= {k_max} per prefix size, got {prefix_k}")
-  keep = _neighbours_kept(sizes, wanted, _own_rows(q_ids, gallery_rows, bool(exclude_self)))
+  own = _own_rows(q_ids, gallery_rows, bool(exclude_self))
+  keep = _neighbours_kept(sizes, wanted, own)
+  # On the devices a query's id is its own row's position (NO_ID: none).
+  own = np.full(num_q, NO_ID, np.int64) if own is None else np.where(own < n, own, NO_ID)
 
   mesh = sharding.default_mesh() if mesh is None else mesh
-  num_dev = mesh.devices.size
-  dtype = _compute_dtype(q_host.dtype, source.dtype, compute_dtype,
-                         mesh.devices.flat[0].platform)
-  # Tiles travel in the storage dtype, unless the matmul runs wider anyway (CPU).
-  tile_dtype = dtype if np.dtype(dtype).itemsize > np.dtype(source.dtype).itemsize else \
-      np.dtype(source.dtype)
+  platform = mesh.devices.flat[0].platform
+  dtype = _compute_dtype(q_host.dtype, source.dtype, compute_dtype, platform)
   if precision is None:
     precision = lax.Precision.HIGHEST if dtype == np.float32 else lax.Precision.DEFAULT
   block = max(1, min(query_block, num_q))
-  requested, kernel = kernel, pick_kernel(kernel, k_max, mesh.devices.flat[0].platform, dtype)
-  required = requested != "auto"  # a fused kernel asked for by name must compile
-  on_host = mesh.devices.flat[0].platform in FINISH_ON_HOST
+  requested = kernel
+  kernel = pick_kernel(kernel, k_max, platform, dtype)
   if tile_rows is None:
     align = row_unit(kernel)
-    budget = SCORE_TILE_BYTES if mesh.devices.flat[0].platform == "cpu" else \
-        ACCELERATOR_SCORE_TILE_BYTES
+    budget = SCORE_TILE_BYTES if platform == "cpu" else ACCELERATOR_SCORE_TILE_BYTES
     tile_rows = max(align, budget // (4 * block) // align * align)
-    per_device = -(-n // num_dev)
+    per_device = -(-n // mesh.devices.size)
     tile_rows = min(tile_rows, -(-per_device // align) * align)
-  selector, kernel = _selector_that_compiles(
-      kernel, required, k_max, tile_rows, bucket_width, mesh, block, source.dim,
-      dtype, tile_dtype,
-      bool(exclude_self), precision, bool(normalize))
-  step = sharding.sharded_step(mesh, selector, bool(exclude_self), precision, bool(normalize))
-  # Host rows go to the CPU kernel where they lie (no copy of unaligned numpy rows).
-  window = window_length(tile_rows, source.dim) if sharding.reads_windows(selector) else None
+  stream = _Stream(source, tuple(sizes), mesh, kernel, requested != "auto", tile_rows,
+                   bucket_width, block, np.dtype(dtype), bool(exclude_self), precision,
+                   bool(normalize))
+  kept = {s: min(keep[s] + exact.margin(keep[s]), s) for s in sizes}
+  found = stream.run(q_host, own, kept, resume_dir, checkpoint_every, progress)
 
-  ranges = plan_tiles(sizes[-1], tile_rows, sizes)  # rows past the largest prefix: never read
-  groups = _group_ranges(ranges, num_dev, set(sizes))
-  mine = sharding.local_slots(mesh)
-  num_blocks = -(-num_q // block)
-  found = {"values": {str(s): np.full((num_q, keep[s]), -np.inf, np.float32) for s in sizes},
-           "ids": {str(s): np.full((num_q, keep[s]), -1, np.int32) for s in sizes}}
-  start, restored_state, restored_bad, point = 0, None, None, None
-  if resume_dir is not None:
-    fingerprint = dict(
-        n=n, dim=source.dim, dtype=str(source.dtype), queries=_digest(q_host, q_ids),
-        gallery_ids=_digest(g_ids), k=k_max, keep=list(keep.values()), sizes=sizes, tile_rows=tile_rows, block=block,
-        devices=num_dev, exclude_self=bool(exclude_self), normalize=bool(normalize),
-        compute_dtype=str(dtype), precision=str(precision), selector=repr(selector))
-    point = ResumePoint(resume_dir, fingerprint, every=checkpoint_every)
-    loaded = point.load({"state": sharding.empty_state(mesh, selector, block),
-                         "bad": sharding.put_split(mesh, np.zeros(num_dev, np.int32)), **found})
-    if loaded is not None:
-      start, tree = loaded
-      found = {"values": tree["values"], "ids": tree["ids"]}
-      restored_state, restored_bad = tree["state"], tree["bad"]
+  q_exact = q_host.astype(dtype).astype(np.float64)  # the values the matmul takes
+  q_norms = np.linalg.norm(q_exact, axis=1)
+  if normalize and not q_norms.all():
+    raise ValueError(f"query rows with zero norm (cannot be normalised): "
+                     f"{np.flatnonzero(q_norms == 0)[:10].tolist()}")
 
-  done = sizes[-1] * (start // len(groups)) + (groups[start % len(groups) - 1][-1][1]
-                                               if start % len(groups) else 0)
-  fallbacks = 0
-  # The CPU backend aliases aligned host tiles (no copy), so a copied tile's buffer is free
-  # again only when its step is done; accelerators copy tiles to their own memory.
-  buffers = TileBuffers() if mesh.devices.flat[0].platform == "cpu" else None
-  meter = Progress(sizes[-1] * num_blocks, initial=done, label=f"knn ({kernel})",
-                   enabled=progress)
-  for b in range(start // len(groups), num_blocks):
-    q0 = b * block
-    qb = np.zeros((block, source.dim), dtype)
-    qb_ids = np.full(block, NO_ID, np.int32)
-    rows = min(block, num_q - q0)
-    qb[:rows] = q_host[q0:q0 + rows]
-    qb_ids[:rows] = q_ids[q0:q0 + rows]
-    qd, qd_ids = sharding.put_whole(mesh, qb), sharding.put_whole(mesh, qb_ids)
-    first = start % len(groups) if b == start // len(groups) else 0
-    if first:
-      state, bad = restored_state, restored_bad
-    else:
-      state = sharding.empty_state(mesh, selector, block)
-      bad = sharding.put_split(mesh, np.zeros(num_dev, np.int32))
-    tiles = stream_tiles(source, g_ids, [g[slot] for g in groups[first:] for slot in mine
-                                         if slot < len(g)], dtype=tile_dtype, buffers=buffers,
-                         window=window)
-    for gi in range(first, len(groups)):
-      group = groups[gi]
-      rows_by_slot, ids_by_slot, read = {}, {}, []
-      for slot in mine:
-        tile = next(tiles) if slot < len(group) else None
-        read.append(tile)
-        rows_by_slot[slot], ids_by_slot[slot] = _padded(tile, tile_rows, source.dim, tile_dtype,
-                                                        window)
-      state, bad = step(state, bad, qd, qd_ids, sharding.put_local_slots(mesh, rows_by_slot),
-                        sharding.put_local_slots(mesh, ids_by_slot))
-      if buffers is not None:  # the step has read its tiles once it is done: reuse them
-        jax.block_until_ready(state)
-        for tile in read:
-          if tile is not None:
-            buffers.give_back(tile.rows.window if window else tile.rows)
-      stop = group[-1][1]
-      if stop in sizes:
-        num_bad = int(sharding.replicated_sum(mesh)(bad))
-        if num_bad:
-          raise_for_bad_rows(source, g_ids, ranges, nonzero=normalize)
-          raise ValueError(f"{num_bad} gallery rows have non-finite or overflowing norms on the "
-                           f"device, but a host scan could not name them")
-        v, i = sharding.device_merger(mesh, selector, keep[stop], on_host)(state)
-        if kernel != "xla" and stop == sizes[-1]:
-          fallbacks += int(sharding.replicated_sum(mesh)(state[2]))
-        found["values"][str(stop)][q0:q0 + rows] = np.asarray(v)[:rows]
-        found["ids"][str(stop)][q0:q0 + rows] = np.asarray(i)[:rows]
-      if point is not None:
-        last = b == num_blocks - 1 and gi == len(groups) - 1
-        point.maybe_save(b * len(groups) + gi + 1, {"state": state, "bad": bad, **found},
-                         force=last)
-      meter.update(stop - group[0][0], (stop - group[0][0]) * source.dim * tile_dtype.itemsize)
-  meter.close()
-  if point is not None:
-    point.close()
+  def certify(subset, found):
+    """The certificate of each prefix for queries `subset` (their candidates `found`)."""
+    rescore = _rescorer(source, q_exact[subset], q_norms[subset], dtype, bool(normalize))
+    out = {}
+    for s in sizes:
+      largest, smallest = found["norms"][str(s)]
+      bound = exact.error_bound(
+          source.dim, q_norms[subset], _norm_bound(largest, source.dim, up=True),
+          _norm_bound(smallest, source.dim, up=False), normalize=bool(normalize),
+          rounds_inputs=_rounds_inputs(dtype, precision), slack=_bound_slack(platform))
+      mine = own[subset]
+      available = s - ((mine >= 0) & (mine < s))
+      out[s] = exact.certify(found["values"][str(s)], found["ids"][str(s)], bound, available,
+                             keep[s], [min(kk, keep[s]) for kk in ks], g_ids, rescore,
+                             scale=q_norms[subset] if normalize else None)
+    return out
 
-  out = [Neighbours(found["ids"][str(s)].astype(np.int64), found["values"][str(s)], s,
-                    kernel, fallbacks) for s in sizes]
+  everyone = np.arange(num_q)
+  certified = certify(everyone, found)
+  rescored = sum(c.rescored for c in certified.values())
+  again = np.flatnonzero(np.any([c.failed for c in certified.values()], axis=0))
+  searched_again = again.size
+  while again.size:  # more candidates for the few queries whose certificate needs them
+    kept = {s: min(8 * kept[s], s) for s in sizes}
+    more = certify(again, stream.run(q_host[again], own[again], kept, None, 0, progress))
+    for s in sizes:
+      certified[s].positions[again] = more[s].positions
+      certified[s].scores[again] = more[s].scores
+    rescored += sum(c.rescored for c in more.values())
+    again = again[np.any([c.failed for c in more.values()], axis=0)]
+
+  out = [Neighbours(g_ids[certified[s].positions], certified[s].scores, s, stream.kernel,
+                    stream.fallbacks, rescored, searched_again) for s in sizes]
   for r in out:  # every column a real neighbour: `_neighbours_kept` makes this hold
     r.top(r.k)
   return out[0] if prefix_sizes is None else out
+
+
+def _norm_bound(sumsq, dim: int, *, up: bool) -> float:
+  """A bound on a row norm from its float32 squared norm (summed with relative error below
+  (dim + 1) u): from above or from below."""
+  slack = 2 * (dim + 2) * exact.UNIT
+  return float(np.sqrt(max(float(sumsq), 0.0) * ((1 + slack) if up else max(1 - slack, 0))))
+
+
+def _bound_slack(platform: str) -> float:
+  """TPUs run f32 matmuls as bf16 passes: their error is near f32's, not within its bound."""
+  return 2.0 if platform == "tpu" else 1.0
+
+
+def _rounds_inputs(dtype, precision) -> bool:
+  """The matmul may round its f32 inputs: any precision below HIGHEST (TF32, bf16 passes)."""
+  if np.dtype(dtype) != np.float32:
+    return False
+  parts = precision if isinstance(precision, (tuple, list)) else (precision,)
+  return any(lax.Precision(p) != lax.Precision.HIGHEST for p in parts)
+
+
+def _rescorer(source, queries, query_norms, dtype, normalize: bool):
+  """(query index, gallery position) pairs → float64 scores from the gallery's rows, cast
+  to the compute dtype as the matmul takes them (cosines with `normalize`)."""
+
+  def rescore(which, positions):
+    """`which` ascending: chunks hold whole queries, so all of a query's pairs meet."""
+    out = np.empty(which.size, np.float64)
+    step, edges = max(1, RESCORE_VALUES // source.dim), [0]
+    for start in np.flatnonzero(which[1:] != which[:-1]) + 1:
+      if start - edges[-1] >= step:
+        edges.append(int(start))
+    edges.append(which.size)
+    for a, b in zip(edges[:-1], edges[1:]):
+      rows = take_rows(source, positions[a:b]).astype(dtype).astype(np.float64)
+      s = exact.exact_dot_products(queries[which[a:b]], rows, which[a:b])
+      if normalize:
+        s = s / (query_norms[which[a:b]] * np.linalg.norm(rows, axis=1))
+      out[a:b] = s
+    return out
+
+  return rescore
+
+
+@dataclasses.dataclass
+class _Stream:
+  """One streaming pass's plan: `run` streams the gallery's prefixes past some queries and
+  returns each prefix's candidates (the kernel's top `kept[size]` by float32 score, ids =
+  gallery positions) and row norm range."""
+  source: object
+  sizes: tuple
+  mesh: object
+  kernel: str
+  required: bool  # the kernel was asked for by name: it must compile
+  tile_rows: int
+  bucket_width: int | None
+  block: int
+  dtype: np.dtype
+  exclude_self: bool
+  precision: object
+  normalize: bool
+  fallbacks: int = 0
+
+  def run(self, q_host, own, kept: dict, resume_dir, checkpoint_every: int, progress: bool):
+    source, sizes, mesh = self.source, list(self.sizes), self.mesh
+    n, num_dev, num_q = source.num_rows, mesh.devices.size, q_host.shape[0]
+    dtype, block = self.dtype, min(self.block, num_q)
+    # Tiles travel in the storage dtype, unless the matmul runs wider anyway (CPU).
+    tile_dtype = dtype if dtype.itemsize > np.dtype(source.dtype).itemsize else \
+        np.dtype(source.dtype)
+    k_state = max(kept.values())
+    selector, self.kernel = _selector_that_compiles(
+        self.kernel, self.required, k_state, self.tile_rows, self.bucket_width, mesh, block,
+        source.dim, dtype, tile_dtype, self.exclude_self, self.precision, self.normalize)
+    step = sharding.sharded_step(mesh, selector, self.exclude_self, self.precision,
+                                 self.normalize)
+    # Host rows go to the CPU kernel where they lie (no copy of unaligned numpy rows).
+    window = window_length(self.tile_rows, source.dim) if sharding.reads_windows(selector) \
+        else None
+    on_host = mesh.devices.flat[0].platform in FINISH_ON_HOST
+    positions = np.arange(n, dtype=np.int64)
+    ranges = plan_tiles(sizes[-1], self.tile_rows, sizes)  # rows past the last prefix: unread
+    groups = _group_ranges(ranges, num_dev, set(sizes))
+    mine = sharding.local_slots(mesh)
+    num_blocks = -(-num_q // block)
+    found = {"values": {str(s): np.full((num_q, kept[s]), -np.inf, np.float32) for s in sizes},
+             "ids": {str(s): np.full((num_q, kept[s]), -1, np.int32) for s in sizes},
+             "norms": {str(s): np.zeros(2, np.float32) for s in sizes}}
+    start, restored, point = 0, None, None
+    if resume_dir is not None:
+      fingerprint = dict(
+          n=n, dim=source.dim, dtype=str(source.dtype), queries=_digest(q_host, own),
+          gallery_ids=_digest(np.asarray(source.ids())), kept=list(kept.values()), sizes=sizes,
+          tile_rows=self.tile_rows, block=block, devices=num_dev,
+          exclude_self=self.exclude_self, normalize=self.normalize, compute_dtype=str(dtype),
+          precision=str(self.precision), selector=repr(selector))
+      point = ResumePoint(resume_dir, fingerprint, every=checkpoint_every)
+      loaded = point.load({"state": sharding.empty_state(mesh, selector, block),
+                           "stats": self._empty_stats(), **found})
+      if loaded is not None:
+        start, tree = loaded
+        found = {key: tree[key] for key in found}
+        restored = tree["state"], tree["stats"]
+
+    done = sizes[-1] * (start // len(groups)) + (groups[start % len(groups) - 1][-1][1]
+                                                 if start % len(groups) else 0)
+    # The CPU backend aliases aligned host tiles (no copy), so a copied tile's buffer is free
+    # again only when its step is done; accelerators copy tiles to their own memory.
+    buffers = TileBuffers() if mesh.devices.flat[0].platform == "cpu" else None
+    meter = Progress(sizes[-1] * num_blocks, initial=done, label=f"knn ({self.kernel})",
+                     enabled=progress)
+    for b in range(start // len(groups), num_blocks):
+      q0 = b * block
+      rows = min(block, num_q - q0)
+      qb = np.zeros((block, source.dim), dtype)
+      qb[:rows] = q_host[q0:q0 + rows]
+      qb_ids = np.full(block, NO_ID, np.int32)
+      qb_ids[:rows] = own[q0:q0 + rows]
+      qd, qd_ids = sharding.put_whole(mesh, qb), sharding.put_whole(mesh, qb_ids)
+      first = start % len(groups) if b == start // len(groups) else 0
+      state, stats = restored if first else (sharding.empty_state(mesh, selector, block),
+                                             self._empty_stats())
+      tiles = stream_tiles(source, positions, [g[slot] for g in groups[first:] for slot in mine
+                                               if slot < len(g)],
+                           dtype=tile_dtype, buffers=buffers, window=window)
+      for gi in range(first, len(groups)):
+        group = groups[gi]
+        rows_by_slot, ids_by_slot, read = {}, {}, []
+        for slot in mine:
+          tile = next(tiles) if slot < len(group) else None
+          read.append(tile)
+          rows_by_slot[slot], ids_by_slot[slot] = _padded(tile, self.tile_rows, source.dim,
+                                                          tile_dtype, window)
+        state, stats = step(state, stats, qd, qd_ids,
+                            sharding.put_local_slots(mesh, rows_by_slot),
+                            sharding.put_local_slots(mesh, ids_by_slot))
+        if buffers is not None:  # the step has read its tiles once it is done: reuse them
+          jax.block_until_ready(state)
+          for tile in read:
+            if tile is not None:
+              buffers.give_back(tile.rows.window if window else tile.rows)
+        stop = group[-1][1]
+        if stop in sizes:
+          num_bad, largest, smallest = sharding.row_stats_total(mesh)(stats)
+          if int(num_bad):
+            raise_for_bad_rows(source, np.asarray(source.ids()), ranges,
+                               nonzero=self.normalize)
+            raise ValueError(f"{int(num_bad)} gallery rows have non-finite or overflowing norms "
+                             f"on the device, but a host scan could not name them")
+          v, i = sharding.device_merger(mesh, selector, kept[stop], on_host)(state)
+          if self.kernel != "xla" and stop == sizes[-1]:
+            self.fallbacks += int(sharding.replicated_sum(mesh)(state[2]))
+          found["values"][str(stop)][q0:q0 + rows] = np.asarray(v)[:rows]
+          found["ids"][str(stop)][q0:q0 + rows] = np.asarray(i)[:rows]
+          found["norms"][str(stop)][:] = [float(largest), float(smallest)]
+        if point is not None:
+          last = b == num_blocks - 1 and gi == len(groups) - 1
+          point.maybe_save(b * len(groups) + gi + 1, {"state": state, "stats": stats, **found},
+                           force=last)
+        meter.update(stop - group[0][0],
+                     (stop - group[0][0]) * source.dim * tile_dtype.itemsize)
+    meter.close()
+    if point is not None:
+      point.close()
+    return found
+
+  def _empty_stats(self):
+    return jax.tree.map(lambda a: sharding.put_split(self.mesh, a),
+                        sharding.empty_row_stats(self.mesh.devices.size))
 
 
 def selector_for(kernel: str, k: int, tile_rows: int, bucket_width, mesh):
@@ -398,16 +527,16 @@ def selector_for(kernel: str, k: int, tile_rows: int, bucket_width, mesh):
     return choose_selector(k, tile_rows, bucket_width)
   check_kernel_runs_on(kernel, mesh)
   if kernel == "cpu":
-    from kernels.cpu_topk import CpuTopKSelector, default_threads
+    from plato_jax.kernels.cpu_topk import CpuTopKSelector, default_threads
     # The host's cores are shared by the mesh's CPU devices, which run concurrently.
     return CpuTopKSelector(k, threads=max(1, default_threads() // mesh.local_mesh.size))
-  from kernels.fused_topk import FusedTopKSelector
+  from plato_jax.kernels.fused_topk import FusedTopKSelector
   return FusedTopKSelector(k, _fused_config(kernel),
                            interpret=mesh.devices.flat[0].platform == "cpu")
 
 
 def _fused_config(kernel: str):
-  from kernels.fused_topk import FusedConfig
+  from plato_jax.kernels.fused_topk import FusedConfig
   return FusedConfig(backend=kernel.split(":")[1])
 
 
@@ -427,7 +556,7 @@ def check_kernel_runs_on(kernel: str, mesh) -> None:
       raise ValueError(f"kernel='cpu' runs on CPU devices, not on "
                        f"{mesh.devices.flat[0].platform}")
     return
-  from kernels.fused_topk import BACKENDS
+  from plato_jax.kernels.fused_topk import BACKENDS
   platform, home = mesh.devices.flat[0].platform, BACKENDS[kernel.split(":")[1]]
   if platform not in ("cpu", home):
     raise ValueError(f"kernel={kernel!r} runs on {home} devices (or interpreted on CPU), not "
@@ -440,7 +569,7 @@ def check_kernel_runs_on(kernel: str, mesh) -> None:
 def pick_kernel(kernel: str, k: int, platform: str, dtype=np.float32) -> str:
   """The kernel a requested name resolves to: "xla", "cpu" or "fused:<backend>" (`dtype`:
   the matmul's input dtype)."""
-  from kernels.fused_topk import BACKENDS
+  from plato_jax.kernels.fused_topk import BACKENDS
   names = ("auto", "xla", "cpu", "fused", *(f"fused:{b}" for b in BACKENDS))
   if kernel not in names:
     raise ValueError(f"kernel must be one of {names}, got {kernel!r}")
@@ -448,7 +577,7 @@ def pick_kernel(kernel: str, k: int, platform: str, dtype=np.float32) -> str:
   if kernel == "cpu" and not f32:
     raise ValueError(f"kernel='cpu' multiplies f32 only, got compute dtype {np.dtype(dtype)}")
   if kernel == "auto" and platform in CPU_KERNEL_ON and f32:
-    from kernels.cpu_topk import unavailable_reason
+    from plato_jax.kernels.cpu_topk import unavailable_reason
     reason = unavailable_reason()
     if reason is None:
       return "cpu"
@@ -481,6 +610,8 @@ def _selector_that_compiles(kernel, required, k, tile_rows, bucket_width, mesh, 
     whole = sharding.NamedSharding(mesh, sharding.P())
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct((p, *x.shape), x.dtype, sharding=split),
                          selector.init(block))
+    stats = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=split),
+                         sharding.empty_row_stats(p))
     if sharding.reads_windows(selector):
       tiles = RowWindow(
           jax.ShapeDtypeStruct((p, window_length(tile_rows, dim)), tile_dtype, sharding=split),
@@ -488,8 +619,7 @@ def _selector_that_compiles(kernel, required, k, tile_rows, bucket_width, mesh, 
     else:
       tiles = jax.ShapeDtypeStruct((p, tile_rows, dim), tile_dtype, sharding=split)
     sharding.sharded_step(mesh, selector, exclude_self, precision, normalize).lower(
-        state, jax.ShapeDtypeStruct((p,), np.int32, sharding=split),
-        jax.ShapeDtypeStruct((block, dim), dtype, sharding=whole),
+        state, stats, jax.ShapeDtypeStruct((block, dim), dtype, sharding=whole),
         jax.ShapeDtypeStruct((block,), np.int32, sharding=whole), tiles,
         jax.ShapeDtypeStruct((p, tile_rows), np.int32, sharding=split)).compile()
     return selector, kernel

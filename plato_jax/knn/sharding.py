@@ -1,7 +1,7 @@
 """Mesh / shard_map plumbing: one gallery tile per device, a running top-k per device, one merge.
 
 Every device keeps its own [Q, k] state (values f32, ids int32). A step scores the queries
-against the device's tile, selects the tile's top-k exactly (kernels.topk) and merges it into
+against the device's tile, selects the tile's top-k exactly (plato_jax.kernels.topk) and merges it into
 the state. `device_merger` folds the per-device states into one result. Because the merge
 orders by (score descending, id ascending) — a total order, ids being unique — the result
 does not depend on how the gallery was split into tiles or devices.
@@ -23,7 +23,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from kernels.topk import BucketConfig, bucket_topk
+from plato_jax.kernels.topk import BucketConfig, bucket_topk
 
 AXIS = "gallery"
 # Word order of an int64 seen as two int32s: (low, high).
@@ -93,7 +93,7 @@ class ScoreTile:
   always the last columns: `num_valid` columns are real) and, with self-exclusion, for the
   query's own id (`query_ids`). -0.0 and +0.0 are one value for the tie rule (a zero row
   dotted with a negative query gives -0.0): both read as +0.0. Selectors pass these to
-  `kernels.topk.bucket_topk`, which applies them without a pass over the tile, or
+  `plato_jax.kernels.topk.bucket_topk`, which applies them without a pass over the tile, or
   materialise `scores()`.
   """
   raw: jax.Array
@@ -212,22 +212,41 @@ def reads_windows(selector) -> bool:
   return getattr(selector, "reads_windows", False)
 
 
+def empty_row_stats(num_devices: int):
+  """Per-device `RowStats` before any tile: no bad row, norms in [0, inf] reversed."""
+  return (np.zeros(num_devices, np.int32),
+          np.tile(np.array([[0, np.inf]], np.float32), (num_devices, 1)))
+
+
+def update_row_stats(stats, row_sumsq, tile_ids, normalize: bool):
+  """One device's (bad rows, [largest, smallest] f32 squared norm of its valid rows) with a
+  tile's rows added: the count for the engine's bad-row check (`count_bad_rows`), the
+  norms for the certificate's error bound (`plato_jax.knn.exact`)."""
+  bad, norms = stats
+  valid = tile_ids >= 0
+  largest = jnp.max(jnp.where(valid, row_sumsq, 0))
+  smallest = jnp.min(jnp.where(valid, row_sumsq, jnp.inf))
+  return (bad + count_bad_rows(row_sumsq, tile_ids, normalize),
+          jnp.stack([jnp.maximum(norms[0], largest), jnp.minimum(norms[1], smallest)]))
+
+
 @functools.lru_cache(maxsize=64)
 def sharded_step(mesh: Mesh, selector, exclude_self: bool, precision, normalize: bool = False):
   """jit(shard_map(score + selector.update)): per-device state [P, ...], tiles [P, T, D] (or
   `RowWindow`s [P, L] and [P], for selectors that read them).
 
-  Also adds the tile's bad rows (`count_bad_rows`) to a per-device counter [P]: rows are
-  validated on the device, where they are anyway, and named on the host only on error.
+  Also folds the tile's rows into per-device row statistics (`empty_row_stats`: bad rows,
+  norm range): rows are checked on the device, where they are anyway, and named on the
+  host only on error.
   """
   axis = mesh_axis(mesh)
 
-  def local(state, bad, queries, query_ids, tiles, tile_ids):
-    state, tile = jax.tree.map(lambda x: x[0], (state, tiles))
+  def local(state, stats, queries, query_ids, tiles, tile_ids):
+    state, stats, tile = jax.tree.map(lambda x: x[0], (state, stats, tiles))
     state, sumsq = fold_tile(selector, state, queries, query_ids, tile, tile_ids[0],
                              exclude_self=exclude_self, precision=precision, normalize=normalize)
-    bad = bad + count_bad_rows(sumsq, tile_ids[0], normalize)
-    return jax.tree.map(lambda x: x[None], state), bad
+    stats = update_row_stats(stats, sumsq, tile_ids[0], normalize)
+    return jax.tree.map(lambda x: x[None], (state, stats))
 
   split, whole = P(axis), P()
   # A Pallas call inside declares no per-axis variance for its outputs; JAX then asks for
@@ -235,6 +254,15 @@ def sharded_step(mesh: Mesh, selector, exclude_self: bool, precision, normalize:
   fn = jax.shard_map(local, mesh=mesh, in_specs=(split, split, whole, whole, split, split),
                      out_specs=(split, split), check_vma=not is_fused(selector))
   return jax.jit(fn, donate_argnums=(0, 1))
+
+
+@functools.lru_cache(maxsize=8)
+def row_stats_total(mesh: Mesh):
+  """Per-device row statistics → (bad rows, largest squared norm, smallest), on every process."""
+  def total(stats):
+    bad, norms = stats
+    return jnp.sum(bad), jnp.max(norms[:, 0]), jnp.min(norms[:, 1])
+  return jax.jit(total, out_shardings=NamedSharding(mesh, P()))
 
 
 @functools.lru_cache(maxsize=8)

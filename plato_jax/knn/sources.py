@@ -5,8 +5,10 @@ A gallery source is anything with this small protocol (duck-typed):
     num_rows: int                  rows, in stream order
     dim: int                       feature dimension
     dtype: numpy dtype             storage dtype (float32, float16, bfloat16, ...)
-    ids() -> np.ndarray[int64]     every row's id, in stream order (ids are unique, 0 <= id < 2**31)
+    ids() -> np.ndarray[int64]     every row's id, in stream order (distinct int64 values)
     read(start, stop) -> ndarray   rows [start, stop) as a [stop-start, dim] numpy array
+    take(positions) -> ndarray     optional: the rows at these positions, in their order
+                                   (`take_rows` reads runs with `read` where it is missing)
 
 `as_source` wraps numpy / jax arrays, TensorStore arrays (optionally one layer of an
 [N, L, D] array) and lists of shards (arrays or sources, concatenated in order).
@@ -21,7 +23,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-MAX_ID = 2**31 - 1
+MAX_POSITION = 2**31 - 2  # devices number a gallery's rows with int32 (-1, -2: no row)
 ALIGN = 64  # bytes: the CPU client takes host arrays aligned so without a copy
 
 
@@ -91,6 +93,9 @@ class ArraySource(_RowNumberIds):
   def read(self, start: int, stop: int) -> np.ndarray:
     return self._rows[start:stop]
 
+  def take(self, positions) -> np.ndarray:
+    return np.asarray(self._rows[np.asarray(positions)])
+
 
 class TensorStoreSource(_RowNumberIds):
   """A TensorStore array [N, D], or one layer of [N, L, D] (`layer`)."""
@@ -116,6 +121,9 @@ class TensorStoreSource(_RowNumberIds):
   def read(self, start: int, stop: int) -> np.ndarray:
     # TensorStore slicing does not clamp: callers pass stop <= num_rows.
     return self._array[start:stop].read().result()
+
+  def take(self, positions) -> np.ndarray:
+    return self._array[np.asarray(positions, np.int64)].read().result()
 
 
 class ConcatSource:
@@ -157,6 +165,15 @@ class ConcatSource:
         parts.append(np.asarray(shard.read(int(a - lo), int(b - lo)), dtype=self.dtype))
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
+  def take(self, positions) -> np.ndarray:
+    positions = np.asarray(positions, np.int64)
+    shard = np.searchsorted(self._offsets, positions, side="right") - 1
+    out = np.empty((positions.size, self.dim), self.dtype)
+    for i in np.unique(shard):
+      at = shard == i
+      out[at] = take_rows(self._shards[i], positions[at] - self._offsets[i])
+    return out
+
 
 class OrderedSource:
   """The rows of `base` in the order `order` (positions in `base`), read in consecutive runs."""
@@ -178,6 +195,27 @@ class OrderedSource:
     runs = zip(np.r_[0, breaks], np.r_[breaks, idx.size])
     parts = [np.asarray(self._base.read(int(idx[a]), int(idx[b - 1]) + 1)) for a, b in runs]
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+  def take(self, positions) -> np.ndarray:
+    return take_rows(self._base, self._order[np.asarray(positions, np.int64)])
+
+
+def take_rows(source, positions) -> np.ndarray:
+  """The rows of `source` at `positions` (any order, repeats allowed) as [len, dim]: its
+  `take` where it has one, else one `read` per run of consecutive positions."""
+  positions = np.asarray(positions, np.int64)
+  if hasattr(source, "take"):
+    rows = np.asarray(source.take(positions))
+  else:
+    wanted, inverse = np.unique(positions, return_inverse=True)
+    breaks = np.flatnonzero(np.diff(wanted) != 1) + 1
+    parts = [np.asarray(source.read(int(wanted[a]), int(wanted[b - 1]) + 1))
+             for a, b in zip(np.r_[0, breaks], np.r_[breaks, wanted.size])]
+    rows = (np.concatenate(parts) if parts else np.zeros((0, source.dim), source.dtype))[inverse]
+  if rows.shape != (positions.size, source.dim):
+    raise ValueError(f"gallery source {type(source).__name__} returned shape {rows.shape} for "
+                     f"{positions.size} rows, expected {(positions.size, source.dim)}")
+  return rows
 
 
 def is_source(x) -> bool:
@@ -278,7 +316,7 @@ class RowWindow(NamedTuple):
   """Rows [T, D] read where they lie: row r is `window[offset + r·D : offset + (r+1)·D]`.
 
   `window` is a flat, 64-byte-aligned view of the memory around the rows, so the CPU client
-  takes it without a copy; kernels that read such windows (`kernels.cpu_topk`) get the
+  takes it without a copy; kernels that read such windows (`plato_jax.kernels.cpu_topk`) get the
   rows' offset as a value. Whatever the window holds beyond the T rows is never selected
   (those columns are padding). With a leading device axis when sharded: [P, L] and [P].
   """
