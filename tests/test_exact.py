@@ -76,6 +76,17 @@ def test_stream_equals_float64_for_tiles_devices_and_ids(rng, kernel, make):
     assert not (res.ids == qids[:, None]).any()  # each query's own row excluded by its id
 
 
+def test_crowded_scores_at_k_n_over_100(rng, kernel):
+  """The case float32 got wrong before the certificate: d = 24, 120,000 rows, k = 1,200
+  (15 of 96 queries were ordered differently from float64)."""
+  n, d, k = 120_000, 24, 1_200
+  x = crowded(rng, n, d)
+  q_rows = rng.choice(n, 96, replace=False)
+  res = search(x[q_rows], x, [10, k], query_ids=q_rows, kernel=kernel)
+  ref, _ = brute_force(x[q_rows], x, k, query_ids=q_rows)
+  assert_contract(res, ref, [10, k])
+
+
 def test_kernels_agree_where_float32_does_not(rng):
   """On near-tie data the XLA and CPU kernels' float32 scores differ, and the certificate
   rescores where it matters: the results are identical in the exact part."""

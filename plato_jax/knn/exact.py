@@ -5,7 +5,7 @@ tile's shape, the CPU kernel runs one FMA chain per score, the fused kernels blo
 block), so two kernels — or one kernel on two tilings — may order two nearly equal scores
 differently. The engine's result is instead defined by real arithmetic on the values the
 matmul takes (the stored values, cast to the compute dtype): the real score rounded to
-float64 (`exact_dot_products`), then the id.
+float64 (`exact_scores`), then the id.
 
 Why a bound suffices. However a dot product of d terms is summed, its float32 value s~
 obeys |s~ - s| <= gamma_d * sum|q_i g_i| <= gamma_d * |q| |g|, gamma_d = d u / (1 - d u),
@@ -15,21 +15,20 @@ takes that with the gallery's largest row norm (and, with `normalize`, the row n
 rounding), so one number E per query bounds every row's error.
 
 The certificate. The engine keeps m = k + `margin(k)` candidates per query by s~; any
-row it dropped scored at most the m-th s~. Between ranks p-1 and p of the candidates the
-order is certain when s~[p-1] - E > s~[p] + E: every row before the cut then truly beats
-every row after it (the candidates after it and the dropped rows alike; the cut after the
-last candidate is certain only when nothing was dropped). Between two certain cuts lies a
-cluster whose inner order is uncertain. A cluster is rescored in float64 from its rows and
-sorted by (score descending, id ascending) when it straddles a cut the caller needs:
+row it dropped scored at most the m-th s~. A row whose s~ is more than 2E above another's
+truly beats it. So (`_certify_chunk`):
 
-  * every requested k (the neighbour set at each k is then exact), and
-  * every cut among the first `EXACT_ORDER` ranks (their order is then exact).
+  * the first `EXACT_ORDER` ranks: only candidates within 2E of the 128th can be among
+    them; there, neighbours closer than 2E form clusters, each rescored in float64 from its
+    rows and sorted by (score descending, id ascending) — their order is then exact;
+  * each requested k beyond: the candidates within 2E of the k-th on either side form a
+    band, rescored and sorted — the neighbour set at k is then exact.
 
-Elsewhere the order is the kernel's. A needed cluster that reaches the dropped rows fails
-the certificate for its query; the engine then searches that query again with more
-candidates (with all the prefix's rows kept, every cut is certain). On data without
-near-ties nothing is rescored; exact ties (duplicate rows, integer data) are always
-rescored, and their order is then the id's.
+Elsewhere the order is the kernel's. A band that reaches the last candidate while rows
+were dropped fails the certificate for its query; the engine then searches that query
+again with more candidates (with all the prefix's rows kept, nothing can fail). On data
+without near-ties little is rescored; exact ties (duplicate rows, integer data) always
+are, and their order is then the id's.
 """
 from __future__ import annotations
 
@@ -57,36 +56,39 @@ def _compensated(queries, rows) -> np.ndarray:
   return total + error
 
 
-def exact_dot_products(queries, rows, which) -> np.ndarray:
-  """Row-wise dot products [M] of float64 [M, d] pairs whose products are exact in float64
-  (float32 or narrower values), each the real sum rounded to float64 (to within about
-  1e-30 relatively, so equal real scores give equal results); `which` [M]: the query of
-  each pair — only pairs of one query are compared.
+def exact_scores(queries, rows, which) -> np.ndarray:
+  """Dot products [M] of float64 queries [Q, d] (pair i takes query `which[i]`, ascending)
+  with float64 rows [M, d], products exact in float64 (float32 or narrower values): each
+  the real sum rounded to float64, to within about 1e-30 relatively, so equal real scores
+  give equal results.
 
-  A plain float64 sum first (off by at most d 2^-52 sum|p|); pairs of one query whose sums
-  lie within their bounds of each other are summed again with compensation (TwoSum; Ogita,
-  Rump & Oishi's Sum2: as accurate as twice the precision). Pairs further apart keep the
-  plain sum: no rounding can reorder or equalise them."""
-  fast = np.einsum("ij,ij->i", queries, rows)
-  if fast.size < 2:
+  A plain float64 sum first (BLAS, query by query; off by at most d 2^-52 sum|q_j g_j| <=
+  d 2^-52 |q|_1 max|g|); a query's rows whose sums lie within twice that of each other are
+  summed again with compensation (TwoSum; Ogita, Rump & Oishi's Sum2: as accurate as twice
+  the precision). Rows further apart keep the plain sum: no rounding can reorder or
+  equalise them."""
+  fast = np.empty(which.size, np.float64)
+  starts = np.flatnonzero(np.r_[True, which[1:] != which[:-1], True])
+  for s, e in zip(starts[:-1], starts[1:]):
+    fast[s:e] = rows[s:e] @ queries[which[s]]
+  if which.size < 2:
     return fast
-  bound = queries.shape[1] * 2.0**-52 * np.einsum("ij,ij->i", np.abs(queries), np.abs(rows))
+  bound = queries.shape[1] * 2.0**-52 * np.abs(queries).sum(axis=1)[which] * np.abs(rows).max()
   order = np.lexsort((fast, which))
-  near = (which[order][1:] == which[order][:-1]) & (
-      fast[order][1:] - fast[order][:-1] <= bound[order][1:] + bound[order][:-1])
-  again = np.zeros(fast.size, bool)
-  again[order[1:][near]] = True
-  again[order[:-1][near]] = True
-  if again.any():
-    fast[again] = _compensated(queries[again], rows[again])
+  f, w = fast[order], which[order]
+  near = np.flatnonzero((w[1:] == w[:-1]) & (f[1:] - f[:-1] <= 2 * bound[order][1:]))
+  if near.size:
+    again = np.unique(np.concatenate([order[near], order[near + 1]]))
+    fast[again] = _compensated(queries[which[again]], rows[again])
   return fast
 
 
 def margin(k: int) -> int:
-  """Candidates kept beyond k so that the band of uncertain scores around the k-th rarely
-  reaches the dropped rows: at 15M rows, d = 768, k = 150,000 about a thousand rows of
-  random data lie within 2E of the k-th score; k/64 is 2,343."""
-  return max(8, -(-k // 64))
+  """Candidates kept beyond k, so that the band of scores within 2E below the k-th rarely
+  holds more: for random unit rows at k = n/100 it holds about 0.0066 k rows on average
+  (d = 768; fewer at lower d), so k/32 leaves a wide berth (at 15M rows, k = 150,000:
+  about 1,000 against 4,688); 16 at least, for small k."""
+  return max(16, -(-k // 32))
 
 
 def error_bound(dim: int, query_norms, max_row_norm: float, min_row_norm: float, *,
@@ -137,82 +139,114 @@ def certify(values, positions, bound, available, keep: int, cuts, ids,
     keep: columns returned.
     cuts: the ks whose sets must be exact (<= keep).
     ids: the gallery's ids by position (ties go to the lower id).
-    rescore: (query index [M], position [M]) -> float64 scores [M].
+    rescore: (query index [M] ascending, position [M]) -> float64 scores [M].
     scale: [Q] divisor of the kernels' scores in the result (|q| with normalize), or None.
   """
   values, positions = np.asarray(values), np.asarray(positions)
   num_q, m = values.shape
-  out_pos = np.array(positions[:, :keep], dtype=np.int64)
-  out_val = np.array(values[:, :keep], dtype=np.float64)
-  if scale is not None:
-    out_val /= np.asarray(scale, np.float64)[:, None]
+  ordered = min(EXACT_ORDER, keep)
+  later = sorted(c for c in {*cuts, keep} if c > ordered)
+  out_pos = np.empty((num_q, keep), np.int64)
+  out_val = np.empty((num_q, keep), np.float64)
   failed = np.zeros(num_q, bool)
-  needed = np.zeros(m + 1, bool)  # cuts p (between ranks p-1 and p) whose sides must be exact
-  needed[1:min(EXACT_ORDER, keep) + 1] = True
-  needed[[c for c in {*cuts, keep} if c <= m]] = True
-  needed_before = np.cumsum(needed)  # needed cuts <= p
   rescored = 0
   step = max(1, CHUNK // max(m, 1))
   for a in range(0, num_q, step):
     b = min(a + step, num_q)
-    c = certify_chunk(values[a:b], positions[a:b], np.asarray(bound)[a:b],
-                      np.asarray(available)[a:b], needed_before, ids, rescore, a)
-    if c is None:
-      continue
-    rows, ranks, pos, val, bad = c
-    keep_mask = ranks < keep
-    out_pos[a + rows[keep_mask], ranks[keep_mask]] = pos[keep_mask]
-    out_val[a + rows[keep_mask], ranks[keep_mask]] = val[keep_mask]
+    pos, val, is_exact, count, bad = _certify_chunk(
+        values[a:b], positions[a:b], np.asarray(bound, np.float64)[a:b],
+        np.asarray(available)[a:b], ordered, later, np.asarray(ids), rescore, a)
+    if scale is not None:
+      val = np.where(is_exact, val, val / np.asarray(scale, np.float64)[a:b, None])
+    out_pos[a:b], out_val[a:b] = pos[:, :keep], val[:, :keep]
     failed[a:b] = bad
-    rescored += rows.size
-  _ties_by_id(out_pos, out_val, needed_before[:keep], ids)
+    rescored += count
+  segment = np.searchsorted(np.array(later, np.int64), np.arange(keep), side="right")
+  _ties_by_id(out_pos, out_val, segment, ids)
   return Certified(out_pos, out_val.astype(np.float32), rescored, failed)
+
+
+def _certify_chunk(values, positions, bound, available, ordered: int, later, ids, rescore,
+                   first_query):
+  """`certify` on a few queries: (positions, scores, which scores are float64, rows
+  rescored, failed queries), all [C, m] but the last two.
+
+  1. The first `ordered` ranks. Only the candidates with s~ >= s~[ordered-1] - 2E can be
+     among them (the others are below `ordered` rows for sure). Within those, neighbours
+     closer than 2E form clusters (cuts between clusters are certain); each cluster is
+     rescored and sorted.
+  2. Each later cut p. Candidates with s~ > s~[p] + 2E are in the top p for sure, those
+     with s~ < s~[p-1] - 2E out; the band between is rescored and sorted (bands that meet
+     as one; a band reaching into step 1's candidates starts at `ordered`, whose rows are
+     settled).
+  A band or cluster that reaches the last candidate while rows were dropped fails."""
+  num_q, m = values.shape
+  v = values.astype(np.float64)
+  pos = positions.astype(np.int64)
+  val, is_exact = v.copy(), np.zeros(v.shape, bool)
+  count = (positions >= 0).sum(axis=1)
+  dropped = count < available
+  two_e = 2 * bound[:, None]
+  rank = np.arange(m)[None, :]
+
+  edge = (v >= v[:, ordered - 1:ordered] - two_e).sum(axis=1)
+  failed = dropped & (edge >= count)
+  inside = rank < edge[:, None]
+  close = np.zeros(v.shape, bool)  # rank j and j - 1 are within 2E
+  with np.errstate(invalid="ignore"):
+    close[:, 1:] = (v[:, :-1] - v[:, 1:] <= two_e) & inside[:, 1:]
+  member = close.copy()
+  member[:, :-1] |= close[:, 1:]
+  member &= ~failed[:, None]
+  rescored = _sort_exactly(member, np.cumsum(~close, axis=1), pos, val, is_exact, ids,
+                           rescore, first_query)
+
+  band = np.zeros(v.shape, bool)
+  for p in later:
+    after = v[:, p:p + 1] if p < m else np.full((num_q, 1), -np.inf)
+    lo = (v > after + two_e).sum(axis=1)
+    lo = np.where(lo < edge, ordered, lo)
+    hi = (v >= v[:, p - 1:p] - two_e).sum(axis=1)
+    failed |= dropped & (hi >= count)
+    band |= (rank >= lo[:, None]) & (rank < hi[:, None])
+  band &= (rank < count[:, None]) & ~failed[:, None]
+  rescored += _sort_exactly(band, np.cumsum(~band, axis=1), pos, val, is_exact, ids, rescore,
+                            first_query)
+  return pos, val, is_exact, rescored, failed
+
+
+def _sort_exactly(mask, label, pos, val, is_exact, ids, rescore, first_query) -> int:
+  """Rescores the candidates in `mask` and sorts each run of one `label` by (float64 score
+  descending, id ascending), in place; returns how many were rescored."""
+  rows, ranks = np.nonzero(mask)  # by query, then rank
+  if not rows.size:
+    return 0
+  p = pos[rows, ranks]
+  exact = np.asarray(rescore(first_query + rows, p), np.float64)
+  order = np.lexsort((ids[p], -exact, label[rows, ranks], rows))
+  pos[rows, ranks], val[rows, ranks] = p[order], exact[order]
+  is_exact[rows, ranks] = True
+  return rows.size
 
 
 def _ties_by_id(positions, values, segment, ids) -> None:
   """Past the exactly ordered ranks, equal scores in place by id (the kernels break ties by
   position): the order there is (score descending, id ascending), and on data whose float32
-  scores are exact (integers) it is the float64 order. Sorted within segments between the
-  needed cuts (`segment`: needed cuts at or before each rank), so no certified set changes."""
-  if values.shape[1] <= EXACT_ORDER:
+  scores are exact (integers) it is the float64 order. Only runs of equal scores move, and
+  never across a requested cut (`segment`: cuts at or before each rank), so no certified
+  set changes."""
+  if values.shape[1] <= EXACT_ORDER + 1:
     return
   tail = values[:, EXACT_ORDER:]
-  rows = np.flatnonzero((tail[:, 1:] == tail[:, :-1]).any(axis=1))
+  seg = segment[EXACT_ORDER:]
+  same = np.zeros(tail.shape, bool)  # rank j continues rank j-1's run
+  same[:, 1:] = (tail[:, 1:] == tail[:, :-1]) & (seg[1:] == seg[:-1])
+  member = same.copy()
+  member[:, :-1] |= same[:, 1:]
+  rows, ranks = np.nonzero(member)
   if not rows.size:
     return
-  pos = positions[rows, EXACT_ORDER:]
-  seg = np.broadcast_to(segment[EXACT_ORDER:], pos.shape)
-  order = np.lexsort((np.asarray(ids)[pos], -tail[rows], seg), axis=-1)
-  positions[rows, EXACT_ORDER:] = np.take_along_axis(pos, order, axis=1)
-  values[rows, EXACT_ORDER:] = np.take_along_axis(tail[rows], order, axis=1)
-
-
-def certify_chunk(values, positions, bound, available, needed_before, ids, rescore,
-                  first_query):
-  """`certify` on a few queries: (query, rank, position, score) of the rescored ranks in
-  their exact order, and the failed queries; None when nothing needs rescoring."""
-  num_q, m = values.shape
-  v = values.astype(np.float64)
-  count = (positions >= 0).sum(axis=1)
-  dropped = count < available
-  cut = np.arange(m + 1)
-  certain = np.ones((num_q, m + 1), bool)
-  with np.errstate(invalid="ignore"):  # -inf - -inf past the candidates: masked below
-    certain[:, 1:m] = v[:, :-1] - v[:, 1:] > 2 * bound[:, None]
-  certain[cut[None, :] > count[:, None]] = True
-  certain[np.arange(num_q), count] = ~dropped
-  # Each rank's cluster [lo, hi): the last certain cut at or before it, the first after it.
-  lo = np.maximum.accumulate(np.where(certain, cut, -1), axis=1)[:, :m]
-  hi = np.minimum.accumulate(np.where(certain, cut, m + 1)[:, ::-1], axis=1)[:, ::-1][:, 1:]
-  inside = needed_before[np.minimum(hi - 1, m)] - needed_before[lo]  # needed cuts in (lo, hi)
-  redo = (inside > 0) & (cut[None, :m] < count[:, None])
-  failed = (redo & (hi > count[:, None])).any(axis=1)
-  redo &= ~failed[:, None]
-  if not redo.any():
-    return None if not failed.any() else (np.zeros(0, np.int64),) * 2 + (
-        np.zeros(0, np.int64), np.zeros(0), failed)
-  rows, ranks = np.nonzero(redo)  # by query, then rank
-  pos = positions[rows, ranks].astype(np.int64)
-  exact = np.asarray(rescore(first_query + rows, pos), np.float64)
-  order = np.lexsort((np.asarray(ids)[pos], -exact, lo[rows, ranks], rows))
-  return rows, ranks, pos[order], exact[order], failed
+  run = np.cumsum(~same[rows, ranks])  # members in row-major order: a run is contiguous
+  pos = positions[rows, EXACT_ORDER + ranks]
+  order = np.lexsort((np.asarray(ids)[pos], run))
+  positions[rows, EXACT_ORDER + ranks] = pos[order]

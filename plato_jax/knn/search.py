@@ -17,10 +17,12 @@ Ids are any distinct int64 values; on the devices a row is its position in the s
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import hashlib
 import math
+import os
 import warnings
 from typing import Sequence
 
@@ -53,7 +55,7 @@ FUSED_BY_DEFAULT_ON: frozenset[str] = frozenset()
 # on the device, 121–139 ms so).
 FINISH_ON_HOST: frozenset[str] = frozenset({"cpu"})
 NO_ID = -2  # on the device: a query whose own row is not in the gallery (padding uses -1)
-RESCORE_VALUES = 2**22  # values of the rows gathered and rescored in float64 at once
+RESCORE_VALUES = 2**20  # values of the rows gathered and rescored in float64 at once
 # kernel="fused" picks this lowering of the fused kernel (plato_jax.kernels.fused_topk.BACKENDS) per
 # platform; "fused:<backend>" names one.
 FUSED_BACKEND_ON = {"tpu": "tpu"}
@@ -374,20 +376,29 @@ def _rescorer(source, queries, query_norms, dtype, normalize: bool):
   """(query index, gallery position) pairs → float64 scores from the gallery's rows, cast
   to the compute dtype as the matmul takes them (cosines with `normalize`)."""
 
+  def score_chunk(which, positions, out):
+    rows = take_rows(source, positions).astype(dtype, copy=False).astype(np.float64)
+    mine, local = np.unique(which, return_inverse=True)
+    out[:] = exact.exact_scores(queries[mine], rows, local)
+    if normalize:
+      out /= query_norms[which] * np.sqrt(np.einsum("ij,ij->i", rows, rows))
+
   def rescore(which, positions):
-    """`which` ascending: chunks hold whole queries, so all of a query's pairs meet."""
+    """`which` ascending: chunks of whole queries, gathered at once and scored query by
+    query, in a thread per core (numpy's gathers and BLAS release the GIL)."""
     out = np.empty(which.size, np.float64)
     step, edges = max(1, RESCORE_VALUES // source.dim), [0]
     for start in np.flatnonzero(which[1:] != which[:-1]) + 1:
       if start - edges[-1] >= step:
         edges.append(int(start))
     edges.append(which.size)
-    for a, b in zip(edges[:-1], edges[1:]):
-      rows = take_rows(source, positions[a:b]).astype(dtype).astype(np.float64)
-      s = exact.exact_dot_products(queries[which[a:b]], rows, which[a:b])
-      if normalize:
-        s = s / (query_norms[which[a:b]] * np.linalg.norm(rows, axis=1))
-      out[a:b] = s
+    chunks = list(zip(edges[:-1], edges[1:]))
+    work = lambda ab: score_chunk(which[ab[0]:ab[1]], positions[ab[0]:ab[1]], out[ab[0]:ab[1]])
+    if len(chunks) == 1:
+      work(chunks[0])
+    else:
+      with concurrent.futures.ThreadPoolExecutor(min(len(chunks), os.cpu_count() or 1)) as pool:
+        list(pool.map(work, chunks))
     return out
 
   return rescore
