@@ -187,37 +187,42 @@ def _certify_chunk(values, positions, bound, available, ordered: int, later, ids
   count = (positions >= 0).sum(axis=1)
   dropped = count < available
   two_e = 2 * bound[:, None]
-  rank = np.arange(m)[None, :]
 
   edge = (v >= v[:, ordered - 1:ordered] - two_e).sum(axis=1)
   failed = dropped & (edge >= count)
-  inside = rank < edge[:, None]
-  close = np.zeros(v.shape, bool)  # rank j and j - 1 are within 2E
-  with np.errstate(invalid="ignore"):
-    close[:, 1:] = (v[:, :-1] - v[:, 1:] <= two_e) & inside[:, 1:]
+  w = int(edge.max())  # the columns step 1 looks at
+  close = np.zeros((num_q, w), bool)  # rank j and j - 1 are within 2E
+  with np.errstate(invalid="ignore"):  # -inf - -inf past the last candidate: masked
+    close[:, 1:] = (v[:, :w - 1] - v[:, 1:w] <= two_e) & (np.arange(1, w) < edge[:, None])
   member = close.copy()
   member[:, :-1] |= close[:, 1:]
   member &= ~failed[:, None]
-  rescored = _sort_exactly(member, np.cumsum(~close, axis=1), pos, val, is_exact, ids,
-                           rescore, first_query)
+  rescored = _sort_exactly(member, np.cumsum(~close, axis=1), pos[:, :w], val[:, :w],
+                           is_exact[:, :w], ids, rescore, first_query)
 
-  band = np.zeros(v.shape, bool)
-  for p in later:
-    after = v[:, p:p + 1] if p < m else np.full((num_q, 1), -np.inf)
-    lo = (v > after + two_e).sum(axis=1)
-    lo = np.where(lo < edge, ordered, lo)
-    hi = (v >= v[:, p - 1:p] - two_e).sum(axis=1)
-    failed |= dropped & (hi >= count)
-    band |= (rank >= lo[:, None]) & (rank < hi[:, None])
-  band &= (rank < count[:, None]) & ~failed[:, None]
-  rescored += _sort_exactly(band, np.cumsum(~band, axis=1), pos, val, is_exact, ids, rescore,
-                            first_query)
+  if later:
+    los, his = [], []
+    for p in later:
+      after = v[:, p:p + 1] if p < m else np.full((num_q, 1), -np.inf)
+      lo = (v > after + two_e).sum(axis=1)
+      los.append(np.where(lo < edge, ordered, lo))
+      his.append((v >= v[:, p - 1:p] - two_e).sum(axis=1))
+      failed |= dropped & (his[-1] >= count)
+    a, b = int(np.min(los)), int(np.max(his))  # the columns step 2 looks at
+    rank = np.arange(a, b)[None, :]
+    band = np.zeros((num_q, b - a), bool)
+    for lo, hi in zip(los, his):
+      band |= (rank >= lo[:, None]) & (rank < hi[:, None])
+    band &= (rank < count[:, None]) & ~failed[:, None]
+    rescored += _sort_exactly(band, np.cumsum(~band, axis=1), pos[:, a:b], val[:, a:b],
+                              is_exact[:, a:b], ids, rescore, first_query)
   return pos, val, is_exact, rescored, failed
 
 
 def _sort_exactly(mask, label, pos, val, is_exact, ids, rescore, first_query) -> int:
   """Rescores the candidates in `mask` and sorts each run of one `label` by (float64 score
-  descending, id ascending), in place; returns how many were rescored."""
+  descending, id ascending), in place (`pos`, `val`, `is_exact`: views of the same columns
+  as `mask`); returns how many were rescored."""
   rows, ranks = np.nonzero(mask)  # by query, then rank
   if not rows.size:
     return 0
