@@ -55,7 +55,7 @@ FUSED_BY_DEFAULT_ON: frozenset[str] = frozenset()
 # on the device, 121–139 ms so).
 FINISH_ON_HOST: frozenset[str] = frozenset({"cpu"})
 NO_ID = -2  # on the device: a query whose own row is not in the gallery (padding uses -1)
-RESCORE_VALUES = 2**20  # values of the rows gathered and rescored in float64 at once
+RESCORE_VALUES = 2**18  # values of the rows gathered and rescored in float64 at once
 # kernel="fused" picks this lowering of the fused kernel (plato_jax.kernels.fused_topk.BACKENDS) per
 # platform; "fused:<backend>" names one.
 FUSED_BACKEND_ON = {"tpu": "tpu"}
