@@ -40,7 +40,10 @@ flags.DEFINE_string("caption_column", "caption", "caption field / column, e.g. "
                     "original_caption or gemini_caption for WIT")
 flags.DEFINE_string("id_column", "id", "integer row id field (default: the row's position)")
 flags.DEFINE_integer("chunk_rows", 4096, "store chunk rows (the engine's tile)")
-flags.DEFINE_bool("resume", False, "continue an interrupted extraction into --out")
+flags.DEFINE_bool("resume", False, "continue an interrupted extraction into --out (the same "
+                  "model files, dataset, dtype and options, else an error naming what differs)")
+flags.DEFINE_bool("overwrite", False, "replace a store that exists at --out (without this or "
+                  "--resume, an existing store is an error and is left as it is)")
 flags.DEFINE_bool("progress", True, "show a progress bar")
 
 
@@ -50,6 +53,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   from plato_jax import data
   from plato_jax.extract import Options, extract
+  from plato_jax.store import StoreBusy
 
   try:
     reader = data.open_dataset(FLAGS.data, image=FLAGS.image_column,
@@ -59,11 +63,12 @@ def main(argv):
   opts = Options(batch_size=FLAGS.batch_size, dtype=FLAGS.dtype, store_dtype=FLAGS.store_dtype,
                  on_bad_image=FLAGS.on_bad_image, on_empty_caption=FLAGS.on_empty_caption,
                  max_length=FLAGS.max_length, on_long_text=FLAGS.on_long_text,
-                 chunk_rows=FLAGS.chunk_rows, resume=FLAGS.resume, progress=FLAGS.progress)
+                 chunk_rows=FLAGS.chunk_rows, resume=FLAGS.resume, overwrite=FLAGS.overwrite,
+                 progress=FLAGS.progress)
   try:
     store = extract(FLAGS.model, reader, FLAGS.out, opts, tower=FLAGS.tower,
                     dataset_name=FLAGS.data)
-  except (ValueError, FileNotFoundError) as e:  # bad checkpoint, data or rows: say which
+  except (ValueError, FileNotFoundError, StoreBusy) as e:  # bad checkpoint, data, rows, store
     sys.exit(f"experiments.extract: {e}")
   skipped = store.meta.get("skipped_ids", [])
   print(f"{store.root}: {store.num_rows} rows x {store.num_layers} layers x {store.dim} "

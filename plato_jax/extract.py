@@ -151,7 +151,13 @@ class Options:
   chunk_rows: int = 4096           # store chunk (the engine's tile rows)
   shard_rows: int | None = None    # store shard (default: from a 256 MB buffer budget)
   resume: bool = False
+  overwrite: bool = False          # replace an existing store at `out` (else: an error)
   progress: bool = True
+
+  def identity(self) -> dict:
+    """The options a store's rows depend on: a resumed run must use the same."""
+    return {k: getattr(self, k) for k in ("dtype", "on_bad_image", "on_empty_caption",
+                                          "max_length", "on_long_text")}
 
 
 def _mesh():
@@ -175,11 +181,64 @@ class _Skips:
     self.ids.append(int(record.row_id))
 
 
+def _fingerprint(paths) -> str:
+  """Names, sizes and modification times of files: what identifies a checkpoint's or a
+  dataset's contents without reading them."""
+  import hashlib
+  h = hashlib.sha256()
+  for path in sorted(paths):
+    st = os.stat(path)
+    h.update(f"{os.path.basename(path)}:{st.st_size}:{st.st_mtime_ns};".encode())
+  return h.hexdigest()[:16]
+
+
+def _run_identity(checkpoint_dir: str, reader, dataset_name: str, opts: Options,
+                  tower: str | None) -> dict:
+  """What a store's rows depend on, recorded at creation and checked on resume."""
+  files = [os.path.join(checkpoint_dir, f) for f in os.listdir(checkpoint_dir)
+           if f.endswith((".json", ".safetensors", ".model", ".txt"))]
+  data_files = getattr(reader, "files", None) or [getattr(reader, "path", None)]
+  data_files = [f for f in data_files if f and os.path.isfile(f)]
+  return {"model": os.path.abspath(checkpoint_dir), "model_files": _fingerprint(files),
+          "dataset": dataset_name or str(getattr(reader, "path", getattr(reader, "files", ""))),
+          "dataset_files": _fingerprint(data_files), "dataset_records": len(reader),
+          "tower": tower, "store_dtype": opts.store_dtype or opts.dtype,
+          "protocol": "plato_jax.extract v1", "options": opts.identity()}
+
+
+def _check_same_run(root: str, recorded: dict | None, now: dict) -> None:
+  """ValueError naming every field where a resumed run differs from the store's."""
+  if recorded is None:
+    raise ValueError(f"store {root} records no extraction run (made by another writer): "
+                     f"it cannot be resumed by extract")
+  diff = [f"{k}: store has {recorded.get(k)!r}, this run {v!r}" for k, v in now.items()
+          if recorded.get(k) != v]
+  if diff:
+    raise ValueError(f"store {root} was extracted by another run; resuming would mix "
+                     f"features ({'; '.join(diff)})")
+
+
 def extract(checkpoint_dir: str, dataset, out: str, opts: Options = Options(), *,
             tower: str | None = None, modality: str | None = None, dataset_name: str = ""):
   """Extracts `dataset` (a reader of `plato_jax.data`, or a path) with the checkpoint into
-  the store at `out`; returns the opened FeatureStore."""
+  the store at `out`; returns the opened FeatureStore.
+
+  An existing store at `out` is an error unless `opts.resume` (continue it: the same model
+  files, dataset, dtype and options, else an error naming what differs) or
+  `opts.overwrite` (replace it) — checked before the model loads."""
   reader = datasets.open_dataset(dataset) if isinstance(dataset, str) else dataset
+  identity = _run_identity(checkpoint_dir, reader, dataset_name, opts, tower)
+  resuming = opts.resume and store_exists(out)
+  if resuming:
+    writer = StoreWriter.resume(out, from_note=True)
+    try:
+      _check_same_run(writer.root, writer.meta.get("run"), identity)
+    except ValueError:
+      writer.release()
+      raise
+  elif store_exists(out) and not opts.overwrite:
+    raise ValueError(f"a feature store exists at {out}: pass resume to continue it (the same "
+                     f"run) or overwrite to replace it")
   dtype = _dtype(opts.dtype)
   model = models.from_pretrained(checkpoint_dir, dtype=dtype, tower=tower)
   if modality is None:
@@ -221,20 +280,19 @@ def extract(checkpoint_dir: str, dataset, out: str, opts: Options = Options(), *
   dim = model.config.hidden_size if hasattr(model.config, "hidden_size") else \
       model.config.block.hidden_size
 
-  if opts.resume and store_exists(out):
-    writer = StoreWriter.resume(out)
+  if resuming:
     note = writer.meta.get("note") or {"consumed": 0, "skipped": []}
     skips.ids = list(note["skipped"])
   else:
     writer = StoreWriter.create(
         out, num_rows=total, num_layers=layers, dim=dim,
-        dtype=opts.store_dtype or opts.dtype, model=os.path.abspath(checkpoint_dir),
-        dataset=dataset_name or str(getattr(reader, "path", getattr(reader, "files", ""))),
+        dtype=opts.store_dtype or opts.dtype, model=identity["model"],
+        dataset=identity["dataset"],
         pooling="cls_per_block" if modality == "vision" else "mean_over_tokens",
         layers=[str(i + (1 if modality == "vision" else 0)) for i in range(layers)],
         columns=columns, overwrite=True, chunk_rows=opts.chunk_rows,
         shard_rows=opts.shard_rows,
-        extra={"modality": modality, "protocol": "plato_jax.extract v1"})
+        extra={"modality": modality, "protocol": identity["protocol"], "run": identity})
     note = {"consumed": 0, "skipped": []}
   meter = Progress(total, initial=note["consumed"], label=f"extract {modality}",
                    enabled=opts.progress)

@@ -4,6 +4,8 @@ Layout under a store's root (a local path or a TensorStore kvstore URL: file://,
 s3://, memory://):
 
     plato_store.json   metadata (below); written last, and `complete` only when every row is
+    plato_store.lock   while a writer works on the store: who (host, pid, since); created
+                       with a conditional write, so of two writers one gets the store
     features/          zarr3 [N, L, D] (bf16, f16 or f32), sharding codec: a shard holds
                        `shard_rows` rows of ONE layer, split in inner chunks of `chunk_rows`
                        rows — streaming one layer reads only that layer's bytes, in tiles
@@ -26,6 +28,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import time
+import uuid
+import warnings
+import weakref
 from typing import Any, Sequence
 
 import ml_dtypes
@@ -35,6 +42,7 @@ import tensorstore as ts
 FORMAT = "plato_jax.store"
 VERSION = 1
 METADATA = "plato_store.json"
+LOCK = "plato_store.lock"
 # One context for every open: shares caches and makes memory:// stores visible across opens.
 _CONTEXT = ts.Context()
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
@@ -44,6 +52,12 @@ def _root_url(path: str) -> str:
   if "://" in path:
     return path.rstrip("/") + "/"
   return "file://" + os.path.abspath(path) + "/"
+
+
+def _existing(url: str) -> dict:
+  """The spec that opens an existing array of a store: a missing shard is an error, never
+  rows of the fill value (zeros) read as data."""
+  return {"driver": "zarr3", "kvstore": url, "fill_missing_data_reads": False}
 
 
 def _sharded_spec(url: str, shape, dtype: str, shard, chunk) -> dict:
@@ -56,7 +70,9 @@ def _sharded_spec(url: str, shape, dtype: str, shard, chunk) -> dict:
           "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(shard)}},
           "codecs": [{"name": "sharding_indexed", "configuration": {
               "chunk_shape": list(chunk),
-              "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+              # Every inner chunk carries a CRC-32C of its bytes, checked when it is read.
+              "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                         {"name": "crc32c"}],
               "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
                                {"name": "crc32c"}]}}],
       },
@@ -92,6 +108,61 @@ def _write_metadata(root: str, meta: dict) -> None:
   kv.write(METADATA, json.dumps(meta, indent=1, sort_keys=True).encode()).result()
 
 
+class StoreBusy(RuntimeError):
+  """Another writer, alive, holds the store (its lock file names it)."""
+
+
+# Writers of this process by store root: a lock held by this pid whose writer is gone (an
+# exception, a `del`) may be taken over; one whose writer is alive may not.
+_LIVE_WRITERS: "weakref.WeakValueDictionary[str, StoreWriter]" = weakref.WeakValueDictionary()
+
+
+def _holder_gone(holder: dict, root: str) -> bool:
+  """The lock's writer cannot be writing: its process on this host is dead, or it is this
+  process and the writer object is gone."""
+  if holder.get("host") != socket.gethostname():
+    return False
+  pid = holder.get("pid")
+  if pid == os.getpid():
+    return root not in _LIVE_WRITERS
+  try:
+    os.kill(int(pid), 0)
+  except ProcessLookupError:
+    return True
+  except (PermissionError, TypeError, ValueError):
+    return False
+  return False
+
+
+def _acquire_lock(root: str):
+  """(kvstore, generation of our lock): the store's lock, taken with a conditional write
+  (created if missing, or replacing a gone writer's). StoreBusy naming the holder else."""
+  kv = ts.KvStore.open(root, context=_CONTEXT).result()
+  mine = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(),
+                     "token": uuid.uuid4().hex}).encode()
+  for _ in range(3):
+    got = kv.read(LOCK).result()
+    if got.state == "value":
+      try:
+        holder = json.loads(bytes(got.value))
+      except ValueError:
+        holder = {}
+      if not isinstance(holder, dict) or not _holder_gone(holder, root):
+        since = holder.get("since") if isinstance(holder, dict) else None
+        raise StoreBusy(
+            f"store {root} is being written by pid {holder.get('pid', '?')} on "
+            f"{holder.get('host', '?')}"
+            + (f" since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}"
+               if isinstance(since, (int, float)) else "")
+            + f"; if that writer is gone, delete {root}{LOCK}")
+      warnings.warn(f"store {root}: taking over the lock of a writer that is gone "
+                    f"(pid {holder.get('pid')} on {holder.get('host')})")
+    generation = kv.write(LOCK, mine, if_equal=got.stamp.generation).result().generation
+    if generation:
+      return kv, generation
+  raise StoreBusy(f"store {root}: another writer took the lock first ({root}{LOCK})")
+
+
 def exists(path: str) -> bool:
   """Whether a store (complete or not) has its metadata at `path`."""
   kv = ts.KvStore.open(_root_url(path), context=_CONTEXT).result()
@@ -106,14 +177,16 @@ class StoreWriter:
   after a crash continues from there (`StoreWriter.resume`).
   """
 
-  def __init__(self, root: str, meta: dict, features, ids, columns=None):
+  def __init__(self, root: str, meta: dict, features, ids, columns=None, lock=None):
     self.root, self.meta = root, meta
+    self._lock = lock  # (kvstore, generation) of our plato_store.lock
+    _LIVE_WRITERS[root] = self
     self._features, self._ids = features, ids
     self._dtype = DTYPES[meta["dtype"]]
     self._buffer: list[tuple[np.ndarray, np.ndarray, dict]] = []
     self._buffered = 0
     self._pending: list[Any] = []
-    self._columns = {name: ts.open({"driver": "zarr3", "kvstore": root + f"columns/{name}/"},
+    self._columns = {name: ts.open(_existing(root + f"columns/{name}/"),
                                    open=True, context=_CONTEXT).result()
                      for name in meta.get("columns", [])} if columns is None else columns
     self._notes: list[tuple[int, Any]] = []  # (store position after an append, its note)
@@ -133,6 +206,7 @@ class StoreWriter:
     root = _root_url(path)
     if exists(path) and not overwrite:
       raise ValueError(f"a feature store already exists at {root} (resume it or overwrite=True)")
+    lock = _acquire_lock(root)  # before anything is deleted
     layers = [str(x) for x in (layers if layers is not None else range(num_layers))]
     if len(layers) != num_layers:
       raise ValueError(f"{len(layers)} layer names for {num_layers} layers")
@@ -163,22 +237,25 @@ class StoreWriter:
                                         (shard_rows,), (chunk_rows,)), create=True,
                           delete_existing=True, context=_CONTEXT).result()
             for name in columns}
-    return cls(root, meta, features, ids, cols)
+    return cls(root, meta, features, ids, cols, lock=lock)
 
   @classmethod
-  def resume(cls, path: str) -> "StoreWriter":
+  def resume(cls, path: str, *, from_note: bool = False) -> "StoreWriter":
+    """The writer of an incomplete store, at its durable rows. `from_note`: at the rows of
+    the last durable note instead (0 if none), for a producer that continues from its
+    notes: rows durable past the note are written again."""
     root = _root_url(path)
     meta = _read_metadata(root)
     if meta["complete"]:
       raise ValueError(f"store {root} is already complete")
-    if meta.get("note_rows") is not None:
-      # A producer continues from its note: rows durable past it are written again.
-      meta["rows_written"] = meta["note_rows"]
-    features = ts.open({"driver": "zarr3", "kvstore": root + "features/"}, open=True,
+    lock = _acquire_lock(root)
+    if from_note or meta.get("note_rows") is not None:
+      meta["rows_written"] = meta.get("note_rows") or 0
+    features = ts.open(_existing(root + "features/"), open=True,
                        context=_CONTEXT).result()
-    ids = ts.open({"driver": "zarr3", "kvstore": root + "ids/"}, open=True,
+    ids = ts.open(_existing(root + "ids/"), open=True,
                   context=_CONTEXT).result()
-    return cls(root, meta, features, ids)
+    return cls(root, meta, features, ids, lock=lock)
 
   def append(self, rows, ids, columns: dict | None = None, note=None) -> None:
     """rows [B, L, D] (or [B, D] for a one-layer store), ids [B] int, `columns` {name: [B]}
@@ -273,11 +350,20 @@ class StoreWriter:
       for array in [self._ids, *self._columns.values()]:
         array.resize(exclusive_max=[n], shrink_only=True).result()
       self.meta["num_rows"] = int(n)
-    if self.rows_written == self.meta["num_rows"]:
+    complete = self.rows_written == self.meta["num_rows"]
+    if complete:
       self.meta["complete"] = True
       _write_metadata(self.root, self.meta)
-      return FeatureStore.open(self.root)
-    return None
+    self.release()
+    return FeatureStore.open(self.root) if complete else None
+
+  def release(self) -> None:
+    """Gives the store's lock back (the writer is done with it, complete or not)."""
+    if self._lock is not None:
+      kv, generation = self._lock
+      kv.write(LOCK, None, if_equal=generation).result()
+      self._lock = None
+    _LIVE_WRITERS.pop(self.root, None)
 
 
 class FeatureStore:
@@ -298,9 +384,9 @@ class FeatureStore:
       raise ValueError(f"store {root} is incomplete ({meta['rows_written']} of "
                        f"{meta['num_rows']} rows written); resume its writer first")
     try:
-      features = ts.open({"driver": "zarr3", "kvstore": root + "features/"}, open=True,
+      features = ts.open(_existing(root + "features/"), open=True,
                          read=True, context=_CONTEXT).result()
-      ids = ts.open({"driver": "zarr3", "kvstore": root + "ids/"}, open=True, read=True,
+      ids = ts.open(_existing(root + "ids/"), open=True, read=True,
                     context=_CONTEXT).result()
     except ValueError as e:
       raise ValueError(f"store {root}: cannot open its arrays: {e}") from None
@@ -321,7 +407,7 @@ class FeatureStore:
     if name not in self.meta.get("columns", []):
       raise ValueError(f"store {self.root}: no column {name!r}; columns are "
                        f"{self.meta.get('columns', [])}")
-    array = ts.open({"driver": "zarr3", "kvstore": self.root + f"columns/{name}/"}, open=True,
+    array = ts.open(_existing(self.root + f"columns/{name}/"), open=True,
                     read=True, context=_CONTEXT).result()
     return array[:self.num_rows].read().result()
 

@@ -140,6 +140,9 @@ class CrashingReader:
   def __len__(self):
     return len(self.reader)
 
+  def __getattr__(self, name):  # the reader's path and files: the same dataset
+    return getattr(self.reader, name)
+
   def records(self, start=0):
     for n, record in enumerate(self.reader.records(start)):
       if start + n >= self.after:
@@ -147,7 +150,8 @@ class CrashingReader:
       yield record
 
 
-def test_resume_after_a_crash_equals_an_uninterrupted_run(rng, tmp_path, llama_dir):
+@pytest.mark.parametrize("batch", [4, 16])  # 16: a batch larger than a shard
+def test_resume_after_a_crash_equals_an_uninterrupted_run(rng, tmp_path, llama_dir, batch):
   path = str(llama_dir[0])
   texts = captions(rng, 70)
   texts[5] = "   "  # skipped: empty
@@ -155,13 +159,13 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(rng, tmp_path, llama_d
   (tmp_path / "d" / "captions.csv").write_text(
       "caption\n" + "\n".join(f'"{t}"' for t in texts))
   reader = datasets.open_dataset(str(tmp_path / "d"))
-  opts = Options(batch_size=4, dtype="float32", bucket_window=2, on_empty_caption="skip",
+  opts = Options(batch_size=batch, dtype="float32", bucket_window=2, on_empty_caption="skip",
                  chunk_rows=8, shard_rows=8, progress=False)
   clean = extract(path, reader, str(tmp_path / "clean"), opts)
   with pytest.raises(Crash):
     extract(path, CrashingReader(reader, 50), str(tmp_path / "resumed"), opts)
   partial = FeatureStore.open(str(tmp_path / "resumed"), allow_partial=True)
-  assert 0 < partial.meta["note"]["consumed"] < 50
+  assert partial.meta["note"] is None or partial.meta["note"]["consumed"] < 50
   resumed = extract(path, reader, str(tmp_path / "resumed"),
                     Options(**{**opts.__dict__, "resume": True}))
   assert resumed.num_rows == clean.num_rows == 69
@@ -169,6 +173,50 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(rng, tmp_path, llama_d
   np.testing.assert_array_equal(resumed.ids(), clean.ids())
   np.testing.assert_array_equal(resumed.gather(np.arange(69)), clean.gather(np.arange(69)))
   np.testing.assert_array_equal(resumed.column("loss"), clean.column("loss"))
+
+
+def text_folder(rng, root, n):
+  root.mkdir()
+  (root / "captions.jsonl").write_text("\n".join(json.dumps({"caption": t})
+                                                 for t in captions(rng, n)))
+  return str(root)
+
+
+def test_an_existing_store_is_never_replaced_by_accident(rng, tmp_path, llama_dir):
+  """Without resume or overwrite, an existing store is an error before any model loads,
+  and it is left as it was."""
+  data, out = text_folder(rng, tmp_path / "d", 30), str(tmp_path / "s")
+  opts = Options(batch_size=8, dtype="float32", progress=False)
+  first = extract(str(llama_dir[0]), data, out, opts)
+  rows = first.gather(np.arange(30))
+  (tmp_path / "not_a_model").mkdir()  # would fail to load: the store check comes first
+  with pytest.raises(ValueError, match="a feature store exists at .*resume.*overwrite"):
+    extract(str(tmp_path / "not_a_model"), data, out, opts)
+  np.testing.assert_array_equal(FeatureStore.open(out).gather(np.arange(30)), rows)
+  again = extract(str(llama_dir[0]), data, out, Options(**{**opts.__dict__, "overwrite": True}))
+  np.testing.assert_array_equal(again.gather(np.arange(30)), rows)
+
+
+def test_resume_with_another_model_or_options_is_refused(rng, tmp_path, llama_dir):
+  import shutil
+  data, out = text_folder(rng, tmp_path / "d", 40), str(tmp_path / "s")
+  opts = Options(batch_size=4, dtype="float32", bucket_window=1, chunk_rows=8, shard_rows=8,
+                 progress=False)
+  reader = datasets.open_dataset(data)
+  with pytest.raises(Crash):
+    extract(str(llama_dir[0]), CrashingReader(reader, 30), out, opts)
+  other = tmp_path / "other_llama"
+  shutil.copytree(llama_dir[0], other)
+  config = json.loads((other / "config.json").read_text())
+  (other / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-3}))
+  resume = Options(**{**opts.__dict__, "resume": True})
+  with pytest.raises(ValueError, match=r"another run.*model: store has"):
+    extract(str(other), data, out, resume)
+  with pytest.raises(ValueError, match=r"another run.*options: store has .*'max_length': 7"):
+    extract(str(llama_dir[0]), data, out, Options(**{**resume.__dict__, "max_length": 7,
+                                                     "on_long_text": "truncate"}))
+  store = extract(str(llama_dir[0]), data, out, resume)  # the same run resumes
+  assert store.num_rows == 40
 
 
 def test_readers_agree_on_records(rng, tmp_path):

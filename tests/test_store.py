@@ -9,9 +9,9 @@ from plato_jax.store import FeatureStore, StoreWriter
 
 
 def _write(path, x, ids, dtype, batch=333, **kw):
+  kw = {"chunk_rows": 256, "shard_rows": 1024, **kw}
   w = StoreWriter.create(str(path), num_rows=len(x), num_layers=x.shape[1], dim=x.shape[2],
-                         dtype=dtype, model="m", dataset="d", pooling="mean", chunk_rows=256,
-                         shard_rows=1024, **kw)
+                         dtype=dtype, model="m", dataset="d", pooling="mean", **kw)
   for s in range(0, len(x), batch):
     w.append(x[s:s + batch], ids[s:s + batch])
   return w.close()
@@ -117,6 +117,7 @@ def test_columns_notes_and_a_short_close(rng, tmp_path):
   w.append(x[20:40], np.arange(20, 40), {"loss": loss[20:40]}, note={"consumed": 43})
   w.commit()
   assert w.rows_written == 32 and w.meta["note"] == {"consumed": 21}
+  del w  # a crash: a writer whose object is gone leaves its lock to be taken over
   resumed = StoreWriter.resume(path)  # continues where the note was taken
   assert resumed.rows_written == 20 and resumed.meta["note"] == {"consumed": 21}
   resumed.append(x[20:45], np.arange(20, 45), {"loss": loss[20:45]}, note={"consumed": 99})
@@ -126,3 +127,62 @@ def test_columns_notes_and_a_short_close(rng, tmp_path):
   np.testing.assert_array_equal(store.read_layer(1), x[:45, 1])
   np.testing.assert_array_equal(store.column("loss"), loss[:45])
   np.testing.assert_array_equal(store.ids(), np.arange(45))
+
+
+def test_one_writer_at_a_time(tmp_path, rng):
+  """A second writer (in this process or another) is refused while the first is alive; a
+  dead writer's lock is taken over; a finished writer leaves no lock."""
+  import subprocess
+  import sys
+
+  from plato_jax.store import LOCK, StoreBusy
+  path = str(tmp_path / "s")
+  x = rng.standard_normal((64, 2, 4)).astype(np.float32)
+  w = StoreWriter.create(path, num_rows=64, num_layers=2, dim=4, dtype="float32",
+                         chunk_rows=16, shard_rows=16)
+  w.append(x[:32], np.arange(32))
+  with pytest.raises(StoreBusy, match=r"being written by pid \d+"):
+    StoreWriter.resume(path)
+  with pytest.raises(StoreBusy):
+    StoreWriter.create(path, num_rows=64, num_layers=2, dim=4, overwrite=True)
+  other = subprocess.run(
+      [sys.executable, "-c", f"from plato_jax.store import StoreWriter\n"
+       f"StoreWriter.resume({path!r})"], capture_output=True, text=True, timeout=120)
+  assert other.returncode != 0 and "StoreBusy" in other.stderr
+  w.commit()
+  del w  # a crashed writer of this process: its lock may be taken over
+  w = StoreWriter.resume(path)
+  w.append(x[w.rows_written:], np.arange(w.rows_written, 64))
+  store = w.close()
+  assert not (tmp_path / "s" / LOCK).exists()
+  np.testing.assert_array_equal(store.read_layer(1), x[:, 1])
+  # The lock of a process that died (kill -9) is taken over, with a warning.
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True).stdout.strip()
+  w = StoreWriter.create(str(tmp_path / "t"), num_rows=8, num_layers=2, dim=4)
+  w.release()
+  (tmp_path / "t" / LOCK).write_text(json.dumps({"host": __import__("socket").gethostname(),
+                                                 "pid": int(dead), "since": 0}))
+  with pytest.warns(UserWarning, match="taking over the lock of a writer that is gone"):
+    StoreWriter.resume(str(tmp_path / "t")).release()
+
+
+@pytest.mark.parametrize("damage", ["missing", "bit_flip"])
+def test_a_damaged_shard_is_an_error_naming_its_file(tmp_path, rng, damage):
+  """A deleted shard is not read as zero rows, a flipped bit not as data: each chunk
+  carries a CRC-32C, and missing chunks are not filled."""
+  x = rng.standard_normal((64, 2, 4)).astype(np.float32)
+  _write(tmp_path / "s", x, np.arange(64), "float32", chunk_rows=8, shard_rows=16)
+  shard = tmp_path / "s" / "features" / "c" / "1" / "0" / "0"  # rows 16-31 of layer 0
+  if damage == "missing":
+    shard.unlink()
+  else:
+    data = bytearray(shard.read_bytes())
+    data[int(rng.integers(0, 8 * 4 * 4))] ^= 1 << int(rng.integers(8))  # in the first chunk
+    shard.write_bytes(bytes(data))
+  store = FeatureStore.open(str(tmp_path / "s"))
+  np.testing.assert_array_equal(store.read_layer(1), x[:, 1])  # other shards still read
+  for read in (lambda: store.read_layer(0), lambda: store.layer(0).read(0, 64),
+               lambda: store.gather([17], layer=0)):
+    with pytest.raises(ValueError, match=r"c/1/0/0.*(missing|Digest mismatch)"):
+      read()
