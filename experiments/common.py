@@ -71,6 +71,9 @@ def start(experiment: str, synthetic_rows: str | None = None) -> Setup:
 
   if (FLAGS.features_a is None) != (FLAGS.features_b is None):
     raise app.UsageError("give both --features_a and --features_b, or neither (synthetic world)")
+  out = FLAGS.out or os.path.join("results", experiment)
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise app.UsageError(f"--out={out} is a file; results go into a folder")
   if FLAGS.features_a is None:
     from plato_jax.synthetic import WorldConfig, build_world
     rows = parse_count(FLAGS.gallery) if FLAGS.gallery else SYNTHETIC_ROWS
@@ -83,8 +86,7 @@ def start(experiment: str, synthetic_rows: str | None = None) -> Setup:
     raise app.UsageError(f"--gallery={FLAGS.gallery} exceeds the stores' {store_a.num_rows:,} rows")
   queries = read_queries()
   num_queries = queries if isinstance(queries, int) else len(queries)
-  return Setup(store_a, store_b, queries, num_queries, largest,
-               FLAGS.out or os.path.join("results", experiment))
+  return Setup(store_a, store_b, queries, num_queries, largest, out)
 
 
 def read_queries() -> int | list[int]:
@@ -123,6 +125,10 @@ def gallery_sizes(setup: Setup, defaults) -> list[int]:
   from plato_jax.scaling import parse_count
   if FLAGS.sizes:
     sizes = {parse_count(s) for s in FLAGS.sizes}
+    over = sorted(s for s in sizes if s > setup.largest)
+    if over:
+      raise app.UsageError(f"--sizes {over} exceed the gallery ({setup.largest:,} rows: "
+                           f"--gallery or the stores' rows)")
   else:
     sizes = {s for s in map(parse_count, defaults) if s <= setup.largest} | {setup.largest}
   return sorted(sizes | {setup.num_queries})
@@ -139,9 +145,12 @@ def run(setup: Setup, sizes, ks, store_a=None, store_b=None, **config):
   config = dict({name: FLAGS[name].value for name in (
       "features_a", "features_b", "layer_a", "layer_b", "queries", "gallery", "seed")},
       store_a=store_a.root, store_b=store_b.root, sizes=list(sizes), k=list(ks), **config)
+  # The stores' contents too: a rewritten store starts its searches afresh.
+  contents = dict(store_a=store_a.fingerprint(), store_b=store_b.fingerprint())
   result = run_scaling(store_a, store_b, layer_a=FLAGS.layer_a, layer_b=FLAGS.layer_b,
                        queries=setup.queries, sizes=sizes, ks=ks, seed=FLAGS.seed,
-                       resume_dir=(os.path.join(setup.out, "resume", run_id(config))
+                       resume_dir=(os.path.join(setup.out, "resume", run_id({**config,
+                                                                             **contents}))
                                    if FLAGS.resume else None),
                        checkpoint_every=FLAGS.checkpoint_every, tile_rows=FLAGS.tile_rows,
                        progress=FLAGS.progress)

@@ -6,9 +6,14 @@ Writes (once, cached under --dir) a one-layer bf16 store, then in the same run t
 (a) a raw read of the layer, tile by tile, with TensorStore reads kept in flight, and
 (b) `plato_jax.knn.search` over the same layer with few queries (so compute is light),
 and prints both rates in bytes/s and their ratio (goal: >= 80%).
+
+`--baseline_store=PATH` streams another store of the same shape in the same rounds (e.g.
+one written before chunk checksums: the cost of verifying them). The passes run
+interleaved, round by round.
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 
@@ -22,6 +27,8 @@ flags.DEFINE_integer("tile_rows", 32_768, "rows per tile in both passes")
 flags.DEFINE_string("dir", os.path.join(os.path.expanduser("~"), ".cache", "plato_jax", "bench"),
                     "where the store is cached")
 flags.DEFINE_integer("repeats", 2, "timed passes of each (best is reported)")
+flags.DEFINE_string("baseline_store", None, "another store of the same shape, read and "
+                    "streamed in the same rounds")
 
 
 def _store(path):
@@ -47,14 +54,16 @@ def main(argv):
   import numpy as np
 
   from plato_jax.knn import search
+  from plato_jax.store import FeatureStore
 
   store = _store(os.path.join(FLAGS.dir, f"stream-{FLAGS.rows}x{FLAGS.dim}"))
-  layer = store.layer(0)
   nbytes = store.num_rows * store.dim * store.dtype.itemsize
   tiles = [(s, min(s + FLAGS.tile_rows, store.num_rows))
            for s in range(0, store.num_rows, FLAGS.tile_rows)]
 
-  def raw_read():
+  queries = store.gather(np.arange(FLAGS.queries), layer=0)
+
+  def raw_read(store):
     futures = [store._features[a:b, 0].read() for a, b in tiles[:4]]
     for i in range(len(tiles)):
       futures[i].result()
@@ -62,29 +71,33 @@ def main(argv):
         a, b = tiles[i + 4]
         futures.append(store._features[a:b, 0].read())
 
-  queries = store.gather(np.arange(FLAGS.queries), layer=0)
-
-  def engine_pass():
-    search(queries, layer, 10, query_ids=np.arange(FLAGS.queries), normalize=True,
+  def engine_pass(store):
+    search(queries, store.layer(0), 10, query_ids=np.arange(FLAGS.queries), normalize=True,
            tile_rows=FLAGS.tile_rows // max(1, len(jax.devices())))
 
-  results = {}
-  for name, fn in (("raw TensorStore read", raw_read), ("plato_jax.knn.search pass", engine_pass)):
-    fn()
-    best = (float("inf"), 0.0)
-    for _ in range(FLAGS.repeats):
+  stores = {"": store}
+  if FLAGS.baseline_store:
+    stores[" (baseline store)"] = FeatureStore.open(FLAGS.baseline_store)
+  passes = {f"{what}{tag}": functools.partial(fn, s) for tag, s in stores.items()
+            for what, fn in (("raw TensorStore read", raw_read),
+                             ("plato_jax.knn.search pass", engine_pass))}
+  timed = {name: [] for name in passes}
+  for fn in passes.values():
+    fn()  # warm-up
+  for _ in range(FLAGS.repeats):
+    for name, fn in passes.items():
       t, cpu = time.perf_counter(), time.process_time()
       fn()
-      best = min(best, (time.perf_counter() - t, time.process_time() - cpu))
-    results[name] = best
+      timed[name].append((time.perf_counter() - t, time.process_time() - cpu))
   print(f"store {store.num_rows:,} x {store.dim} bf16 = {nbytes / 1e9:.2f} GB; "
         f"tile {FLAGS.tile_rows:,} rows; {FLAGS.queries} queries; devices {len(jax.devices())}")
-  raw = results["raw TensorStore read"][0]
+  raw = min(timed["raw TensorStore read"])[0]
   # CPU seconds (all threads): on a CPU backend the engine's device work and the reads share
   # the same cores, so wall time there is roughly CPU time / cores.
-  for name, (t, cpu) in results.items():
-    print(f"{name:28s} {t:8.3f} s {nbytes / t / 1e9:8.2f} GB/s {raw / t:8.1%} of raw   "
-          f"cpu {cpu:6.2f} s")
+  for name, runs in timed.items():
+    t, cpu = min(runs)
+    print(f"{name:45s} best {t:8.3f} s median {sorted(runs)[len(runs) // 2][0]:8.3f} s "
+          f"{nbytes / t / 1e9:8.2f} GB/s {raw / t:8.1%} of raw   cpu {cpu:6.2f} s")
 
 
 if __name__ == "__main__":

@@ -258,7 +258,8 @@ def fused_update(prior, queries, gallery, gallery_ids, k: int,
   def exact():
     s = lax.dot_general(queries, gallery, (((1,), (1,)), ((), ())), precision=precision,
                         preferred_element_type=jnp.float32)
-    ev, ec = bucket_topk(_masked(s, gallery_ids, query_ids, column_scale), k, BucketConfig())
+    ev, ec = bucket_topk(_masked(s, gallery_ids, query_ids, column_scale),
+                         min(k, s.shape[1]), BucketConfig())  # a tile may be narrower than k
     ei = jnp.where(ev > -jnp.inf, gallery_ids[ec], -1)
     ev, ei = merge_topk(prior_v, prior_i, ev, ei, k)
     fast = jnp.repeat(blocks_ok, bq)[:, None]

@@ -758,6 +758,12 @@ def mutual_knn_from_neighbours(ids_A, ids_B):
   a, b = np.asarray(ids_A), np.asarray(ids_B)
   if a.ndim != 2 or a.shape != b.shape:
     raise ValueError(f"neighbour lists must both be [Q, k], got {a.shape} and {b.shape}")
+  for name, ids in (("ids_A", a), ("ids_B", b)):  # repeats (padding) would count twice
+    ordered = np.sort(ids, axis=1)
+    bad = np.flatnonzero((ordered[:, 1:] == ordered[:, :-1]).any(axis=1))
+    if bad.size:
+      raise ValueError(f"{name}: rows {bad[:10].tolist()} repeat an id (padding?); each "
+                       f"row must list k distinct neighbours")
   return float(np.mean(_shared_counts_sorted(a, b)) / a.shape[1])
 
 

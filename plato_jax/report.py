@@ -14,6 +14,9 @@ def _atomic_write(path: str, data: bytes) -> None:
   os.makedirs(directory, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
   try:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # as open() would make it, not mkstemp's 0600
     with os.fdopen(fd, "wb") as f:
       f.write(data)
       f.flush()

@@ -17,7 +17,8 @@ be chosen at read time; the [rows, 1, D] chunk shape makes one layer as cheap to
 a separate array would be.
 
 Metadata: format, version, model, dataset, pooling, layers (names), num_rows, num_layers,
-dim, dtype, chunk_rows, shard_rows, columns, rows_written, complete, note (the writer's
+dim, dtype, chunk_rows, shard_rows, columns, rows_written, complete, generation (a token
+renewed whenever the writer writes: resumed work keyed on it sees a rewritten store), note (the writer's
 `note` at `note_rows` rows, the last durable one: a resumed writer continues from there,
 where its producer continues), plus any `extra` fields.
 
@@ -95,6 +96,15 @@ def _read_metadata(root: str) -> dict:
   if missing or meta.get("format") != FORMAT:
     raise ValueError(f"corrupt store metadata {where}: missing fields {missing}"
                      if missing else f"corrupt store metadata {where}: format {meta['format']!r}")
+  kinds = {"version": int, "num_rows": int, "num_layers": int, "dim": int, "rows_written": int,
+           "complete": bool, "layers": list, "chunk_rows": int, "shard_rows": int}
+  wrong = [k for k, kind in kinds.items() if k in meta and (
+      not isinstance(meta[k], kind) or (kind is int and (isinstance(meta[k], bool)
+                                                          or meta[k] < 0)))]
+  if wrong:
+    raise ValueError(f"corrupt store metadata {where}: " + ", ".join(
+        f"{k}={meta[k]!r} (expected {'a count' if kinds[k] is int else kinds[k].__name__})"
+        for k in wrong))
   if meta["version"] > VERSION:
     raise ValueError(f"{where}: store version {meta['version']} is newer than this "
                      f"plato_jax ({VERSION})")
@@ -203,6 +213,9 @@ class StoreWriter:
       raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if min(num_rows, num_layers, dim) < 1:
       raise ValueError(f"store shape must be positive, got N={num_rows} L={num_layers} D={dim}")
+    for what, value in (("chunk_rows", chunk_rows), ("shard_rows", shard_rows)):
+      if value is not None and (int(value) != value or value < 1):
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
     root = _root_url(path)
     if exists(path) and not overwrite:
       raise ValueError(f"a feature store already exists at {root} (resume it or overwrite=True)")
@@ -335,6 +348,7 @@ class StoreWriter:
       # the last note at or before rows_written, and the row count it belongs to
       self.meta["note_rows"], self.meta["note"] = self._notes.pop(0)
     self.meta["rows_written"] = int(self.rows_written)
+    self.meta["generation"] = uuid.uuid4().hex  # the rows changed: resumed work sees it
     _write_metadata(self.root, self.meta)
 
   def close(self, *, allow_fewer: bool = False) -> "FeatureStore | None":
@@ -353,6 +367,7 @@ class StoreWriter:
     complete = self.rows_written == self.meta["num_rows"]
     if complete:
       self.meta["complete"] = True
+      self.meta["generation"] = uuid.uuid4().hex
       _write_metadata(self.root, self.meta)
     self.release()
     return FeatureStore.open(self.root) if complete else None
@@ -401,6 +416,12 @@ class FeatureStore:
     if not meta["complete"]:
       store.num_rows = meta["rows_written"]
     return store
+
+  def fingerprint(self) -> str:
+    """Changes whenever the store's writer writes (its metadata's `generation`, renewed at
+    every commit) or its metadata changes: what resumed work checks."""
+    import hashlib
+    return hashlib.sha256(json.dumps(self.meta, sort_keys=True).encode()).hexdigest()[:16]
 
   def column(self, name: str) -> np.ndarray:
     """A per-row column (float32 [num_rows]), e.g. the loss of each caption."""
@@ -464,3 +485,6 @@ class LayerSource:
 
   def take(self, positions) -> np.ndarray:
     return self.store.gather(positions, self.layer)
+
+  def fingerprint(self) -> str:
+    return f"{self.store.fingerprint()}:{self.layer}"

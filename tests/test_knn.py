@@ -356,6 +356,19 @@ def test_resume_after_crash_gives_identical_results(rng, tmp_path, kernel):
     search(q, x, 19, resume_dir=str(tmp_path / "ck"), **kw)
 
 
+def test_resume_refuses_a_gallery_whose_rows_changed(rng, tmp_path):
+  """Same ids, other values: the checkpoint is of another gallery, never resumed from."""
+  x = rng.standard_normal((3000, 8)).astype(np.float32)
+  kw = dict(query_ids=np.arange(50), tile_rows=64, query_block=50,
+            resume_dir=str(tmp_path / "ck"), checkpoint_every=2)
+  with pytest.raises(SimulatedCrash):
+    search(x[:50], CrashingSource(x, 20), 10, **kw)
+  changed = x.copy()
+  changed[2500] += 1
+  with pytest.raises(ValueError, match="checkpoint of another run"):
+    search(x[:50], changed, 10, **kw)
+
+
 def test_tiles_are_read_ahead_of_the_compute(rng):
   """Reads run in the background, ahead of the step that consumes them: the first two
   tiles' reads meet at a barrier, which breaks (failing the search) if reads came one by

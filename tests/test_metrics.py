@@ -692,3 +692,12 @@ def test_errors_for_too_few_rows(rng):
   raises("more rows than cca_dim", svcca, rng.normal(size=(10, 12)), rng.normal(size=(10, 12)))
   raises("D=6 < cca_dim=10", compute_score, rng.normal(size=(20, 2, 6)),
          rng.normal(size=(20, 1, 12)), metric="svcca")
+
+
+def test_mutual_knn_from_neighbours_refuses_repeated_ids():
+  from plato_jax.metrics import mutual_knn_from_neighbours
+  a = np.array([[1, 2, -1, -1], [4, 5, 6, 7]])
+  b = np.array([[1, 2, -1, -1], [4, 5, 6, 8]])
+  with pytest.raises(ValueError, match=r"ids_A: rows \[0\] repeat an id"):
+    mutual_knn_from_neighbours(a, b)
+  assert mutual_knn_from_neighbours(a[1:], b[1:]) == 0.75

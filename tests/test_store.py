@@ -186,3 +186,28 @@ def test_a_damaged_shard_is_an_error_naming_its_file(tmp_path, rng, damage):
                lambda: store.gather([17], layer=0)):
     with pytest.raises(ValueError, match=r"c/1/0/0.*(missing|Digest mismatch)"):
       read()
+
+
+def test_fingerprint_changes_when_the_store_is_rewritten(tmp_path, rng):
+  """Resumed work is keyed on it (search's checkpoints, the experiments' resume folders):
+  a store rewritten in place, even with the same shape, is another gallery."""
+  x = rng.standard_normal((40, 2, 4)).astype(np.float32)
+  first = _write(tmp_path / "s", x, np.arange(40), "float32", overwrite=True)
+  again = _write(tmp_path / "s", x + 1, np.arange(40), "float32", overwrite=True)
+  assert first.fingerprint() != again.fingerprint()
+  assert again.fingerprint() == FeatureStore.open(str(tmp_path / "s")).fingerprint()
+  assert again.layer(0).fingerprint() != again.layer(1).fingerprint()
+
+
+def test_metadata_of_the_wrong_kind_and_bad_chunking_are_errors(tmp_path, rng):
+  x = rng.standard_normal((20, 2, 4)).astype(np.float32)
+  _write(tmp_path / "s", x, np.arange(20), "float32")
+  path = tmp_path / "s" / "plato_store.json"
+  meta = json.loads(path.read_text())
+  for field, value in [("complete", "true"), ("version", "1"), ("num_rows", -3)]:
+    path.write_text(json.dumps({**meta, field: value}))
+    with pytest.raises(ValueError, match=f"corrupt store metadata .*{field}="):
+      FeatureStore.open(str(tmp_path / "s"))
+  for kw in [{"chunk_rows": 0}, {"shard_rows": -8}]:
+    with pytest.raises(ValueError, match="must be a positive integer"):
+      StoreWriter.create(str(tmp_path / "t"), num_rows=20, num_layers=2, dim=4, **kw)

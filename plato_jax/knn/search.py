@@ -33,8 +33,8 @@ from jax import lax
 from plato_jax.knn import exact, sharding
 from plato_jax.knn.large_k import LARGE_K_THRESHOLD, choose_selector
 from plato_jax.knn.sources import (MAX_POSITION, IdRows, RowWindow, TileBuffers, aligned_empty,
-                                   as_source, on_accelerator, plan_tiles, raise_for_bad_rows,
-                                   stream_tiles, take_rows, window_length)
+                                   as_source, fingerprint, on_accelerator, plan_tiles,
+                                   raise_for_bad_rows, stream_tiles, take_rows, window_length)
 from plato_jax.progress import Progress
 from plato_jax.resume import ResumePoint
 
@@ -256,6 +256,13 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
   if n == 0:
     raise ValueError("empty gallery")
   q_host = np.asarray(queries)
+  for what, value in (("tile_rows", tile_rows), ("query_block", query_block)):
+    if value is not None and (int(value) != value or value < 1):
+      raise ValueError(f"{what} must be a positive integer, got {value!r}")
+  for what, dtype in (("queries", q_host.dtype), ("gallery", np.dtype(source.dtype))):
+    if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)
+            or dtype == np.dtype(jax.numpy.bfloat16)):
+      raise ValueError(f"{what} must be real numbers, got dtype {dtype}")
   if q_host.ndim != 2:
     raise ValueError(f"queries must be a 2-D [Q, D] array, got shape {q_host.shape}")
   if q_host.shape[1] != source.dim:
@@ -450,13 +457,14 @@ class _Stream:
              "norms": {str(s): np.zeros(2, np.float32) for s in sizes}}
     start, restored, point = 0, None, None
     if resume_dir is not None:
-      fingerprint = dict(
+      identity = dict(
           n=n, dim=source.dim, dtype=str(source.dtype), queries=_digest(q_host, own),
-          gallery_ids=_digest(np.asarray(source.ids())), kept=list(kept.values()), sizes=sizes,
+          gallery_ids=_digest(np.asarray(source.ids())), gallery=fingerprint(source),
+          kept=list(kept.values()), sizes=sizes,
           tile_rows=self.tile_rows, block=block, devices=num_dev,
           exclude_self=self.exclude_self, normalize=self.normalize, compute_dtype=str(dtype),
           precision=str(self.precision), selector=repr(selector))
-      point = ResumePoint(resume_dir, fingerprint, every=checkpoint_every)
+      point = ResumePoint(resume_dir, identity, every=checkpoint_every)
       loaded = point.load({"state": sharding.empty_state(mesh, selector, block),
                            "stats": self._empty_stats(), **found})
       if loaded is not None:

@@ -9,6 +9,8 @@ A gallery source is anything with this small protocol (duck-typed):
     read(start, stop) -> ndarray   rows [start, stop) as a [stop-start, dim] numpy array
     take(positions) -> ndarray     optional: the rows at these positions, in their order
                                    (`take_rows` reads runs with `read` where it is missing)
+    fingerprint() -> str           optional: changes whenever the rows do (what a resumed
+                                   search checks; `fingerprint` warns where it is missing)
 
 `as_source` wraps numpy / jax arrays, TensorStore arrays (optionally one layer of an
 [N, L, D] array) and lists of shards (arrays or sources, concatenated in order).
@@ -18,7 +20,10 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import hashlib
+import json
 import threading
+import warnings
 from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
@@ -96,6 +101,10 @@ class ArraySource(_RowNumberIds):
   def take(self, positions) -> np.ndarray:
     return np.asarray(self._rows[np.asarray(positions)])
 
+  def fingerprint(self) -> str:
+    """A digest of every value (a pass over the array)."""
+    return _digest(np.asarray(self._rows))
+
 
 class TensorStoreSource(_RowNumberIds):
   """A TensorStore array [N, D], or one layer of [N, L, D] (`layer`)."""
@@ -124,6 +133,14 @@ class TensorStoreSource(_RowNumberIds):
 
   def take(self, positions) -> np.ndarray:
     return self._array[np.asarray(positions, np.int64)].read().result()
+
+  def fingerprint(self) -> str:
+    """The array's spec and a digest of every value (a pass over the array, in tiles)."""
+    h = hashlib.sha256(json.dumps(self._array.spec().to_json(), sort_keys=True).encode())
+    step = max(1, 2**24 // max(1, self.dim))
+    for start in range(0, self.num_rows, step):
+      h.update(_digest(self.read(start, min(start + step, self.num_rows))).encode())
+    return h.hexdigest()[:16]
 
 
 class ConcatSource:
@@ -165,6 +182,9 @@ class ConcatSource:
         parts.append(np.asarray(shard.read(int(a - lo), int(b - lo)), dtype=self.dtype))
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
+  def fingerprint(self) -> str:
+    return _digest(np.array([fingerprint(s) for s in self._shards]), self.ids())
+
   def take(self, positions) -> np.ndarray:
     positions = np.asarray(positions, np.int64)
     shard = np.searchsorted(self._offsets, positions, side="right") - 1
@@ -198,6 +218,28 @@ class OrderedSource:
 
   def take(self, positions) -> np.ndarray:
     return take_rows(self._base, self._order[np.asarray(positions, np.int64)])
+
+  def fingerprint(self) -> str:
+    return _digest(np.array([fingerprint(self._base)]), self._order)
+
+
+def _digest(*arrays) -> str:
+  h = hashlib.sha256()
+  for a in arrays:
+    a = np.ascontiguousarray(a)
+    h.update(str((a.dtype, a.shape)).encode())
+    h.update(a.tobytes() if a.dtype != object else repr(a.tolist()).encode())
+  return h.hexdigest()[:16]
+
+
+def fingerprint(source) -> str:
+  """The source's content fingerprint (`fingerprint()` of the protocol); for a source
+  without one, a warning (a resumed search cannot see its rows change) and its class."""
+  if hasattr(source, "fingerprint"):
+    return str(source.fingerprint())
+  warnings.warn(f"gallery source {type(source).__name__} has no fingerprint(): a resumed "
+                f"search cannot tell whether its rows changed since the checkpoint")
+  return f"unknown:{type(source).__name__}"
 
 
 def take_rows(source, positions) -> np.ndarray:
@@ -414,6 +456,9 @@ def stream_tiles(source, ids: np.ndarray, ranges: Sequence[tuple[int, int]], *,
     if rows.shape != (stop - start, source.dim):
       raise ValueError(f"gallery source {type(source).__name__} returned shape {rows.shape} "
                        f"for rows [{start}, {stop}), expected {(stop - start, source.dim)}")
+    if np.dtype(rows.dtype) != np.dtype(source.dtype):  # converting would hide a wrong source
+      raise ValueError(f"gallery source {type(source).__name__} returned {rows.dtype} rows "
+                       f"for [{start}, {stop}), but declares dtype {np.dtype(source.dtype)}")
     tile_ids = ids[start:stop]
     order = np.argsort(tile_ids, kind="stable")
     if not np.all(order == np.arange(order.size)):
