@@ -80,7 +80,9 @@ def _build() -> pathlib.Path:
   key = hashlib.sha256(SOURCE.read_bytes() + jaxlib.__version__.encode() +
                        compiler.encode() + sys.platform.encode()).hexdigest()[:16]
   target = _cache_dir() / f"cpu_topk-{key}.so"
-  if target.exists():
+  digest = target.with_name(target.name + ".sha256")  # a truncated or foreign file: rebuilt
+  if target.exists() and digest.exists() and \
+      hashlib.sha256(target.read_bytes()).hexdigest() == digest.read_text().strip():
     return target
   target.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -94,14 +96,21 @@ def _build() -> pathlib.Path:
     if proc.returncode:
       raise Unavailable(f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n"
                         f"{proc.stderr[-2000:]}")
+    (pathlib.Path(tmp) / digest.name).write_text(hashlib.sha256(out.read_bytes()).hexdigest())
     os.replace(out, target)  # atomic: concurrent builders leave one complete file
+    os.replace(pathlib.Path(tmp) / digest.name, digest)
   return target
 
 
 @functools.cache
 def _load() -> None:
   """Builds, loads and registers the handler."""
-  lib = ctypes.CDLL(str(_build()))
+  path = _build()
+  try:
+    lib = ctypes.CDLL(str(path))
+  except OSError as e:
+    raise Unavailable(f"the compiled handler {path} does not load ({e}); delete it to "
+                      f"rebuild") from e
   jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.PlatoTileTopK), platform="cpu")
 
 

@@ -208,3 +208,19 @@ def test_a_missing_compiler_is_a_clear_error(monkeypatch, tmp_path):
   monkeypatch.setenv("PLATO_JAX_CACHE", str(tmp_path / "cache"))
   with pytest.raises(cpu_topk.Unavailable, match="no-such-compiler"):
     cpu_topk._build()
+
+
+def test_a_damaged_cached_build_is_rebuilt(tmp_path, monkeypatch):
+  """A truncated or foreign handler in the cache (a killed build, a disk error) is not
+  loaded (it would SIGBUS the process): its digest does not match, so it is built again."""
+  if cpu_topk.unavailable_reason() is not None:
+    pytest.skip(cpu_topk.unavailable_reason())
+  monkeypatch.setenv("PLATO_JAX_CACHE", str(tmp_path))
+  built = cpu_topk._build()
+  good = built.read_bytes()
+  built.write_bytes(good[:len(good) // 3])
+  again = cpu_topk._build()
+  import hashlib
+  digest = again.with_name(again.name + ".sha256").read_text().strip()
+  assert again == built and len(again.read_bytes()) == len(good)
+  assert hashlib.sha256(again.read_bytes()).hexdigest() == digest

@@ -243,13 +243,19 @@ def open_dataset(path: str, *, image: str = "image", caption: str = "caption", i
 
 
 def decode_image(data: bytes):
-  """An RGB PIL image, or None when the bytes are missing or not a readable image."""
+  """An RGB PIL image, or None when the bytes are missing, not a readable image, or a
+  decompression bomb (more pixels than PIL's `Image.MAX_IMAGE_PIXELS`)."""
+  import warnings
+
   from PIL import Image, UnidentifiedImageError
   if not data:
     return None
   try:
-    image = Image.open(io.BytesIO(data))
-    image.load()
-  except (UnidentifiedImageError, OSError, ValueError):
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", Image.DecompressionBombWarning)  # bombs are bad records
+      image = Image.open(io.BytesIO(data))
+      image.load()
+      return image.convert("RGB")
+  except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError,
+          Image.DecompressionBombWarning):
     return None
-  return image.convert("RGB")

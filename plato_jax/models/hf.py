@@ -12,6 +12,7 @@ little-endian bytes. bf16 and fp8 come through `ml_dtypes`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from typing import Iterator
@@ -25,6 +26,11 @@ SAFETENSORS_DTYPES = {
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
     "BOOL": np.bool_,
 }
+
+
+SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+               "num_attention_heads", "num_key_value_heads", "head_dim",
+               "max_position_embeddings", "image_size", "patch_size", "num_channels")
 
 
 class CheckpointError(ValueError):
@@ -43,6 +49,11 @@ def read_config(checkpoint_dir: str) -> dict:
     raise CheckpointError(f"{path}: not valid JSON ({e})") from None
   if not isinstance(config, dict):
     raise CheckpointError(f"{path}: expected a JSON object")
+  for key in SIZE_FIELDS:  # sizes that build arrays: a bad one fails here, not in numpy
+    value = config.get(key)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                              or value < 1):
+      raise CheckpointError(f"{path}: {key}={value!r} must be a positive integer")
   return config
 
 
@@ -61,13 +72,50 @@ class SafetensorsFile:
         if n > size - 8:
           raise CheckpointError(f"{path}: header length {n} exceeds the file ({size} bytes)")
         header = json.loads(f.read(n))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
       raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from None
+    if not isinstance(header, dict):
+      raise CheckpointError(f"{path}: the safetensors header is a JSON "
+                            f"{type(header).__name__}, not an object")
     self.metadata = header.pop("__metadata__", None) or {}
-    self._entries = header
+    if not isinstance(self.metadata, dict):
+      raise CheckpointError(f"{path}: __metadata__ is not an object")
     self._data_start = 8 + n
     self._size = size
+    self._entries = {name: self._entry(name, e) for name, e in header.items()}
+    spans = sorted((e["data_offsets"][0], e["data_offsets"][1], name)
+                   for name, e in self._entries.items())
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+      if begin < end:
+        raise CheckpointError(f"{path}: tensors {first!r} and {second!r} overlap (bytes "
+                              f"from {begin} belong to both)")
     self._map = None
+
+  def _entry(self, name: str, entry) -> dict:
+    """A header entry checked: dtype known, shape of counts, data_offsets inside the file
+    and holding exactly the shape's bytes (products in Python ints: no wrap-around)."""
+    where = f"{self.path}: tensor {name!r}"
+    if not isinstance(entry, dict):
+      raise CheckpointError(f"{where}: header entry is not an object")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
+    if missing:
+      raise CheckpointError(f"{where}: header entry lacks {missing}")
+    if entry["dtype"] not in SAFETENSORS_DTYPES:
+      raise CheckpointError(f"{where}: unsupported dtype {entry['dtype']!r}")
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+      raise CheckpointError(f"{where}: shape {shape!r} is not a list of counts")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(
+        isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+      raise CheckpointError(f"{where}: data_offsets {offsets!r} is not [begin, end]")
+    begin, end = offsets
+    expected = math.prod(shape) * np.dtype(SAFETENSORS_DTYPES[entry["dtype"]]).itemsize
+    if not 0 <= begin <= end or self._data_start + end > self._size or end - begin != expected:
+      raise CheckpointError(f"{where}: data_offsets [{begin}, {end}) for shape {shape} "
+                            f"{entry['dtype']} (expected {expected} bytes inside the "
+                            f"{self._size - self._data_start} bytes of data)")
+    return entry
 
   def keys(self) -> list[str]:
     return list(self._entries)
@@ -76,17 +124,10 @@ class SafetensorsFile:
     return tuple(self._entries[name]["shape"])
 
   def get(self, name: str) -> np.ndarray:
-    entry = self._entries[name]
-    dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
-    if dtype is None:
-      raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {entry['dtype']}")
+    entry = self._entries[name]  # checked when the header was read
+    dtype = SAFETENSORS_DTYPES[entry["dtype"]]
     begin, end = entry["data_offsets"]
     shape = tuple(entry["shape"])
-    expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-    if end - begin != expected or self._data_start + end > self._size:
-      raise CheckpointError(f"{self.path}: tensor {name!r} has {end - begin} bytes at "
-                            f"[{begin}, {end}) for shape {list(shape)} {entry['dtype']} "
-                            f"(expected {expected}; file is {self._size} bytes)")
     if self._map is None:
       self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
     data = self._map[self._data_start + begin:self._data_start + end]
@@ -131,7 +172,14 @@ class Checkpoint:
           weight_map = json.load(f)["weight_map"]
       except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{index}: no readable weight_map ({e!r})") from None
+      if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: weight_map is not an object")
       for name, shard in weight_map.items():
+        # A shard is a file of this directory: no paths that lead out of it.
+        if not isinstance(shard, str) or os.path.basename(shard) != shard or \
+            shard in ("", ".", ".."):
+          raise CheckpointError(f"{index}: tensor {name!r} names shard {shard!r}, not a file "
+                                f"name in {checkpoint_dir}")
         self._where[name] = shard
       for shard in sorted(set(weight_map.values())):
         path = os.path.join(checkpoint_dir, shard)
