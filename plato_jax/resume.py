@@ -2,7 +2,9 @@
 
 The first call of a run passes a fingerprint of everything that determines the result
 (inputs, flags, layout). A directory holding a checkpoint of another fingerprint is never
-resumed from silently: it raises, naming both fingerprints.
+resumed from silently: it raises, naming both fingerprints. One run at a time: the folder's
+`plato_resume.lock` (`plato_jax.lock`) makes a second run on it a clear error, not a crash
+inside orbax.
 """
 from __future__ import annotations
 
@@ -13,6 +15,10 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from plato_jax.lock import Lock
+
+LOCK = "plato_resume.lock"
+
 
 class ResumePoint:
   """Saves `(position, tree)` every `every` calls of `maybe_save`; `load` returns the last."""
@@ -22,6 +28,8 @@ class ResumePoint:
     self.fingerprint = json.loads(json.dumps(fingerprint, sort_keys=True, default=str))
     self.every = max(1, int(every))
     self._calls = 0
+    os.makedirs(self.directory, exist_ok=True)
+    self._lock = Lock(f"file://{self.directory}/", LOCK, what="resume folder").adopt(self)
     self._manager = ocp.CheckpointManager(
         self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
 
@@ -54,3 +62,11 @@ class ResumePoint:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+    self._lock.release()
+
+  def abandon(self) -> None:
+    """After a failure: the saved checkpoint stays for a rerun; the folder is free."""
+    try:
+      self._manager.close()
+    finally:
+      self._lock.release()

@@ -29,16 +29,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import time
 import uuid
-import warnings
-import weakref
 from typing import Any, Sequence
 
 import ml_dtypes
 import numpy as np
 import tensorstore as ts
+
+from plato_jax.lock import Busy, Lock
 
 FORMAT = "plato_jax.store"
 VERSION = 1
@@ -118,59 +116,7 @@ def _write_metadata(root: str, meta: dict) -> None:
   kv.write(METADATA, json.dumps(meta, indent=1, sort_keys=True).encode()).result()
 
 
-class StoreBusy(RuntimeError):
-  """Another writer, alive, holds the store (its lock file names it)."""
-
-
-# Writers of this process by store root: a lock held by this pid whose writer is gone (an
-# exception, a `del`) may be taken over; one whose writer is alive may not.
-_LIVE_WRITERS: "weakref.WeakValueDictionary[str, StoreWriter]" = weakref.WeakValueDictionary()
-
-
-def _holder_gone(holder: dict, root: str) -> bool:
-  """The lock's writer cannot be writing: its process on this host is dead, or it is this
-  process and the writer object is gone."""
-  if holder.get("host") != socket.gethostname():
-    return False
-  pid = holder.get("pid")
-  if pid == os.getpid():
-    return root not in _LIVE_WRITERS
-  try:
-    os.kill(int(pid), 0)
-  except ProcessLookupError:
-    return True
-  except (PermissionError, TypeError, ValueError):
-    return False
-  return False
-
-
-def _acquire_lock(root: str):
-  """(kvstore, generation of our lock): the store's lock, taken with a conditional write
-  (created if missing, or replacing a gone writer's). StoreBusy naming the holder else."""
-  kv = ts.KvStore.open(root, context=_CONTEXT).result()
-  mine = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(),
-                     "token": uuid.uuid4().hex}).encode()
-  for _ in range(3):
-    got = kv.read(LOCK).result()
-    if got.state == "value":
-      try:
-        holder = json.loads(bytes(got.value))
-      except ValueError:
-        holder = {}
-      if not isinstance(holder, dict) or not _holder_gone(holder, root):
-        since = holder.get("since") if isinstance(holder, dict) else None
-        raise StoreBusy(
-            f"store {root} is being written by pid {holder.get('pid', '?')} on "
-            f"{holder.get('host', '?')}"
-            + (f" since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}"
-               if isinstance(since, (int, float)) else "")
-            + f"; if that writer is gone, delete {root}{LOCK}")
-      warnings.warn(f"store {root}: taking over the lock of a writer that is gone "
-                    f"(pid {holder.get('pid')} on {holder.get('host')})")
-    generation = kv.write(LOCK, mine, if_equal=got.stamp.generation).result().generation
-    if generation:
-      return kv, generation
-  raise StoreBusy(f"store {root}: another writer took the lock first ({root}{LOCK})")
+StoreBusy = Busy  # another writer, alive, holds the store
 
 
 def exists(path: str) -> bool:
@@ -189,8 +135,7 @@ class StoreWriter:
 
   def __init__(self, root: str, meta: dict, features, ids, columns=None, lock=None):
     self.root, self.meta = root, meta
-    self._lock = lock  # (kvstore, generation) of our plato_store.lock
-    _LIVE_WRITERS[root] = self
+    self._lock = None if lock is None else lock.adopt(self)  # our plato_store.lock
     self._features, self._ids = features, ids
     self._dtype = DTYPES[meta["dtype"]]
     self._buffer: list[tuple[np.ndarray, np.ndarray, dict]] = []
@@ -219,7 +164,7 @@ class StoreWriter:
     root = _root_url(path)
     if exists(path) and not overwrite:
       raise ValueError(f"a feature store already exists at {root} (resume it or overwrite=True)")
-    lock = _acquire_lock(root)  # before anything is deleted
+    lock = Lock(root, LOCK, what="store", context=_CONTEXT)  # before anything goes
     layers = [str(x) for x in (layers if layers is not None else range(num_layers))]
     if len(layers) != num_layers:
       raise ValueError(f"{len(layers)} layer names for {num_layers} layers")
@@ -261,7 +206,7 @@ class StoreWriter:
     meta = _read_metadata(root)
     if meta["complete"]:
       raise ValueError(f"store {root} is already complete")
-    lock = _acquire_lock(root)
+    lock = Lock(root, LOCK, what="store", context=_CONTEXT)
     if from_note or meta.get("note_rows") is not None:
       meta["rows_written"] = meta.get("note_rows") or 0
     features = ts.open(_existing(root + "features/"), open=True,
@@ -375,10 +320,8 @@ class StoreWriter:
   def release(self) -> None:
     """Gives the store's lock back (the writer is done with it, complete or not)."""
     if self._lock is not None:
-      kv, generation = self._lock
-      kv.write(LOCK, None, if_equal=generation).result()
+      self._lock.release()
       self._lock = None
-    _LIVE_WRITERS.pop(self.root, None)
 
 
 class FeatureStore:

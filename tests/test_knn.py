@@ -620,3 +620,27 @@ def test_host_windows_read_rows_in_place_or_copy_them(rng):
   assert host_window(half, length, np.float32, buffers).window is w.window
   reordered = host_window(gallery[40:50][::-1], length, np.float32)
   assert not np.shares_memory(reordered.window, gallery)
+
+
+def test_two_runs_on_one_resume_folder(rng, tmp_path):
+  """A second run on a resume folder in use is a clear error (not an orbax crash); once
+  the first is done or has failed, the folder is free again."""
+  import subprocess
+  import sys
+
+  from plato_jax.lock import Busy
+  from plato_jax.resume import ResumePoint
+  folder = str(tmp_path / "ck")
+  first = ResumePoint(folder, {"run": 1})
+  code = f"from plato_jax.resume import ResumePoint\nResumePoint({folder!r}, {{'run': 1}})"
+  other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+  assert other.returncode != 0 and "resume folder" in other.stderr and "in use by" in other.stderr
+  with pytest.raises(Busy, match="resume folder .* in use by pid"):
+    ResumePoint(folder, {"run": 1})
+  first.close()
+  x = rng.standard_normal((500, 8)).astype(np.float32)
+  with pytest.raises(SimulatedCrash):
+    search(x[:10], CrashingSource(x, 3), 5, tile_rows=64, resume_dir=folder, checkpoint_every=1)
+  res = search(x[:10], x, 5, tile_rows=64, resume_dir=folder, checkpoint_every=1)
+  np.testing.assert_array_equal(res.ids, brute_force(x[:10], x, 5)[0])

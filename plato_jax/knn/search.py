@@ -465,71 +465,80 @@ class _Stream:
           exclude_self=self.exclude_self, normalize=self.normalize, compute_dtype=str(dtype),
           precision=str(self.precision), selector=repr(selector))
       point = ResumePoint(resume_dir, identity, every=checkpoint_every)
-      loaded = point.load({"state": sharding.empty_state(mesh, selector, block),
-                           "stats": self._empty_stats(), **found})
+      try:
+        loaded = point.load({"state": sharding.empty_state(mesh, selector, block),
+                             "stats": self._empty_stats(), **found})
+      except BaseException:  # another run's checkpoint: the folder stays free
+        point.abandon()
+        raise
       if loaded is not None:
         start, tree = loaded
         found = {key: tree[key] for key in found}
         restored = tree["state"], tree["stats"]
 
-    done = sizes[-1] * (start // len(groups)) + (groups[start % len(groups) - 1][-1][1]
-                                                 if start % len(groups) else 0)
-    # The CPU backend aliases aligned host tiles (no copy), so a copied tile's buffer is free
-    # again only when its step is done; accelerators copy tiles to their own memory.
-    buffers = TileBuffers() if mesh.devices.flat[0].platform == "cpu" else None
-    meter = Progress(sizes[-1] * num_blocks, initial=done, label=f"knn ({self.kernel})",
-                     enabled=progress)
-    for b in range(start // len(groups), num_blocks):
-      q0 = b * block
-      rows = min(block, num_q - q0)
-      qb = np.zeros((block, source.dim), dtype)
-      qb[:rows] = q_host[q0:q0 + rows]
-      qb_ids = np.full(block, NO_ID, np.int32)
-      qb_ids[:rows] = own[q0:q0 + rows]
-      qd, qd_ids = sharding.put_whole(mesh, qb), sharding.put_whole(mesh, qb_ids)
-      first = start % len(groups) if b == start // len(groups) else 0
-      state, stats = restored if first else (sharding.empty_state(mesh, selector, block),
-                                             self._empty_stats())
-      tiles = stream_tiles(source, positions, [g[slot] for g in groups[first:] for slot in mine
-                                               if slot < len(g)],
-                           dtype=tile_dtype, buffers=buffers, window=window)
-      for gi in range(first, len(groups)):
-        group = groups[gi]
-        rows_by_slot, ids_by_slot, read = {}, {}, []
-        for slot in mine:
-          tile = next(tiles) if slot < len(group) else None
-          read.append(tile)
-          rows_by_slot[slot], ids_by_slot[slot] = _padded(tile, self.tile_rows, source.dim,
-                                                          tile_dtype, window)
-        state, stats = step(state, stats, qd, qd_ids,
-                            sharding.put_local_slots(mesh, rows_by_slot),
-                            sharding.put_local_slots(mesh, ids_by_slot))
-        if buffers is not None:  # the step has read its tiles once it is done: reuse them
-          jax.block_until_ready(state)
-          for tile in read:
-            if tile is not None:
-              buffers.give_back(tile.rows.window if window else tile.rows)
-        stop = group[-1][1]
-        if stop in sizes:
-          num_bad, largest, smallest = sharding.row_stats_total(mesh)(stats)
-          if int(num_bad):
-            raise_for_bad_rows(source, np.asarray(source.ids()), ranges,
-                               nonzero=self.normalize)
-            raise ValueError(f"{int(num_bad)} gallery rows have non-finite or overflowing norms "
-                             f"on the device, but a host scan could not name them")
-          v, i = sharding.device_merger(mesh, selector, kept[stop], on_host)(state)
-          if self.kernel != "xla" and stop == sizes[-1]:
-            self.fallbacks += int(sharding.replicated_sum(mesh)(state[2]))
-          found["values"][str(stop)][q0:q0 + rows] = np.asarray(v)[:rows]
-          found["ids"][str(stop)][q0:q0 + rows] = np.asarray(i)[:rows]
-          found["norms"][str(stop)][:] = [float(largest), float(smallest)]
-        if point is not None:
-          last = b == num_blocks - 1 and gi == len(groups) - 1
-          point.maybe_save(b * len(groups) + gi + 1, {"state": state, "stats": stats, **found},
-                           force=last)
-        meter.update(stop - group[0][0],
-                     (stop - group[0][0]) * source.dim * tile_dtype.itemsize)
-    meter.close()
+    try:
+      done = sizes[-1] * (start // len(groups)) + (groups[start % len(groups) - 1][-1][1]
+                                                   if start % len(groups) else 0)
+      # The CPU backend aliases aligned host tiles (no copy), so a copied tile's buffer is free
+      # again only when its step is done; accelerators copy tiles to their own memory.
+      buffers = TileBuffers() if mesh.devices.flat[0].platform == "cpu" else None
+      meter = Progress(sizes[-1] * num_blocks, initial=done, label=f"knn ({self.kernel})",
+                       enabled=progress)
+      for b in range(start // len(groups), num_blocks):
+        q0 = b * block
+        rows = min(block, num_q - q0)
+        qb = np.zeros((block, source.dim), dtype)
+        qb[:rows] = q_host[q0:q0 + rows]
+        qb_ids = np.full(block, NO_ID, np.int32)
+        qb_ids[:rows] = own[q0:q0 + rows]
+        qd, qd_ids = sharding.put_whole(mesh, qb), sharding.put_whole(mesh, qb_ids)
+        first = start % len(groups) if b == start // len(groups) else 0
+        state, stats = restored if first else (sharding.empty_state(mesh, selector, block),
+                                               self._empty_stats())
+        tiles = stream_tiles(source, positions, [g[slot] for g in groups[first:] for slot in mine
+                                                 if slot < len(g)],
+                             dtype=tile_dtype, buffers=buffers, window=window)
+        for gi in range(first, len(groups)):
+          group = groups[gi]
+          rows_by_slot, ids_by_slot, read = {}, {}, []
+          for slot in mine:
+            tile = next(tiles) if slot < len(group) else None
+            read.append(tile)
+            rows_by_slot[slot], ids_by_slot[slot] = _padded(tile, self.tile_rows, source.dim,
+                                                            tile_dtype, window)
+          state, stats = step(state, stats, qd, qd_ids,
+                              sharding.put_local_slots(mesh, rows_by_slot),
+                              sharding.put_local_slots(mesh, ids_by_slot))
+          if buffers is not None:  # the step has read its tiles once it is done: reuse them
+            jax.block_until_ready(state)
+            for tile in read:
+              if tile is not None:
+                buffers.give_back(tile.rows.window if window else tile.rows)
+          stop = group[-1][1]
+          if stop in sizes:
+            num_bad, largest, smallest = sharding.row_stats_total(mesh)(stats)
+            if int(num_bad):
+              raise_for_bad_rows(source, np.asarray(source.ids()), ranges,
+                                 nonzero=self.normalize)
+              raise ValueError(f"{int(num_bad)} gallery rows have non-finite or overflowing norms "
+                               f"on the device, but a host scan could not name them")
+            v, i = sharding.device_merger(mesh, selector, kept[stop], on_host)(state)
+            if self.kernel != "xla" and stop == sizes[-1]:
+              self.fallbacks += int(sharding.replicated_sum(mesh)(state[2]))
+            found["values"][str(stop)][q0:q0 + rows] = np.asarray(v)[:rows]
+            found["ids"][str(stop)][q0:q0 + rows] = np.asarray(i)[:rows]
+            found["norms"][str(stop)][:] = [float(largest), float(smallest)]
+          if point is not None:
+            last = b == num_blocks - 1 and gi == len(groups) - 1
+            point.maybe_save(b * len(groups) + gi + 1, {"state": state, "stats": stats, **found},
+                             force=last)
+          meter.update(stop - group[0][0],
+                       (stop - group[0][0]) * source.dim * tile_dtype.itemsize)
+      meter.close()
+    except BaseException:  # a failed run gives its resume folder back (its checkpoint stays)
+      if point is not None:
+        point.abandon()
+      raise
     if point is not None:
       point.close()
     return found
