@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 
 from absl import app, flags, logging
 
@@ -147,13 +148,15 @@ def run(setup: Setup, sizes, ks, store_a=None, store_b=None, **config):
       store_a=store_a.root, store_b=store_b.root, sizes=list(sizes), k=list(ks), **config)
   # The stores' contents too: a rewritten store starts its searches afresh.
   contents = dict(store_a=store_a.fingerprint(), store_b=store_b.fingerprint())
+  resume_dir = os.path.join(setup.out, "resume", run_id({**config, **contents})) \
+      if FLAGS.resume else None
   result = run_scaling(store_a, store_b, layer_a=FLAGS.layer_a, layer_b=FLAGS.layer_b,
                        queries=setup.queries, sizes=sizes, ks=ks, seed=FLAGS.seed,
-                       resume_dir=(os.path.join(setup.out, "resume", run_id({**config,
-                                                                             **contents}))
-                                   if FLAGS.resume else None),
-                       checkpoint_every=FLAGS.checkpoint_every, tile_rows=FLAGS.tile_rows,
-                       progress=FLAGS.progress)
+                       resume_dir=resume_dir, checkpoint_every=FLAGS.checkpoint_every,
+                       tile_rows=FLAGS.tile_rows, progress=FLAGS.progress)
+  import jax
+  if resume_dir is not None and jax.process_count() == 1:
+    shutil.rmtree(resume_dir, ignore_errors=True)  # done: its checkpoints are spent
   return result, config
 
 

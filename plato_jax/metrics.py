@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from numbers import Integral, Real
 from typing import Callable, NamedTuple
 
@@ -717,6 +718,10 @@ def _paired_rows(feats_A, feats_B):
   if len(a) != len(b):
     raise ValueError(f"feats_A has {len(a)} rows but feats_B has {len(b)}; "
                      "row i of both must describe the same sample")
+  for x, name in ((a, "feats_A"), (b, "feats_B")):
+    if len(x) > 1 and not np.ptp(x, axis=0).any():
+      warnings.warn(f"{name}: all {len(x)} rows are equal; every similarity ties and the "
+                    f"metric's value says nothing about the model", stacklevel=3)
   return a, b
 
 

@@ -701,3 +701,9 @@ def test_mutual_knn_from_neighbours_refuses_repeated_ids():
   with pytest.raises(ValueError, match=r"ids_A: rows \[0\] repeat an id"):
     mutual_knn_from_neighbours(a, b)
   assert mutual_knn_from_neighbours(a[1:], b[1:]) == 0.75
+
+
+def test_constant_features_warn(rng):
+  x = rng.standard_normal((30, 4)).astype(np.float32)
+  with pytest.warns(UserWarning, match="feats_B: all 30 rows are equal"):
+    metrics.mutual_knn(x, np.ones((30, 4), np.float32), 3)

@@ -110,7 +110,7 @@ def test_cli_kill_9_then_resume_gives_identical_results(world, tmp_path):
   deadline = time.time() + 120
   def b_checkpointed():
     runs = list((tmp_path / "crash" / "resume").glob("*/b"))
-    return bool(runs) and any(runs[0].iterdir())
+    return bool(runs) and any(p.name.isdigit() for p in runs[0].iterdir())  # a saved step
   while time.time() < deadline and not b_checkpointed():
     time.sleep(0.05)
   assert crashed.poll() is None, "the run ended before it could be killed: " + \
@@ -126,6 +126,7 @@ def test_cli_kill_9_then_resume_gives_identical_results(world, tmp_path):
   assert a["rows"] == b["rows"] and a["quality"] == b["quality"]
   for name in ("scaling.csv", "scaling.png"):
     assert (tmp_path / "crash" / name).stat().st_size > 0
+  assert not any((tmp_path / "crash" / "resume").iterdir())  # spent checkpoints are removed
 
 
 def test_cli_two_processes_equal_one(world, tmp_path):
