@@ -126,8 +126,9 @@ def test_bad_checkpoints_name_the_problem(tmp_path):
   write(rope_parameters={"rope_type": "longrope", "rope_theta": 1e4})
   with pytest.raises(CheckpointError, match="unsupported rope_type 'longrope'"):
     from_pretrained(str(tmp_path))(jnp.zeros((1, 3), jnp.int32))
-  write(num_hidden_layers=4)
-  with pytest.raises(CheckpointError, match=r"missing, e.g. \['layers.3"):
+  write(num_hidden_layers=4)  # found before the model is built
+  with pytest.raises(CheckpointError, match=r"num_hidden_layers=4, but the checkpoint's "
+                                            r"tensors cover layers 0\.\.2"):
     from_pretrained(str(tmp_path))
   write(num_attention_heads=3)
   with pytest.raises(CheckpointError, match="not a multiple of num_key_value_heads"):
