@@ -14,7 +14,7 @@ flushed subnormals move (at most 2^-126 per operand or partial result). `error_b
 takes that with the gallery's largest row norm (and, with `normalize`, the row norm's own
 rounding), so one number E per query bounds every row's error.
 
-The certificate. The engine keeps m = k + `margin(k)` candidates per query by s~; any
+The certificate. The engine keeps m = k + `margin(k, n, d)` candidates per query by s~; any
 row it dropped scored at most the m-th s~. A row whose s~ is more than 2E above another's
 truly beats it. So (`_certify_chunk`):
 
@@ -33,6 +33,7 @@ are, and their order is then the id's.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import numpy as np
@@ -83,12 +84,21 @@ def exact_scores(queries, rows, which) -> np.ndarray:
   return fast
 
 
-def margin(k: int) -> int:
-  """Candidates kept beyond k, so that the band of scores within 2E below the k-th rarely
-  holds more: for random unit rows at k = n/100 it holds about 0.0066 k rows on average
-  (d = 768; fewer at lower d), so k/32 leaves a wide berth (at 15M rows, k = 150,000:
-  about 1,000 against 4,688); 16 at least, for small k."""
-  return max(16, -(-k // 32))
+def margin(k: int, rows: int, dim: int) -> int:
+  """Candidates kept beyond k, so that the band of scores within 2E of the k-th rarely
+  holds more. For isotropic rows the scores near the k-th of `rows` have density
+  phi(z) / (p sigma) per unit (p = k / rows, z its normal quantile), and 2E is about
+  3 d^1.5 u sigma: the band holds k phi(z) / p * 3 d^1.5 u rows on average — 26 at
+  d = 768, k = n/100 of 262k rows, but 330 at d = 4,096. Twice that plus 16 (a Poisson count past
+  it: about 1e-6 at d = 768): a query whose band outruns it is searched again, which
+  costs a pass."""
+  p = min(max(k / max(rows, 1), 1e-12), 0.5)
+  lo, hi = 0.0, 40.0  # z with P(Z > z) = p, by bisection on erfc
+  for _ in range(60):
+    mid = (lo + hi) / 2
+    lo, hi = (mid, hi) if 0.5 * math.erfc(mid / math.sqrt(2)) > p else (lo, mid)
+  density = math.exp(-lo * lo / 2) / math.sqrt(2 * math.pi) / p
+  return 16 + math.ceil(2 * k * density * 3 * dim ** 1.5 * UNIT)
 
 
 def error_bound(dim: int, query_norms, max_row_norm: float, min_row_norm: float, *,

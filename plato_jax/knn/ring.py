@@ -148,7 +148,7 @@ def ring_self_join(x, k, *, ids=None, exclude_self: bool = True, mesh: Mesh | No
                             slack=_bound_slack(mesh.devices.flat[0].platform))
   rescore = _rescorer(ArraySource(x_host), x_exact, norms, dtype, False)
   queries = np.arange(n)
-  kept = min(k_max + exact.margin(k_max), available)
+  kept = min(k_max + exact.margin(k_max, n, d), available)
   fallbacks, rescored, searched_again = 0, 0, 0
   result = None
   while queries.size:  # a query whose certificate needs more candidates runs again

@@ -312,7 +312,7 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
   stream = _Stream(source, tuple(sizes), mesh, kernel, requested != "auto", tile_rows,
                    bucket_width, block, np.dtype(dtype), bool(exclude_self), precision,
                    bool(normalize))
-  kept = {s: min(keep[s] + exact.margin(keep[s]), s) for s in sizes}
+  kept = {s: min(keep[s] + exact.margin(keep[s], s, source.dim), s) for s in sizes}
   found = stream.run(q_host, own, kept, resume_dir, checkpoint_every, progress)
 
   q_exact = q_host.astype(dtype).astype(np.float64)  # the values the matmul takes
