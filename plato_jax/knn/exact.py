@@ -57,14 +57,14 @@ def _compensated(queries, rows) -> np.ndarray:
   return total + error
 
 
-def exact_scores(queries, rows, which) -> np.ndarray:
+def exact_scores(queries, rows, which, max_row_norm: float) -> np.ndarray:
   """Dot products [M] of float64 queries [Q, d] (pair i takes query `which[i]`, ascending)
   with float64 rows [M, d], products exact in float64 (float32 or narrower values): each
   the real sum rounded to float64, to within about 1e-30 relatively, so equal real scores
-  give equal results.
+  give equal results. `max_row_norm`: at least every row's norm.
 
   A plain float64 sum first (BLAS, query by query; off by at most d 2^-52 sum|q_j g_j| <=
-  d 2^-52 |q|_1 max|g|); a query's rows whose sums lie within twice that of each other are
+  d 2^-52 |q| max|g|); a query's rows whose sums lie within twice that of each other are
   summed again with compensation (TwoSum; Ogita, Rump & Oishi's Sum2: as accurate as twice
   the precision). Rows further apart keep the plain sum: no rounding can reorder or
   equalise them."""
@@ -74,7 +74,7 @@ def exact_scores(queries, rows, which) -> np.ndarray:
     fast[s:e] = rows[s:e] @ queries[which[s]]
   if which.size < 2:
     return fast
-  bound = queries.shape[1] * 2.0**-52 * np.abs(queries).sum(axis=1)[which] * np.abs(rows).max()
+  bound = queries.shape[1] * 2.0**-52 * max_row_norm * np.linalg.norm(queries, axis=1)[which]
   order = np.lexsort((fast, which))
   f, w = fast[order], which[order]
   near = np.flatnonzero((w[1:] == w[:-1]) & (f[1:] - f[:-1] <= 2 * bound[order][1:]))

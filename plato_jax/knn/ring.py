@@ -146,7 +146,7 @@ def ring_self_join(x, k, *, ids=None, exclude_self: bool = True, mesh: Mesh | No
   bound = exact.error_bound(d, norms, _norm_bound(np.square(norms).max(), d, up=True), 0.0,
                             normalize=False, rounds_inputs=_rounds_inputs(dtype, precision),
                             slack=_bound_slack(mesh.devices.flat[0].platform))
-  rescore = _rescorer(ArraySource(x_host), x_exact, norms, dtype, False)
+  rescore = _rescorer(ArraySource(x_host), x_exact, norms, dtype, False, float(norms.max()))
   queries = np.arange(n)
   kept = min(k_max + exact.margin(k_max, n, d), available)
   fallbacks, rescored, searched_again = 0, 0, 0

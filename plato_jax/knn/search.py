@@ -323,7 +323,10 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
 
   def certify(subset, found):
     """The certificate of each prefix for queries `subset` (their candidates `found`)."""
-    rescore = _rescorer(source, q_exact[subset], q_norms[subset], dtype, bool(normalize))
+    largest_row = max(_norm_bound(found["norms"][str(s)][0], source.dim, up=True)
+                      for s in sizes)
+    rescore = _rescorer(source, q_exact[subset], q_norms[subset], dtype, bool(normalize),
+                        largest_row)
     out = {}
     for s in sizes:
       largest, smallest = found["norms"][str(s)]
@@ -379,14 +382,16 @@ def _rounds_inputs(dtype, precision) -> bool:
   return any(lax.Precision(p) != lax.Precision.HIGHEST for p in parts)
 
 
-def _rescorer(source, queries, query_norms, dtype, normalize: bool):
+def _rescorer(source, queries, query_norms, dtype, normalize: bool, max_row_norm: float):
   """(query index, gallery position) pairs → float64 scores from the gallery's rows, cast
-  to the compute dtype as the matmul takes them (cosines with `normalize`)."""
+  to the compute dtype as the matmul takes them (cosines with `normalize`).
+  `max_row_norm`: at least the norm of every row (a narrower compute dtype may round a
+  row's values up by 2^-8: 1% covers it)."""
 
   def score_chunk(which, positions, out):
     rows = take_rows(source, positions).astype(dtype, copy=False).astype(np.float64)
     mine, local = np.unique(which, return_inverse=True)
-    out[:] = exact.exact_scores(queries[mine], rows, local)
+    out[:] = exact.exact_scores(queries[mine], rows, local, 1.01 * max_row_norm)
     if normalize:
       out /= query_norms[which] * np.sqrt(np.einsum("ij,ij->i", rows, rows))
 
