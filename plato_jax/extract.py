@@ -20,6 +20,7 @@ rerun with `resume=True` continues from the last durable row.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -184,7 +185,6 @@ class _Skips:
 def _fingerprint(paths) -> str:
   """Names, sizes and modification times of files: what identifies a checkpoint's or a
   dataset's contents without reading them."""
-  import hashlib
   h = hashlib.sha256()
   for path in sorted(paths):
     st = os.stat(path)

@@ -27,6 +27,7 @@ extension data type that zarr-python 3.1 does not know).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -363,7 +364,6 @@ class FeatureStore:
   def fingerprint(self) -> str:
     """Changes whenever the store's writer writes (its metadata's `generation`, renewed at
     every commit) or its metadata changes: what resumed work checks."""
-    import hashlib
     return hashlib.sha256(json.dumps(self.meta, sort_keys=True).encode()).hexdigest()[:16]
 
   def column(self, name: str) -> np.ndarray:

@@ -88,10 +88,10 @@ def margin(k: int, rows: int, dim: int) -> int:
   """Candidates kept beyond k, so that the band of scores within 2E of the k-th rarely
   holds more. For isotropic rows the scores near the k-th of `rows` have density
   phi(z) / (p sigma) per unit (p = k / rows, z its normal quantile), and 2E is about
-  3 d^1.5 u sigma: the band holds k phi(z) / p * 3 d^1.5 u rows on average — 26 at
-  d = 768, k = n/100 of 262k rows, but 330 at d = 4,096. Twice that plus 16 (a Poisson count past
-  it: about 1e-6 at d = 768): a query whose band outruns it is searched again, which
-  costs a pass."""
+  3 d^1.5 u sigma: the band holds k phi(z) / p * 3 d^1.5 u rows on average — 27 at
+  d = 768, k = n/100 of 262k rows, but 330 at d = 4,096. Twice that plus 16 (a Poisson
+  count of mean 27 passes 70 with probability ~1e-12): a query whose band outruns it is
+  searched again, which costs a pass."""
   p = min(max(k / max(rows, 1), 1e-12), 0.5)
   lo, hi = 0.0, 40.0  # z with P(Z > z) = p, by bisection on erfc
   for _ in range(60):

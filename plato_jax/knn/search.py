@@ -20,7 +20,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
-import hashlib
 import math
 import os
 import warnings
@@ -33,7 +32,7 @@ from jax import lax
 from plato_jax.knn import exact, sharding
 from plato_jax.knn.large_k import LARGE_K_THRESHOLD, choose_selector
 from plato_jax.knn.sources import (MAX_POSITION, IdRows, RowWindow, TileBuffers, aligned_empty,
-                                   as_source, fingerprint, on_accelerator, plan_tiles,
+                                   as_source, digest, fingerprint, on_accelerator, plan_tiles,
                                    raise_for_bad_rows, stream_tiles, take_rows, window_length)
 from plato_jax.progress import Progress
 from plato_jax.resume import ResumePoint
@@ -309,17 +308,16 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
     tile_rows = max(align, budget // (4 * block) // align * align)
     per_device = -(-n // mesh.devices.size)
     tile_rows = min(tile_rows, -(-per_device // align) * align)
-  stream = _Stream(source, tuple(sizes), mesh, kernel, requested != "auto", tile_rows,
+  stream = _Stream(source, g_ids, tuple(sizes), mesh, kernel, requested != "auto", tile_rows,
                    bucket_width, block, np.dtype(dtype), bool(exclude_self), precision,
                    bool(normalize))
   kept = {s: min(keep[s] + exact.margin(keep[s], s, source.dim), s) for s in sizes}
-  found = stream.run(q_host, own, kept, resume_dir, checkpoint_every, progress)
-
   q_exact = q_host.astype(dtype).astype(np.float64)  # the values the matmul takes
   q_norms = np.linalg.norm(q_exact, axis=1)
   if normalize and not q_norms.all():
     raise ValueError(f"query rows with zero norm (cannot be normalised): "
                      f"{np.flatnonzero(q_norms == 0)[:10].tolist()}")
+  found = stream.run(q_host, own, kept, resume_dir, checkpoint_every, progress)
 
   def certify(subset, found):
     """The certificate of each prefix for queries `subset` (their candidates `found`)."""
@@ -422,6 +420,7 @@ class _Stream:
   returns each prefix's candidates (the kernel's top `kept[size]` by float32 score, ids =
   gallery positions) and row norm range."""
   source: object
+  ids: np.ndarray  # the gallery's ids, by position
   sizes: tuple
   mesh: object
   kernel: str
@@ -463,8 +462,8 @@ class _Stream:
     start, restored, point = 0, None, None
     if resume_dir is not None:
       identity = dict(
-          n=n, dim=source.dim, dtype=str(source.dtype), queries=_digest(q_host, own),
-          gallery_ids=_digest(np.asarray(source.ids())), gallery=fingerprint(source),
+          n=n, dim=source.dim, dtype=str(source.dtype), queries=digest(q_host, own),
+          gallery_ids=digest(self.ids), gallery=fingerprint(source),
           kept=list(kept.values()), sizes=sizes,
           tile_rows=self.tile_rows, block=block, devices=num_dev,
           exclude_self=self.exclude_self, normalize=self.normalize, compute_dtype=str(dtype),
@@ -523,8 +522,7 @@ class _Stream:
           if stop in sizes:
             num_bad, largest, smallest = sharding.row_stats_total(mesh)(stats)
             if int(num_bad):
-              raise_for_bad_rows(source, np.asarray(source.ids()), ranges,
-                                 nonzero=self.normalize)
+              raise_for_bad_rows(source, self.ids, ranges, nonzero=self.normalize)
               raise ValueError(f"{int(num_bad)} gallery rows have non-finite or overflowing norms "
                                f"on the device, but a host scan could not name them")
             v, i = sharding.device_merger(mesh, selector, kept[stop], on_host)(state)
@@ -681,15 +679,6 @@ def _padded(tile, tile_rows: int, dim: int, dtype, window: int | None = None):
   rows[...] = 0
   rows[:tile.rows.shape[0]] = tile.rows
   return rows, ids
-
-
-def _digest(*arrays) -> str:
-  h = hashlib.sha256()
-  for a in arrays:
-    a = np.ascontiguousarray(a)
-    h.update(str((a.dtype, a.shape)).encode())
-    h.update(a.tobytes())
-  return h.hexdigest()[:16]
 
 
 def _group_ranges(ranges, num_dev: int, boundaries: set[int]):

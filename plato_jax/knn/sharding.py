@@ -213,7 +213,8 @@ def reads_windows(selector) -> bool:
 
 
 def empty_row_stats(num_devices: int):
-  """Per-device `RowStats` before any tile: no bad row, norms in [0, inf] reversed."""
+  """Per-device row statistics before any tile (`update_row_stats`): no bad row, and a
+  [largest, smallest] squared norm of [0, inf] that the first tile replaces."""
   return (np.zeros(num_devices, np.int32),
           np.tile(np.array([[0, np.inf]], np.float32), (num_devices, 1)))
 

@@ -103,7 +103,7 @@ class ArraySource(_RowNumberIds):
 
   def fingerprint(self) -> str:
     """A digest of every value (a pass over the array)."""
-    return _digest(np.asarray(self._rows))
+    return digest(np.asarray(self._rows))
 
 
 class TensorStoreSource(_RowNumberIds):
@@ -139,7 +139,7 @@ class TensorStoreSource(_RowNumberIds):
     h = hashlib.sha256(json.dumps(self._array.spec().to_json(), sort_keys=True).encode())
     step = max(1, 2**24 // max(1, self.dim))
     for start in range(0, self.num_rows, step):
-      h.update(_digest(self.read(start, min(start + step, self.num_rows))).encode())
+      h.update(digest(self.read(start, min(start + step, self.num_rows))).encode())
     return h.hexdigest()[:16]
 
 
@@ -183,7 +183,7 @@ class ConcatSource:
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
   def fingerprint(self) -> str:
-    return _digest(np.array([fingerprint(s) for s in self._shards]), self.ids())
+    return digest(np.array([fingerprint(s) for s in self._shards]), self.ids())
 
   def take(self, positions) -> np.ndarray:
     positions = np.asarray(positions, np.int64)
@@ -220,10 +220,11 @@ class OrderedSource:
     return take_rows(self._base, self._order[np.asarray(positions, np.int64)])
 
   def fingerprint(self) -> str:
-    return _digest(np.array([fingerprint(self._base)]), self._order)
+    return digest(np.array([fingerprint(self._base)]), self._order)
 
 
-def _digest(*arrays) -> str:
+def digest(*arrays) -> str:
+  """A short hex digest of arrays: their dtypes, shapes and bytes."""
   h = hashlib.sha256()
   for a in arrays:
     a = np.ascontiguousarray(a)
