@@ -38,6 +38,8 @@ from typing import Callable
 
 import numpy as np
 
+from plato_jax.knn import threads
+
 UNIT = 2.0 ** -24        # float32 unit roundoff
 INPUT_UNIT = 2.0 ** -8   # a matmul that rounds its f32 inputs (bf16 passes, TF32): bf16's
 FLUSH = 2.0 ** -125      # twice the smallest normal float32: what one flushed subnormal moves
@@ -149,28 +151,32 @@ def certify(values, positions, bound, available, keep: int, cuts, ids,
     keep: columns returned.
     cuts: the ks whose sets must be exact (<= keep).
     ids: the gallery's ids by position (ties go to the lower id).
-    rescore: (query index [M] ascending, position [M]) -> float64 scores [M].
+    rescore: (query index [M] ascending, position [M]) -> float64 scores [M]; called from
+      a thread per core, on disjoint queries.
     scale: [Q] divisor of the kernels' scores in the result (|q| with normalize), or None.
   """
   values, positions = np.asarray(values), np.asarray(positions)
   num_q, m = values.shape
   ordered = min(EXACT_ORDER, keep)
   later = sorted(c for c in {*cuts, keep} if c > ordered)
+  bound, available, ids = (np.asarray(bound, np.float64), np.asarray(available),
+                           np.asarray(ids))
   out_pos = np.empty((num_q, keep), np.int64)
   out_val = np.empty((num_q, keep), np.float64)
   failed = np.zeros(num_q, bool)
-  rescored = 0
-  step = max(1, CHUNK // max(m, 1))
-  for a in range(0, num_q, step):
-    b = min(a + step, num_q)
+
+  def certify_span(span):
+    a, b = span
     pos, val, is_exact, count, bad = _certify_chunk(
-        values[a:b], positions[a:b], np.asarray(bound, np.float64)[a:b],
-        np.asarray(available)[a:b], ordered, later, np.asarray(ids), rescore, a)
+        values[a:b], positions[a:b], bound[a:b], available[a:b], ordered, later, ids,
+        rescore, a)
     if scale is not None:
       val = np.where(is_exact, val, val / np.asarray(scale, np.float64)[a:b, None])
     out_pos[a:b], out_val[a:b] = pos[:, :keep], val[:, :keep]
     failed[a:b] = bad
-    rescored += count
+    return count
+
+  rescored = sum(threads.each(certify_span, threads.spans(num_q, m, most=CHUNK)))
   segment = np.searchsorted(np.array(later, np.int64), np.arange(keep), side="right")
   _ties_by_id(out_pos, out_val, segment, ids)
   return Certified(out_pos, out_val.astype(np.float32), rescored, failed)

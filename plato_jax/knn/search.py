@@ -17,11 +17,9 @@ Ids are any distinct int64 values; on the devices a row is its position in the s
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import math
-import os
 import warnings
 from typing import Sequence
 
@@ -394,21 +392,14 @@ def _rescorer(source, queries, query_norms, dtype, normalize: bool, max_row_norm
       out /= query_norms[which] * np.sqrt(np.einsum("ij,ij->i", rows, rows))
 
   def rescore(which, positions):
-    """`which` ascending: chunks of whole queries, gathered at once and scored query by
-    query, in a thread per core (numpy's gathers and BLAS release the GIL)."""
+    """`which` ascending: chunks of whole queries, each gathered at once and scored query
+    by query."""
     out = np.empty(which.size, np.float64)
-    step, edges = max(1, RESCORE_VALUES // source.dim), [0]
-    for start in np.flatnonzero(which[1:] != which[:-1]) + 1:
-      if start - edges[-1] >= step:
-        edges.append(int(start))
-    edges.append(which.size)
-    chunks = list(zip(edges[:-1], edges[1:]))
-    work = lambda ab: score_chunk(which[ab[0]:ab[1]], positions[ab[0]:ab[1]], out[ab[0]:ab[1]])
-    if len(chunks) == 1:
-      work(chunks[0])
-    else:
-      with concurrent.futures.ThreadPoolExecutor(min(len(chunks), os.cpu_count() or 1)) as pool:
-        list(pool.map(work, chunks))
+    step, start = max(1, RESCORE_VALUES // source.dim), 0
+    for stop in [*(np.flatnonzero(which[1:] != which[:-1]) + 1), which.size]:
+      if stop - start >= step or stop == which.size:
+        score_chunk(which[start:stop], positions[start:stop], out[start:stop])
+        start = stop
     return out
 
   return rescore

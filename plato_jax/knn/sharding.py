@@ -24,6 +24,7 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from plato_jax.kernels.topk import BucketConfig, bucket_topk
+from plato_jax.knn import threads
 
 AXIS = "gallery"
 # Word order of an int64 seen as two int32s: (low, high).
@@ -64,17 +65,27 @@ def order_keys(values, ids):
 
 def host_topk(keys: np.ndarray, k: int):
   """The first k of each row of `order_keys` output [Q, m, 2] on the host: (values f32
-  [Q, k], ids int32 [Q, k]), ids -1 where the value is -inf. A partition, then a sort of k."""
+  [Q, k], ids int32 [Q, k]), ids -1 where the value is -inf. A partition, then a sort of k,
+  on slices of queries in a thread per core."""
   keys = np.ascontiguousarray(keys).view(np.int64)[..., 0]
-  if keys.shape[1] > k:
-    keys = np.partition(keys, k - 1, axis=1)[:, :k]
-  elif keys.shape[1] < k:  # fewer candidates than k: filler (-inf, -1) after them
-    filler = np.asarray(order_keys(np.float32(-np.inf), np.int32(-1))).view(np.int64)
-    keys = np.pad(keys, ((0, 0), (0, k - keys.shape[1])), constant_values=filler[0])
-  words = np.sort(keys, axis=1).view(np.int32).reshape(*keys.shape, 2)
-  rising = ~words[..., _HIGH]
-  values = np.where(rising < 0, rising ^ np.int32(0x7FFFFFFF), rising).view(np.float32)
-  ids = np.where(values == -np.inf, -1, words[..., _LOW])
+  num_q, m = keys.shape
+  values, ids = np.empty((num_q, k), np.float32), np.empty((num_q, k), np.int32)
+  if m < k:  # fewer candidates than k: filler (-inf, -1) after them
+    filler = np.asarray(order_keys(np.float32(-np.inf), np.int32(-1))).view(np.int64)[0]
+
+  def select(span):
+    a, b = span
+    part = keys[a:b]
+    if m > k:
+      part = np.partition(part, k - 1, axis=1)[:, :k]
+    elif m < k:
+      part = np.pad(part, ((0, 0), (0, k - m)), constant_values=filler)
+    words = np.sort(part, axis=1).view(np.int32).reshape(b - a, k, 2)
+    rising = ~words[..., _HIGH]
+    values[a:b] = np.where(rising < 0, rising ^ np.int32(0x7FFFFFFF), rising).view(np.float32)
+    ids[a:b] = np.where(values[a:b] == -np.inf, -1, words[..., _LOW])
+
+  threads.each(select, threads.spans(num_q, m))
   return values, ids
 
 
