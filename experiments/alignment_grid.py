@@ -110,7 +110,8 @@ def main(argv):
   setup = common.start("alignment_grid", synthetic_rows=SYNTHETIC_ROWS) \
       if FLAGS.models_a is None else None
   if setup is None:  # the lists name the stores; only the shared settings are needed
-    setup = common.Setup(None, None, None, 0, 0, FLAGS.out or "results/alignment_grid")
+    setup = common.Setup("alignment_grid", None, None, None, 0, 0,
+                          common.out_dir("alignment_grid"))
   models_a, models_b, values, value_name = stores(setup)
   specs = metric_specs(FLAGS.metrics, FLAGS.topk, [int(k) for k in FLAGS.cknna_k])
   queries = common.read_queries()
@@ -130,7 +131,7 @@ def main(argv):
                        plot(rows, names_a, names_b, values, value_name))
   print(report.format_table(rows, ["model_a", "model_b", "metric", "score", "layer_a",
                                    "layer_b"]))
-  print(f"\nwrote {setup.out}/{', '.join(files)}")
+  print(f"\nwrote {', '.join(files)}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """What the gallery experiments share: their store/query/gallery flags, the synthetic default,
 multi-host start-up, one engine run through `plato_jax.scaling.run_scaling`, and the writing
-of results (JSON + CSV + PNG, atomically) under --out.
+of results (JSON + CSV + PNG) as one result set, `<out>/<experiment>/` (`plato_jax.report`).
 """
 from __future__ import annotations
 
@@ -26,8 +26,10 @@ flags.DEFINE_string("gallery", None, "largest gallery size, e.g. 100k, 15m (defa
 flags.DEFINE_list("sizes", None, "gallery sizes (default: the experiment's, up to --gallery, "
                   "plus --gallery)")
 flags.DEFINE_integer("seed", 0, "seed of the query draw and of the gallery order")
-flags.DEFINE_string("out", None, "output directory (default: results/<experiment>)")
-flags.DEFINE_bool("resume", True, "checkpoint the searches under --out/resume/<run> and continue "
+flags.DEFINE_string("out", "results", "output directory: the result set goes to "
+                    "<out>/<experiment>/, a link swapped to each new run's set in one step")
+flags.DEFINE_bool("resume", True, "checkpoint the searches under --out/resume/<experiment>-<run> "
+                  "and continue "
                   "from there after a crash")
 flags.DEFINE_string("world_dir", os.path.join(os.path.expanduser("~"), ".cache", "plato_jax"),
                     "cache directory of the synthetic world")
@@ -44,12 +46,38 @@ SYNTHETIC_ROWS = 200_000
 
 @dataclasses.dataclass
 class Setup:
+  experiment: str
   store_a: object
   store_b: object
   queries: int | list[int]
   num_queries: int
   largest: int
   out: str
+
+
+def out_dir(experiment: str) -> str:
+  """--out, checked: a folder (or nothing yet) whose `experiment` entry is a result set; says
+  so when it already shows another run's results, which this run's will replace."""
+  from plato_jax import report
+  out = FLAGS.out
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise app.UsageError(f"--out={out} is a file; results go into a folder")
+  try:
+    previous = report.current_set(out, experiment)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  if previous is not None:
+    print(f"note: {os.path.join(out, experiment)} shows the results of an earlier run "
+          f"({_describe(previous)}); this run's replace them there when it finishes, the "
+          f"earlier ones stay in {previous['folder']}")
+  return out
+
+
+def _describe(manifest: dict) -> str:
+  if "damaged" in manifest:
+    return f"its manifest is unreadable: {manifest['damaged']}"
+  return f"run {manifest.get('run_id')}, written {manifest.get('written')}: " + \
+      " ".join(manifest.get("argv") or [])
 
 
 def start(experiment: str, synthetic_rows: str | None = None) -> Setup:
@@ -72,9 +100,7 @@ def start(experiment: str, synthetic_rows: str | None = None) -> Setup:
 
   if (FLAGS.features_a is None) != (FLAGS.features_b is None):
     raise app.UsageError("give both --features_a and --features_b, or neither (synthetic world)")
-  out = FLAGS.out or os.path.join("results", experiment)
-  if os.path.exists(out) and not os.path.isdir(out):
-    raise app.UsageError(f"--out={out} is a file; results go into a folder")
+  out = out_dir(experiment)
   if FLAGS.features_a is None:
     from plato_jax.synthetic import WorldConfig, build_world
     rows = parse_count(FLAGS.gallery) if FLAGS.gallery else SYNTHETIC_ROWS
@@ -87,7 +113,7 @@ def start(experiment: str, synthetic_rows: str | None = None) -> Setup:
     raise app.UsageError(f"--gallery={FLAGS.gallery} exceeds the stores' {store_a.num_rows:,} rows")
   queries = read_queries()
   num_queries = queries if isinstance(queries, int) else len(queries)
-  return Setup(store_a, store_b, queries, num_queries, largest, out)
+  return Setup(experiment, store_a, store_b, queries, num_queries, largest, out)
 
 
 def read_queries() -> int | list[int]:
@@ -148,8 +174,7 @@ def run(setup: Setup, sizes, ks, store_a=None, store_b=None, **config):
       store_a=store_a.root, store_b=store_b.root, sizes=list(sizes), k=list(ks), **config)
   # The stores' contents too: a rewritten store starts its searches afresh.
   contents = dict(store_a=store_a.fingerprint(), store_b=store_b.fingerprint())
-  resume_dir = os.path.join(setup.out, "resume", run_id({**config, **contents})) \
-      if FLAGS.resume else None
+  resume_dir = resume_folder(setup, {**config, **contents})
   result = run_scaling(store_a, store_b, layer_a=FLAGS.layer_a, layer_b=FLAGS.layer_b,
                        queries=setup.queries, sizes=sizes, ks=ks, seed=FLAGS.seed,
                        resume_dir=resume_dir, checkpoint_every=FLAGS.checkpoint_every,
@@ -158,6 +183,13 @@ def run(setup: Setup, sizes, ks, store_a=None, store_b=None, **config):
   if resume_dir is not None and jax.process_count() == 1:
     shutil.rmtree(resume_dir, ignore_errors=True)  # done: its checkpoints are spent
   return result, config
+
+
+def resume_folder(setup: Setup, config: dict) -> str | None:
+  """Where a run of this configuration checkpoints (None without --resume)."""
+  if not FLAGS.resume:
+    return None
+  return os.path.join(setup.out, "resume", f"{setup.experiment}-{run_id(config)}")
 
 
 def run_id(config: dict) -> str:
@@ -175,15 +207,22 @@ def is_writer() -> bool:
 
 
 def write(setup: Setup, name: str, payload: dict, rows, figure) -> list[str]:
-  """<name>.json (payload), <name>.csv (rows), <name>.png (a matplotlib figure), atomically."""
+  """<name>.json (payload), <name>.csv (rows), <name>.png (a matplotlib figure): one result
+  set, published as `<out>/<name>/` in one step. Returns the files' paths."""
   import matplotlib.pyplot as plt
 
   from plato_jax import report
-  report.write_json(os.path.join(setup.out, f"{name}.json"), payload)
-  report.write_csv(os.path.join(setup.out, f"{name}.csv"), rows)
-  report.write_plot(os.path.join(setup.out, f"{name}.png"), figure)
+  config = payload.get("config", {})
+  result = report.ResultSet(setup.out, name, run_id(dict(config, experiment=name)), config)
+  result.write_json(f"{name}.json", payload)
+  result.write_csv(f"{name}.csv", rows)
+  result.write_plot(f"{name}.png", figure)
   plt.close(figure)
-  return [f"{name}.{ext}" for ext in ("json", "csv", "png")]
+  replaced = result.publish()
+  if replaced is not None and replaced.get("run_id") != result.manifest["run_id"]:
+    print(f"note: replaced the results of another run at {os.path.join(setup.out, name)} "
+          f"({_describe(replaced)}); they stay in {replaced['folder']}")
+  return [os.path.join(setup.out, name, f"{name}.{ext}") for ext in ("json", "csv", "png")]
 
 
 def figure(width: float = 6, height: float = 4, ncols: int = 1):

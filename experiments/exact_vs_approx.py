@@ -88,7 +88,7 @@ def main(argv):
         f"{result['skipped'] or 'none'}; tie epsilon {result['epsilon']:.2e}")
   print(report.format_table(rows, ["size", "method", "setting", "approximate", "recall",
                                    "tie_recall", "delta_mnn", "queries_per_s", "build_s"]))
-  print(f"\nwrote {setup.out}/{', '.join(files)}")
+  print(f"\nwrote {', '.join(files)}")
 
 
 if __name__ == "__main__":

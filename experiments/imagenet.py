@@ -112,7 +112,7 @@ def main(argv):
     columns += ["strict_names"]
   print(f"layers a={la} b={lb}; {len(np.unique(labels))} classes")
   print(report.format_table(rows, columns))
-  print(f"\nwrote {setup.out}/{', '.join(files)}")
+  print(f"\nwrote {', '.join(files)}")
 
 
 if __name__ == "__main__":

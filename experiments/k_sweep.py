@@ -2,7 +2,7 @@ r"""Mutual k-NN against k at fixed gallery sizes (Koepke et al. Fig. 3a, experim
 
     python -m experiments.k_sweep                         # synthetic world: 1,024 and 200k rows
     python -m experiments.k_sweep --features_a=dinov2.store --features_b=openllama.store \
-        --sizes=1024,1m --num_k=24 --max_k=100k --out=results/k_sweep
+        --sizes=1024,1m --num_k=24 --max_k=100k
 
 One engine pass per model gives every size and every k (nested prefixes, multi-k). Per size
 the k grid is --num_k log-spaced values from 1 to n-1 (capped at --max_k: the engine keeps
@@ -40,7 +40,7 @@ def main(argv):
                        result.rows, plot(result))
   print(f"\nlayers: a={result.layer_a} b={result.layer_b}; {result.num_queries} queries")
   print(report.format_table(result.rows, ["size", "k", "mutual_knn", "chance"]))
-  print(f"\nwrote {setup.out}/{', '.join(files)}")
+  print(f"\nwrote {', '.join(files)}")
 
 
 if __name__ == "__main__":

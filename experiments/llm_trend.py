@@ -140,9 +140,9 @@ def main(argv):
     vision = [FeatureStore.open(p) for p in FLAGS.models_a]
     language = [FeatureStore.open(p) for p in FLAGS.models_b]
     queries = common.read_queries()
-    setup = common.Setup(vision[0], language[0], queries,
+    setup = common.Setup("llm_trend", vision[0], language[0], queries,
                          queries if isinstance(queries, int) else len(queries),
-                         language[0].num_rows, FLAGS.out or "results/llm_trend")
+                         language[0].num_rows, common.out_dir("llm_trend"))
     bench_path = FLAGS.benchmarks
   names, table = read_benchmarks(bench_path)
   missing = [model_name(s) for s in language if model_name(s) not in table]
@@ -176,7 +176,7 @@ def main(argv):
                                    "r2_new"]))
   print()
   print(report.format_table(summary, ["benchmark", "r2_base_avg", "r2_new_avg"]))
-  print(f"\nwrote {setup.out}/{', '.join(files)}")
+  print(f"\nwrote {', '.join(files)}")
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ def main(argv):
   files = common.write(setup, "many_to_many", {"runs": runs}, rows, plot(rows))
   print(report.format_table(rows, ["direction", "multiplicity", "k", "dense_gallery",
                                    "group_set", "matched_slots", "own_source_in_dense"]))
-  print(f"\nwrote {setup.out}/{', '.join(files)}")
+  print(f"\nwrote {', '.join(files)}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ search finds when the pairing is shuffled, and the calibrated scores.
 
     python -m experiments.null                        # synthetic world, 50k rows
     python -m experiments.null --features_a=dinov2.store --features_b=openllama.store \
-        --sizes=1024,10k,100k,1m --permutations=200 --out=results/null
+        --sizes=1024,10k,100k,1m --permutations=200
 
 Every layer of both models is searched once (one engine pass each gives all sizes); each
 permutation then costs only set intersections (see `plato_jax.null`). Reported per size and
@@ -62,8 +62,7 @@ def main(argv):
   result = run_null(setup.store_a, setup.store_b, queries=setup.queries, sizes=sizes,
                     ks=FLAGS.k, permutations=FLAGS.permutations, quantile=FLAGS.quantile,
                     seed=FLAGS.seed, progress=FLAGS.progress, tile_rows=FLAGS.tile_rows,
-                    resume_dir=(os.path.join(setup.out, "resume", common.run_id(config))
-                                if FLAGS.resume else None))
+                    resume_dir=common.resume_folder(setup, config))
   if not common.is_writer():
     return
   files = common.write(setup, "null", {"config": config, **dataclasses.asdict(result)},
@@ -72,7 +71,7 @@ def main(argv):
   print(report.format_table(result.rows, ["size", "k", "raw_fixed", "raw_reselected",
                                           "null_fixed", "null_max", "tau", "calibrated",
                                           "calibrated_tau"]))
-  print(f"\nwrote {setup.out}/{', '.join(files)}")
+  print(f"\nwrote {', '.join(files)}")
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@ r"""Mutual k-NN against gallery size (Koepke et al. Fig. 4): does alignment surv
     python -m experiments.scaling                        # built-in synthetic world, ~1 min on CPU
     python -m experiments.scaling --gallery=15m          # synthetic world of 15M rows
     python -m experiments.scaling --features_a=dinov2.store --features_b=openllama.store \
-        --layer_a=auto --layer_b=auto --gallery=15m --out=results/scaling
+        --layer_a=auto --layer_b=auto --gallery=15m
 
-Writes scaling.json, scaling.csv and scaling.png under --out and prints the table.
+Writes scaling.json, scaling.csv and scaling.png as one result set, <out>/scaling/ (default
+results/scaling/), and prints the table.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def main(argv):
   print(report.format_table(result.rows, ["size", "k_spec", "k", "mutual_knn", "chance"]))
   print()
   print(report.format_table(result.quality, ["size", "model", "top1_cosine", "top10_cosine"]))
-  print(f"\nwrote {setup.out}/{', '.join(files)}")
+  print(f"\nwrote {', '.join(files)}")
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ def main(argv):
   files = common.write(setup, "within_modality", {"runs": runs}, rows, plot(rows))
   print(report.format_table(rows, ["pair", "layer_x", "layer_y", "size", "k_spec", "k",
                                    "mutual_knn", "chance"]))
-  print(f"\nwrote {setup.out}/{', '.join(files)}")
+  print(f"\nwrote {', '.join(files)}")
 
 
 if __name__ == "__main__":

@@ -43,8 +43,9 @@ def test_k_sweep_equals_brute_force_at_every_size_and_k(world, tmp_path):
                        f"--queries={QUERIES}", f"--sizes={QUERIES},{ROWS}", "--num_k=6",
                        "--max_k=1000", f"--out={tmp_path}")
   assert "wrote" in out
-  result = json.loads((tmp_path / "k_sweep.json").read_text())
-  assert {p.name for p in tmp_path.iterdir()} >= {"k_sweep.json", "k_sweep.csv", "k_sweep.png"}
+  result = json.loads((tmp_path / "k_sweep" / "k_sweep.json").read_text())
+  assert {p.name for p in (tmp_path / "k_sweep").iterdir()} == {"k_sweep.json", "k_sweep.csv",
+                                                          "k_sweep.png", "manifest.json"}
   xa, xb = gallery(a, result["layer_a"]), gallery(b, result["layer_b"])
   rows = result["rows"]
   for n in (QUERIES, ROWS):
@@ -88,7 +89,7 @@ def test_within_modality_pairs_equal_brute_force(world, tmp_path):
   run_experiment("within_modality", f"--features_a={a.root}", f"--features_b={b.root}",
                  f"--same_a={same_a.root}", f"--queries={QUERIES}", f"--sizes={QUERIES},{ROWS}",
                  "--k=1,10", f"--out={tmp_path / 'out'}")
-  result = json.loads((tmp_path / "out" / "within_modality.json").read_text())
+  result = json.loads((tmp_path / "out" / "within_modality" / "within_modality.json").read_text())
   assert [run["pair"] for run in result["runs"]] == ["a vs a'", "a vs b"]  # no --same_b
   for run, (x, y) in zip(result["runs"], ((a, same_a), (a, b))):
     xs, ys = gallery(x, run["layer_a"]), gallery(y, run["layer_b"])
@@ -148,7 +149,7 @@ def test_alignment_grid_equals_compute_score_per_pair(world, tmp_path):
   run_experiment("alignment_grid", f"--models_a={a.root},{a1.root}", f"--models_b={b.root}",
                  f"--queries={QUERIES}", "--metrics=mutual_knn,cka", "--topk=5",
                  f"--values={values}", f"--out={tmp_path / 'out'}")
-  rows = json.loads((tmp_path / "out" / "alignment_grid.json").read_text())["rows"]
+  rows = json.loads((tmp_path / "out" / "alignment_grid" / "alignment_grid.json").read_text())["rows"]
   assert [(r["model_a"], r["metric"]) for r in rows] == [
       (model_name(a), "mutual_knn@5"), (model_name(a), "cka"),
       (model_name(a1), "mutual_knn@5"), (model_name(a1), "cka")]
@@ -199,7 +200,7 @@ def test_llm_trend_fits_equal_direct_ols(world, tmp_path):
           language, ("base", "base", "new", "new"), (0.3, 0.5, 0.4, 0.9), (0.1, 0.2, 0.6, 0.3))))
   run_experiment("llm_trend", f"--models_a={a.root}", f"--models_b={','.join(s.root for s in language)}",
                  f"--benchmarks={bench}", f"--queries={QUERIES}", "--k=5", f"--out={tmp_path / 'out'}")
-  result = json.loads((tmp_path / "out" / "llm_trend.json").read_text())
+  result = json.loads((tmp_path / "out" / "llm_trend" / "llm_trend.json").read_text())
   q_rows = choose_queries(ROWS, QUERIES, 0)
   xa = metrics.prepare_features(a.gather(q_rows).astype(np.float32))
   align = [metrics.compute_score(xa, metrics.prepare_features(s.gather(q_rows).astype(np.float32)),
@@ -266,7 +267,7 @@ def test_imagenet_experiment_runs_on_store_labels(world, tmp_path):
   a, b = world
   out = run_experiment("imagenet", f"--features_a={a.root}", f"--features_b={b.root}",
                        "--ipc=1,5", "--k=1,3", f"--out={tmp_path}")
-  result = json.loads((tmp_path / "imagenet.json").read_text())
+  result = json.loads((tmp_path / "imagenet" / "imagenet.json").read_text())
   assert [(r["ipc"], r["k"]) for r in result["rows"]] == [(1, 1), (1, 3), (5, 1), (5, 3)]
   assert "strict_names" not in result["rows"][0]  # real stores: no class-name stand-in
   assert "20 classes" in out
@@ -325,13 +326,13 @@ def test_many_to_many_experiment_command(world, tmp_path):
   run_experiment("many_to_many", f"--features_a={a.root}", f"--features_b={b.root}",
                  f"--dense_b={dense.root}", "--multiplicities=1,2", "--k=1,3",
                  f"--queries={QUERIES}", f"--out={tmp_path / 'out'}")
-  result = json.loads((tmp_path / "out" / "many_to_many.json").read_text())
+  result = json.loads((tmp_path / "out" / "many_to_many" / "many_to_many.json").read_text())
   assert [run["direction"] for run in result["runs"]] == ["I2T"]
   rows = result["runs"][0]["rows"]
   assert [(r["multiplicity"], r["k"]) for r in rows] == [(1, 1), (1, 3), (2, 1), (2, 3)]
   # one item per source: both readings are mutual k-NN
   assert rows[0]["group_set"] == rows[0]["matched_slots"]
-  assert (tmp_path / "out" / "many_to_many.png").exists()
+  assert (tmp_path / "out" / "many_to_many" / "many_to_many.png").exists()
 
 
 def test_alignment_grid_runs_all_eight_metrics_with_concat(world, tmp_path):
@@ -339,7 +340,7 @@ def test_alignment_grid_runs_all_eight_metrics_with_concat(world, tmp_path):
   a, b = world
   run_experiment("alignment_grid", f"--models_a={a.root}", f"--models_b={b.root}", "--queries=40",
                  "--metrics=all", "--topk=5", "--cknna_k=5,10", "--concat", f"--out={tmp_path}")
-  rows = json.loads((tmp_path / "alignment_grid.json").read_text())["rows"]
+  rows = json.loads((tmp_path / "alignment_grid" / "alignment_grid.json").read_text())["rows"]
   want = []
   for m in metrics.SUPPORTED_METRICS:
     want += ["cknna@5", "cknna@10"] if m == "cknna" else [f"{m}@5" if "knn" in m else m]

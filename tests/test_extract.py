@@ -279,5 +279,5 @@ def test_extract_command_fills_a_store_that_scaling_reads(rng, tmp_path, llama_d
                            "--queries=8", "--sizes=16,40", "--k=1,5", f"--out={tmp_path / 'res'}",
                            "--noprogress"], stdout=f, stderr=subprocess.STDOUT).returncode
   assert code == 0, log.read_text()[-3000:]
-  result = json.loads((tmp_path / "res" / "scaling.json").read_text())
+  result = json.loads((tmp_path / "res" / "scaling" / "scaling.json").read_text())
   assert {16, 40} <= {row["size"] for row in result["rows"]}

@@ -117,15 +117,15 @@ def test_cli_kill_9_then_resume_gives_identical_results(world, tmp_path):
       (tmp_path / "crash.log").read_text()[-2000:]
   os.kill(crashed.pid, signal.SIGKILL)
   crashed.wait()
-  assert not (tmp_path / "crash" / "scaling.json").exists()
+  assert not os.path.lexists(tmp_path / "crash" / "scaling")
   again = _run_cli(common + [f"--out={tmp_path / 'crash'}"])
   out = again.communicate(timeout=300)[0]
   assert again.returncode == 0, out[-3000:]
-  a = json.loads((tmp_path / "clean" / "scaling.json").read_text())
-  b = json.loads((tmp_path / "crash" / "scaling.json").read_text())
+  a = json.loads((tmp_path / "clean" / "scaling" / "scaling.json").read_text())
+  b = json.loads((tmp_path / "crash" / "scaling" / "scaling.json").read_text())
   assert a["rows"] == b["rows"] and a["quality"] == b["quality"]
   for name in ("scaling.csv", "scaling.png"):
-    assert (tmp_path / "crash" / name).stat().st_size > 0
+    assert (tmp_path / "crash" / "scaling" / name).stat().st_size > 0
   assert not any((tmp_path / "crash" / "resume").iterdir())  # spent checkpoints are removed
 
 
@@ -147,8 +147,8 @@ def test_cli_two_processes_equal_one(world, tmp_path):
       for i in range(2)]
   for i, p in enumerate(procs):
     assert p.wait(timeout=300) == 0, (tmp_path / f"p{i}.log").read_text()[-3000:]
-  a = json.loads((tmp_path / "one" / "scaling.json").read_text())
-  b = json.loads((tmp_path / "two" / "scaling.json").read_text())
+  a = json.loads((tmp_path / "one" / "scaling" / "scaling.json").read_text())
+  b = json.loads((tmp_path / "two" / "scaling" / "scaling.json").read_text())
   assert a["rows"] == b["rows"] and a["quality"] == b["quality"]
 
 
