@@ -63,21 +63,12 @@ def out_dir(experiment: str) -> str:
   if os.path.exists(out) and not os.path.isdir(out):
     raise app.UsageError(f"--out={out} is a file; results go into a folder")
   try:
-    previous = report.current_set(out, experiment)
+    notice = report.notice_of_earlier_run(out, experiment)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  if previous is not None:
-    print(f"note: {os.path.join(out, experiment)} shows the results of an earlier run "
-          f"({_describe(previous)}); this run's replace them there when it finishes, the "
-          f"earlier ones stay in {previous['folder']}")
+  if notice:
+    print(notice)
   return out
-
-
-def _describe(manifest: dict) -> str:
-  if "damaged" in manifest:
-    return f"its manifest is unreadable: {manifest['damaged']}"
-  return f"run {manifest.get('run_id')}, written {manifest.get('written')}: " + \
-      " ".join(manifest.get("argv") or [])
 
 
 def start(experiment: str, synthetic_rows: str | None = None) -> Setup:
@@ -221,7 +212,7 @@ def write(setup: Setup, name: str, payload: dict, rows, figure) -> list[str]:
   replaced = result.publish()
   if replaced is not None and replaced.get("run_id") != result.manifest["run_id"]:
     print(f"note: replaced the results of another run at {os.path.join(setup.out, name)} "
-          f"({_describe(replaced)}); they stay in {replaced['folder']}")
+          f"({report.describe(replaced)}); they stay in {replaced['folder']}")
   return [os.path.join(setup.out, name, f"{name}.{ext}") for ext in ("json", "csv", "png")]
 
 

@@ -39,7 +39,8 @@ flags.DEFINE_string("image_column", "image", "image field / column (parquet: byt
 flags.DEFINE_string("caption_column", "caption", "caption field / column, e.g. "
                     "original_caption or gemini_caption for WIT")
 flags.DEFINE_string("id_column", "id", "integer row id field (default: the row's position)")
-flags.DEFINE_integer("chunk_rows", 4096, "store chunk rows (the engine's tile)")
+flags.DEFINE_integer("chunk_rows", None, "store inner chunk rows (default: ~256 KB chunks; "
+                     "a randomly read row costs its whole chunk)")
 flags.DEFINE_bool("resume", False, "continue an interrupted extraction into --out (the same "
                   "model files, dataset, dtype and options, else an error naming what differs)")
 flags.DEFINE_bool("overwrite", False, "replace a store that exists at --out (without this or "

@@ -15,7 +15,6 @@ pair and of the maximum over pairs, the null quantile τ, raw − E_π[max] and
 from __future__ import annotations
 
 import dataclasses
-import os
 
 from absl import app, flags
 

@@ -149,7 +149,7 @@ class Options:
   max_length: int | None = None    # tokens; None: no limit
   on_long_text: str = "fail"       # "fail" | "truncate" | "skip" (beyond max_length)
   bucket_window: int = 16          # batches sorted by length together
-  chunk_rows: int = 4096           # store chunk (the engine's tile rows)
+  chunk_rows: int | None = None    # store inner chunk rows (default: ~256 KB chunks)
   shard_rows: int | None = None    # store shard (default: from a 256 MB buffer budget)
   resume: bool = False
   overwrite: bool = False          # replace an existing store at `out` (else: an error)

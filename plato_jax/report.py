@@ -68,6 +68,25 @@ def current_set(out: str, name: str) -> dict | None:
     return {"damaged": str(e), "folder": os.path.realpath(link)}
 
 
+def describe(manifest: dict) -> str:
+  """A set's run in words, from its manifest (`current_set`)."""
+  if "damaged" in manifest:
+    return f"its manifest is unreadable: {manifest['damaged']}"
+  return f"run {manifest.get('run_id')}, written {manifest.get('written')}: " + \
+      " ".join(manifest.get("argv") or [])
+
+
+def notice_of_earlier_run(out: str, name: str) -> str | None:
+  """What a run about to write `<out>/<name>` should say: that it shows an earlier run's
+  results (None if it shows none). Raises if `<out>/<name>` is not a set."""
+  previous = current_set(out, name)
+  if previous is None:
+    return None
+  return (f"note: {os.path.join(out, name)} shows the results of an earlier run "
+          f"({describe(previous)}); this run's replace them there when it finishes, the "
+          f"earlier ones stay in {previous['folder']}")
+
+
 def read_set(directory: str) -> dict:
   """A result set's manifest, after checking every file it names against its SHA-256."""
   path = os.path.join(directory, MANIFEST)

@@ -1,8 +1,8 @@
 """Mutual k-NN as the gallery grows (Koepke et al. §4.1): one pass per model, every size, every k.
 
 Protocol. The gallery order is one seeded permutation of the stores' rows: the queries come
-first, then whole chunks of `chunk_rows` consecutive store rows in random order (so tiles are
-read as whole chunks, never row by row). Gallery sizes are prefixes of that order, so the
+first, then runs of `ORDER_RUN` consecutive store rows in random order (so tiles are read
+in long runs, never row by row; the order does not depend on how a store is chunked). Gallery sizes are prefixes of that order, so the
 smallest size (= the number of queries) is the queries' all-vs-all gallery, as WIT-1024 is
 in the paper. Queries sit inside every gallery and are excluded as self. Each model's layer
 is fixed once (`auto`: the best mutual-kNN pair on the queries, k=10, as both papers do).
@@ -27,6 +27,7 @@ from plato_jax.store import FeatureStore
 
 DEFAULT_SIZES = ("1024", "10k", "50k", "100k", "500k", "1m", "5m", "10m", "15m")
 DEFAULT_KS = ("1", "10", "n/100")
+ORDER_RUN = 4096  # consecutive store rows kept together in the gallery order
 
 
 def parse_count(text: str | int) -> int:
@@ -69,12 +70,13 @@ def expand_k(spec: str, n: int) -> list[int]:
   return sorted({int(round(k)) for k in np.geomspace(1, top, count)})
 
 
-def gallery_order(num_rows: int, query_rows: np.ndarray, chunk_rows: int, seed: int) -> np.ndarray:
-  """Queries first, then the other rows in seeded random order of whole chunks."""
+def gallery_order(num_rows: int, query_rows: np.ndarray, seed: int,
+                  run: int = ORDER_RUN) -> np.ndarray:
+  """Queries first, then the other rows in seeded random order of runs of `run` rows."""
   rng = np.random.default_rng(seed)
-  chunks = rng.permutation(-(-num_rows // chunk_rows))
-  rest = np.concatenate([np.arange(c * chunk_rows, min((c + 1) * chunk_rows, num_rows))
-                         for c in chunks]) if num_rows else np.zeros(0, np.int64)
+  runs = rng.permutation(-(-num_rows // run))
+  rest = np.concatenate([np.arange(c * run, min((c + 1) * run, num_rows))
+                         for c in runs]) if num_rows else np.zeros(0, np.int64)
   rest = rest[~np.isin(rest, query_rows)]
   return np.concatenate([np.asarray(query_rows, np.int64), rest])
 
@@ -122,7 +124,6 @@ def plan_galleries(store_a: FeatureStore, store_b: FeatureStore, queries, sizes,
     raise ValueError(f"the two stores do not hold the same rows ({store_a.root} vs "
                      f"{store_b.root}): {where}")
   n_total = len(ids)
-  chunk_rows = int(store_a.meta.get("chunk_rows", 4096))
   query_rows = resolve_queries(ids, queries, seed)
   num_q = len(query_rows)
   size_list = sorted({parse_count(s) for s in sizes})
@@ -138,7 +139,7 @@ def plan_galleries(store_a: FeatureStore, store_b: FeatureStore, queries, sizes,
       if k > n - 1:
         raise ValueError(f"k={spec} gives {k} > {n - 1} neighbours available at gallery "
                          f"size {n}")
-  order = gallery_order(n_total, query_rows, chunk_rows, seed)[:size_list[-1]]
+  order = gallery_order(n_total, query_rows, seed)[:size_list[-1]]
   return GalleryPlan(ids, query_rows, size_list, order, k_by_size)
 
 

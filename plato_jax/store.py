@@ -8,16 +8,25 @@ s3://, memory://):
                        with a conditional write, so of two writers one gets the store
     features/          zarr3 [N, L, D] (bf16, f16 or f32), sharding codec: a shard holds
                        `shard_rows` rows of ONE layer, split in inner chunks of `chunk_rows`
-                       rows — streaming one layer reads only that layer's bytes, in tiles
+                       rows — streaming one layer reads only that layer's bytes, in tiles;
+                       a random row costs its inner chunk (read and checksummed whole), so
+                       chunks default to ~256 KB
     ids/               zarr3 [N] int64 row ids (stable dataset ids)
     columns/<name>/    zarr3 [N] float32 per-row values (e.g. a caption's loss), optional
+    seals/             zarr3 [N / shard_rows, L + 1 + columns] uint64: each shard file's seal
+                       (`plato_jax.seals`), by row shard and array (layers, ids, columns)
+
+Every inner chunk carries a CRC-32C that TensorStore checks on read; a missing shard is an
+error, never rows of zeros; and a reader compares a shard's seal with the writer's before
+it reads from it, so a shard file moved or copied onto another's name is an error naming
+the file, not data from the wrong rows.
 
 One [N, L, D] array rather than L arrays keeps a row's layers under one id and lets a layer
 be chosen at read time; the [rows, 1, D] chunk shape makes one layer as cheap to stream as
 a separate array would be.
 
 Metadata: format, version, model, dataset, pooling, layers (names), num_rows, num_layers,
-dim, dtype, chunk_rows, shard_rows, columns, rows_written, complete, generation (a token
+dim, dtype, chunk_rows, shard_rows, columns, rows_written, complete, sealed, generation (a token
 renewed whenever the writer writes: resumed work keyed on it sees a rewritten store), note (the writer's
 `note` at `note_rows` rows, the last durable one: a resumed writer continues from there,
 where its producer continues), plus any `extra` fields.
@@ -30,7 +39,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import uuid
+import warnings
 from typing import Any, Sequence
 
 import ml_dtypes
@@ -38,6 +49,7 @@ import numpy as np
 import tensorstore as ts
 
 from plato_jax.lock import Busy, Lock
+from plato_jax.seals import UNSEALED, ShardError, shard_seals
 
 FORMAT = "plato_jax.store"
 VERSION = 1
@@ -46,6 +58,13 @@ LOCK = "plato_store.lock"
 # One context for every open: shares caches and makes memory:// stores visible across opens.
 _CONTEXT = ts.Context()
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+CHUNK_BYTES = 2 ** 18  # default inner chunk: streams at full rate, and a gathered row costs little
+
+
+def default_chunk_rows(dim: int, itemsize: int) -> int:
+  """Rows of a ~CHUNK_BYTES inner chunk: a power of two, 1 to 4,096."""
+  rows = max(1, min(4096, CHUNK_BYTES // (dim * itemsize)))
+  return 1 << (rows.bit_length() - 1)
 
 
 def _root_url(path: str) -> str:
@@ -56,14 +75,15 @@ def _root_url(path: str) -> str:
 
 def _existing(url: str) -> dict:
   """The spec that opens an existing array of a store: a missing shard is an error, never
-  rows of the fill value (zeros) read as data."""
-  return {"driver": "zarr3", "kvstore": url, "fill_missing_data_reads": False}
+  rows of the fill value (zeros) read as data. So chunks of zeros are written like any
+  other (TensorStore would otherwise leave them out, and the read would fail)."""
+  return {"driver": "zarr3", "kvstore": url, "fill_missing_data_reads": False,
+          "store_data_equal_to_fill_value": True}
 
 
 def _sharded_spec(url: str, shape, dtype: str, shard, chunk) -> dict:
   return {
-      "driver": "zarr3",
-      "kvstore": url,
+      **_existing(url),
       "metadata": {
           "shape": list(shape),
           "data_type": dtype,
@@ -77,6 +97,44 @@ def _sharded_spec(url: str, shape, dtype: str, shard, chunk) -> dict:
                                {"name": "crc32c"}]}}],
       },
   }
+
+
+def _seals_spec(url: str, row_shards: int, slots: int) -> dict:
+  return {
+      **_existing(url),
+      "metadata": {
+          "shape": [row_shards, slots], "data_type": "uint64", "fill_value": UNSEALED,
+          "chunk_grid": {"name": "regular", "configuration": {
+              "chunk_shape": [min(row_shards, 4096), slots]}},
+          "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                     {"name": "crc32c"}]},
+  }
+
+
+class _Shards:
+  """A store's shard files by (slot, row shard) — slots: its layers, then ids, then its
+  columns — and their seals."""
+
+  def __init__(self, root: str, meta: dict):
+    self.rows, self.layers = meta["shard_rows"], meta["num_layers"]
+    self.chunks = meta["shard_rows"] // meta["chunk_rows"]
+    self.arrays = ["ids/"] + [f"columns/{c}/" for c in meta.get("columns", [])]
+    self.slots = self.layers + len(self.arrays)
+    self.kv = ts.KvStore.open(root, context=_CONTEXT).result()
+
+  def key(self, slot: int, shard: int) -> str:
+    if slot < self.layers:
+      return f"features/c/{shard}/{slot}/0"
+    return f"{self.arrays[slot - self.layers]}c/{shard}"
+
+  def seals(self, pairs) -> list[int]:
+    """Seals of (slot, shard) pairs, read from the files."""
+    return shard_seals(self.kv, [self.key(*p) for p in pairs], self.chunks)
+
+  def describe(self, slot: int, shard: int) -> str:
+    what = f"layer {slot}" if slot < self.layers else self.arrays[slot - self.layers][:-1]
+    return (f"{self.kv.url}{self.key(slot, shard)} (rows {shard * self.rows}.."
+            f"{(shard + 1) * self.rows - 1} of {what})")
 
 
 def _read_metadata(root: str) -> dict:
@@ -145,6 +203,9 @@ class StoreWriter:
     self._columns = {name: ts.open(_existing(root + f"columns/{name}/"),
                                    open=True, context=_CONTEXT).result()
                      for name in meta.get("columns", [])} if columns is None else columns
+    self._shards = _Shards(root, meta)
+    self._seals = ts.open(_existing(root + "seals/"), open=True, context=_CONTEXT).result() \
+        if meta.get("sealed") else None  # stores from before seals stay without
     self._notes: list[tuple[int, Any]] = []  # (store position after an append, its note)
     self.rows_written = meta["rows_written"]   # durable
     self.position = self.rows_written         # appended (buffered or in flight)
@@ -152,7 +213,7 @@ class StoreWriter:
   @classmethod
   def create(cls, path: str, *, num_rows: int, num_layers: int, dim: int,
              dtype: str = "bfloat16", model: str = "", dataset: str = "", pooling: str = "",
-             layers: Sequence[str] | None = None, chunk_rows: int = 4096,
+             layers: Sequence[str] | None = None, chunk_rows: int | None = None,
              shard_rows: int | None = None, overwrite: bool = False,
              columns: Sequence[str] = (), extra: dict | None = None) -> "StoreWriter":
     if dtype not in DTYPES:
@@ -170,6 +231,8 @@ class StoreWriter:
     if len(layers) != num_layers:
       raise ValueError(f"{len(layers)} layer names for {num_layers} layers")
     itemsize = np.dtype(DTYPES[dtype]).itemsize
+    if chunk_rows is None:
+      chunk_rows = default_chunk_rows(dim, itemsize)
     chunk_rows = max(1, min(chunk_rows, num_rows))
     if shard_rows is None:
       # A shard of every layer is buffered before it is written: keep that under ~256 MB.
@@ -181,7 +244,7 @@ class StoreWriter:
     meta = dict(format=FORMAT, version=VERSION, model=model, dataset=dataset, pooling=pooling,
                 layers=layers, num_rows=int(num_rows), num_layers=int(num_layers), dim=int(dim),
                 dtype=dtype, chunk_rows=int(chunk_rows), shard_rows=int(shard_rows),
-                columns=list(columns), rows_written=0, complete=False, note=None,
+                columns=list(columns), rows_written=0, complete=False, sealed=True, note=None,
                 note_rows=None,
                 **(extra or {}))
     _write_metadata(root, meta)  # first: an interrupted create is an incomplete store
@@ -196,6 +259,8 @@ class StoreWriter:
                                         (shard_rows,), (chunk_rows,)), create=True,
                           delete_existing=True, context=_CONTEXT).result()
             for name in columns}
+    ts.open(_seals_spec(root + "seals/", -(-num_rows // shard_rows), num_layers + 1 + len(cols)),
+            create=True, delete_existing=True, context=_CONTEXT).result()
     return cls(root, meta, features, ids, cols, lock=lock)
 
   @classmethod
@@ -285,17 +350,31 @@ class StoreWriter:
   def commit(self, wait_all: bool = True) -> None:
     """Waits for issued writes and records the durable row count in the metadata."""
     keep = 0 if wait_all else 1
+    before = self.rows_written
     while len(self._pending) > keep:
       stop, futures = self._pending.pop(0)
       for f in futures:
         f.result()
       self.rows_written = stop
+    full = self.rows_written // self.meta["shard_rows"]  # shards now durable and whole
+    last = -(-self.rows_written // self.meta["shard_rows"])
+    self._seal(before // self.meta["shard_rows"],
+               last if self.rows_written == self.meta["num_rows"] else full)
     while self._notes and self._notes[0][0] <= self.rows_written:
       # the last note at or before rows_written, and the row count it belongs to
       self.meta["note_rows"], self.meta["note"] = self._notes.pop(0)
     self.meta["rows_written"] = int(self.rows_written)
     self.meta["generation"] = uuid.uuid4().hex  # the rows changed: resumed work sees it
     _write_metadata(self.root, self.meta)
+
+  def _seal(self, first: int, stop: int) -> None:
+    """Records the seals of row shards [first, stop) (every array's), read back from the
+    files just written."""
+    if self._seals is None or stop <= first:
+      return
+    pairs = [(slot, shard) for shard in range(first, stop) for slot in range(self._shards.slots)]
+    seals = np.array(self._shards.seals(pairs), np.uint64).reshape(stop - first, -1)
+    self._seals[first:stop].write(seals).result()
 
   def close(self, *, allow_fewer: bool = False) -> "FeatureStore | None":
     """Writes everything; marks the store complete when every row is in it. With
@@ -310,6 +389,10 @@ class StoreWriter:
       for array in [self._ids, *self._columns.values()]:
         array.resize(exclusive_max=[n], shrink_only=True).result()
       self.meta["num_rows"] = int(n)
+      if self._seals is not None:  # the cut rewrote the last shard
+        shards = -(-n // self.meta["shard_rows"])
+        self._seals.resize(exclusive_max=[shards, self._shards.slots], shrink_only=True).result()
+        self._seal(shards - 1, shards)
     complete = self.rows_written == self.meta["num_rows"]
     if complete:
       self.meta["complete"] = True
@@ -334,6 +417,41 @@ class FeatureStore:
     self._ids_cache: np.ndarray | None = None
     self.num_rows, self.num_layers, self.dim = meta["num_rows"], meta["num_layers"], meta["dim"]
     self.dtype = np.dtype(DTYPES[meta["dtype"]])
+    self._shards = _Shards(root, meta)
+    self._recorded: np.ndarray | None = None  # the writer's seals, read at the first check
+    self._checked: set = set()
+    self._seals_lock = threading.Lock()
+    if not meta.get("sealed"):
+      warnings.warn(f"store {root} was written before shard seals: a shard file moved onto "
+                    f"another's name cannot be detected (its chunks' checksums are still "
+                    f"verified)")
+
+  def _check(self, slots, shards) -> None:
+    """Compares the seals of these shard files (every slot, row shard) with the writer's,
+    each once, before they are read: a file moved or copied onto another's name, or missing,
+    is an error naming it."""
+    if not self.meta.get("sealed"):
+      return
+    todo = [(slot, shard) for shard in shards for slot in slots
+            if (slot, shard) not in self._checked]
+    if not todo:
+      return
+    with self._seals_lock:
+      if self._recorded is None:
+        self._recorded = ts.open(_existing(self.root + "seals/"), open=True, read=True,
+                                 context=_CONTEXT).result().read().result()
+    for (slot, shard), seal in zip(todo, self._shards.seals(todo)):
+      want = int(self._recorded[shard, slot])
+      if want == UNSEALED and not self.meta["complete"]:
+        continue  # an incomplete store's last shards: their writer has not sealed them yet
+      if seal != want:
+        raise ShardError(f"store {self.root}: shard file {self._shards.describe(slot, shard)} "
+                         f"is not the one its writer wrote there (moved or copied from "
+                         f"elsewhere, or rewritten since)")
+    self._checked.update(todo)
+
+  def _row_shards(self, start: int, stop: int) -> range:
+    return range(start // self.meta["shard_rows"], -(-stop // self.meta["shard_rows"]))
 
   @classmethod
   def open(cls, path: str, *, allow_partial: bool = False) -> "FeatureStore":
@@ -371,12 +489,15 @@ class FeatureStore:
     if name not in self.meta.get("columns", []):
       raise ValueError(f"store {self.root}: no column {name!r}; columns are "
                        f"{self.meta.get('columns', [])}")
+    self._check([self.num_layers + 1 + self.meta["columns"].index(name)],
+                self._row_shards(0, self.num_rows))
     array = ts.open(_existing(self.root + f"columns/{name}/"), open=True,
                     read=True, context=_CONTEXT).result()
     return array[:self.num_rows].read().result()
 
   def ids(self) -> np.ndarray:
     if self._ids_cache is None:
+      self._check([self.num_layers], self._row_shards(0, self.num_rows))
       self._ids_cache = self._ids_array[:self.num_rows].read().result()
     return self._ids_cache
 
@@ -400,6 +521,8 @@ class FeatureStore:
     rows = np.asarray(rows, dtype=np.int64)
     if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
       raise ValueError(f"store {self.root}: rows out of range [0, {self.num_rows})")
+    slots = range(self.num_layers) if layer is None else [self.layer_index(layer)]
+    self._check(slots, np.unique(rows // self.meta["shard_rows"]).tolist())
     view = self._features if layer is None else self._features[:, self.layer_index(layer)]
     order = np.argsort(rows)
     got = view[ts.d[0].translate_to[0]][rows[order].tolist()].read().result() if rows.size else \
@@ -410,7 +533,9 @@ class FeatureStore:
 
   def read_layer(self, layer: int | str, start: int = 0, stop: int | None = None) -> np.ndarray:
     stop = self.num_rows if stop is None else min(stop, self.num_rows)
-    return self._features[start:stop, self.layer_index(layer)].read().result()
+    layer = self.layer_index(layer)
+    self._check([layer], self._row_shards(start, stop))
+    return self._features[start:stop, layer].read().result()
 
 
 class LayerSource:
@@ -424,7 +549,7 @@ class LayerSource:
     return self.store.ids()
 
   def read(self, start: int, stop: int) -> np.ndarray:
-    return self.store._features[start:stop, self.layer].read().result()
+    return self.store.read_layer(self.layer, start, stop)
 
   def take(self, positions) -> np.ndarray:
     return self.store.gather(positions, self.layer)

@@ -169,7 +169,7 @@ def build_items(directory: str, num_rows: int, modality: int, items: int,
 
 
 def world_root(directory: str, num_rows: int, config: WorldConfig, dtype: str) -> str:
-  return os.path.join(directory, f"world-v2-{config.fingerprint()}-{num_rows}-{dtype}")
+  return os.path.join(directory, f"world-v3-{config.fingerprint()}-{num_rows}-{dtype}")
 
 
 def _build(paths, models, num_rows, config, dtype, progress, workers, items: int = 1):
@@ -187,7 +187,7 @@ def _build(paths, models, num_rows, config, dtype, progress, workers, items: int
           path, num_rows=num_rows * items, num_layers=config.layers[m], dim=config.dims[m],
           dtype=dtype, model=f"synthetic-{'ab'[m]}" + (f"{j}-q{quality:g}" if j else ""),
           dataset=f"synthetic-world-{config.fingerprint()}", pooling="none", overwrite=True,
-          chunk_rows=4096, shard_rows=BLOCK_ROWS * 4, columns=columns,
+          shard_rows=BLOCK_ROWS * 4, columns=columns,
           extra={"world": dataclasses.asdict(config), "modality": "ab"[m], "model_index": j,
                  "quality": quality, "items_per_source": items}))
   # Work units, item-major: (item, block index, first row); the stores restart at the

@@ -33,7 +33,7 @@ def run_experiment(name, *args):
 def gallery(store, layer, seed=0):
   """The rows of one layer in the experiments' gallery order (queries first)."""
   rows = choose_queries(ROWS, QUERIES, seed)
-  order = gallery_order(ROWS, rows, store.meta["chunk_rows"], seed)
+  order = gallery_order(ROWS, rows, seed)
   return store.read_layer(layer).astype(np.float32)[order]
 
 

@@ -4,9 +4,6 @@ import json
 import os
 
 import pytest
-from absl import flags
-from absl.testing import flagsaver
-
 from plato_jax import report
 
 
@@ -93,17 +90,10 @@ def test_only_the_newest_sets_are_kept(tmp_path):
       {f"r{i}" for i in range(3, report.KEEP + 3)}
 
 
-def test_a_run_says_when_out_shows_another_runs_results(tmp_path, capsys):
-  from experiments import common
-  flags.FLAGS.mark_as_parsed()
-  with flagsaver.flagsaver(out=str(tmp_path)):
-    assert common.out_dir("scaling") == str(tmp_path)
-    assert "note" not in capsys.readouterr().out
-    publish(tmp_path, "r1", {"a": 1})
-    common.out_dir("scaling")
-    said = capsys.readouterr().out
-    assert "shows the results of an earlier run (run r1" in said and report.SETS in said
-  (tmp_path / "file").write_text("")
-  with flagsaver.flagsaver(out=str(tmp_path / "file")):
-    with pytest.raises(Exception, match="is a file"):
-      common.out_dir("scaling")
+def test_a_run_says_when_out_shows_another_runs_results(tmp_path):
+  assert report.notice_of_earlier_run(str(tmp_path), "scaling") is None
+  publish(tmp_path, "r1", {"a": 1})
+  said = report.notice_of_earlier_run(str(tmp_path), "scaling")
+  assert "shows the results of an earlier run (run r1" in said and report.SETS in said
+  (tmp_path / "scaling" / report.MANIFEST).write_text("{")
+  assert "manifest is unreadable" in report.notice_of_earlier_run(str(tmp_path), "scaling")

@@ -36,7 +36,7 @@ def test_results_equal_brute_force_per_size_and_k(world):
   # the same order the run used: queries first, then chunks
   from plato_jax.scaling import choose_queries
   qrows = choose_queries(6000, QUERIES, 3)
-  order = gallery_order(6000, qrows, store_a.meta["chunk_rows"], 3)
+  order = gallery_order(6000, qrows, 3)
   xa = store_a.read_layer(res.layer_a).astype(np.float32)[order]
   xb = store_b.read_layer(res.layer_b).astype(np.float32)[order]
   for n in sizes:

@@ -188,6 +188,67 @@ def test_a_damaged_shard_is_an_error_naming_its_file(tmp_path, rng, damage):
       read()
 
 
+@pytest.mark.parametrize("swap", ["rows", "layers", "ids", "column", "copied_in"])
+def test_a_shard_file_in_another_place_is_an_error_naming_it(tmp_path, rng, swap):
+  """Swapped or copied shard files are whole and pass their checksums, but hold other rows
+  than the writer put there: every read path refuses them, naming the file."""
+  x = rng.standard_normal((64, 2, 4)).astype(np.float32)
+  w = StoreWriter.create(str(tmp_path / "s"), num_rows=64, num_layers=2, dim=4,
+                         dtype="float32", chunk_rows=8, shard_rows=16, columns=["loss"])
+  w.append(x, np.arange(64) * 7, columns={"loss": rng.random(64)})
+  store = w.close()
+  root = tmp_path / "s"
+  a, b = {"rows": ("features/c/1/0/0", "features/c/2/0/0"),
+          "layers": ("features/c/1/0/0", "features/c/1/1/0"),
+          "ids": ("ids/c/1", "ids/c/2"), "column": ("columns/loss/c/1", "columns/loss/c/2"),
+          "copied_in": ("features/c/1/0/0", None)}[swap]
+  if b is None:  # the same shard of another store of the same shape
+    _write(tmp_path / "other", x + 1, np.arange(64), "float32", chunk_rows=8, shard_rows=16)
+    (root / a).write_bytes((tmp_path / "other" / a).read_bytes())
+  else:
+    first, second = (root / a).read_bytes(), (root / b).read_bytes()
+    (root / a).write_bytes(second)
+    (root / b).write_bytes(first)
+  store = FeatureStore.open(str(root))
+  reads = {"rows": [lambda: store.read_layer(0), lambda: store.layer(0).read(16, 20),
+                    lambda: store.gather([20]), lambda: store.layer(0).take([40])],
+           "ids": [store.ids], "column": [lambda: store.column("loss")]}
+  reads["layers"] = reads["copied_in"] = reads["rows"][:3]
+  for read in reads[swap]:
+    with pytest.raises(ValueError, match=r"c/[12][ /].*is not the one its writer wrote there"):
+      read()
+  if swap in ("rows", "copied_in"):
+    np.testing.assert_array_equal(store.read_layer(1), x[:, 1])  # the rest still reads
+
+
+def test_zero_rows_and_columns_read_back(tmp_path):
+  """Chunks equal to the fill value are written like any other, so a missing chunk can be
+  an error (TensorStore would leave zeros out)."""
+  x = np.zeros((40, 2, 4), np.float32)
+  x[30:] = 1
+  w = StoreWriter.create(str(tmp_path / "s"), num_rows=40, num_layers=2, dim=4,
+                         dtype="float32", chunk_rows=8, shard_rows=16, columns=["loss"])
+  w.append(x, np.arange(40), columns={"loss": np.zeros(40)})
+  store = w.close()
+  np.testing.assert_array_equal(store.gather(np.arange(40)), x)
+  np.testing.assert_array_equal(store.column("loss"), np.zeros(40, np.float32))
+
+
+def test_a_copied_store_reads_and_an_older_store_warns(tmp_path, rng):
+  import shutil
+  x = rng.standard_normal((40, 2, 4)).astype(np.float32)
+  _write(tmp_path / "s", x, np.arange(40), "float32", chunk_rows=8, shard_rows=16)
+  shutil.copytree(tmp_path / "s", tmp_path / "moved")  # seals hold the contents, not places
+  np.testing.assert_array_equal(FeatureStore.open(str(tmp_path / "moved")).gather(
+      np.arange(40)), x)
+  meta = json.loads((tmp_path / "moved" / "plato_store.json").read_text())
+  del meta["sealed"]
+  (tmp_path / "moved" / "plato_store.json").write_text(json.dumps(meta))
+  with pytest.warns(UserWarning, match="written before shard seals"):
+    old = FeatureStore.open(str(tmp_path / "moved"))
+  np.testing.assert_array_equal(old.read_layer(1), x[:, 1])
+
+
 def test_fingerprint_changes_when_the_store_is_rewritten(tmp_path, rng):
   """Resumed work is keyed on it (search's checkpoints, the experiments' resume folders):
   a store rewritten in place, even with the same shape, is another gallery."""

@@ -16,7 +16,7 @@ rounding), so one number E per query bounds every row's error.
 
 The certificate. The engine keeps m = k + `margin(k, n, d)` candidates per query by s~; any
 row it dropped scored at most the m-th s~. A row whose s~ is more than 2E above another's
-truly beats it. So (`_certify_chunk`):
+truly beats it. So (`_plan`):
 
   * the first `EXACT_ORDER` ranks: only candidates within 2E of the 128th can be among
     them; there, neighbours closer than 2E form clusters, each rescored in float64 from its
@@ -44,7 +44,7 @@ UNIT = 2.0 ** -24        # float32 unit roundoff
 INPUT_UNIT = 2.0 ** -8   # a matmul that rounds its f32 inputs (bf16 passes, TF32): bf16's
 FLUSH = 2.0 ** -125      # twice the smallest normal float32: what one flushed subnormal moves
 EXACT_ORDER = 128        # ranks whose order is exact (float64 score, then id)
-CHUNK = 2 ** 21          # candidates certified at once (bounds the temporaries)
+CHUNK = 2 ** 21          # candidates planned at once (bounds the temporaries)
 
 
 def _compensated(queries, rows) -> np.ndarray:
@@ -59,21 +59,28 @@ def _compensated(queries, rows) -> np.ndarray:
   return total + error
 
 
-def exact_scores(queries, rows, which, max_row_norm: float) -> np.ndarray:
-  """Dot products [M] of float64 queries [Q, d] (pair i takes query `which[i]`, ascending)
-  with float64 rows [M, d], products exact in float64 (float32 or narrower values): each
-  the real sum rounded to float64, to within about 1e-30 relatively, so equal real scores
-  give equal results. `max_row_norm`: at least every row's norm.
+def exact_scores(queries, rows, row_of, which, max_row_norm: float) -> np.ndarray:
+  """Dot products [M] of float64 queries [Q, d] with rows: pair i takes query `which[i]`
+  (ascending) and row `rows[row_of[i]]` (rows: [R, d], float32 or narrower values, so each
+  product is exact in float64). Each is the real sum rounded to float64, to within about
+  1e-30 relatively, so equal real scores give equal results. `max_row_norm`: at least every
+  row's norm.
 
-  A plain float64 sum first (BLAS, query by query; off by at most d 2^-52 sum|q_j g_j| <=
-  d 2^-52 |q| max|g|); a query's rows whose sums lie within twice that of each other are
-  summed again with compensation (TwoSum; Ogita, Rump & Oishi's Sum2: as accurate as twice
-  the precision). Rows further apart keep the plain sum: no rounding can reorder or
-  equalise them."""
+  A plain float64 sum first (BLAS, query by query, each query's rows converted while in
+  cache; off by at most d 2^-52 sum|q_j g_j| <= d 2^-52 |q| max|g|); a query's rows whose
+  sums lie within twice that of each other are summed again with compensation (TwoSum;
+  Ogita, Rump & Oishi's Sum2: as accurate as twice the precision). Rows further apart keep
+  the plain sum: no rounding can reorder or equalise them."""
   fast = np.empty(which.size, np.float64)
   starts = np.flatnonzero(np.r_[True, which[1:] != which[:-1], True])
-  for s, e in zip(starts[:-1], starts[1:]):
-    fast[s:e] = rows[s:e] @ queries[which[s]]
+  groups = list(zip(starts[:-1], starts[1:]))
+
+  def score(span):
+    for s, e in groups[span[0]:span[1]]:
+      fast[s:e] = rows[row_of[s:e]].astype(np.float64) @ queries[which[s]]
+
+  threads.each(score, threads.spans(len(groups), -(-which.size // max(len(groups), 1))
+                                    * queries.shape[1]))
   if which.size < 2:
     return fast
   bound = queries.shape[1] * 2.0**-52 * max_row_norm * np.linalg.norm(queries, axis=1)[which]
@@ -82,7 +89,7 @@ def exact_scores(queries, rows, which, max_row_norm: float) -> np.ndarray:
   near = np.flatnonzero((w[1:] == w[:-1]) & (f[1:] - f[:-1] <= 2 * bound[order][1:]))
   if near.size:
     again = np.unique(np.concatenate([order[near], order[near + 1]]))
-    fast[again] = _compensated(queries[which[again]], rows[again])
+    fast[again] = _compensated(queries[which[again]], rows[row_of[again]].astype(np.float64))
   return fast
 
 
@@ -151,8 +158,8 @@ def certify(values, positions, bound, available, keep: int, cuts, ids,
     keep: columns returned.
     cuts: the ks whose sets must be exact (<= keep).
     ids: the gallery's ids by position (ties go to the lower id).
-    rescore: (query index [M] ascending, position [M]) -> float64 scores [M]; called from
-      a thread per core, on disjoint queries.
+    rescore: (query index [M], position [M]) -> float64 scores [M], pairs in any order;
+      called once.
     scale: [Q] divisor of the kernels' scores in the result (|q| with normalize), or None.
   """
   values, positions = np.asarray(values), np.asarray(positions)
@@ -161,45 +168,66 @@ def certify(values, positions, bound, available, keep: int, cuts, ids,
   later = sorted(c for c in {*cuts, keep} if c > ordered)
   bound, available, ids = (np.asarray(bound, np.float64), np.asarray(available),
                            np.asarray(ids))
+  spans = threads.spans(num_q, m, most=CHUNK)
+  plans = threads.each(lambda ab: _plan(values[ab[0]:ab[1]], positions[ab[0]:ab[1]],
+                                        bound[ab[0]:ab[1]], available[ab[0]:ab[1]],
+                                        ordered, later), spans)
+  # Every span's rows to rescore, in one call: the rescorer reads each gallery row once.
+  which = np.concatenate([a + p.rows for (a, _), p in zip(spans, plans)])
+  where = np.concatenate([positions[a + p.rows, p.cols] for (a, _), p in zip(spans, plans)])
+  exact = np.asarray(rescore(which, where), np.float64) if which.size else np.zeros(0)
+  pieces = np.split(exact, np.cumsum([p.rows.size for p in plans])[:-1])
   out_pos = np.empty((num_q, keep), np.int64)
   out_val = np.empty((num_q, keep), np.float64)
   failed = np.zeros(num_q, bool)
 
-  def certify_span(span):
-    a, b = span
-    pos, val, is_exact, count, bad = _certify_chunk(
-        values[a:b], positions[a:b], bound[a:b], available[a:b], ordered, later, ids,
-        rescore, a)
+  def apply(i):
+    (a, b), plan, scores = spans[i], plans[i], pieces[i]
+    pos, val = positions[a:b].astype(np.int64), values[a:b].astype(np.float64)
+    is_exact = np.zeros(val.shape, bool)
+    if plan.rows.size:  # each run of one label sorted by (float64 score, id)
+      p = pos[plan.rows, plan.cols]
+      order = np.lexsort((ids[p], -scores, plan.labels, plan.rows))
+      pos[plan.rows, plan.cols], val[plan.rows, plan.cols] = p[order], scores[order]
+      is_exact[plan.rows, plan.cols] = True
     if scale is not None:
       val = np.where(is_exact, val, val / np.asarray(scale, np.float64)[a:b, None])
     out_pos[a:b], out_val[a:b] = pos[:, :keep], val[:, :keep]
-    failed[a:b] = bad
-    return count
+    failed[a:b] = plan.failed
 
-  rescored = sum(threads.each(certify_span, threads.spans(num_q, m, most=CHUNK)))
+  threads.each(apply, range(len(spans)))
+  rescored = which.size
   segment = np.searchsorted(np.array(later, np.int64), np.arange(keep), side="right")
   _ties_by_id(out_pos, out_val, segment, ids)
   return Certified(out_pos, out_val.astype(np.float32), rescored, failed)
 
 
-def _certify_chunk(values, positions, bound, available, ordered: int, later, ids, rescore,
-                   first_query):
-  """`certify` on a few queries: (positions, scores, which scores are float64, rows
-  rescored, failed queries), all [C, m] but the last two.
+@dataclasses.dataclass
+class _Plan:
+  """What the certificate rescores among some queries' candidates: entries (`rows`, `cols`)
+  and the run each belongs to (`labels`: the runs are contiguous ranks, each to be sorted
+  by float64 score, then id), and the queries it `failed`."""
+  rows: np.ndarray
+  cols: np.ndarray
+  labels: np.ndarray
+  failed: np.ndarray
+
+
+def _plan(values, positions, bound, available, ordered: int, later) -> _Plan:
+  """The certificate of a few queries, decided on their float32 scores alone:
 
   1. The first `ordered` ranks. Only the candidates with s~ >= s~[ordered-1] - 2E can be
      among them (the others are below `ordered` rows for sure). Within those, neighbours
      closer than 2E form clusters (cuts between clusters are certain); each cluster is
      rescored and sorted.
   2. Each later cut p. Candidates with s~ > s~[p] + 2E are in the top p for sure, those
-     with s~ < s~[p-1] - 2E out; the band between is rescored and sorted (bands that meet
-     as one; a band reaching into step 1's candidates starts at `ordered`, whose rows are
-     settled).
-  A band or cluster that reaches the last candidate while rows were dropped fails."""
+     with s~ < s~[p-1] - 2E out; the band between is rescored and sorted (a band reaching
+     into step 1's candidates starts at `ordered`).
+  Clusters and bands that touch form one run: sorting a run of contiguous ranks by float64
+  score keeps every cut certain and every order exact. A band or cluster that reaches the
+  last candidate while rows were dropped fails its query."""
   num_q, m = values.shape
   v = values.astype(np.float64)
-  pos = positions.astype(np.int64)
-  val, is_exact = v.copy(), np.zeros(v.shape, bool)
   count = (positions >= 0).sum(axis=1)
   dropped = count < available
   two_e = 2 * bound[:, None]
@@ -212,9 +240,7 @@ def _certify_chunk(values, positions, bound, available, ordered: int, later, ids
     close[:, 1:] = (v[:, :w - 1] - v[:, 1:w] <= two_e) & (np.arange(1, w) < edge[:, None])
   member = close.copy()
   member[:, :-1] |= close[:, 1:]
-  member &= ~failed[:, None]
-  rescored = _sort_exactly(member, np.cumsum(~close, axis=1), pos[:, :w], val[:, :w],
-                           is_exact[:, :w], ids, rescore, first_query)
+  mask = member
 
   if later:
     los, his = [], []
@@ -224,30 +250,19 @@ def _certify_chunk(values, positions, bound, available, ordered: int, later, ids
       los.append(np.where(lo < edge, ordered, lo))
       his.append((v >= v[:, p - 1:p] - two_e).sum(axis=1))
       failed |= dropped & (his[-1] >= count)
-    a, b = int(np.min(los)), int(np.max(his))  # the columns step 2 looks at
-    rank = np.arange(a, b)[None, :]
-    band = np.zeros((num_q, b - a), bool)
+    b = int(np.max(his))
+    rank = np.arange(b)[None, :]
+    band = np.zeros((num_q, b), bool)
     for lo, hi in zip(los, his):
       band |= (rank >= lo[:, None]) & (rank < hi[:, None])
-    band &= (rank < count[:, None]) & ~failed[:, None]
-    rescored += _sort_exactly(band, np.cumsum(~band, axis=1), pos[:, a:b], val[:, a:b],
-                              is_exact[:, a:b], ids, rescore, first_query)
-  return pos, val, is_exact, rescored, failed
-
-
-def _sort_exactly(mask, label, pos, val, is_exact, ids, rescore, first_query) -> int:
-  """Rescores the candidates in `mask` and sorts each run of one `label` by (float64 score
-  descending, id ascending), in place (`pos`, `val`, `is_exact`: views of the same columns
-  as `mask`); returns how many were rescored."""
-  rows, ranks = np.nonzero(mask)  # by query, then rank
-  if not rows.size:
-    return 0
-  p = pos[rows, ranks]
-  exact = np.asarray(rescore(first_query + rows, p), np.float64)
-  order = np.lexsort((ids[p], -exact, label[rows, ranks], rows))
-  pos[rows, ranks], val[rows, ranks] = p[order], exact[order]
-  is_exact[rows, ranks] = True
-  return rows.size
+    band &= rank < count[:, None]
+    mask = np.zeros((num_q, max(w, b)), bool)
+    mask[:, :w] = member
+    mask[:, :b] |= band
+  mask &= ~failed[:, None]
+  rows, cols = np.nonzero(mask)  # by query, then rank
+  labels = np.cumsum(~mask, axis=1)[rows, cols]
+  return _Plan(rows, cols, labels, failed)
 
 
 def _ties_by_id(positions, values, segment, ids) -> None:

@@ -27,11 +27,12 @@ import jax
 import numpy as np
 from jax import lax
 
-from plato_jax.knn import exact, sharding
+from plato_jax.knn import exact, sharding, threads
 from plato_jax.knn.large_k import LARGE_K_THRESHOLD, choose_selector
 from plato_jax.knn.sources import (MAX_POSITION, IdRows, RowWindow, TileBuffers, aligned_empty,
-                                   as_source, digest, fingerprint, on_accelerator, plan_tiles,
-                                   raise_for_bad_rows, stream_tiles, take_rows, window_length)
+                                   as_source, digest, fingerprint, host_rows, on_accelerator,
+                                   plan_tiles, raise_for_bad_rows, stream_tiles, take_rows,
+                                   window_length)
 from plato_jax.progress import Progress
 from plato_jax.resume import ResumePoint
 
@@ -52,7 +53,7 @@ FUSED_BY_DEFAULT_ON: frozenset[str] = frozenset()
 # on the device, 121–139 ms so).
 FINISH_ON_HOST: frozenset[str] = frozenset({"cpu"})
 NO_ID = -2  # on the device: a query whose own row is not in the gallery (padding uses -1)
-RESCORE_VALUES = 2**18  # values of the rows gathered and rescored in float64 at once
+RESCORE_BYTES = 2**30  # rows gathered at once for the float64 rescoring
 # kernel="fused" picks this lowering of the fused kernel (plato_jax.kernels.fused_topk.BACKENDS) per
 # platform; "fused:<backend>" names one.
 FUSED_BACKEND_ON = {"tpu": "tpu"}
@@ -379,28 +380,46 @@ def _rounds_inputs(dtype, precision) -> bool:
 
 
 def _rescorer(source, queries, query_norms, dtype, normalize: bool, max_row_norm: float):
-  """(query index, gallery position) pairs → float64 scores from the gallery's rows, cast
-  to the compute dtype as the matmul takes them (cosines with `normalize`).
+  """(query index, gallery position) pairs, in any order → float64 scores from the gallery's
+  rows, cast to the compute dtype as the matmul takes them (cosines with `normalize`).
   `max_row_norm`: at least the norm of every row (a narrower compute dtype may round a
-  row's values up by 2^-8: 1% covers it)."""
+  row's values up by 2^-8: 1% covers it).
 
-  def score_chunk(which, positions, out):
-    rows = take_rows(source, positions).astype(dtype, copy=False).astype(np.float64)
+  Rows in host memory are scored where they lie. Otherwise the rows the pairs need are read
+  once, in position order, by one gather (a store reads each chunk it touches once, however
+  many queries want its rows); pairs whose rows exceed RESCORE_BYTES are split into groups
+  of whole queries, a gather each."""
+  in_memory = host_rows(source)
+  limit = max(1, RESCORE_BYTES // (source.dim * np.dtype(dtype).itemsize))
+
+  def score(which, positions, out):
+    if in_memory is not None:
+      rows, row_of = in_memory, positions
+    else:
+      unique, row_of = np.unique(positions, return_inverse=True)
+      parts = threads.each(lambda ab: take_rows(source, unique[ab[0]:ab[1]]),
+                           threads.spans(unique.size, source.dim))
+      rows = np.concatenate(parts) if parts else np.zeros((0, source.dim), source.dtype)
+    rows = rows.astype(dtype, copy=False)
     mine, local = np.unique(which, return_inverse=True)
-    out[:] = exact.exact_scores(queries[mine], rows, local, 1.01 * max_row_norm)
+    out[:] = exact.exact_scores(queries[mine], rows, row_of, local, 1.01 * max_row_norm)
     if normalize:
-      out /= query_norms[which] * np.sqrt(np.einsum("ij,ij->i", rows, rows))
+      used, back = np.unique(row_of, return_inverse=True)
+      norms = np.sqrt(np.einsum("ij,ij->i", rows[used], rows[used], dtype=np.float64))
+      out /= query_norms[which] * norms[back]
 
   def rescore(which, positions):
-    """`which` ascending: chunks of whole queries, each gathered at once and scored query
-    by query."""
+    by_query = np.argsort(which, kind="stable")
+    which, positions = which[by_query], np.asarray(positions)[by_query]
     out = np.empty(which.size, np.float64)
-    step, start = max(1, RESCORE_VALUES // source.dim), 0
+    start = 0
     for stop in [*(np.flatnonzero(which[1:] != which[:-1]) + 1), which.size]:
-      if stop - start >= step or stop == which.size:
-        score_chunk(which[start:stop], positions[start:stop], out[start:stop])
+      if stop - start >= limit or stop == which.size:
+        score(which[start:stop], positions[start:stop], out[start:stop])
         start = stop
-    return out
+    result = np.empty_like(out)
+    result[by_query] = out
+    return result
 
   return rescore
 

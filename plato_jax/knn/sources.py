@@ -243,6 +243,13 @@ def fingerprint(source) -> str:
   return f"unknown:{type(source).__name__}"
 
 
+def host_rows(source) -> np.ndarray | None:
+  """The source's rows as the host array that holds them, where it has one (no copy), else
+  None: such rows are read where they lie rather than gathered."""
+  rows = getattr(source, "_rows", None) if isinstance(source, ArraySource) else None
+  return rows if isinstance(rows, np.ndarray) else None
+
+
 def take_rows(source, positions) -> np.ndarray:
   """The rows of `source` at `positions` (any order, repeats allowed) as [len, dim]: its
   `take` where it has one, else one `read` per run of consecutive positions."""
