@@ -28,7 +28,7 @@ come back for the engine's bad-row check.
 
 The rows are read from a flat buffer at an offset, so the engine passes host rows that are
 not 64-byte aligned (numpy's allocations are 16-byte aligned) as an aligned window around
-them (`sources.RowWindow`), which the CPU client takes without a copy.
+them (`primitives.RowWindow`), which the CPU client takes without a copy.
 f32 only: the kernel exists for the CPU, where narrower dtypes are widened anyway.
 
 The handler is compiled on first use with the host C++ compiler against the XLA FFI
@@ -55,8 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from plato_jax.knn.sharding import top_by_score_then_id
-from plato_jax.knn.sources import RowWindow
+from plato_jax.kernels.primitives import NO_ID, RowWindow, top_by_score_then_id
 
 TARGET = "plato_tile_topk"
 SOURCE = pathlib.Path(__file__).with_name("cpu_topk.cc")
@@ -224,7 +223,7 @@ class CpuTopKSelector:
     del precision  # f32 FMA chains: a true f32 product, what HIGHEST asks of an f32 matmul
     values, ids, fallbacks, *rest = state
     if query_ids is None:
-      query_ids = jnp.full((queries.shape[0],), -2, jnp.int32)  # matches no gallery id
+      query_ids = jnp.full((queries.shape[0],), NO_ID, jnp.int32)
     rows, offset = (tile.window, tile.offset) if isinstance(tile, RowWindow) else (tile, 0)
     (values, ids, *rest), sumsq = cpu_update(
         (values, ids, *rest), queries, query_ids, rows, tile_ids, k=self.k, row_offset=offset,

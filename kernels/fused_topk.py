@@ -42,80 +42,10 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from plato_jax.kernels.fused_contract import (BACKENDS, FusedConfig, any_row_reaches,
+                                              defaults, masked, nothing_kept, select_top)
+from plato_jax.kernels.primitives import NO_ID, inverse_norms, merge_topk, row_sumsq
 from plato_jax.kernels.topk import BucketConfig, bucket_topk
-from plato_jax.knn.sharding import inverse_norms, row_sumsq
-
-NO_QUERY_ID = -2  # matches no column: gallery ids are >= 0, padding is -1
-# Each lowering and the platform it compiles for (on CPU every one runs interpreted).
-BACKENDS = {"triton": "gpu", "mosaic_gpu": "gpu", "tpu": "tpu"}
-
-
-@dataclasses.dataclass(frozen=True)
-class FusedConfig:
-  block_q: int = 128      # queries per program
-  block_t: int = 128      # gallery rows per program (the unit whose top-K′ is kept)
-  keep: int = 4           # K′: candidates kept per (query, block)
-  block_k: int = 64       # feature columns per matmul step (d is zero-padded to a multiple)
-  num_warps: int | None = 8      # GPU (Triton) launch parameters; None: the compiler's choice
-  num_stages: int | None = 3     # (mosaic_gpu: TMA copies in flight, >= 2)
-  backend: str = "triton"        # one of BACKENDS (mosaic_gpu: bf16/f16 inputs only)
-  warpgroups: int = 2            # mosaic_gpu: compute warpgroups per program, one gallery block each
-
-  def __post_init__(self):
-    if self.backend not in BACKENDS:
-      raise ValueError(f"backend must be one of {tuple(BACKENDS)}, got {self.backend!r}")
-    if self.warpgroups not in (1, 2):
-      raise ValueError(f"warpgroups must be 1 or 2, got {self.warpgroups}")
-
-  @property
-  def program_rows(self) -> int:
-    """Gallery rows per program: tiles are padded to a multiple of it."""
-    return self.block_t * (self.warpgroups if self.backend == "mosaic_gpu" else 1)
-
-
-def _masked(s, gallery_ids, query_ids, column_scale):
-  """The engine's finished scores from raw dot products (shared by kernels and reference)."""
-  return finish_scores(s, gallery_ids[None, :], query_ids[:, None], column_scale[None, :])
-
-
-def finish_scores(s, gallery_ids, query_ids, column_scale):
-  """`_masked` with the vectors as [1, T] rows and a [Q, 1] column (TPU blocks are 2-D);
-  shared by the lowerings, like `select_top`, `nothing_kept` and `any_row_reaches`."""
-  s = s * column_scale
-  drop = (gallery_ids < 0) | (gallery_ids == query_ids)
-  s = jnp.where(drop, -jnp.inf, s)
-  return jnp.where(s == 0, 0.0, s)
-
-
-def select_top(s, best, keep: int):
-  """K′ rounds of (max, lowest column holding it, mask it) on a [bq, bt] tile whose row
-  maxima are `best` [bq, 1]: (values [bq, K′], block columns [bq, K′], bound [bq, 1])."""
-  bq, bt = s.shape
-  column = lax.broadcasted_iota(jnp.int32, (bq, bt), 1)
-  slot = lax.broadcasted_iota(jnp.int32, (bq, keep), 1)
-  values = jnp.full((bq, keep), -jnp.inf, jnp.float32)
-  columns = jnp.zeros((bq, keep), jnp.int32)
-  left, m = s, best
-  for r in range(keep):
-    c = jnp.min(jnp.where(left == m, column, bt), axis=1, keepdims=True)
-    values = jnp.where(slot == r, m, values)
-    columns = jnp.where(slot == r, c, columns)
-    left = jnp.where(column == c, -jnp.inf, left)
-    m = jnp.max(left, axis=1, keepdims=True)
-  return values, columns, m
-
-
-def nothing_kept(best, keep: int):
-  """A block no row reaches: nothing kept; the bound (the block's maximum) covers it."""
-  bq = best.shape[0]
-  return (jnp.full((bq, keep), -jnp.inf, jnp.float32), jnp.zeros((bq, keep), jnp.int32), best)
-
-
-def any_row_reaches(best, thresholds):
-  """Whether any row of the block reaches its threshold (a max of 0/1, not any(): Pallas'
-  Triton lowering has no reduce_or)."""
-  return jnp.max(jnp.where(best >= thresholds, 1, 0)) > 0
-
 
 def _kernel(q_ref, g_ref, ids_ref, qids_ref, scale_ref, thr_ref, v_ref, c_ref, b_ref, *,
             config: FusedConfig, precision):
@@ -133,7 +63,7 @@ def _kernel(q_ref, g_ref, ids_ref, qids_ref, scale_ref, thr_ref, v_ref, c_ref, b
                                  preferred_element_type=jnp.float32)
 
   s = lax.fori_loop(0, q_ref.shape[1] // bk, step, jnp.zeros((bq, bt), jnp.float32))
-  s = _masked(s, ids_ref[cols], qids_ref[rows], scale_ref[cols])
+  s = masked(s, ids_ref[cols], qids_ref[rows], scale_ref[cols])
   best = jnp.max(s, axis=1, keepdims=True)
   values, columns, bound = lax.cond(any_row_reaches(best, thr_ref[rows][:, None]),
                                     lambda: select_top(s, best, keep),
@@ -141,12 +71,6 @@ def _kernel(q_ref, g_ref, ids_ref, qids_ref, scale_ref, thr_ref, v_ref, c_ref, b
   v_ref[...] = values
   c_ref[...] = columns + j * bt
   b_ref[...] = bound
-
-
-def _defaults(q, t, query_ids, column_scale, thresholds):
-  return (jnp.full((q,), NO_QUERY_ID, jnp.int32) if query_ids is None else query_ids,
-          jnp.ones((t,), jnp.float32) if column_scale is None else column_scale,
-          jnp.full((q,), -jnp.inf, jnp.float32) if thresholds is None else thresholds)
 
 
 def block_topk(queries, gallery, gallery_ids, config: FusedConfig = FusedConfig(), *,
@@ -170,7 +94,7 @@ def block_topk(queries, gallery, gallery_ids, config: FusedConfig = FusedConfig(
   if d % bk:  # zero features add nothing to any score
     queries = jnp.pad(queries, ((0, 0), (0, bk - d % bk)))
     gallery = jnp.pad(gallery, ((0, 0), (0, bk - d % bk)))
-  query_ids, column_scale, thresholds = _defaults(q, t, query_ids, column_scale, thresholds)
+  query_ids, column_scale, thresholds = defaults(q, t, query_ids, column_scale, thresholds)
   lowered = (queries, gallery, gallery_ids.astype(jnp.int32), query_ids.astype(jnp.int32),
              column_scale.astype(jnp.float32), thresholds.astype(jnp.float32), config)
   if config.backend == "mosaic_gpu":
@@ -208,10 +132,10 @@ def reference_block_topk(queries, gallery, gallery_ids, config: FusedConfig = Fu
   kernels — the merge never reads them — so compare columns where values are finite."""
   q, t = queries.shape[0], gallery.shape[0]
   bq, bt, keep = config.block_q, config.block_t, config.keep
-  query_ids, column_scale, thresholds = _defaults(q, t, query_ids, column_scale, thresholds)
+  query_ids, column_scale, thresholds = defaults(q, t, query_ids, column_scale, thresholds)
   s = lax.dot_general(queries, gallery, (((1,), (1,)), ((), ())), precision=precision,
                       preferred_element_type=jnp.float32)
-  s = _masked(s, gallery_ids, query_ids, column_scale).reshape(q, -1, bt)
+  s = masked(s, gallery_ids, query_ids, column_scale).reshape(q, -1, bt)
   v, c = lax.top_k(s, keep + 1)
   nb = s.shape[1]
   cols = c[..., :keep] + (jnp.arange(nb, dtype=jnp.int32) * bt)[None, :, None]
@@ -230,10 +154,9 @@ def fused_update(prior, queries, gallery, gallery_ids, k: int,
   """The running top-k `prior` (values [Q, k] sorted, ids [Q, k]) merged with one tile:
   (values, ids, number of query blocks that took the exact path). The tile's ids ascend
   with its columns; a row's running k-th score is the kernel's threshold."""
-  from plato_jax.knn.sharding import merge_topk
   prior_v, prior_i = prior
   q = queries.shape[0]
-  query_ids, column_scale, _ = _defaults(q, gallery.shape[0], query_ids, column_scale, None)
+  query_ids, column_scale, _ = defaults(q, gallery.shape[0], query_ids, column_scale, None)
   values, columns, bounds = block_topk(queries, gallery, gallery_ids, config,
                                        query_ids=query_ids, column_scale=column_scale,
                                        thresholds=prior_v[:, -1], precision=precision,
@@ -258,7 +181,7 @@ def fused_update(prior, queries, gallery, gallery_ids, k: int,
   def exact():
     s = lax.dot_general(queries, gallery, (((1,), (1,)), ((), ())), precision=precision,
                         preferred_element_type=jnp.float32)
-    ev, ec = bucket_topk(_masked(s, gallery_ids, query_ids, column_scale),
+    ev, ec = bucket_topk(masked(s, gallery_ids, query_ids, column_scale),
                          min(k, s.shape[1]), BucketConfig())  # a tile may be narrower than k
     ei = jnp.where(ev > -jnp.inf, gallery_ids[ec], -1)
     ev, ei = merge_topk(prior_v, prior_i, ev, ei, k)
@@ -305,7 +228,7 @@ class FusedTopKSelector:
     tile = jnp.pad(tile.astype(queries.dtype), ((0, pad_t), (0, 0)))
     tile_ids = jnp.pad(tile_ids, (0, pad_t), constant_values=-1)
     if query_ids is not None:
-      query_ids = jnp.pad(query_ids, (0, pad_q), constant_values=NO_QUERY_ID)
+      query_ids = jnp.pad(query_ids, (0, pad_q), constant_values=NO_ID)
     if column_scale is not None:
       column_scale = jnp.pad(column_scale, (0, pad_t))
     values, ids, fallbacks = state

@@ -13,7 +13,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from plato_jax.kernels.fused_topk import FusedConfig
+from plato_jax.kernels.fused_contract import FusedConfig
 
 
 def _kernel(q_gmem, g_gmem, ids_gmem, qids_gmem, scale_gmem, thr_gmem,

@@ -12,7 +12,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from plato_jax.kernels.fused_topk import FusedConfig, any_row_reaches, finish_scores, nothing_kept, select_top
+from plato_jax.kernels.fused_contract import (FusedConfig, any_row_reaches, finish_scores,
+                                              nothing_kept, select_top)
 
 
 def _kernel(q_ref, g_ref, ids_ref, qids_ref, scale_ref, thr_ref, v_ref, c_ref, b_ref, *,

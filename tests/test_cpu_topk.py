@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from plato_jax.kernels import cpu_topk
-from plato_jax.knn.sharding import top_by_score_then_id
+from plato_jax.kernels.primitives import top_by_score_then_id
 
 pytestmark = pytest.mark.skipif(cpu_topk.unavailable_reason() is not None,
                                 reason=f"CPU kernel unavailable: {cpu_topk.unavailable_reason()}")

@@ -155,9 +155,9 @@ def test_kernel_lowers_to_triton_for_gpus(dim, config):
 
 
 def test_tune_checks_each_configuration_and_projects_a_stream():
-  """plato_jax.kernels.tune_fused on a tiny shape (interpreted): the exactness check runs per
+  """plato_jax.experiments.bench.tune_fused on a tiny shape (interpreted): the exactness check runs per
   configuration, and the stream projection scales per-tile time to an N x N self-join."""
-  from plato_jax.kernels.tune_fused import parse_config, stream, tune
+  from plato_jax.experiments.bench.tune_fused import parse_config, stream, tune
   config, mosaic = parse_config("32,128,4,32,4,3"), parse_config("64,128,4,32,4,2,mosaic_gpu")
   assert mosaic.backend == "mosaic_gpu" and config.backend == "triton" and mosaic.warpgroups == 2
   assert parse_config("64,128,4,32,4,2,mosaic_gpu,1").warpgroups == 1

@@ -45,3 +45,4 @@ def test_the_wheel_installs_plato_jax_alone(tmp_path):
   assert tops == {"plato_jax"}, tops
   assert "plato_jax/kernels/cpu_topk.cc" in names
   assert "plato_jax/experiments/scaling.py" in names
+  assert "plato_jax/experiments/bench/engine.py" in names

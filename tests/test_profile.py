@@ -1,8 +1,8 @@
-"""plato_jax.kernels.profile on a small tile: every figure present and consistent with its timings."""
+"""plato_jax.experiments.bench.profile on a small tile: every figure present and consistent with its timings."""
 import pytest
 from knn_reference import skip_unless_runs_here
 
-from plato_jax.kernels.profile import profile
+from plato_jax.experiments.bench.profile import profile
 
 
 @pytest.mark.parametrize("k,kernel", [(4, "xla"), (200, "xla"), (4, "cpu"), (200, "cpu")])

@@ -59,11 +59,11 @@ import numpy as np
 from jax import lax
 from jax.custom_batching import custom_vmap
 
+from plato_jax.kernels.primitives import NO_ID, top_by_score_then_id
 from plato_jax.kernels.topk import BucketConfig, bucket_topk
-from plato_jax.knn.sharding import TopKSelector, top_by_score_then_id
+from plato_jax.knn.sharding import TopKSelector
 
 INT_MIN = np.iinfo(np.int32).min
-NO_ID = -2  # τ's id while no threshold exists (below every id and the filler's -1)
 LANES = 32  # columns per bit-packed filter code
 
 

@@ -27,9 +27,10 @@ import jax
 import numpy as np
 from jax import lax
 
+from plato_jax.kernels.primitives import NO_ID, RowWindow
 from plato_jax.knn import exact, sharding, threads
 from plato_jax.knn.large_k import LARGE_K_THRESHOLD, choose_selector
-from plato_jax.knn.sources import (MAX_POSITION, IdRows, RowWindow, TileBuffers, aligned_empty,
+from plato_jax.knn.sources import (MAX_POSITION, IdRows, TileBuffers, aligned_empty,
                                    as_source, digest, fingerprint, host_rows, on_accelerator,
                                    plan_tiles, raise_for_bad_rows, stream_tiles, take_rows,
                                    window_length)
@@ -52,7 +53,6 @@ FUSED_BY_DEFAULT_ON: frozenset[str] = frozenset()
 # (the merge for k = 2,621 of ~8.9k candidates per row, 1,024 rows, 2026-11-23: 528–594 ms
 # on the device, 121–139 ms so).
 FINISH_ON_HOST: frozenset[str] = frozenset({"cpu"})
-NO_ID = -2  # on the device: a query whose own row is not in the gallery (padding uses -1)
 RESCORE_BYTES = 2**30  # rows gathered at once for the float64 rescoring
 # kernel="fused" picks this lowering of the fused kernel (plato_jax.kernels.fused_topk.BACKENDS) per
 # platform; "fused:<backend>" names one.

@@ -23,6 +23,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from plato_jax.kernels.primitives import inverse_norms, merge_topk, row_sumsq, top_by_score_then_id
 from plato_jax.kernels.topk import BucketConfig, bucket_topk
 from plato_jax.knn import threads
 
@@ -40,12 +41,6 @@ def mesh_axis(mesh: Mesh) -> str:
   if len(mesh.axis_names) != 1:
     raise ValueError(f"the search mesh must have one axis (gallery tiles), got {mesh.axis_names}")
   return mesh.axis_names[0]
-
-
-def top_by_score_then_id(values, ids, k: int):
-  """The first k of each row ordered by (value descending, id ascending): a two-key sort."""
-  neg, ids = lax.sort((-values, ids), dimension=-1, num_keys=2)
-  return -neg[..., :k], ids[..., :k]
 
 
 def order_keys(values, ids):
@@ -87,11 +82,6 @@ def host_topk(keys: np.ndarray, k: int):
 
   threads.each(select, threads.spans(num_q, m))
   return values, ids
-
-
-def merge_topk(v1, i1, v2, i2, k: int):
-  """Top-k of the union of two candidate lists by (value descending, id ascending)."""
-  return top_by_score_then_id(jnp.concatenate([v1, v2], -1), jnp.concatenate([i1, i2], -1), k)
 
 
 @jax.tree_util.register_dataclass
@@ -152,11 +142,6 @@ def score_tile(queries, query_ids, tile, tile_ids, *, exclude_self: bool, precis
   return ScoreTile(s, tile_ids, query_ids if exclude_self else None, inv_norms)
 
 
-def inverse_norms(row_sumsq):
-  """1/‖row‖ from f32 squared norms; 0 for zero rows (padding)."""
-  return jnp.where(row_sumsq > 0, 1 / jnp.sqrt(jnp.where(row_sumsq > 0, row_sumsq, 1)), 0)
-
-
 @dataclasses.dataclass(frozen=True)
 class TopKSelector:
   """The running exact top-k of one device: state (values [Q, k], ids [Q, k]), kept sorted.
@@ -199,11 +184,6 @@ def is_fused(selector) -> bool:
   return hasattr(selector, "update_rows")
 
 
-def row_sumsq(tile):
-  """The rows' f32 squared norms [T] (one pass over the tile serves them and the checks)."""
-  return jnp.sum(jnp.square(tile.astype(jnp.float32)), axis=-1)
-
-
 def fold_tile(selector, state, queries, query_ids, tile, tile_ids, *, exclude_self: bool,
               precision, normalize: bool = False):
   """One tile folded into a device's running state: scored and selected (`score_tile`,
@@ -219,7 +199,7 @@ def fold_tile(selector, state, queries, query_ids, tile, tile_ids, *, exclude_se
 
 
 def reads_windows(selector) -> bool:
-  """The selector's kernel reads host rows in place (`sources.RowWindow` tiles)."""
+  """The selector's kernel reads host rows in place (`RowWindow` tiles)."""
   return getattr(selector, "reads_windows", False)
 
 

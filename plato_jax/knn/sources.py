@@ -28,6 +28,8 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from plato_jax.kernels.primitives import RowWindow
+
 MAX_POSITION = 2**31 - 2  # devices number a gallery's rows with int32 (-1, -2: no row)
 ALIGN = 64  # bytes: the CPU client takes host arrays aligned so without a copy
 
@@ -360,18 +362,6 @@ def _aligned_copy(rows: np.ndarray, shape, dtype, buffers: TileBuffers | None) -
   np.copyto(out.reshape(-1)[:rows.size].reshape(rows.shape), rows,
             casting="unsafe" if rows.dtype != dtype else "no")
   return out
-
-
-class RowWindow(NamedTuple):
-  """Rows [T, D] read where they lie: row r is `window[offset + r·D : offset + (r+1)·D]`.
-
-  `window` is a flat, 64-byte-aligned view of the memory around the rows, so the CPU client
-  takes it without a copy; kernels that read such windows (`plato_jax.kernels.cpu_topk`) get the
-  rows' offset as a value. Whatever the window holds beyond the T rows is never selected
-  (those columns are padding). With a leading device axis when sharded: [P, L] and [P].
-  """
-  window: Any
-  offset: Any
 
 
 def window_length(tile_rows: int, dim: int, itemsize: int = 4) -> int:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU session's checks and benchmarks in one go, each step under its own time limit so
 # one slow step cannot starve the rest; logs go to $OUT (or ./gpu_logs).
-#   bash kernels/gpu_checks.sh [step ...]     steps: env tune bench profile tests fusedbf16 stream
+#   bash experiments/bench/gpu_checks.sh [step ...]     steps: env tune bench profile tests fusedbf16 stream
 #                                             encoders scaling mosaic mosaicbench (fusedbf16: the engine test of
 #                                             the fused kernel that failed on the H100 in bf16, alone,
 #                                             with its full report; mosaic: the Mosaic GPU lowering's
@@ -23,23 +23,23 @@ step() {  # name, seconds, command...
 for s in $steps; do case $s in
   env) step env 60 bash -c "nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv; nproc; \
         $PY -c 'import jax, flax, torch, transformers, tensorstore, orbax.checkpoint; print(jax.__version__, jax.devices(), flax.__version__, torch.__version__, transformers.__version__)'" ;;
-  tune) step tune 240 $PY -m plato_jax.kernels.tune_fused ${TUNE_ARGS:---stream_rows=15000000} ;;
-  bench) step bench_bf16 90 $PY -m plato_jax.kernels.bench --dtype=bfloat16 --repeats=5
-         step bench_f32 70 $PY -m plato_jax.kernels.bench --dtype=float32 --repeats=3 ;;
-  profile) step profile 60 $PY -m plato_jax.kernels.profile --dtype=bfloat16 --queries=8192 --tile_rows=65536 --dim=1024 ;;
+  tune) step tune 240 $PY -m plato_jax.experiments.bench.tune_fused ${TUNE_ARGS:---stream_rows=15000000} ;;
+  bench) step bench_bf16 90 $PY -m plato_jax.experiments.bench.engine --dtype=bfloat16 --repeats=5
+         step bench_f32 70 $PY -m plato_jax.experiments.bench.engine --dtype=float32 --repeats=3 ;;
+  profile) step profile 60 $PY -m plato_jax.experiments.bench.profile --dtype=bfloat16 --queries=8192 --tile_rows=65536 --dim=1024 ;;
   tests) TAIL=25 step tests 150 env JAX_PLATFORMS=cuda $PY -m pytest -q -p no:cacheprovider -rf \
         ${TESTS:-tests/test_knn.py tests/test_large_k.py tests/test_topk_kernel.py tests/test_fused_topk.py} ;;
   fusedbf16) TAIL=80 step fusedbf16 120 env JAX_PLATFORMS=cuda $PY -m pytest -x -vv -p no:cacheprovider \
         --tb=long "tests/test_knn.py::test_fused_kernel_in_the_engine_equals_brute_force" ;;
   mosaic) TAIL=60 step mosaic_tests 150 env JAX_PLATFORMS=cuda $PY -m pytest -x -vv -p no:cacheprovider \
         --tb=long -k mosaic tests/test_fused_topk.py tests/test_knn.py
-        step mosaic_tune 180 $PY -m plato_jax.kernels.tune_fused --config=128,128,4,64,8,3,mosaic_gpu \
+        step mosaic_tune 180 $PY -m plato_jax.experiments.bench.tune_fused --config=128,128,4,64,8,3,mosaic_gpu \
         --config=128,128,4,64,8,4,mosaic_gpu --config=64,128,4,64,8,4,mosaic_gpu \
         --config=128,128,4,64,8,4,mosaic_gpu,1 --config=128,128,4,64,8,3 ;;
-  mosaicbench) step mosaic_bench 120 $PY -m plato_jax.kernels.bench --dtype=bfloat16 --repeats=5 --k=10 \
+  mosaicbench) step mosaic_bench 120 $PY -m plato_jax.experiments.bench.engine --dtype=bfloat16 --repeats=5 --k=10 \
         --kernel=fused:mosaic_gpu ;;
-  stream) step stream 200 $PY -m plato_jax.kernels.bench_stream --rows=${STREAM_ROWS:-4000000} --dir=/tmp/bench_store ;;
-  encoders) step encoders 180 $PY -m plato_jax.kernels.bench_encoders ;;
+  stream) step stream 200 $PY -m plato_jax.experiments.bench.stream --rows=${STREAM_ROWS:-4000000} --dir=/tmp/bench_store ;;
+  encoders) step encoders 180 $PY -m plato_jax.experiments.bench.encoders ;;
   scaling) step scaling 200 $PY -m experiments.scaling ${SCALING_ARGS:---gallery=1m} --out=/tmp/scaling_gpu ;;
   *) echo "unknown step $s" ;;
 esac; done

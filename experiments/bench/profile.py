@@ -1,7 +1,7 @@
 """Where the engine's time goes on this machine, for one tile shape.
 
-    python -m plato_jax.kernels.profile --queries=1024 --tile_rows=32768 --dim=768 --k=10
-    python -m plato_jax.kernels.profile --dtype=bfloat16 --trace_dir=/tmp/trace      # + a profiler trace
+    python -m plato_jax.experiments.bench.profile --queries=1024 --tile_rows=32768 --dim=768 --k=10
+    python -m plato_jax.experiments.bench.profile --dtype=bfloat16 --trace_dir=/tmp/trace      # + a profiler trace
 
 For one device and one tile (Q queries × T gallery rows × d), in the same run:
   * the bare matmul (`jnp.dot`, f32 accumulation) — the rate the engine is measured against;
@@ -19,7 +19,7 @@ import time
 
 from absl import app, flags
 
-from plato_jax.kernels.timing import best_time
+from .timing import best_time
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("queries", 1024, "queries per tile (Q)")

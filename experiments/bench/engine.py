@@ -1,9 +1,9 @@
 """Exact top-k benchmark: plato_jax.knn.search against its peers, in the same run.
 
-    python -m plato_jax.kernels.bench                      # 1,024 x 262,144 x 768, k = 10 and n/100
-    python -m plato_jax.kernels.bench --gallery=65536 --k=10
-    python -m plato_jax.kernels.bench --self_join --gallery=100000 --dim=256 --k=10
-    python -m plato_jax.kernels.bench --baseline=../old-checkout   # before vs after a change
+    python -m plato_jax.experiments.bench.engine                      # 1,024 x 262,144 x 768, k = 10 and n/100
+    python -m plato_jax.experiments.bench.engine --gallery=65536 --k=10
+    python -m plato_jax.experiments.bench.engine --self_join --gallery=100000 --dim=256 --k=10
+    python -m plato_jax.experiments.bench.engine --baseline=../old-checkout   # before vs after a change
 
 Peers: faiss-cpu IndexFlatIP and numpy matmul + argpartition on CPU (same thread count);
 torch matmul + topk on a GPU. The methods run interleaved (each round runs every method
@@ -24,7 +24,7 @@ import statistics
 
 from absl import app, flags
 
-from plato_jax.kernels.timing import best_time, interleaved_times
+from .timing import best_time, interleaved_times
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("queries", 1024, "query rows")

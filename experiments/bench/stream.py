@@ -1,6 +1,6 @@
 """Streaming benchmark: the engine's pass over a feature store against a raw read of its bytes.
 
-    python -m plato_jax.kernels.bench_stream --rows=1000000 --dim=768
+    python -m plato_jax.experiments.bench.stream --rows=1000000 --dim=768
 
 Writes (once, cached under --dir) a one-layer bf16 store, then in the same run times
 (a) a raw read of the layer, tile by tile, with TensorStore reads kept in flight, and

@@ -1,8 +1,8 @@
 """Check and time the fused kernel's configurations against the XLA path and torch, one run,
 and project a full self-join from a measured stream.
 
-    python -m plato_jax.kernels.tune_fused --shape=8192,65536,1024 --shape=8192,65536,384 --k=10
-    python -m plato_jax.kernels.tune_fused --shape=8192,65536,1024 --stream_rows=15000000
+    python -m plato_jax.experiments.bench.tune_fused --shape=8192,65536,1024 --shape=8192,65536,384 --k=10
+    python -m plato_jax.experiments.bench.tune_fused --shape=8192,65536,1024 --stream_rows=15000000
 
 For each shape (Q queries × T gallery rows × d, bf16 in, f32 accumulate), in the same run:
   * `jnp.dot` alone (the rate everything is measured against) and torch matmul + topk (GPU);
@@ -26,7 +26,7 @@ import time
 
 from absl import app, flags
 
-from plato_jax.kernels.timing import device_time
+from .timing import device_time
 
 FLAGS = flags.FLAGS
 
@@ -145,7 +145,7 @@ def stream(q_rows: int, t_rows: int, dim: int, k: int, config, num_rows: int,
 
   from plato_jax.kernels.fused_topk import fused_update
   from plato_jax.kernels.topk import BucketConfig, bucket_topk
-  from plato_jax.knn.sharding import merge_topk
+  from plato_jax.kernels.primitives import merge_topk
 
   interpret = jax.default_backend() == "cpu"
   key = jax.random.PRNGKey(1)

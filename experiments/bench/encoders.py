@@ -1,7 +1,7 @@
 """Encoder throughput: our Flax ports against transformers (PyTorch, sdpa) in the same run.
 
-    python -m plato_jax.kernels.bench_encoders                       # GPU: DINOv2-B/14 at 518 px, 3B LLaMA
-    python -m plato_jax.kernels.bench_encoders --size=small          # CPU: the same harness, small shapes
+    python -m plato_jax.experiments.bench.encoders                       # GPU: DINOv2-B/14 at 518 px, 3B LLaMA
+    python -m plato_jax.experiments.bench.encoders --size=small          # CPU: the same harness, small shapes
 
 Random weights (throughput does not depend on them), both sides in --dtype, the same
 inputs; reports images/s (vision) and tokens/s (text), the ratio ours / transformers (> 1:
@@ -15,7 +15,7 @@ import tempfile
 
 from absl import app, flags
 
-from plato_jax.kernels.timing import best_time
+from .timing import best_time
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("size", None, ["paper", "small"], "paper: DINOv2-B/14 at 518 px and a "
