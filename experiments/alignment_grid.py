@@ -1,6 +1,6 @@
-r"""Best-layer alignment for every (model A, model B) pair on one query set (PRH Fig. 3/4/10,
-experiments E1, E2, E4): the grid, and the scatter of alignment against a per-model value
-(e.g. 1 − bits-per-byte of each language model).
+r"""Best-layer alignment for every (model A, model B) pair on one query set (PRH Fig.
+3/4/10): the grid, and the scatter of alignment against a per-model value (e.g. 1 −
+bits-per-byte of each language model).
 
     python -m experiments.alignment_grid        # synthetic: 3 "vision" x 5 "language" models
     python -m experiments.alignment_grid --models_a=dinov2-s.store,dinov2-b.store,dinov2-g.store \

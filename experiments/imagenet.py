@@ -1,6 +1,6 @@
-r"""Class versus instance alignment against images per class (Koepke et al. Fig. 7b/20/21;
-experiment E13): accuracy of each model's nearest neighbour's class, both correct, and the
-strict (same instance) agreement, as each class gets more gallery items.
+r"""Class versus instance alignment against images per class (Koepke et al. Fig.
+7b/20/21): accuracy of each model's nearest neighbour's class, both correct, and the strict
+(same instance) agreement, as each class gets more gallery items.
 
     python -m experiments.imagenet                        # synthetic world: 100 classes
     python -m experiments.imagenet --features_a=dinov2-imagenet.store \

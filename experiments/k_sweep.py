@@ -1,4 +1,4 @@
-r"""Mutual k-NN against k at fixed gallery sizes (Koepke et al. Fig. 3a, experiment E6).
+r"""Mutual k-NN against k at fixed gallery sizes (Koepke et al. Fig. 3a).
 
     python -m experiments.k_sweep                         # synthetic world: 1,024 and 200k rows
     python -m experiments.k_sweep --features_a=dinov2.store --features_b=openllama.store \

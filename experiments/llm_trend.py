@@ -1,17 +1,17 @@
-r"""Alignment against language-model capability (PRH Fig. 4, Koepke Fig. 3b/12/14, Table 5;
-experiments E8 and E16): does a base-model trend predict newer models?
+r"""Alignment against language-model capability (PRH Fig. 4, Koepke Fig. 3b/12/14, Table 5):
+does a base-model trend predict newer models?
 
     python -m experiments.llm_trend                   # synthetic: 12 language x 2 vision models
     python -m experiments.llm_trend --models_a=dinov2-b.store,dinov2-g.store \
         --models_b=llama-7b.store,...,qwen2-7b.store --benchmarks=scores.csv
-    python -m experiments.llm_trend ... --at_size=1m --k=n/100     # the trend at scale (E8)
+    python -m experiments.llm_trend ... --at_size=1m --k=n/100     # the trend at scale
 
 --benchmarks is a CSV with columns `model`, `group` (base or new) and one column per
 benchmark (e.g. hellaswag, gsm8k, one_minus_bpb). Alignment of each (vision, language) pair
 is mutual k-NN at the best layer pair on the queries (PRH protocol, `plato_jax.grid`), or
 with --at_size, at that gallery size (layers fixed on the queries, the scaling protocol).
 Per vision model and benchmark: OLS of alignment on the benchmark over the base models,
-R²(base), and R²(new) of the new models around that line (PAPERS.md §2.2d); both averaged
+R²(base), and R²(new) of the new models around that line (Koepke et al. App. D); both averaged
 over the vision models. Writes llm_trend.json/.csv/.png (a scatter per benchmark with the
 base line of each vision model).
 

@@ -1,5 +1,5 @@
 r"""Relaxed mutual k-NN as one modality gets several items per source (Koepke et al. Fig.
-9/22; experiment E14): T2I (several images per prompt) and I2T (several captions per image).
+9/22): T2I (several images per prompt) and I2T (several captions per image).
 
     python -m experiments.many_to_many            # synthetic: 12 "images" / 11 "captions" per source
     python -m experiments.many_to_many --features_a=images.store --features_b=captions.store \

@@ -1,5 +1,5 @@
 r"""The permutation null of the layer search (Koepke et al. App. A.2 / Fig. 15 after Gröger
-et al.; experiment E11): raw best-layer mutual k-NN against gallery size, beside what the
+et al.): raw best-layer mutual k-NN against gallery size, beside what the
 search finds when the pairing is shuffled, and the calibrated scores.
 
     python -m experiments.null                        # synthetic world, 50k rows

@@ -1,4 +1,4 @@
-r"""The within-modality control (Koepke et al. App. A.1, Fig. 13; experiment E10): mutual
+r"""The within-modality control (Koepke et al. App. A.1, Fig. 13): mutual
 k-NN between two models of the SAME modality as the gallery grows, beside the cross-modal
 pair.
 

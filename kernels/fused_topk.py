@@ -1,5 +1,5 @@
 """Fused similarity + per-tile selection (Pallas), an exact merge with a certificate, and an
-exact fallback (PERFORMANCE.md §8.2).
+exact fallback.
 
 The kernel scores a block of queries against a block of `block_t` gallery rows and keeps,
 per query, only the top `keep` (K′) scores of that block — plus the best score it dropped

@@ -1,6 +1,6 @@
 """Exact per-row top-k of a score tile, without sorting whole rows.
 
-`bucket_topk` is the XLA-only selection of the engine (PERFORMANCE.md §8.1): split each
+`bucket_topk` is the XLA-only selection of the engine: split each
 row into buckets of `width` columns, keep the k buckets with the largest maxima, and select
 the top k among their k·width members. It is exact: the k-th largest bucket maximum is a
 lower bound on the k-th largest score (k distinct elements reach it), so every element of

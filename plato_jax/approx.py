@@ -16,7 +16,7 @@ that cannot exclude by id are asked for k + 1 and the query's own id is dropped)
   usearch        usearch HNSW (inner product), at each expansion_search, when installed
   hnswlib        hnswlib HNSW (inner product), at each ef, when installed
 
-Measures (ANN-benchmarks conventions, PERFORMANCE.md §6.2): recall@k = |A ∩ E| / k;
+Measures (ANN-benchmarks conventions): recall@k = |A ∩ E| / k;
 tie-aware recall counts an approximate neighbour as right when its exact score reaches the
 exact k-th score minus ε, with ε = γ_d = d·u / (1 − d·u), u = 2⁻²⁴ — the float32 rounding
 bound of a dot product of unit vectors, so results that differ only by rounding are not

@@ -1,13 +1,13 @@
 """Class versus instance: what the alignment that survives is made of (Koepke et al. §4.2,
-App. B; experiment E13).
+App. B).
 
-Protocol (PAPERS.md §2.2c). One query per class; the gallery holds `ipc` other items of
-every class (ImageNet val: 1 query + up to 49 gallery images of each class's 50). Each
-class's items are put in one seeded random order: its first item is the query, the rest
-are its gallery candidates in that order, so the galleries are nested (ipc = 1 ⊂ 9 ⊂ …)
-and one engine pass per model gives every ipc (gallery order: every class's first
-candidate, then every class's second, …). Queries are not in the gallery (PAPERS.md Q7
-leaves this open; this reading keeps "1 query + ipc gallery items" literal).
+Protocol. One query per class; the gallery holds `ipc` other items of every class (ImageNet
+val: 1 query + up to 49 gallery images of each class's 50). Each class's items are put in
+one seeded random order: its first item is the query, the rest are its gallery candidates
+in that order, so the galleries are nested (ipc = 1 ⊂ 9 ⊂ …) and one engine pass per model
+gives every ipc (gallery order: every class's first candidate, then every class's second,
+…). Queries are not in the gallery (the paper leaves this open; this reading keeps "1
+query + ipc gallery items" literal).
 
 Per query q of class c(q), with N_k(q) its k cosine neighbours in a model:
     acc_img  = |{j ∈ N_k^a(q) : c(j) = c(q)}| / k      (k = 1: "DINOv2 acc.")

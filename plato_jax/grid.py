@@ -1,5 +1,5 @@
 """Best-layer alignment of every (model A, model B) pair on one query set (PRH Fig. 3/4,
-Koepke Fig. 3b; experiments E1, E2, E4, E8, E16), and the OLS trend tests of PAPERS.md §2.2d.
+Koepke Fig. 3b), and the OLS trend tests of Koepke et al. App. D.
 
 The PRH protocol on N queries (WIT-1024 in the papers): every model's features of all
 layers for the same rows; outlier clamp at the `clamp` quantile and per-layer L2 norm
@@ -94,7 +94,7 @@ def ols(x, y):
 
 
 def trend_fit(x_base, y_base, x_new=(), y_new=()) -> dict:
-  """PAPERS.md §2.2d: OLS on the base models; R²(base) = r² there; on the new models
+  """Koepke et al. App. D: OLS on the base models; R²(base) = r² there; on the new models
   R²(new) = 1 − Σ(y − ŷ)² / Σ(y − ȳ_new)² with ŷ from the base line (negative: worse than
   predicting their mean). NaN where undefined (fewer than two new models, or no spread)."""
   intercept, slope = ols(x_base, y_base)

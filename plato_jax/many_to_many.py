@@ -1,5 +1,5 @@
 """Relaxed mutual k-NN when one modality has several items per source (Koepke et al. §4.3,
-Fig. 9/22; experiment E14): several images per prompt (T2I) or captions per image (I2T).
+Fig. 9/22): several images per prompt (T2I) or captions per image (I2T).
 
 Data. A dense store (several items per source; a "group" column holds each item's source
 id) and a sparse store of the other modality (one row per source, its id the source id).
@@ -10,7 +10,7 @@ galleries are nested and one engine pass gives every m. The sparse gallery holds
 source. Each query excludes its own item (by id) in both; its source's other dense items
 stay retrievable, as in the paper's Fig. 10.
 
-Counting (PAPERS.md Q6 leaves the rule open; both readings are reported). With G_d(q) the
+Counting (the paper leaves the rule open; both readings are reported). With G_d(q) the
 source ids of q's k dense neighbours (a source may repeat) and G_s(q) those of its k
 sparse neighbours (distinct: one item per source):
     group_set      |set(G_d) ∩ G_s| / k                 distinct sources retrieved by both

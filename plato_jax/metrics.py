@@ -4,7 +4,7 @@ Same names and arguments as platonic-rep's `AlignmentMetrics` (metrics.py, uncha
 paper): `mutual_knn`, `cycle_knn`, `lcs_knn`, `edit_distance_knn`, `cka`, `unbiased_cka`,
 `cknna`, `svcca`, `SUPPORTED_METRICS` and `measure(name, ...)`, plus the pipeline around them:
 `prepare_features` (95th-percentile clamp + row L2 norm) and `compute_score` (the best layer
-pair). The semantics are those of spec/REFERENCE_CODE.md: similarities are raw dot products
+pair). The semantics are those of platonic-rep's `metrics.py`: similarities are raw dot products
 (nothing is normalised or centred inside a metric), self is never its own neighbour,
 mutual_knn is divided by k, lcs_knn is not, edit_distance_knn = 1 - mean Lev / k, the `+1e-6`
 in every CKA-style denominator, cknna's directed joint mask with the unbiased HSIC of M∘K and

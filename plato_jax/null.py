@@ -1,5 +1,5 @@
 """The permutation null of layer-searched mutual k-NN (Koepke et al. App. A.2 after Gröger et
-al.; experiment E11): how much of the best-layer score is the search itself?
+al.): how much of the best-layer score is the search itself?
 
 Searching all L_a × L_b layer pairs for the best mutual k-NN selects upward: even with the
 pairing destroyed, the maximum over pairs is above any one pair's chance level. The null
@@ -12,7 +12,7 @@ to queries and the other gallery rows among themselves (under the null any permu
 as good, and this one only needs neighbours of queries, which the engine has). Per
 permutation a pair's score costs one sort of [Q, 2k].
 
-Reported per gallery size n and k (PAPERS.md §2.2e):
+Reported per gallery size n and k (Koepke et al. App. A.2):
   raw_fixed        the pair chosen on the queries alone (n = Q), as the papers fix it
   raw_reselected   the best pair at this n (per-scale re-selection, Fig. 15)
   null_fixed       E_π[score of the fixed pair]: its chance level

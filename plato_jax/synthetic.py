@@ -19,7 +19,7 @@ the handful of same-concept rows are told apart mostly by u, so the two modaliti
 many neighbours; as n grows the nearest rows are decided by ever finer differences where e
 dominates, and fixed-k agreement collapses towards chance — while k = n/100 (about one
 concept's worth of rows) keeps agreeing on the coarse structure. Nothing about the curve is
-prescribed; it follows from these parameters (PAPERS.md §2.6 for the real numbers).
+prescribed; it follows from these parameters.
 
 Rows are generated in blocks from per-block random streams, so any block can be rebuilt
 alone and a world of any size streams into a store without being held in memory.

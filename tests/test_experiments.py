@@ -1,4 +1,4 @@
-"""The experiments of PAPERS.md §4.3 beyond scaling: each run from its command on a small
+"""The experiments of both papers beyond scaling: each run from its command on a small
 synthetic world, its numbers recomputed directly with numpy / plato_jax.metrics."""
 import json
 import os

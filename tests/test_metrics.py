@@ -1,6 +1,6 @@
 """plato_jax.metrics against an independent dense float64 restatement of platonic-rep's metrics.
 
-The reference below is written from spec/REFERENCE_CODE.md: full N×N similarity matrices,
+The reference below restates platonic-rep's `metrics.py`: full N×N similarity matrices,
 self masked on the diagonal, neighbours ordered by (score desc, index asc) via np.lexsort
 (our deterministic tie rule; torch's order of ties is undefined), LCS/Levenshtein row by row.
 Random data is drawn from a logged seed. Continuous data is redrawn until no two candidate
