@@ -86,7 +86,7 @@ def start(experiment: str, synthetic_rows: str | None = None) -> Setup:
                            "process can reach")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts; GPUs use NCCL
     jax.distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
-  from plato_jax.scaling import parse_count
+  from plato_jax.gallery import parse_count
   from plato_jax.store import FeatureStore
 
   if (FLAGS.features_a is None) != (FLAGS.features_b is None):
@@ -109,7 +109,7 @@ def start(experiment: str, synthetic_rows: str | None = None) -> Setup:
 
 def read_queries() -> int | list[int]:
   """--queries: a count, or a file of query ids (one per line; errors name the line)."""
-  from plato_jax.scaling import parse_count
+  from plato_jax.gallery import parse_count
   if not os.path.exists(FLAGS.queries):
     return parse_count(FLAGS.queries)
   ids = []
@@ -140,7 +140,7 @@ def synthetic_model(setup: Setup, modality: int, model: int, quality: float = 1.
 def gallery_sizes(setup: Setup, defaults) -> list[int]:
   """--sizes, or the `defaults` up to the largest gallery, plus it and the query count (the
   smallest gallery is the queries alone, WIT-1024 in the paper)."""
-  from plato_jax.scaling import parse_count
+  from plato_jax.gallery import parse_count
   if FLAGS.sizes:
     sizes = {parse_count(s) for s in FLAGS.sizes}
     over = sorted(s for s in sizes if s > setup.largest)

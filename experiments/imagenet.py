@@ -52,7 +52,7 @@ def labels_of(store) -> np.ndarray:
 def layers(setup, labels):
   """The layer pair: given, or the best mutual k-NN pair on the queries (one per class)."""
   from plato_jax.decomposition import class_order
-  from plato_jax.scaling import choose_layers
+  from plato_jax.gallery import choose_layers
   queries = np.sort(class_order(labels, FLAGS.seed)[0])
   a, b = setup.store_a, setup.store_b
   try:

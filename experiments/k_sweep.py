@@ -29,7 +29,7 @@ def plot(result):
 def main(argv):
   del argv
   from plato_jax import report
-  from plato_jax.scaling import parse_count
+  from plato_jax.gallery import parse_count
   setup = common.start("k_sweep")
   sizes = common.gallery_sizes(setup, ())  # the queries alone and the largest gallery
   spec = f"log:{FLAGS.num_k}:{parse_count(FLAGS.max_k)}"

@@ -87,7 +87,7 @@ def read_benchmarks(path: str):
 def alignments(setup, vision, language):
   """{(vision name, language name): alignment}: on the queries alone, or at --at_size."""
   from plato_jax.grid import alignment_grid, metric_specs, model_name
-  from plato_jax.scaling import parse_count
+  from plato_jax.gallery import parse_count
   if FLAGS.at_size is None:
     rows = alignment_grid(vision, language, metric_specs(["mutual_knn"], int(FLAGS.k), []),
                           queries=setup.queries, seed=FLAGS.seed, progress=FLAGS.progress)

@@ -29,7 +29,7 @@ def main(argv):
   del argv
   from plato_jax import report
   setup = common.start("scaling")
-  from plato_jax.scaling import DEFAULT_SIZES
+  from plato_jax.gallery import DEFAULT_SIZES
   sizes = common.gallery_sizes(setup, DEFAULT_SIZES)
   result, config = common.run(setup, sizes, FLAGS.k)
   if not common.is_writer():

@@ -67,7 +67,7 @@ def main(argv):
   del argv
   from plato_jax import report
   setup = common.start("within_modality")
-  from plato_jax.scaling import DEFAULT_SIZES
+  from plato_jax.gallery import DEFAULT_SIZES
   sizes = common.gallery_sizes(setup, DEFAULT_SIZES)
   rows, runs = [], []
   for label, x, y in pairs(setup):

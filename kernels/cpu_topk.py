@@ -42,7 +42,6 @@ engine then keeps its XLA kernel.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import functools
 import hashlib
 import os
@@ -54,8 +53,6 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from plato_jax.kernels.primitives import NO_ID, RowWindow, top_by_score_then_id
 
 TARGET = "plato_tile_topk"
 SOURCE = pathlib.Path(__file__).with_name("cpu_topk.cc")
@@ -199,39 +196,3 @@ def reference_update(values, ids, queries, query_ids, tile, tile_ids, k: int,
   all_i = np.concatenate([ids, np.broadcast_to(tile_ids, scores.shape)], axis=1)
   order = np.lexsort((all_i, -all_v.astype(np.float64)), axis=-1)[:, :k]
   return np.take_along_axis(all_v, order, 1), np.take_along_axis(all_i, order, 1)
-
-
-@dataclasses.dataclass(frozen=True)
-class CpuTopKSelector:
-  """The engine's running exact top-k on CPU devices, fed raw rows like the fused kernels'
-  selector. State: (pool values [Q, C], pool ids [Q, C], a fallback count that stays 0 —
-  this kernel has no inexact path — pool counts [Q], threshold values [Q], threshold ids
-  [Q]); C = `pool_capacity(k)`, unused slots (-inf, -1).
-
-  Its tiles may come as `RowWindow`s: the engine's host rows, read where they lie."""
-  k: int
-  block_cols: int = 128
-  threads: int | None = None
-  reads_windows = True
-
-  def init(self, num_queries: int):
-    values, ids, *rest = empty_pools(num_queries, self.k)
-    return (values, ids, np.zeros((), np.int32), *rest)
-
-  def update_rows(self, state, queries, query_ids, tile, tile_ids, *, normalize, precision):
-    """(state, the rows' f32 squared norms). `tile`: rows [T, D] or a `RowWindow`."""
-    del precision  # f32 FMA chains: a true f32 product, what HIGHEST asks of an f32 matmul
-    values, ids, fallbacks, *rest = state
-    if query_ids is None:
-      query_ids = jnp.full((queries.shape[0],), NO_ID, jnp.int32)
-    rows, offset = (tile.window, tile.offset) if isinstance(tile, RowWindow) else (tile, 0)
-    (values, ids, *rest), sumsq = cpu_update(
-        (values, ids, *rest), queries, query_ids, rows, tile_ids, k=self.k, row_offset=offset,
-        normalize=normalize, block_cols=self.block_cols, threads=self.threads)
-    return (values, ids, fallbacks, *rest), sumsq
-
-  def result(self, state):
-    return top_by_score_then_id(state[0], state[1], self.k)
-
-  def candidates(self, state):
-    return state[0], state[1]

@@ -29,22 +29,20 @@ here.
 
 `reference_block_topk` is the plain-jnp reference of the kernel's output; `fused_topk` is
 the jitted single-tile wrapper (`interpret=True` runs the kernel on CPU, as the tests do);
-`FusedTopKSelector` is the engine's selector built on it.
+The engine's selector built on it is `plato_jax.knn.selectors.FusedTopKSelector`.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from plato_jax.kernels.fused_contract import (BACKENDS, FusedConfig, any_row_reaches,
+from plato_jax.kernels.fused_contract import (FusedConfig, any_row_reaches,
                                               defaults, masked, nothing_kept, select_top)
-from plato_jax.kernels.primitives import NO_ID, inverse_norms, merge_topk, row_sumsq
+from plato_jax.kernels.primitives import merge_topk
 from plato_jax.kernels.topk import BucketConfig, bucket_topk
 
 def _kernel(q_ref, g_ref, ids_ref, qids_ref, scale_ref, thr_ref, v_ref, c_ref, b_ref, *,
@@ -202,44 +200,3 @@ def fused_topk(queries, gallery, gallery_ids, k: int, config: FusedConfig = Fuse
   prior = (jnp.full((q, k), -jnp.inf, jnp.float32), jnp.full((q, k), -1, jnp.int32))
   return fused_update(prior, queries, gallery, gallery_ids, k, config, precision=precision,
                       interpret=interpret)
-
-
-@dataclasses.dataclass(frozen=True)
-class FusedTopKSelector:
-  """The engine's running exact top-k (like `TopKSelector`), fed raw rows instead of a
-  score tile: `update_rows` runs the fused kernel. State: (values [Q, k], ids [Q, k],
-  fallbacks []) — the last counts query blocks that took the exact path."""
-  k: int
-  config: FusedConfig = FusedConfig()
-  interpret: bool = False
-
-  def init(self, num_queries: int):
-    return (np.full((num_queries, self.k), -np.inf, np.float32),
-            np.full((num_queries, self.k), -1, np.int32), np.zeros((), np.int32))
-
-  def update_rows(self, state, queries, query_ids, tile, tile_ids, *, normalize, precision):
-    """(state, the rows' f32 squared norms)."""
-    sumsq = row_sumsq(tile)
-    column_scale = inverse_norms(sumsq) if normalize else None
-    bq = self.config.block_q
-    q, t = queries.shape[0], tile.shape[0]
-    pad_q, pad_t = -q % bq, -t % self.config.program_rows  # the engine sizes tiles so: 0
-    queries = jnp.pad(queries, ((0, pad_q), (0, 0)))
-    tile = jnp.pad(tile.astype(queries.dtype), ((0, pad_t), (0, 0)))
-    tile_ids = jnp.pad(tile_ids, (0, pad_t), constant_values=-1)
-    if query_ids is not None:
-      query_ids = jnp.pad(query_ids, (0, pad_q), constant_values=NO_ID)
-    if column_scale is not None:
-      column_scale = jnp.pad(column_scale, (0, pad_t))
-    values, ids, fallbacks = state
-    prior = tuple(jnp.pad(x, ((0, pad_q), (0, 0)), constant_values=c)
-                  for x, c in ((values, -jnp.inf), (ids, -1)))
-    v, i, fell = fused_update(prior, queries, tile, tile_ids, self.k, self.config,
-                              query_ids=query_ids, column_scale=column_scale,
-                              precision=precision, interpret=self.interpret)
-    return (v[:q], i[:q], fallbacks + fell), sumsq
-
-  def result(self, state):
-    return state[0], state[1]
-
-  candidates = result  # (already the exact top-k)

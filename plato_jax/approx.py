@@ -35,6 +35,10 @@ from typing import Callable
 
 import numpy as np
 
+from plato_jax import metrics
+from plato_jax.gallery import choose_layers, plan_galleries
+from plato_jax.knn import IdRows, search
+
 F32_UNIT = 2.0**-24
 
 
@@ -80,7 +84,6 @@ def _timed(fn, warm_up: bool = False):
 
 
 def run_exact(gallery, gallery_ids, queries, query_ids, k) -> Run:
-  from plato_jax.knn import search
   found, seconds = _timed(lambda: search(queries, gallery, k, query_ids=query_ids,
                                          gallery_ids=gallery_ids), warm_up=True)
   return Run("exact", "-", found.ids, 0.0, seconds, gallery.nbytes, False)
@@ -267,9 +270,6 @@ def compare(store_a, store_b, *, queries=1024, sizes=("1024", "10k", "50k"), k: 
   the layers are fixed on the queries. Returns {"layer_a", "layer_b", "skipped", "rows",
   "epsilon"}; with `keep_ids` each row also holds both models' neighbour ids and the
   gallery's ids (for checking the numbers)."""
-  from plato_jax import metrics
-  from plato_jax.knn import IdRows
-  from plato_jax.scaling import choose_layers, plan_galleries
   plan = plan_galleries(store_a, store_b, queries, sizes, [str(k)], seed)
   num_q = len(plan.query_rows)
   q_a = store_a.gather(plan.query_rows).astype(np.float32)

@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from plato_jax import metrics
+from plato_jax.gallery import resolve_queries
 
 
 def model_name(store) -> str:
@@ -27,7 +28,6 @@ def model_name(store) -> str:
 
 def query_features(stores, queries, seed: int):
   """[Q, L, D] float32 features of the same query rows from each store (ids must agree)."""
-  from plato_jax.scaling import resolve_queries
   ids = stores[0].ids()
   for s in stores[1:]:
     other = s.ids()

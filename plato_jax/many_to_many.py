@@ -27,6 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
+from plato_jax.gallery import choose_layers, resolve_queries
 from plato_jax.knn import IdRows, OrderedSource, search
 
 
@@ -54,7 +55,6 @@ def run_many_to_many(dense, sparse, *, layer_dense="auto", layer_sparse="auto", 
                      multiplicities: Sequence[int] = (1, 4, 7, 12), ks: Sequence[int] = (1, 10),
                      seed: int = 0, progress: bool = False, **search_options) -> dict:
   """{"layer_dense", "layer_sparse", "rows": one per (m, k)}; see the module docstring."""
-  from plato_jax.scaling import choose_layers, resolve_queries
   if "group" not in dense.meta.get("columns", []):
     raise ValueError(f"{dense.root} has no 'group' column (the source id of each item)")
   groups = dense.column("group")

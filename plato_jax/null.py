@@ -24,10 +24,13 @@ Reported per gallery size n and k (Koepke et al. App. A.2):
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import numpy as np
 
 from plato_jax import metrics
+from plato_jax.gallery import layer_neighbours, plan_galleries
+from plato_jax.knn import IdRows
 
 
 @dataclasses.dataclass
@@ -84,10 +87,6 @@ def run_null(store_a, store_b, *, queries=1024, sizes=("1024", "10k", "50k"), ks
   """The null for every gallery size and k: one engine pass per layer of each model (all
   sizes from it, as in `plato_jax.scaling`), then `permutation_null` per (size, k). The
   fixed pair is the best at n = Q with k = 10 (ties: lower layers first)."""
-  import os
-
-  from plato_jax.knn import IdRows
-  from plato_jax.scaling import layer_neighbours, plan_galleries
   plan = plan_galleries(store_a, store_b, queries, sizes, ks, seed)
   num_q = len(plan.query_rows)
   k_fixed = min(10, num_q - 1)

@@ -63,6 +63,6 @@ def skip_unless_runs_here(kernel: str):
       if jax.default_backend() != "cpu" or unavailable_reason() is not None:
         pytest.skip(f"the CPU kernel does not run here: {unavailable_reason()}")
     return
-  from plato_jax.kernels.fused_topk import BACKENDS
+  from plato_jax.kernels.fused_contract import BACKENDS
   if jax.default_backend() not in ("cpu", BACKENDS[kernel.split(":")[1]]):
     pytest.skip(f"{kernel} does not run on {jax.default_backend()}")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from knn_reference import brute_mutual_knn
 
-from plato_jax.scaling import choose_queries, expand_k, gallery_order
+from plato_jax.gallery import choose_queries, expand_k, gallery_order
 from plato_jax.synthetic import WorldConfig, build_world
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -519,7 +519,7 @@ def test_kernel_choice_is_checked_and_reported(rng):
 def test_a_fused_kernel_that_does_not_compile_falls_back_to_xla(rng, monkeypatch):
   import sys
 
-  from plato_jax.kernels import fused_topk
+  from plato_jax.knn import selectors
   search_module = sys.modules["plato_jax.knn.search"]
   x = integer_rows(rng, 300, 8)
 
@@ -527,7 +527,7 @@ def test_a_fused_kernel_that_does_not_compile_falls_back_to_xla(rng, monkeypatch
     raise NotImplementedError("no lowering for this primitive")
 
   search_module._selector_that_compiles.cache_clear()  # probes are cached per shape
-  monkeypatch.setattr(fused_topk.FusedTopKSelector, "update_rows", broken)
+  monkeypatch.setattr(selectors.FusedTopKSelector, "update_rows", broken)
   monkeypatch.setattr(search_module, "pick_kernel", lambda *args: "fused:triton")
   with pytest.warns(UserWarning, match="did not compile.*using the XLA kernel"):
     res = search(x[:20], x, 4, query_ids=np.arange(20))

@@ -13,7 +13,8 @@ from knn_reference import brute_force, integer_rows, one_device_mesh, skip_unles
 
 from plato_jax.knn import large_k, search
 from plato_jax.knn.large_k import ThresholdSelector, choose_selector
-from plato_jax.knn.sharding import ScoreTile, TopKSelector
+from plato_jax.knn.selectors import TopKSelector
+from plato_jax.knn.sharding import ScoreTile
 
 MAX_ID = np.iinfo(np.int32).max
 

@@ -11,7 +11,8 @@ import pytest
 from knn_reference import brute_mutual_knn
 
 from plato_jax import metrics
-from plato_jax.scaling import gallery_order, parse_count, resolve_k, run_scaling
+from plato_jax.gallery import gallery_order, parse_count, resolve_k
+from plato_jax.scaling import run_scaling
 from plato_jax.synthetic import WorldConfig, build_world
 
 SMALL = WorldConfig(num_concepts=20, dims=(16, 24), layers=(3, 4))
@@ -34,7 +35,7 @@ def test_results_equal_brute_force_per_size_and_k(world):
   rows = {(r["size"], r["k_spec"]): r for r in res.rows}
   assert len(rows) == 9
   # the same order the run used: queries first, then chunks
-  from plato_jax.scaling import choose_queries
+  from plato_jax.gallery import choose_queries
   qrows = choose_queries(6000, QUERIES, 3)
   order = gallery_order(6000, qrows, 3)
   xa = store_a.read_layer(res.layer_a).astype(np.float32)[order]

@@ -116,7 +116,7 @@ def profile(queries: int, tile_rows: int, dim: int, k: int, dtype: str, repeats:
       return time.perf_counter() - t, 0  # exact on every tile: no certificate, no fallback
 
     t_select = None  # a fused kernel's selection has no score tile to run on alone
-    if not sharding.is_fused(selector):
+    if not selector.fused:
       ids = jnp.arange(tile_rows, dtype=jnp.int32)
       select = jax.jit(lambda st, s: selector.update(st, sharding.ScoreTile(s, ids)))
       local = jax.tree.map(lambda a: a[0], warm[0])

@@ -61,7 +61,7 @@ from jax.custom_batching import custom_vmap
 
 from plato_jax.kernels.primitives import NO_ID, top_by_score_then_id
 from plato_jax.kernels.topk import BucketConfig, bucket_topk
-from plato_jax.knn.sharding import TopKSelector
+from plato_jax.knn.selectors import TopKSelector
 
 INT_MIN = np.iinfo(np.int32).min
 LANES = 32  # columns per bit-packed filter code
@@ -320,6 +320,8 @@ class ThresholdSelector:
   slack: int | None = None               # a raised τ keeps <= k + slack (None: k/16)
   config: BucketConfig = BucketConfig()  # the exact fallback's tile selection
   repair_passes: int = 2                 # odd-even passes mending equal-value runs
+  fused = False          # fed score tiles (`selectors.Selector`)
+  reads_windows = False
 
   @property
   def pool(self) -> int:
@@ -445,6 +447,9 @@ class ThresholdSelector:
   def candidates(self, state):
     """The pool: its top-k is the exact top-k (see the invariants), unsorted."""
     return state[0], state[1]
+
+  def fallbacks(self, state):
+    return jnp.zeros((), jnp.int32)  # its fallback is exact and needs no count
 
   def _result(self, pv, pi, tv, ti, fill):
     lo, raised = _raise(pv, tv, self.k, 0)

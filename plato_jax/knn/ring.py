@@ -80,11 +80,11 @@ def _ring_fn(mesh: Mesh, selector, block: int, exclude_self: bool, precision, k:
 
     state, _, _ = lax.fori_loop(0, p, step, (state, x, ids))
     v, i = selector.result(state)
-    fallbacks = state[2] if fused else jnp.zeros((), jnp.int32)
+    fallbacks = selector.fallbacks(state)
     return v[:, :k], i[:, :k], fallbacks[None]
 
   # (A Pallas call declares no per-axis variance for its outputs: the check is off then.)
-  fused = sharding.is_fused(selector)
+  fused = selector.fused
   fn = jax.shard_map(local, mesh=mesh, in_specs=(P(axis), P(axis)),
                      out_specs=(P(axis), P(axis), P(axis)), check_vma=not fused)
   return jax.jit(fn)

@@ -27,9 +27,12 @@ import jax
 import numpy as np
 from jax import lax
 
+from plato_jax.kernels.cpu_topk import default_threads, unavailable_reason
+from plato_jax.kernels.fused_contract import BACKENDS, FusedConfig
 from plato_jax.kernels.primitives import NO_ID, RowWindow
 from plato_jax.knn import exact, sharding, threads
 from plato_jax.knn.large_k import LARGE_K_THRESHOLD, choose_selector
+from plato_jax.knn.selectors import CpuTopKSelector, FusedTopKSelector
 from plato_jax.knn.sources import (MAX_POSITION, IdRows, TileBuffers, aligned_empty,
                                    as_source, digest, fingerprint, host_rows, on_accelerator,
                                    plan_tiles, raise_for_bad_rows, stream_tiles, take_rows,
@@ -458,7 +461,7 @@ class _Stream:
     step = sharding.sharded_step(mesh, selector, self.exclude_self, self.precision,
                                  self.normalize)
     # Host rows go to the CPU kernel where they lie (no copy of unaligned numpy rows).
-    window = window_length(self.tile_rows, source.dim) if sharding.reads_windows(selector) \
+    window = window_length(self.tile_rows, source.dim) if selector.reads_windows \
         else None
     on_host = mesh.devices.flat[0].platform in FINISH_ON_HOST
     positions = np.arange(n, dtype=np.int64)
@@ -477,7 +480,8 @@ class _Stream:
           kept=list(kept.values()), sizes=sizes,
           tile_rows=self.tile_rows, block=block, devices=num_dev,
           exclude_self=self.exclude_self, normalize=self.normalize, compute_dtype=str(dtype),
-          precision=str(self.precision), selector=repr(selector))
+          precision=str(self.precision), selector=repr(selector),
+          state=str(jax.tree.structure(selector.init(1))))
       point = ResumePoint(resume_dir, identity, every=checkpoint_every)
       try:
         loaded = point.load({"state": sharding.empty_state(mesh, selector, block),
@@ -537,7 +541,7 @@ class _Stream:
                                f"on the device, but a host scan could not name them")
             v, i = sharding.device_merger(mesh, selector, kept[stop], on_host)(state)
             if self.kernel != "xla" and stop == sizes[-1]:
-              self.fallbacks += int(sharding.replicated_sum(mesh)(state[2]))
+              self.fallbacks += int(sharding.replicated_sum(mesh)(selector.fallbacks(state)))
             found["values"][str(stop)][q0:q0 + rows] = np.asarray(v)[:rows]
             found["ids"][str(stop)][q0:q0 + rows] = np.asarray(i)[:rows]
             found["norms"][str(stop)][:] = [float(largest), float(smallest)]
@@ -568,16 +572,13 @@ def selector_for(kernel: str, k: int, tile_rows: int, bucket_width, mesh):
     return choose_selector(k, tile_rows, bucket_width)
   check_kernel_runs_on(kernel, mesh)
   if kernel == "cpu":
-    from plato_jax.kernels.cpu_topk import CpuTopKSelector, default_threads
     # The host's cores are shared by the mesh's CPU devices, which run concurrently.
     return CpuTopKSelector(k, threads=max(1, default_threads() // mesh.local_mesh.size))
-  from plato_jax.kernels.fused_topk import FusedTopKSelector
   return FusedTopKSelector(k, _fused_config(kernel),
                            interpret=mesh.devices.flat[0].platform == "cpu")
 
 
 def _fused_config(kernel: str):
-  from plato_jax.kernels.fused_topk import FusedConfig
   return FusedConfig(backend=kernel.split(":")[1])
 
 
@@ -597,7 +598,6 @@ def check_kernel_runs_on(kernel: str, mesh) -> None:
       raise ValueError(f"kernel='cpu' runs on CPU devices, not on "
                        f"{mesh.devices.flat[0].platform}")
     return
-  from plato_jax.kernels.fused_topk import BACKENDS
   platform, home = mesh.devices.flat[0].platform, BACKENDS[kernel.split(":")[1]]
   if platform not in ("cpu", home):
     raise ValueError(f"kernel={kernel!r} runs on {home} devices (or interpreted on CPU), not "
@@ -610,7 +610,6 @@ def check_kernel_runs_on(kernel: str, mesh) -> None:
 def pick_kernel(kernel: str, k: int, platform: str, dtype=np.float32) -> str:
   """The kernel a requested name resolves to: "xla", "cpu" or "fused:<backend>" (`dtype`:
   the matmul's input dtype)."""
-  from plato_jax.kernels.fused_topk import BACKENDS
   names = ("auto", "xla", "cpu", "fused", *(f"fused:{b}" for b in BACKENDS))
   if kernel not in names:
     raise ValueError(f"kernel must be one of {names}, got {kernel!r}")
@@ -618,7 +617,6 @@ def pick_kernel(kernel: str, k: int, platform: str, dtype=np.float32) -> str:
   if kernel == "cpu" and not f32:
     raise ValueError(f"kernel='cpu' multiplies f32 only, got compute dtype {np.dtype(dtype)}")
   if kernel == "auto" and platform in CPU_KERNEL_ON and f32:
-    from plato_jax.kernels.cpu_topk import unavailable_reason
     reason = unavailable_reason()
     if reason is None:
       return "cpu"
@@ -653,7 +651,7 @@ def _selector_that_compiles(kernel, required, k, tile_rows, bucket_width, mesh, 
                          selector.init(block))
     stats = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=split),
                          sharding.empty_row_stats(p))
-    if sharding.reads_windows(selector):
+    if selector.reads_windows:
       tiles = RowWindow(
           jax.ShapeDtypeStruct((p, window_length(tile_rows, dim)), tile_dtype, sharding=split),
           jax.ShapeDtypeStruct((p,), np.int32, sharding=split))

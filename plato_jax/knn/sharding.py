@@ -23,8 +23,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from plato_jax.kernels.primitives import inverse_norms, merge_topk, row_sumsq, top_by_score_then_id
-from plato_jax.kernels.topk import BucketConfig, bucket_topk
+from plato_jax.kernels.primitives import inverse_norms, row_sumsq, top_by_score_then_id
 from plato_jax.knn import threads
 
 AXIS = "gallery"
@@ -142,34 +141,6 @@ def score_tile(queries, query_ids, tile, tile_ids, *, exclude_self: bool, precis
   return ScoreTile(s, tile_ids, query_ids if exclude_self else None, inv_norms)
 
 
-@dataclasses.dataclass(frozen=True)
-class TopKSelector:
-  """The running exact top-k of one device: state (values [Q, k], ids [Q, k]), kept sorted.
-
-  A selector is the unit the engine streams tiles through: `init` makes the empty state,
-  `update` folds in a tile's `ScoreTile` (its ids int32 [T] ascending), `result` returns
-  the sorted top-k, `candidates` an unsorted superset of it (for `host_topk`). Other
-  selectors (large k, fused) keep the same methods.
-  """
-  k: int
-  config: BucketConfig = BucketConfig()
-
-  def init(self, num_queries: int):
-    return (np.full((num_queries, self.k), -np.inf, np.float32),
-            np.full((num_queries, self.k), -1, np.int32))
-
-  def update(self, state, tile: ScoreTile):
-    v, col = bucket_topk(tile.raw, min(self.k, tile.raw.shape[1]), self.config,
-                         column_scale=tile.inv_norms, num_valid=tile.num_valid,
-                         column_ids=tile.tile_ids, row_ids=tile.query_ids)
-    return merge_topk(*state, v, tile.tile_ids[col], self.k)
-
-  def result(self, state):
-    return state
-
-  candidates = result  # (already the exact top-k)
-
-
 def count_bad_rows(row_sumsq, tile_ids, normalize: bool):
   """Rows (not padding) whose f32 squared norm is NaN/Inf — a NaN/Inf value, or an overflow —
   or zero when they must be normalised."""
@@ -179,28 +150,18 @@ def count_bad_rows(row_sumsq, tile_ids, normalize: bool):
   return jnp.sum(bad & (tile_ids >= 0), dtype=jnp.int32)
 
 
-def is_fused(selector) -> bool:
-  """A fused kernel's selector: fed raw rows (`update_rows`), its scores never leave the chip."""
-  return hasattr(selector, "update_rows")
-
-
 def fold_tile(selector, state, queries, query_ids, tile, tile_ids, *, exclude_self: bool,
               precision, normalize: bool = False):
   """One tile folded into a device's running state: scored and selected (`score_tile`,
   `selector.update`), or in one fused kernel (`selector.update_rows`). Returns (state, the
   tile rows' f32 squared norms)."""
-  if is_fused(selector):
+  if selector.fused:
     return selector.update_rows(state, queries, query_ids if exclude_self else None, tile,
                                 tile_ids, normalize=normalize, precision=precision)
   sumsq = row_sumsq(tile)
   s = score_tile(queries, query_ids, tile, tile_ids, exclude_self=exclude_self,
                  precision=precision, row_sumsq=sumsq if normalize else None)
   return selector.update(state, s), sumsq
-
-
-def reads_windows(selector) -> bool:
-  """The selector's kernel reads host rows in place (`RowWindow` tiles)."""
-  return getattr(selector, "reads_windows", False)
 
 
 def empty_row_stats(num_devices: int):
@@ -244,7 +205,7 @@ def sharded_step(mesh: Mesh, selector, exclude_self: bool, precision, normalize:
   # A Pallas call inside declares no per-axis variance for its outputs; JAX then asks for
   # the check to be off (the specs above state the layout either way).
   fn = jax.shard_map(local, mesh=mesh, in_specs=(split, split, whole, whole, split, split),
-                     out_specs=(split, split), check_vma=not is_fused(selector))
+                     out_specs=(split, split), check_vma=not selector.fused)
   return jax.jit(fn, donate_argnums=(0, 1))
 
 

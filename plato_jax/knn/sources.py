@@ -24,7 +24,7 @@ import hashlib
 import json
 import threading
 import warnings
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 

@@ -1,0 +1,163 @@
+"""The gallery protocol both papers' experiments share: counts and k's, the query draw, the
+gallery order, the layer choice, and one engine pass per layer.
+
+The gallery order is one seeded permutation of the stores' rows: the queries come first,
+then runs of `ORDER_RUN` consecutive store rows in random order (so tiles are read in long
+runs, never row by row; the order does not depend on how a store is chunked). Gallery
+sizes are prefixes of that order, so the smallest size (= the number of queries) is the
+queries' all-vs-all gallery, as WIT-1024 is in the papers. Queries sit inside every gallery
+and are excluded as self. Each model's layer is fixed once (`auto`: the best mutual-kNN
+pair on the queries, k = 10, as both papers do). Similarity is cosine (rows L2-normalised;
+no outlier clamp, which Koepke et al. do not state at scale).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from plato_jax import metrics
+from plato_jax.knn import IdRows, OrderedSource, search
+from plato_jax.store import FeatureStore
+
+DEFAULT_SIZES = ("1024", "10k", "50k", "100k", "500k", "1m", "5m", "10m", "15m")
+DEFAULT_KS = ("1", "10", "n/100")
+ORDER_RUN = 4096  # consecutive store rows kept together in the gallery order
+
+
+def parse_count(text: str | int) -> int:
+  """'1024', '10k', '1.5m', '15M' → int."""
+  if isinstance(text, (int, np.integer)):
+    return int(text)
+  t = str(text).strip().lower().replace("_", "")
+  scale = {"k": 10**3, "m": 10**6, "b": 10**9}.get(t[-1:], 1)
+  try:
+    value = float(t[:-1] if scale > 1 else t) * scale
+  except ValueError:
+    raise ValueError(f"not a count: {text!r} (use e.g. 1024, 10k, 1.5m)") from None
+  if value != int(value) or value < 1:
+    raise ValueError(f"not a positive whole count: {text!r}")
+  return int(value)
+
+
+def resolve_k(spec: str, n: int) -> int:
+  """'10' → 10; 'n/100' → n // 100 (at least 1)."""
+  s = str(spec).strip().lower()
+  if s.startswith("n/"):
+    return max(1, n // parse_count(s[2:]))
+  return parse_count(s)
+
+
+def expand_k(spec: str, n: int) -> list[int]:
+  """The k values a spec names at gallery size n: one for '10' or 'n/100'; for 'log:M' or
+  'log:M:CAP', M log-spaced values from 1 to n-1 (or CAP, if smaller), rounded and
+  deduplicated (a k sweep, Koepke Fig. 3a)."""
+  s = str(spec).strip().lower()
+  if not s.startswith("log:"):
+    return [resolve_k(s, n)]
+  parts = s.split(":")
+  if len(parts) not in (2, 3):
+    raise ValueError(f"not a k sweep: {spec!r} (use log:M or log:M:CAP)")
+  count = parse_count(parts[1])
+  top = min(n - 1, parse_count(parts[2])) if len(parts) == 3 else n - 1
+  if top < 1:
+    return []
+  return sorted({int(round(k)) for k in np.geomspace(1, top, count)})
+
+
+def gallery_order(num_rows: int, query_rows: np.ndarray, seed: int,
+                  run: int = ORDER_RUN) -> np.ndarray:
+  """Queries first, then the other rows in seeded random order of runs of `run` rows."""
+  rng = np.random.default_rng(seed)
+  runs = rng.permutation(-(-num_rows // run))
+  rest = np.concatenate([np.arange(c * run, min((c + 1) * run, num_rows))
+                         for c in runs]) if num_rows else np.zeros(0, np.int64)
+  rest = rest[~np.isin(rest, query_rows)]
+  return np.concatenate([np.asarray(query_rows, np.int64), rest])
+
+
+def choose_queries(num_rows: int, count: int, seed: int) -> np.ndarray:
+  """`count` distinct store rows drawn with the run's seed (sorted for cheap gathers)."""
+  if not 1 <= count <= num_rows:
+    raise ValueError(f"--queries={count} must lie in [1, {num_rows}] (the stores' rows)")
+  rng = np.random.default_rng([seed, 1])
+  return np.sort(rng.choice(num_rows, count, replace=False))
+
+
+def resolve_queries(ids, queries, seed: int, where: str = "the stores") -> np.ndarray:
+  """Store rows of the queries: `queries` is a count (drawn with the seed) or explicit ids,
+  which must be present in `ids` and distinct."""
+  if isinstance(queries, (int, np.integer)):
+    return choose_queries(len(ids), int(queries), seed)
+  wanted = np.asarray(queries, dtype=np.int64)
+  rows = IdRows(ids)(wanted, f"query ids not in {where}")
+  if len(np.unique(wanted)) != len(wanted):
+    raise ValueError("query ids repeat")
+  return rows.astype(np.int64)
+
+
+@dataclasses.dataclass
+class GalleryPlan:
+  ids: np.ndarray             # the stores' row ids
+  query_rows: np.ndarray      # store rows of the queries
+  sizes: list[int]            # gallery sizes, ascending (prefixes of `order`)
+  order: np.ndarray           # store rows in gallery order, queries first
+  k_by_size: dict             # size -> [(k spec, k)]
+
+
+def plan_galleries(store_a: FeatureStore, store_b: FeatureStore, queries, sizes, ks,
+                   seed: int) -> GalleryPlan:
+  """Checks that the stores hold the same rows and resolves queries, sizes, ks and the
+  gallery order (see the module docstring); errors name what is wrong."""
+  ids = store_a.ids()
+  ids_b = store_b.ids()
+  if ids.shape != ids_b.shape or not np.array_equal(ids, ids_b):
+    diff = (np.flatnonzero(ids[:len(ids_b)] != ids_b[:len(ids)])[:1].tolist()
+            if len(ids) and len(ids_b) else [])
+    where = (f"first differing row {diff[0]}: id {ids[diff[0]]} vs {ids_b[diff[0]]}" if diff
+             else f"{len(ids)} vs {len(ids_b)} rows")
+    raise ValueError(f"the two stores do not hold the same rows ({store_a.root} vs "
+                     f"{store_b.root}): {where}")
+  n_total = len(ids)
+  query_rows = resolve_queries(ids, queries, seed)
+  num_q = len(query_rows)
+  size_list = sorted({parse_count(s) for s in sizes})
+  if size_list[0] < num_q:
+    raise ValueError(f"gallery size {size_list[0]} is smaller than the {num_q} queries it "
+                     f"must contain")
+  if size_list[-1] > n_total:
+    raise ValueError(f"gallery size {size_list[-1]:,} exceeds the stores' {n_total:,} rows")
+  k_by_size = {n: list(dict.fromkeys((spec, k) for spec in ks for k in expand_k(spec, n)))
+               for n in size_list}
+  for n, pairs in k_by_size.items():
+    for spec, k in pairs:
+      if k > n - 1:
+        raise ValueError(f"k={spec} gives {k} > {n - 1} neighbours available at gallery "
+                         f"size {n}")
+  order = gallery_order(n_total, query_rows, seed)[:size_list[-1]]
+  return GalleryPlan(ids, query_rows, size_list, order, k_by_size)
+
+
+def choose_layers(store_a, store_b, q_a, q_b, layer_a="auto", layer_b="auto"):
+  """(layer a, layer b, score table or None): the given layers, or for `auto` the best
+  mutual k-NN pair (k = 10) on the queries' features q_* [Q, L, D], as both papers choose."""
+  if layer_a != "auto" and layer_b != "auto":
+    return store_a.layer_index(layer_a), store_b.layer_index(layer_b), None
+  pair = metrics.compute_score(
+      q_a if layer_a == "auto" else q_a[:, [store_a.layer_index(layer_a)]],
+      q_b if layer_b == "auto" else q_b[:, [store_b.layer_index(layer_b)]],
+      "mutual_knn", topk=min(10, len(q_a) - 1))
+  if pair.indices is None:
+    raise ValueError("no layer pair has positive mutual kNN on the queries")
+  la = pair.indices[0] if layer_a == "auto" else store_a.layer_index(layer_a)
+  lb = pair.indices[1] if layer_b == "auto" else store_b.layer_index(layer_b)
+  return int(la), int(lb), np.asarray(pair.table).tolist()
+
+
+def layer_neighbours(store: FeatureStore, layer: int, queries, plan: GalleryPlan, keep,
+                     **search_options):
+  """One engine pass over one layer in gallery order: the queries' cosine neighbours at
+  every gallery size (`keep[i]` of them at size i), queries excluded as self."""
+  return search(queries, OrderedSource(store.layer(layer), plan.order), max(keep),
+                query_ids=plan.ids[plan.query_rows], prefix_sizes=plan.sizes, prefix_k=keep,
+                normalize=True, **search_options)
