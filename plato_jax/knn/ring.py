@@ -23,8 +23,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from plato_jax.knn import exact, sharding
 from plato_jax.knn.search import (Neighbours, _bound_slack, _check_unique, _ids_array,
-                                  _k_list, _norm_bound, _rescorer, _rounds_inputs, pick_kernel,
-                                  row_unit, selector_for)
+                                  _k_list, _norm_bound, _rescorer, _rounds_inputs, matmul_types,
+                                  pick_kernel, row_unit, selector_for)
 from plato_jax.knn.sources import ArraySource
 
 DEFAULT_BLOCK = 2048
@@ -125,15 +125,12 @@ def ring_self_join(x, k, *, ids=None, exclude_self: bool = True, mesh: Mesh | No
   p = mesh.devices.size
   per_device = -(-n // p)
   block = min(block or DEFAULT_BLOCK, per_device)
-  dtype = np.dtype(compute_dtype) if compute_dtype is not None else (
-      x_host.dtype if x_host.dtype in (np.dtype(jnp.bfloat16), np.dtype(np.float16)) and
-      mesh.devices.flat[0].platform != "cpu" else np.dtype(np.float32))
+  dtype, precision = matmul_types(x_host.dtype, x_host.dtype, compute_dtype, precision,
+                                  mesh.devices.flat[0].platform)
   kernel = pick_kernel(kernel, k_max, mesh.devices.flat[0].platform, dtype)
   align = 32 if kernel == "xla" else row_unit(kernel)  # (XLA's selection: any multiple of 32)
   block = -(-block // align) * align
   per_device = -(-per_device // block) * block
-  if precision is None:
-    precision = lax.Precision.HIGHEST if dtype == np.float32 else lax.Precision.DEFAULT
 
   # Rows by position (the devices' ids, ascending in every tile), padded at the end.
   padded = np.zeros((per_device * p, d), dtype)

@@ -170,15 +170,23 @@ def _check_queries(q_host, chunk: int = 65536) -> None:
                      f"{bad[:10].tolist()}")
 
 
-def _compute_dtype(q_dtype, g_dtype, requested, platform: str):
-  if requested is not None:
-    return np.dtype(requested)
+def matmul_types(q_dtype, g_dtype, compute_dtype, precision, platform: str):
+  """(input dtype, `lax.Precision`) of the matmul, `search`'s and `ring_self_join`'s
+  defaults: bf16/f16 when both sides are (not on CPU), else f32; HIGHEST for f32 (a true
+  f32 product), DEFAULT otherwise."""
   half = {np.dtype(jax.numpy.bfloat16), np.dtype(np.float16)}
-  # XLA:CPU runs half-precision matmuls as f32 ones after a slow on-device conversion; the
-  # same exact products and f32 accumulation come cheaper from tiles converted on the host.
-  if np.dtype(q_dtype) == np.dtype(g_dtype) and np.dtype(q_dtype) in half and platform != "cpu":
-    return np.dtype(q_dtype)
-  return np.dtype(np.float32)
+  if compute_dtype is not None:
+    dtype = np.dtype(compute_dtype)
+  elif np.dtype(q_dtype) == np.dtype(g_dtype) and np.dtype(q_dtype) in half \
+      and platform != "cpu":
+    dtype = np.dtype(q_dtype)
+  else:  # XLA:CPU runs half-precision matmuls as f32 ones after a slow on-device
+    # conversion; the same exact products and f32 accumulation come cheaper from tiles
+    # converted on the host.
+    dtype = np.dtype(np.float32)
+  if precision is None:
+    precision = lax.Precision.HIGHEST if dtype == np.float32 else lax.Precision.DEFAULT
+  return dtype, precision
 
 
 def _k_list(k) -> list[int]:
@@ -298,9 +306,7 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
 
   mesh = sharding.default_mesh() if mesh is None else mesh
   platform = mesh.devices.flat[0].platform
-  dtype = _compute_dtype(q_host.dtype, source.dtype, compute_dtype, platform)
-  if precision is None:
-    precision = lax.Precision.HIGHEST if dtype == np.float32 else lax.Precision.DEFAULT
+  dtype, precision = matmul_types(q_host.dtype, source.dtype, compute_dtype, precision, platform)
   block = max(1, min(query_block, num_q))
   requested = kernel
   kernel = pick_kernel(kernel, k_max, platform, dtype)
