@@ -14,6 +14,10 @@ matters. A query whose certificate needs rows it dropped is searched again with 
 candidates. Results count both (`Neighbours.rescored`, `.searched_again`).
 
 Ids are any distinct int64 values; on the devices a row is its position in the stream.
+
+`search` is three steps: `plan_search` (every check and default, before any pass: a
+`SearchPlan`), the stream (`_Stream.run`: the block × tile loop over the devices, resumable)
+and `_certified_results` (the certificate, the few queries searched again, `Neighbours`).
 """
 from __future__ import annotations
 
@@ -257,6 +261,57 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
     prefix). The gallery (the largest prefix) must hold k neighbours for every query, else
     ValueError.
   """
+  plan = plan_search(queries, gallery, k, query_ids=query_ids, gallery_ids=gallery_ids,
+                     exclude_self=exclude_self, prefix_sizes=prefix_sizes, prefix_k=prefix_k,
+                     mesh=mesh, tile_rows=tile_rows, query_block=query_block,
+                     compute_dtype=compute_dtype, precision=precision,
+                     bucket_width=bucket_width, normalize=normalize, kernel=kernel)
+  stream = plan.stream()
+  found = stream.run(plan.queries, plan.own, plan.kept, resume_dir, checkpoint_every, progress)
+  out = _certified_results(plan, stream, found, progress)
+  return out[0] if prefix_sizes is None else out
+
+
+@dataclasses.dataclass
+class SearchPlan:
+  """What `search` decided before streaming (`plan_search`): the inputs checked, the ids,
+  each query's own row (its device id), the prefixes with the neighbours kept (`keep`) and
+  the candidates streamed (`kept`, with the certificate's margin), the matmul's dtype and
+  precision, the kernel and the tiles."""
+  source: object
+  queries: np.ndarray        # host queries [Q, D]
+  gallery_ids: np.ndarray    # int64 [N], by position
+  own: np.ndarray            # int64 [Q]: the query's own row's position, or NO_ID
+  ks: list                   # the ks asked for
+  sizes: list                # prefix sizes, ascending (the whole gallery: one size)
+  keep: dict                 # size -> neighbours returned
+  kept: dict                 # size -> candidates streamed
+  mesh: object
+  platform: str
+  dtype: np.dtype
+  precision: object
+  kernel: str
+  kernel_named: bool         # the caller named the kernel (it must compile)
+  tile_rows: int
+  query_block: int
+  bucket_width: int | None
+  exclude_self: bool
+  normalize: bool
+  exact_queries: np.ndarray  # float64 [Q, D]: the values the matmul takes
+  query_norms: np.ndarray    # float64 [Q]
+
+  def stream(self) -> "_Stream":
+    return _Stream(self.source, self.gallery_ids, tuple(self.sizes), self.mesh, self.kernel,
+                   self.kernel_named, self.tile_rows, self.bucket_width, self.query_block,
+                   self.dtype, self.exclude_self, self.precision, self.normalize)
+
+
+def plan_search(queries, gallery, k, *, query_ids=None, gallery_ids=None,
+                exclude_self: bool = True, prefix_sizes=None, prefix_k=None, mesh=None,
+                tile_rows=None, query_block: int = 2048, compute_dtype=None, precision=None,
+                bucket_width=None, normalize: bool = False, kernel: str = "auto") -> SearchPlan:
+  """`search`'s checks and defaults (its arguments, same meaning): every bad input is a
+  ValueError naming it, before any pass."""
   ks = _k_list(k)
   k_max = max(ks)
   is_self_join = queries is gallery
@@ -316,16 +371,24 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
     tile_rows = max(align, budget // (4 * block) // align * align)
     per_device = -(-n // mesh.devices.size)
     tile_rows = min(tile_rows, -(-per_device // align) * align)
-  stream = _Stream(source, g_ids, tuple(sizes), mesh, kernel, requested != "auto", tile_rows,
-                   bucket_width, block, np.dtype(dtype), bool(exclude_self), precision,
-                   bool(normalize))
   kept = {s: min(keep[s] + exact.margin(keep[s], s, source.dim), s) for s in sizes}
   q_exact = q_host.astype(dtype).astype(np.float64)  # the values the matmul takes
   q_norms = np.linalg.norm(q_exact, axis=1)
   if normalize and not q_norms.all():
     raise ValueError(f"query rows with zero norm (cannot be normalised): "
                      f"{np.flatnonzero(q_norms == 0)[:10].tolist()}")
-  found = stream.run(q_host, own, kept, resume_dir, checkpoint_every, progress)
+  return SearchPlan(source, q_host, g_ids, own, ks, sizes, keep, kept, mesh, platform,
+                    np.dtype(dtype), precision, kernel, requested != "auto", tile_rows, block,
+                    bucket_width, bool(exclude_self), bool(normalize), q_exact, q_norms)
+
+
+def _certified_results(plan: SearchPlan, stream: "_Stream", found: dict, progress: bool):
+  """The certificate of every prefix (`plato_jax.knn.exact`) on the stream's candidates,
+  queries whose certificate needs more candidates searched again: one `Neighbours` per
+  prefix."""
+  source, sizes, keep, kept, own = plan.source, plan.sizes, plan.keep, plan.kept, plan.own
+  dtype, precision, normalize, ks = plan.dtype, plan.precision, plan.normalize, plan.ks
+  q_exact, q_norms, g_ids = plan.exact_queries, plan.query_norms, plan.gallery_ids
 
   def certify(subset, found):
     """The certificate of each prefix for queries `subset` (their candidates `found`)."""
@@ -339,7 +402,7 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
       bound = exact.error_bound(
           source.dim, q_norms[subset], _norm_bound(largest, source.dim, up=True),
           _norm_bound(smallest, source.dim, up=False), normalize=bool(normalize),
-          rounds_inputs=_rounds_inputs(dtype, precision), slack=_bound_slack(platform))
+          rounds_inputs=_rounds_inputs(dtype, precision), slack=_bound_slack(plan.platform))
       mine = own[subset]
       available = s - ((mine >= 0) & (mine < s))
       out[s] = exact.certify(found["values"][str(s)], found["ids"][str(s)], bound, available,
@@ -347,14 +410,15 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
                              scale=q_norms[subset] if normalize else None)
     return out
 
-  everyone = np.arange(num_q)
+  everyone = np.arange(len(own))
   certified = certify(everyone, found)
   rescored = sum(c.rescored for c in certified.values())
   again = np.flatnonzero(np.any([c.failed for c in certified.values()], axis=0))
   searched_again = again.size
   while again.size:  # more candidates for the few queries whose certificate needs them
     kept = {s: min(8 * kept[s], s) for s in sizes}
-    more = certify(again, stream.run(q_host[again], own[again], kept, None, 0, progress))
+    more = certify(again, stream.run(plan.queries[again], own[again], kept, None, 0,
+                                     progress))
     for s in sizes:
       certified[s].positions[again] = more[s].positions
       certified[s].scores[again] = more[s].scores
@@ -365,7 +429,7 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
                     stream.fallbacks, rescored, searched_again) for s in sizes]
   for r in out:  # every column a real neighbour: `_neighbours_kept` makes this hold
     r.top(r.k)
-  return out[0] if prefix_sizes is None else out
+  return out
 
 
 def _norm_bound(sumsq, dim: int, *, up: bool) -> float:
