@@ -37,14 +37,17 @@ import math
 from typing import Callable
 
 import numpy as np
+from jax import lax
 
 from plato_jax.knn import threads
+from plato_jax.knn.sources import host_rows, take_rows
 
 UNIT = 2.0 ** -24        # float32 unit roundoff
 INPUT_UNIT = 2.0 ** -8   # a matmul that rounds its f32 inputs (bf16 passes, TF32): bf16's
 FLUSH = 2.0 ** -125      # twice the smallest normal float32: what one flushed subnormal moves
 EXACT_ORDER = 128        # ranks whose order is exact (float64 score, then id)
 CHUNK = 2 ** 21          # candidates planned at once (bounds the temporaries)
+RESCORE_BYTES = 2 ** 30  # rows gathered at once for the float64 rescoring
 
 
 def _compensated(queries, rows) -> np.ndarray:
@@ -286,3 +289,68 @@ def _ties_by_id(positions, values, segment, ids) -> None:
   pos = positions[rows, EXACT_ORDER + ranks]
   order = np.lexsort((np.asarray(ids)[pos], run))
   positions[rows, EXACT_ORDER + ranks] = pos[order]
+
+
+def norm_bound(sumsq, dim: int, *, up: bool) -> float:
+  """A bound on a row norm from its float32 squared norm (summed with relative error below
+  (dim + 1) u): from above or from below."""
+  slack = 2 * (dim + 2) * UNIT
+  return float(np.sqrt(max(float(sumsq), 0.0) * ((1 + slack) if up else max(1 - slack, 0))))
+
+
+def bound_slack(platform: str) -> float:
+  """TPUs run f32 matmuls as bf16 passes: their error is near f32's, not within its bound."""
+  return 2.0 if platform == "tpu" else 1.0
+
+
+def rounds_inputs(dtype, precision) -> bool:
+  """The matmul may round its f32 inputs: any precision below HIGHEST (TF32, bf16 passes)."""
+  if np.dtype(dtype) != np.float32:
+    return False
+  parts = precision if isinstance(precision, (tuple, list)) else (precision,)
+  return any(lax.Precision(p) != lax.Precision.HIGHEST for p in parts)
+
+
+def rescorer(source, queries, query_norms, dtype, normalize: bool, max_row_norm: float):
+  """(query index, gallery position) pairs, in any order → float64 scores from the gallery's
+  rows, cast to the compute dtype as the matmul takes them (cosines with `normalize`).
+  `max_row_norm`: at least the norm of every row (a narrower compute dtype may round a
+  row's values up by 2^-8: 1% covers it).
+
+  Rows in host memory are scored where they lie. Otherwise the rows the pairs need are read
+  once, in position order, by one gather (a store reads each chunk it touches once, however
+  many queries want its rows); pairs whose rows exceed RESCORE_BYTES are split into groups
+  of whole queries, a gather each."""
+  in_memory = host_rows(source)
+  limit = max(1, RESCORE_BYTES // (source.dim * np.dtype(dtype).itemsize))
+
+  def score(which, positions, out):
+    if in_memory is not None:
+      rows, row_of = in_memory, positions
+    else:
+      unique, row_of = np.unique(positions, return_inverse=True)
+      parts = threads.each(lambda ab: take_rows(source, unique[ab[0]:ab[1]]),
+                           threads.spans(unique.size, source.dim))
+      rows = np.concatenate(parts) if parts else np.zeros((0, source.dim), source.dtype)
+    rows = rows.astype(dtype, copy=False)
+    mine, local = np.unique(which, return_inverse=True)
+    out[:] = exact_scores(queries[mine], rows, row_of, local, 1.01 * max_row_norm)
+    if normalize:
+      used, back = np.unique(row_of, return_inverse=True)
+      norms = np.sqrt(np.einsum("ij,ij->i", rows[used], rows[used], dtype=np.float64))
+      out /= query_norms[which] * norms[back]
+
+  def rescore(which, positions):
+    by_query = np.argsort(which, kind="stable")
+    which, positions = which[by_query], np.asarray(positions)[by_query]
+    out = np.empty(which.size, np.float64)
+    start = 0
+    for stop in [*(np.flatnonzero(which[1:] != which[:-1]) + 1), which.size]:
+      if stop - start >= limit or stop == which.size:
+        score(which[start:stop], positions[start:stop], out[start:stop])
+        start = stop
+    result = np.empty_like(out)
+    result[by_query] = out
+    return result
+
+  return rescore

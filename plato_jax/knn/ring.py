@@ -22,9 +22,8 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from plato_jax.knn import exact, sharding
-from plato_jax.knn.search import (Neighbours, _bound_slack, _check_unique, _ids_array,
-                                  _k_list, _norm_bound, _rescorer, _rounds_inputs, matmul_types,
-                                  pick_kernel, row_unit, selector_for)
+from plato_jax.knn.checks import check_unique, ids_array, k_list
+from plato_jax.knn.search import Neighbours, matmul_types, pick_kernel, row_unit, selector_for
 from plato_jax.knn.sources import ArraySource
 
 DEFAULT_BLOCK = 2048
@@ -107,7 +106,7 @@ def ring_self_join(x, k, *, ids=None, exclude_self: bool = True, mesh: Mesh | No
   Returns `Neighbours` [N, max k] in the input row order, with the kernel used and the
   fused kernel's fallback count.
   """
-  ks = _k_list(k)
+  ks = k_list(k)
   k_max = max(ks)
   x_host = np.asarray(x)
   if x_host.ndim != 2 or x_host.shape[0] == 0:
@@ -116,8 +115,8 @@ def ring_self_join(x, k, *, ids=None, exclude_self: bool = True, mesh: Mesh | No
   bad = np.flatnonzero(~np.isfinite(x_host.astype(np.float32)).all(axis=1))
   if bad.size:
     raise ValueError(f"rows with NaN/Inf values: {bad[:10].tolist()}")
-  row_ids = _ids_array(np.arange(n) if ids is None else ids, n, "ids")
-  _check_unique(row_ids, "ids")
+  row_ids = ids_array(np.arange(n) if ids is None else ids, n, "ids")
+  check_unique(row_ids, "ids")
   available = n - 1 if exclude_self else n
   if k_max > available:
     raise ValueError(f"k={k_max} is larger than the {available} rows each query can get")
@@ -140,10 +139,10 @@ def ring_self_join(x, k, *, ids=None, exclude_self: bool = True, mesh: Mesh | No
   split = NamedSharding(mesh, P(sharding.mesh_axis(mesh)))
   x_exact = x_host.astype(dtype).astype(np.float64)
   norms = np.linalg.norm(x_exact, axis=1)
-  bound = exact.error_bound(d, norms, _norm_bound(np.square(norms).max(), d, up=True), 0.0,
-                            normalize=False, rounds_inputs=_rounds_inputs(dtype, precision),
-                            slack=_bound_slack(mesh.devices.flat[0].platform))
-  rescore = _rescorer(ArraySource(x_host), x_exact, norms, dtype, False, float(norms.max()))
+  bound = exact.error_bound(d, norms, exact.norm_bound(np.square(norms).max(), d, up=True), 0.0,
+                            normalize=False, rounds_inputs=exact.rounds_inputs(dtype, precision),
+                            slack=exact.bound_slack(mesh.devices.flat[0].platform))
+  rescore = exact.rescorer(ArraySource(x_host), x_exact, norms, dtype, False, float(norms.max()))
   queries = np.arange(n)
   kept = min(k_max + exact.margin(k_max, n, d), available)
   fallbacks, rescored, searched_again = 0, 0, 0

@@ -34,13 +34,13 @@ from jax import lax
 from plato_jax.kernels.cpu_topk import default_threads, unavailable_reason
 from plato_jax.kernels.fused_contract import BACKENDS, FusedConfig
 from plato_jax.kernels.primitives import NO_ID, RowWindow
-from plato_jax.knn import exact, sharding, threads
+from plato_jax.knn import exact, sharding
+from plato_jax.knn.checks import check_unique, ids_array, k_list
 from plato_jax.knn.large_k import LARGE_K_THRESHOLD, choose_selector
 from plato_jax.knn.selectors import CpuTopKSelector, FusedTopKSelector
 from plato_jax.knn.sources import (MAX_POSITION, IdRows, TileBuffers, aligned_empty,
-                                   as_source, digest, fingerprint, host_rows, on_accelerator,
-                                   plan_tiles, raise_for_bad_rows, stream_tiles, take_rows,
-                                   window_length)
+                                   as_source, digest, fingerprint, on_accelerator, plan_tiles,
+                                   raise_for_bad_rows, stream_tiles, window_length)
 from plato_jax.progress import Progress
 from plato_jax.resume import ResumePoint
 
@@ -60,7 +60,6 @@ FUSED_BY_DEFAULT_ON: frozenset[str] = frozenset()
 # (the merge for k = 2,621 of ~8.9k candidates per row, 1,024 rows, 2026-11-23: 528–594 ms
 # on the device, 121–139 ms so).
 FINISH_ON_HOST: frozenset[str] = frozenset({"cpu"})
-RESCORE_BYTES = 2**30  # rows gathered at once for the float64 rescoring
 # kernel="fused" picks this lowering of the fused kernel (plato_jax.kernels.fused_topk.BACKENDS) per
 # platform; "fused:<backend>" names one.
 FUSED_BACKEND_ON = {"tpu": "tpu"}
@@ -98,19 +97,6 @@ class Neighbours:
     return dataclasses.replace(self, ids=self.ids[:, :k], scores=self.scores[:, :k])
 
 
-def _ids_array(ids, n: int, what: str) -> np.ndarray:
-  """`ids` as int64 [n]: any integers that int64 holds."""
-  ids = np.asarray(ids)
-  if ids.shape != (n,):
-    raise ValueError(f"{what} has shape {ids.shape}, expected ({n},)")
-  if not np.issubdtype(ids.dtype, np.integer):
-    raise ValueError(f"{what} must be integers, got dtype {ids.dtype}")
-  if ids.dtype == np.uint64 and n and ids.max() > np.iinfo(np.int64).max:
-    bad = np.flatnonzero(ids > np.iinfo(np.int64).max)
-    raise ValueError(f"{what} must fit int64; rows {bad[:10].tolist()} do not")
-  return ids.astype(np.int64)
-
-
 def _own_rows(q_ids, gallery: IdRows, exclude_self: bool):
   """Each query's own row in the stream (the gallery row with its id), or None when no
   query can meet its own row."""
@@ -141,17 +127,6 @@ def _neighbours_kept(sizes, wanted, own) -> dict:
                      f"{np.flatnonzero(own < empty[0])[:10].tolist()}, only their own rows "
                      f"(self-exclusion): drop it from prefix_sizes")
   return keep
-
-
-def _check_unique(ids: np.ndarray, what: str, order: np.ndarray | None = None) -> None:
-  """ValueError naming repeated ids and their rows. `order`: an argsort of ids, if at hand."""
-  order = np.argsort(ids, kind="stable") if order is None else order
-  sorted_ids = ids[order]
-  dup = np.flatnonzero(sorted_ids[1:] == sorted_ids[:-1])
-  if dup.size:
-    rows = sorted(set(order[dup].tolist()) | set(order[dup + 1].tolist()))
-    raise ValueError(f"duplicate {what}: ids {np.unique(sorted_ids[dup])[:10].tolist()} "
-                     f"at rows {rows[:10]}")
 
 
 def _check_queries(q_host, chunk: int = 65536) -> None:
@@ -191,13 +166,6 @@ def matmul_types(q_dtype, g_dtype, compute_dtype, precision, platform: str):
   if precision is None:
     precision = lax.Precision.HIGHEST if dtype == np.float32 else lax.Precision.DEFAULT
   return dtype, precision
-
-
-def _k_list(k) -> list[int]:
-  ks = [k] if np.isscalar(k) else list(k)
-  if not ks or any(int(x) != x or x < 1 for x in ks):
-    raise ValueError(f"k must be a positive integer or a list of them, got {k!r}")
-  return [int(x) for x in ks]
 
 
 def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_self: bool = True,
@@ -312,7 +280,7 @@ def plan_search(queries, gallery, k, *, query_ids=None, gallery_ids=None,
                 bucket_width=None, normalize: bool = False, kernel: str = "auto") -> SearchPlan:
   """`search`'s checks and defaults (its arguments, same meaning): every bad input is a
   ValueError naming it, before any pass."""
-  ks = _k_list(k)
+  ks = k_list(k)
   k_max = max(ks)
   is_self_join = queries is gallery
   source = as_source(gallery, ids=gallery_ids)
@@ -336,14 +304,14 @@ def plan_search(queries, gallery, k, *, query_ids=None, gallery_ids=None,
   if n > MAX_POSITION:
     raise ValueError(f"gallery of {n} rows: the devices number rows with int32, at most "
                      f"{MAX_POSITION}")
-  g_ids = _ids_array(source.ids(), n, "gallery ids")
+  g_ids = ids_array(source.ids(), n, "gallery ids")
   gallery_rows = IdRows(g_ids)
-  _check_unique(g_ids, "gallery ids", gallery_rows.sorter)
+  check_unique(g_ids, "gallery ids", gallery_rows.sorter)
   num_q = q_host.shape[0]
   if query_ids is None:
     q_ids = g_ids if is_self_join else None
   else:
-    q_ids = _ids_array(query_ids, num_q, "query ids")
+    q_ids = ids_array(query_ids, num_q, "query ids")
 
   sizes = [n] if prefix_sizes is None else [int(s) for s in prefix_sizes]
   if (not sizes or any(b <= a for a, b in zip(sizes[:-1], sizes[1:])) or sizes[0] < 1
@@ -351,7 +319,7 @@ def plan_search(queries, gallery, k, *, query_ids=None, gallery_ids=None,
     raise ValueError(f"prefix_sizes must increase strictly within [1, {n}], got {sizes}")
   if k_max > sizes[-1]:
     raise ValueError(f"k={k_max} is larger than the gallery ({sizes[-1]} rows)")
-  wanted = [k_max] * len(sizes) if prefix_k is None else _k_list(prefix_k)
+  wanted = [k_max] * len(sizes) if prefix_k is None else k_list(prefix_k)
   if len(wanted) != len(sizes) or max(wanted) > k_max:
     raise ValueError(f"prefix_k must give one k <= {k_max} per prefix size, got {prefix_k}")
   own = _own_rows(q_ids, gallery_rows, bool(exclude_self))
@@ -392,17 +360,18 @@ def _certified_results(plan: SearchPlan, stream: "_Stream", found: dict, progres
 
   def certify(subset, found):
     """The certificate of each prefix for queries `subset` (their candidates `found`)."""
-    largest_row = max(_norm_bound(found["norms"][str(s)][0], source.dim, up=True)
+    largest_row = max(exact.norm_bound(found["norms"][str(s)][0], source.dim, up=True)
                       for s in sizes)
-    rescore = _rescorer(source, q_exact[subset], q_norms[subset], dtype, bool(normalize),
-                        largest_row)
+    rescore = exact.rescorer(source, q_exact[subset], q_norms[subset], dtype, bool(normalize),
+                             largest_row)
     out = {}
     for s in sizes:
       largest, smallest = found["norms"][str(s)]
       bound = exact.error_bound(
-          source.dim, q_norms[subset], _norm_bound(largest, source.dim, up=True),
-          _norm_bound(smallest, source.dim, up=False), normalize=bool(normalize),
-          rounds_inputs=_rounds_inputs(dtype, precision), slack=_bound_slack(plan.platform))
+          source.dim, q_norms[subset], exact.norm_bound(largest, source.dim, up=True),
+          exact.norm_bound(smallest, source.dim, up=False), normalize=bool(normalize),
+          rounds_inputs=exact.rounds_inputs(dtype, precision),
+          slack=exact.bound_slack(plan.platform))
       mine = own[subset]
       available = s - ((mine >= 0) & (mine < s))
       out[s] = exact.certify(found["values"][str(s)], found["ids"][str(s)], bound, available,
@@ -430,71 +399,6 @@ def _certified_results(plan: SearchPlan, stream: "_Stream", found: dict, progres
   for r in out:  # every column a real neighbour: `_neighbours_kept` makes this hold
     r.top(r.k)
   return out
-
-
-def _norm_bound(sumsq, dim: int, *, up: bool) -> float:
-  """A bound on a row norm from its float32 squared norm (summed with relative error below
-  (dim + 1) u): from above or from below."""
-  slack = 2 * (dim + 2) * exact.UNIT
-  return float(np.sqrt(max(float(sumsq), 0.0) * ((1 + slack) if up else max(1 - slack, 0))))
-
-
-def _bound_slack(platform: str) -> float:
-  """TPUs run f32 matmuls as bf16 passes: their error is near f32's, not within its bound."""
-  return 2.0 if platform == "tpu" else 1.0
-
-
-def _rounds_inputs(dtype, precision) -> bool:
-  """The matmul may round its f32 inputs: any precision below HIGHEST (TF32, bf16 passes)."""
-  if np.dtype(dtype) != np.float32:
-    return False
-  parts = precision if isinstance(precision, (tuple, list)) else (precision,)
-  return any(lax.Precision(p) != lax.Precision.HIGHEST for p in parts)
-
-
-def _rescorer(source, queries, query_norms, dtype, normalize: bool, max_row_norm: float):
-  """(query index, gallery position) pairs, in any order → float64 scores from the gallery's
-  rows, cast to the compute dtype as the matmul takes them (cosines with `normalize`).
-  `max_row_norm`: at least the norm of every row (a narrower compute dtype may round a
-  row's values up by 2^-8: 1% covers it).
-
-  Rows in host memory are scored where they lie. Otherwise the rows the pairs need are read
-  once, in position order, by one gather (a store reads each chunk it touches once, however
-  many queries want its rows); pairs whose rows exceed RESCORE_BYTES are split into groups
-  of whole queries, a gather each."""
-  in_memory = host_rows(source)
-  limit = max(1, RESCORE_BYTES // (source.dim * np.dtype(dtype).itemsize))
-
-  def score(which, positions, out):
-    if in_memory is not None:
-      rows, row_of = in_memory, positions
-    else:
-      unique, row_of = np.unique(positions, return_inverse=True)
-      parts = threads.each(lambda ab: take_rows(source, unique[ab[0]:ab[1]]),
-                           threads.spans(unique.size, source.dim))
-      rows = np.concatenate(parts) if parts else np.zeros((0, source.dim), source.dtype)
-    rows = rows.astype(dtype, copy=False)
-    mine, local = np.unique(which, return_inverse=True)
-    out[:] = exact.exact_scores(queries[mine], rows, row_of, local, 1.01 * max_row_norm)
-    if normalize:
-      used, back = np.unique(row_of, return_inverse=True)
-      norms = np.sqrt(np.einsum("ij,ij->i", rows[used], rows[used], dtype=np.float64))
-      out /= query_norms[which] * norms[back]
-
-  def rescore(which, positions):
-    by_query = np.argsort(which, kind="stable")
-    which, positions = which[by_query], np.asarray(positions)[by_query]
-    out = np.empty(which.size, np.float64)
-    start = 0
-    for stop in [*(np.flatnonzero(which[1:] != which[:-1]) + 1), which.size]:
-      if stop - start >= limit or stop == which.size:
-        score(which[start:stop], positions[start:stop], out[start:stop])
-        start = stop
-    result = np.empty_like(out)
-    result[by_query] = out
-    return result
-
-  return rescore
 
 
 @dataclasses.dataclass
