@@ -68,7 +68,11 @@ def out_dir(experiment: str) -> str:
     raise app.UsageError(str(e)) from None
   if notice:
     print(notice)
+  _seen_at_start[experiment] = (report.current_set(out, experiment) or {}).get("folder")
   return out
+
+
+_seen_at_start: dict = {}  # experiment -> the set `<out>/<experiment>` showed at the start
 
 
 def start(experiment: str, synthetic_rows: str | None = None) -> Setup:
@@ -210,9 +214,9 @@ def write(setup: Setup, name: str, payload: dict, rows, figure) -> list[str]:
   result.write_plot(f"{name}.png", figure)
   plt.close(figure)
   replaced = result.publish()
-  if replaced is not None and replaced.get("run_id") != result.manifest["run_id"]:
-    print(f"note: replaced the results of another run at {os.path.join(setup.out, name)} "
-          f"({report.describe(replaced)}); they stay in {replaced['folder']}")
+  if replaced is not None and replaced.get("folder") != _seen_at_start.get(name):
+    print(f"note: another run published at {os.path.join(setup.out, name)} while this one "
+          f"ran ({report.describe(replaced)}); its results stay in {replaced['folder']}")
   return [os.path.join(setup.out, name, f"{name}.{ext}") for ext in ("json", "csv", "png")]
 
 
