@@ -63,12 +63,12 @@ def out_dir(experiment: str) -> str:
   if os.path.exists(out) and not os.path.isdir(out):
     raise app.UsageError(f"--out={out} is a file; results go into a folder")
   try:
-    notice = report.notice_of_earlier_run(out, experiment)
+    previous = report.current_set(out, experiment)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  if notice:
-    print(notice)
-  _seen_at_start[experiment] = (report.current_set(out, experiment) or {}).get("folder")
+  if previous is not None:
+    print(report.notice_of_earlier_run(out, experiment, previous))
+  _seen_at_start[experiment] = None if previous is None else previous["folder"]
   return out
 
 

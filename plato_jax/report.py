@@ -76,12 +76,9 @@ def describe(manifest: dict) -> str:
       " ".join(manifest.get("argv") or [])
 
 
-def notice_of_earlier_run(out: str, name: str) -> str | None:
-  """What a run about to write `<out>/<name>` should say: that it shows an earlier run's
-  results (None if it shows none). Raises if `<out>/<name>` is not a set."""
-  previous = current_set(out, name)
-  if previous is None:
-    return None
+def notice_of_earlier_run(out: str, name: str, previous: dict) -> str:
+  """What a run about to write `<out>/<name>` should say when it shows `previous` (the
+  manifest `current_set` read): an earlier run's results."""
   return (f"note: {os.path.join(out, name)} shows the results of an earlier run "
           f"({describe(previous)}); this run's replace them there when it finishes, the "
           f"earlier ones stay in {previous['folder']}")

@@ -91,9 +91,13 @@ def test_only_the_newest_sets_are_kept(tmp_path):
 
 
 def test_a_run_says_when_out_shows_another_runs_results(tmp_path):
-  assert report.notice_of_earlier_run(str(tmp_path), "scaling") is None
+  def notice():
+    previous = report.current_set(str(tmp_path), "scaling")
+    return previous and report.notice_of_earlier_run(str(tmp_path), "scaling", previous)
+
+  assert notice() is None
   publish(tmp_path, "r1", {"a": 1})
-  said = report.notice_of_earlier_run(str(tmp_path), "scaling")
+  said = notice()
   assert "shows the results of an earlier run (run r1" in said and report.SETS in said
   (tmp_path / "scaling" / report.MANIFEST).write_text("{")
-  assert "manifest is unreadable" in report.notice_of_earlier_run(str(tmp_path), "scaling")
+  assert "manifest is unreadable" in notice()

@@ -317,11 +317,14 @@ def rescorer(source, queries, query_norms, dtype, normalize: bool, max_row_norm:
   `max_row_norm`: at least the norm of every row (a narrower compute dtype may round a
   row's values up by 2^-8: 1% covers it).
 
-  Rows in host memory are scored where they lie. Otherwise the rows the pairs need are read
+  Rows in host memory in the compute dtype are scored where they lie (others would need the
+  whole array converted, so they are gathered). Otherwise the rows the pairs need are read
   once, in position order, by one gather (a store reads each chunk it touches once, however
   many queries want its rows); pairs whose rows exceed RESCORE_BYTES are split into groups
   of whole queries, a gather each."""
   in_memory = host_rows(source)
+  if in_memory is not None and in_memory.dtype != np.dtype(dtype):
+    in_memory = None
   limit = max(1, RESCORE_BYTES // (source.dim * np.dtype(dtype).itemsize))
 
   def score(which, positions, out):
