@@ -16,10 +16,12 @@ s3://, memory://):
     seals/             zarr3 [N / shard_rows, L + 1 + columns] uint64: each shard file's seal
                        (`plato_jax.seals`), by row shard and array (layers, ids, columns)
 
-Every inner chunk carries a CRC-32C that TensorStore checks on read; a missing shard is an
+Every inner chunk carries a CRC-32C, checked whenever it is read; a missing shard is an
 error, never rows of zeros; and a reader compares a shard's seal with the writer's before
 it reads from it, so a shard file moved or copied onto another's name is an error naming
-the file, not data from the wrong rows.
+the file, not data from the wrong rows. A complete local store's features are read
+straight from their shard files (`plato_jax.shardfile.ChunkReader`: the same checks, a
+quarter of TensorStore's CPU time); everything else through TensorStore.
 
 One [N, L, D] array rather than L arrays keeps a row's layers under one id and lets a layer
 be chosen at read time; the [rows, 1, D] chunk shape makes one layer as cheap to stream as
@@ -49,7 +51,7 @@ import numpy as np
 import tensorstore as ts
 
 from plato_jax.lock import Busy, Lock
-from plato_jax.seals import UNSEALED, ShardError, shard_seals
+from plato_jax.shardfile import UNSEALED, ChunkReader, ShardError, shard_seals, sharding_codec
 
 FORMAT = "plato_jax.store"
 VERSION = 1
@@ -88,13 +90,7 @@ def _sharded_spec(url: str, shape, dtype: str, shard, chunk) -> dict:
           "shape": list(shape),
           "data_type": dtype,
           "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(shard)}},
-          "codecs": [{"name": "sharding_indexed", "configuration": {
-              "chunk_shape": list(chunk),
-              # Every inner chunk carries a CRC-32C of its bytes, checked when it is read.
-              "codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
-                         {"name": "crc32c"}],
-              "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
-                               {"name": "crc32c"}]}}],
+          "codecs": [sharding_codec(chunk)],
       },
   }
 
@@ -126,6 +122,10 @@ class _Shards:
     if slot < self.layers:
       return f"features/c/{shard}/{slot}/0"
     return f"{self.arrays[slot - self.layers]}c/{shard}"
+
+  def path(self, slot: int, shard: int) -> str:
+    """A shard file's local path (a file:// store)."""
+    return self.kv.url[len("file://"):] + self.key(slot, shard)
 
   def seals(self, pairs) -> list[int]:
     """Seals of (slot, shard) pairs, read from the files."""
@@ -408,6 +408,23 @@ class StoreWriter:
       self._lock = None
 
 
+def _direct_reader(root: str, meta: dict) -> ChunkReader | None:
+  """A reader of the features' shard files without TensorStore, where one applies: a local
+  store, complete (its files no longer change), in exactly the layout the writer makes."""
+  if not root.startswith("file://") or not meta["complete"]:
+    return None
+  try:
+    with open(root[len("file://"):] + "features/zarr.json") as f:
+      zarr_json = json.load(f)
+  except (OSError, ValueError):
+    return None  # TensorStore's open names what is wrong
+  dim, itemsize = meta["dim"], np.dtype(DTYPES[meta["dtype"]]).itemsize
+  if not ChunkReader.for_array(zarr_json, (meta["shard_rows"], 1, dim),
+                               (meta["chunk_rows"], 1, dim)):
+    return None
+  return ChunkReader(meta["shard_rows"] // meta["chunk_rows"], meta["chunk_rows"], dim * itemsize)
+
+
 class FeatureStore:
   """Reads a store: metadata, ids, one layer as a gallery source, random row gathers."""
 
@@ -421,6 +438,7 @@ class FeatureStore:
     self._recorded: np.ndarray | None = None  # the writer's seals, read at the first check
     self._checked: set = set()
     self._seals_lock = threading.Lock()
+    self._direct = _direct_reader(root, meta)
     if not meta.get("sealed"):
       warnings.warn(f"store {root} was written before shard seals: a shard file moved onto "
                     f"another's name cannot be detected (its chunks' checksums are still "
@@ -521,21 +539,39 @@ class FeatureStore:
     rows = np.asarray(rows, dtype=np.int64)
     if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
       raise ValueError(f"store {self.root}: rows out of range [0, {self.num_rows})")
-    slots = range(self.num_layers) if layer is None else [self.layer_index(layer)]
+    slots = list(range(self.num_layers)) if layer is None else [self.layer_index(layer)]
     self._check(slots, np.unique(rows // self.meta["shard_rows"]).tolist())
-    view = self._features if layer is None else self._features[:, self.layer_index(layer)]
-    order = np.argsort(rows)
-    got = view[ts.d[0].translate_to[0]][rows[order].tolist()].read().result() if rows.size else \
-        np.zeros((0, *view.shape[1:]), self.dtype)
-    out = np.empty_like(got)
-    out[order] = got
-    return out
+    wanted, inverse = np.unique(rows, return_inverse=True)
+    if self._direct is None:
+      view = self._features if layer is None else self._features[:, slots[0]]
+      got = view[ts.d[0].translate_to[0]][wanted.tolist()].read().result() if rows.size else \
+          np.zeros((0, *view.shape[1:]), self.dtype)
+      return np.take(got, inverse, axis=0)  # indexing with [] mixes slow paths for bf16
+    got = np.empty((len(slots), wanted.size, self.dim), self.dtype)
+    size = self.meta["shard_rows"]
+    bounds = np.searchsorted(wanted, np.arange(0, self.num_rows + size, size))
+    for shard in np.flatnonzero(np.diff(bounds)).tolist():
+      a, b = bounds[shard], bounds[shard + 1]
+      for i, slot in enumerate(slots):
+        self._direct.take_rows(self._shards.path(slot, shard), wanted[a:b] - shard * size,
+                               got[i, a:b], shard * size)
+    if layer is not None:
+      return np.take(got[0], inverse, axis=0)
+    return np.ascontiguousarray(np.take(got, inverse, axis=1).transpose(1, 0, 2))
 
   def read_layer(self, layer: int | str, start: int = 0, stop: int | None = None) -> np.ndarray:
     stop = self.num_rows if stop is None else min(stop, self.num_rows)
     layer = self.layer_index(layer)
     self._check([layer], self._row_shards(start, stop))
-    return self._features[start:stop, layer].read().result()
+    if self._direct is None:
+      return self._features[start:stop, layer].read().result()
+    out = np.empty((max(0, stop - start), self.dim), self.dtype)
+    size = self.meta["shard_rows"]
+    for shard in self._row_shards(start, stop):
+      lo, hi = max(start, shard * size), min(stop, (shard + 1) * size)
+      self._direct.read_rows(self._shards.path(layer, shard), lo - shard * size,
+                             hi - shard * size, out[lo - start:hi - start], shard * size)
+    return out
 
 
 class LayerSource:

@@ -5,7 +5,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from plato_jax import shardfile
 from plato_jax.store import FeatureStore, StoreWriter
+
+# This machine reads local stores' shard files directly (a CPU with a CRC-32C instruction
+# and the crc32c package); elsewhere TensorStore reads them, and the tests say which ran.
+DIRECT = shardfile._CRC32C is not None
 
 
 def _write(path, x, ids, dtype, batch=333, **kw):
@@ -24,6 +29,7 @@ def test_round_trip_is_bit_exact(tmp_path, rng, dtype):
   store = _write(tmp_path / "s", x, ids, dtype)
   want = x.astype({"bfloat16": ml_dtypes.bfloat16}.get(dtype, dtype))
   assert store.dtype == want.dtype and store.meta["complete"]
+  assert (store._direct is not None) == DIRECT
   np.testing.assert_array_equal(store.ids(), ids)
   for layer in range(3):
     got = store.read_layer(layer)
@@ -180,12 +186,16 @@ def test_a_damaged_shard_is_an_error_naming_its_file(tmp_path, rng, damage):
     data = bytearray(shard.read_bytes())
     data[int(rng.integers(0, 8 * 4 * 4))] ^= 1 << int(rng.integers(8))  # in the first chunk
     shard.write_bytes(bytes(data))
-  store = FeatureStore.open(str(tmp_path / "s"))
-  np.testing.assert_array_equal(store.read_layer(1), x[:, 1])  # other shards still read
-  for read in (lambda: store.read_layer(0), lambda: store.layer(0).read(0, 64),
-               lambda: store.gather([17], layer=0)):
-    with pytest.raises(ValueError, match=r"c/1/0/0.*(missing|Digest mismatch)"):
-      read()
+  for direct in (True, False):  # read from the shard files here, or by TensorStore
+    store = FeatureStore.open(str(tmp_path / "s"))
+    assert (store._direct is not None) == DIRECT
+    store._direct = store._direct if direct else None
+    np.testing.assert_array_equal(store.read_layer(1), x[:, 1])  # other shards still read
+    for read in (lambda: store.read_layer(0), lambda: store.layer(0).read(0, 64),
+                 lambda: store.gather([17], layer=0)):
+      with pytest.raises(ValueError, match=r"c/1/0/0.*(missing|Digest mismatch|rows 16..23 "
+                                           r"fails its CRC-32C)"):
+        read()
 
 
 @pytest.mark.parametrize("swap", ["rows", "layers", "ids", "column", "copied_in"])
@@ -272,3 +282,100 @@ def test_metadata_of_the_wrong_kind_and_bad_chunking_are_errors(tmp_path, rng):
   for kw in [{"chunk_rows": 0}, {"shard_rows": -8}]:
     with pytest.raises(ValueError, match="must be a positive integer"):
       StoreWriter.create(str(tmp_path / "t"), num_rows=20, num_layers=2, dim=4, **kw)
+
+
+def test_direct_reads_equal_tensorstore_reads(tmp_path, rng):
+  """Rows read straight from the shard files equal TensorStore's read of the same array, for
+  ranges across chunks and shards, partial chunks and the array's partial last chunk; so do
+  gathers of rows in any order, repeated."""
+  if not DIRECT:
+    pytest.skip("no hardware CRC-32C here: TensorStore reads every store")
+  for trial in range(3):
+    rows, dim = int(rng.integers(50, 700)), int(rng.integers(1, 40))
+    chunk = int(rng.choice([1, 2, 8, 16]))
+    dtype = str(rng.choice(["bfloat16", "float16", "float32"]))
+    x = rng.standard_normal((rows, 2, dim)).astype(np.float32)
+    store = _write(tmp_path / f"s{trial}", x, rng.permutation(rows), dtype, chunk_rows=chunk,
+                   shard_rows=chunk * int(rng.integers(1, 9)))
+    assert store._direct is not None
+    for start, stop in [(0, rows), (rows - 1, rows), (5, 5)] + [
+        tuple(sorted(rng.integers(0, rows + 1, 2).tolist())) for _ in range(10)]:
+      layer = int(rng.integers(2))
+      got = store.read_layer(layer, start, stop)
+      want = store._features[start:stop, layer].read().result()
+      assert got.dtype == want.dtype and got.shape == want.shape
+      np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
+    by_tensorstore = FeatureStore.open(str(tmp_path / f"s{trial}"))
+    by_tensorstore._direct = None
+    for layer in (None, 0, 1):
+      wanted = rng.integers(0, rows, int(rng.integers(1, 3 * rows)))  # repeats, any order
+      got, want = store.gather(wanted, layer), by_tensorstore.gather(wanted, layer)
+      assert got.dtype == want.dtype and got.shape == want.shape and got.flags.c_contiguous
+      np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))
+
+
+def test_direct_reads_need_a_local_complete_store_in_the_writers_layout(tmp_path, rng):
+  x = rng.standard_normal((40, 2, 4)).astype(np.float32)
+  memory = _write("memory://direct/", x, np.arange(40), "float32")
+  assert memory._direct is None
+  w = StoreWriter.create(str(tmp_path / "p"), num_rows=40, num_layers=2, dim=4)
+  w.append(x[:20], np.arange(20))
+  w.commit()
+  assert FeatureStore.open(str(tmp_path / "p"), allow_partial=True)._direct is None
+  w.release()
+  zarr_json = json.loads((tmp_path / "p" / "features" / "zarr.json").read_text())
+  shard, chunk = zarr_json["chunk_grid"]["configuration"]["chunk_shape"], \
+      zarr_json["codecs"][0]["configuration"]["chunk_shape"]
+  assert shardfile.ChunkReader.for_array(zarr_json, shard, chunk) == DIRECT
+  compressed = json.loads(json.dumps(zarr_json))
+  compressed["codecs"][0]["configuration"]["codecs"].insert(1, {"name": "zstd"})
+  unchecked = json.loads(json.dumps(zarr_json))
+  unchecked["codecs"][0]["configuration"]["codecs"].pop()
+  for other in (compressed, unchecked):
+    assert not shardfile.ChunkReader.for_array(other, shard, chunk)
+  assert not shardfile.ChunkReader.for_array(zarr_json, shard, [c * 2 for c in chunk])
+
+
+@pytest.mark.parametrize("damage", ["data", "checksum", "index", "truncated", "absent",
+                                    "missing"])
+def test_a_direct_read_of_a_damaged_shard_names_its_file_and_rows(tmp_path, rng, damage):
+  """The direct reader checks what TensorStore would: each chunk's and the index's CRC-32C,
+  the index's entries, the file's length."""
+  if not DIRECT:
+    pytest.skip("no hardware CRC-32C here: TensorStore reads every store")
+  x = rng.standard_normal((64, 1, 4)).astype(np.float32)
+  _write(tmp_path / "s", x, np.arange(64), "float32", chunk_rows=8, shard_rows=32)
+  path = tmp_path / "s" / "features" / "c" / "1" / "0" / "0"  # rows 32..63
+  data = bytearray(path.read_bytes())
+  entries = np.frombuffer(bytes(data[-(4 * 16 + 4):-4]), "<u8").reshape(4, 2)
+  third = int(entries[2, 0])  # rows 48..55
+  if damage == "data":
+    data[third + int(rng.integers(8 * 16))] ^= 1 << int(rng.integers(8))
+  elif damage == "checksum":
+    data[third + 8 * 16 + int(rng.integers(4))] ^= 1 << int(rng.integers(8))
+  elif damage == "index":
+    data[-20] ^= 1
+  elif damage == "truncated":
+    data = data[:third + 20] + data[-(4 * 16 + 4):]  # the index kept, chunks 3 and 4 cut
+  elif damage == "absent":
+    data[-(4 * 16 + 4) + 32:-(4 * 16 + 4) + 48] = b"\xff" * 16
+    data[-4:] = shardfile._CRC32C(bytes(data[-(4 * 16 + 4):-4])).to_bytes(4, "little")
+  else:
+    data = None
+  if data is None:
+    path.unlink()
+  else:
+    path.write_bytes(bytes(data))
+  reader = shardfile.ChunkReader(chunks=4, chunk_rows=8, row_bytes=16)
+  out = np.empty((32, 4), np.float32)
+  if damage not in ("index", "missing"):
+    reader.read_rows(str(path), 0, 16, out[:16], first_row=32)  # chunks before the damage
+    np.testing.assert_array_equal(out[:16], x[32:48, 0])
+  said = {"data": "the chunk of rows 48..55 fails its CRC-32C",
+          "checksum": "the chunk of rows 48..55 fails its CRC-32C",
+          "index": "its index fails its CRC-32C",
+          "truncated": "it ends within the chunk of rows 48..55",
+          "absent": "the chunk of rows 48..55 is missing",
+          "missing": "is missing"}[damage]
+  with pytest.raises(shardfile.ShardError, match=f"{path}.* {said}"):
+    reader.read_rows(str(path), 3, 32, out[3:], first_row=32)

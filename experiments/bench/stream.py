@@ -3,8 +3,10 @@
     python -m plato_jax.experiments.bench.stream --rows=1000000 --dim=768
 
 Writes (once, cached under --dir) a one-layer bf16 store, then in the same run times
-(a) a raw read of the layer, tile by tile, with TensorStore reads kept in flight, and
-(b) `plato_jax.knn.search` over the same layer with few queries (so compute is light),
+(a) a raw read of the layer, tile by tile, with TensorStore reads kept in flight,
+(b) the store's own read of those tiles (`FeatureStore.read_layer`: straight from the shard
+files where it can, `plato_jax.shardfile`), four in flight, and
+(c) `plato_jax.knn.search` over the same layer with few queries (so compute is light),
 and prints both rates in bytes/s and their ratio (goal: >= 80%).
 
 `--baseline_store=PATH` streams another store of the same shape in the same rounds (e.g.
@@ -14,6 +16,7 @@ round.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import os
 import time
@@ -29,6 +32,7 @@ flags.DEFINE_integer("tile_rows", 32_768, "rows per tile in both passes")
 flags.DEFINE_string("dir", os.path.join(os.path.expanduser("~"), ".cache", "plato_jax", "bench"),
                     "where the store is cached")
 flags.DEFINE_integer("repeats", 2, "timed passes of each (best is reported)")
+flags.DEFINE_bool("verbose", False, "print every round's time")
 flags.DEFINE_string("baseline_store", None, "another store of the same shape, read and "
                     "streamed in the same rounds")
 
@@ -77,6 +81,12 @@ def main(argv):
         a, b = tiles[i + 4]
         futures.append(store._features[a:b, 0].read())
 
+  def store_read(store):
+    """The store's own read (direct from its shard files where it can), reads in flight."""
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+      for _ in pool.map(lambda t: store.read_layer(0, *t), tiles):
+        pass
+
   def engine_pass(store):
     """Opened afresh, as a run would: its shards' seals are checked again."""
     with warnings.catch_warnings():
@@ -89,7 +99,7 @@ def main(argv):
   if FLAGS.baseline_store:
     stores[" (baseline store)"] = FeatureStore.open(FLAGS.baseline_store)
   passes = {f"{what}{tag}": functools.partial(fn, s) for tag, s in stores.items()
-            for what, fn in (("raw TensorStore read", raw_read),
+            for what, fn in (("raw TensorStore read", raw_read), ("FeatureStore read", store_read),
                              ("plato_jax.knn.search pass", engine_pass))}
   timed = {name: [] for name in passes}
   for fn in passes.values():
@@ -106,6 +116,8 @@ def main(argv):
   # the same cores, so wall time there is roughly CPU time / cores.
   for name, runs in timed.items():
     t, cpu = min(runs)
+    if FLAGS.verbose:
+      print("  ".join(f"{r:.3f}" for r, _ in runs))
     print(f"{name:45s} best {t:8.3f} s median {sorted(runs)[len(runs) // 2][0]:8.3f} s "
           f"{nbytes / t / 1e9:8.2f} GB/s {raw / t:8.1%} of raw   cpu {cpu:6.2f} s")
 
