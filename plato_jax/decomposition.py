@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from plato_jax import metrics
-from plato_jax.knn import IdRows, search
+from plato_jax.knn import IdRows, search_prefixes
 
 
 def class_order(labels, seed: int):
@@ -79,7 +79,7 @@ def class_decomposition(features_a, features_b, labels, ipcs: Sequence[int],
     x = np.asarray(x)
     if x.shape[0] != n:
       raise ValueError(f"features of model {name} have {x.shape[0]} rows, labels {n}")
-    found[name] = search(x[queries], x[order], ks[-1], gallery_ids=ids[order],
+    found[name] = search_prefixes(x[queries], x[order], ks[-1], gallery_ids=ids[order],
                          exclude_self=False, prefix_sizes=sizes, normalize=True,
                          progress=progress, **search_options)
   rows_of = IdRows(ids)

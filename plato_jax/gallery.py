@@ -17,7 +17,7 @@ import dataclasses
 import numpy as np
 
 from plato_jax import metrics
-from plato_jax.knn import IdRows, OrderedSource, search
+from plato_jax.knn import IdRows, OrderedSource, search_prefixes
 from plato_jax.store import FeatureStore
 
 DEFAULT_SIZES = ("1024", "10k", "50k", "100k", "500k", "1m", "5m", "10m", "15m")
@@ -158,6 +158,6 @@ def layer_neighbours(store: FeatureStore, layer: int, queries, plan: GalleryPlan
                      **search_options):
   """One engine pass over one layer in gallery order: the queries' cosine neighbours at
   every gallery size (`keep[i]` of them at size i), queries excluded as self."""
-  return search(queries, OrderedSource(store.layer(layer), plan.order), max(keep),
+  return search_prefixes(queries, OrderedSource(store.layer(layer), plan.order), max(keep),
                 query_ids=plan.ids[plan.query_rows], prefix_sizes=plan.sizes, prefix_k=keep,
                 normalize=True, **search_options)

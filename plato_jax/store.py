@@ -14,7 +14,7 @@ s3://, memory://):
     ids/               zarr3 [N] int64 row ids (stable dataset ids)
     columns/<name>/    zarr3 [N] float32 per-row values (e.g. a caption's loss), optional
     seals/             zarr3 [N / shard_rows, L + 1 + columns] uint64: each shard file's seal
-                       (`plato_jax.seals`), by row shard and array (layers, ids, columns)
+                       (`plato_jax.shardfile`), by row shard and array (layers, ids, columns)
 
 Every inner chunk carries a CRC-32C, checked whenever it is read; a missing shard is an
 error, never rows of zeros; and a reader compares a shard's seal with the writer's before

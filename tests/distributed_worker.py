@@ -15,7 +15,7 @@ def main(process_id: int, port: int, seed: int, out: str) -> None:
                              process_id=process_id)
   import numpy as np
 
-  from plato_jax.knn import ArraySource, search
+  from plato_jax.knn import ArraySource, search_prefixes
 
   class RecordingSource(ArraySource):
     reads = []
@@ -29,7 +29,7 @@ def main(process_id: int, port: int, seed: int, out: str) -> None:
   queries = gallery[:70]
   assert len(jax.devices()) == 4 and len(jax.local_devices()) == 2
   source = RecordingSource(gallery)
-  results = search(queries, source, 12, query_ids=np.arange(70), prefix_sizes=[300, 1100],
+  results = search_prefixes(queries, source, 12, query_ids=np.arange(70), prefix_sizes=[300, 1100],
                    tile_rows=64)
   np.savez(out, reads=np.array(source.reads), **{f"ids{i}": r.ids for i, r in enumerate(results)},
            **{f"scores{i}": r.scores for i, r in enumerate(results)})

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from plato_jax.knn import search
+from plato_jax.knn import search_prefixes
 
 WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
 
@@ -33,7 +33,7 @@ def test_two_processes_equal_one(tmp_path):
 
   rng = np.random.default_rng(seed)
   gallery = rng.integers(-2, 3, size=(1100, 8)).astype(np.float32)
-  expected = search(gallery[:70], gallery, 12, query_ids=np.arange(70), prefix_sizes=[300, 1100],
+  expected = search_prefixes(gallery[:70], gallery, 12, query_ids=np.arange(70), prefix_sizes=[300, 1100],
                     tile_rows=100)
   reads = [np.load(out)["reads"] for out in outs]
   rows = [np.concatenate([np.arange(a, b) for a, b in r]) for r in reads]

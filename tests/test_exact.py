@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import Mesh
 from knn_reference import brute_force, integer_rows, skip_unless_runs_here
 
-from plato_jax.knn import exact, search
+from plato_jax.knn import exact, search, search_prefixes
 from plato_jax.knn.ring import ring_self_join
 
 
@@ -117,7 +117,7 @@ def test_prefixes_and_multi_k_exact(rng, kernel):
   x = crowded(rng, 5000, 16)
   q = x[:30]
   sizes, ks = [700, 2048, 5000], [1, 7, 50]
-  parts = search(q, x, ks, query_ids=np.arange(30), prefix_sizes=sizes, tile_rows=256,
+  parts = search_prefixes(q, x, ks, query_ids=np.arange(30), prefix_sizes=sizes, tile_rows=256,
                  kernel=kernel)
   for size, part in zip(sizes, parts):
     ref, _ = brute_force(q, x[:size], 50, query_ids=np.arange(30))

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from knn_reference import brute_force, integer_rows, one_device_mesh, skip_unless_runs_here
 
-from plato_jax.knn import ArraySource, search
+from plato_jax.knn import ArraySource, search, search_prefixes
 from plato_jax.knn.sources import TensorStoreSource, plan_tiles
 
 
@@ -126,18 +126,18 @@ def test_prefixes_and_multi_k_in_one_pass(rng, kernel):
   q = x[::7]
   qid = np.arange(0, 2000, 7)
   sizes = [50, 333, 1024, 2000]
-  results = search(q, x, [1, 10, 40], query_ids=qid, prefix_sizes=sizes, tile_rows=96,
+  results = search_prefixes(q, x, [1, 10, 40], query_ids=qid, prefix_sizes=sizes, tile_rows=96,
                    kernel=kernel)
   assert [r.gallery_size for r in results] == sizes
-  kept = search(q, x, [1, 10, 40], query_ids=qid, prefix_sizes=sizes, prefix_k=[3, 40, 7, 1],
+  kept = search_prefixes(q, x, [1, 10, 40], query_ids=qid, prefix_sizes=sizes, prefix_k=[3, 40, 7, 1],
                 tile_rows=96, kernel=kernel)
   for r, kr, kk in zip(results, kept, [3, 40, 7, 1]):
     assert kr.k == kk
     np.testing.assert_array_equal(kr.ids, r.top(kk).ids)
   with pytest.raises(ValueError, match="one k <= 40 per prefix"):
-    search(q, x, 40, query_ids=qid, prefix_sizes=sizes, prefix_k=[41, 1, 1, 1], kernel=kernel)
+    search_prefixes(q, x, 40, query_ids=qid, prefix_sizes=sizes, prefix_k=[41, 1, 1, 1], kernel=kernel)
   for size, r in zip(sizes, results):
-    alone = search(q, x[:size], 40, query_ids=qid, prefix_sizes=[size], tile_rows=64,
+    alone = search_prefixes(q, x[:size], 40, query_ids=qid, prefix_sizes=[size], tile_rows=64,
                    kernel=kernel)[0]
     np.testing.assert_array_equal(r.ids, alone.ids)
     ids, _ = brute_force(q, x[:size], 40, query_ids=qid)
@@ -165,7 +165,7 @@ def test_half_precision_storage_exact_on_integer_data(rng, dtype):
   x[9] = x[500]
   x = x.astype(dtype)
   q, qids = x[:70], np.arange(70)
-  res = search(q, x, 12, query_ids=qids, tile_rows=128, prefix_sizes=[333, 1001])
+  res = search_prefixes(q, x, 12, query_ids=qids, tile_rows=128, prefix_sizes=[333, 1001])
   for r, n in zip(res, [333, 1001]):
     ids, scores = brute_force(q.astype(np.float32), x[:n].astype(np.float32), 12,
                               query_ids=qids)
@@ -237,15 +237,17 @@ def test_prefix_results_hold_only_real_neighbours(rng, kernel):
   n_1 - 1 columns (each query's own row is out), every one a real neighbour. A one-row
   prefix holds none: an error."""
   x = integer_rows(rng, 300, 6)
-  small, large = search(x, x, 10, prefix_sizes=[6, 300], kernel=kernel)
+  small, large = search_prefixes(x, x, 10, prefix_sizes=[6, 300], kernel=kernel)
   assert small.k == 5 and large.k == 10
   with pytest.raises(ValueError, match=r"prefix of 1 rows holds no neighbour for query rows "
                                        r"\[0\], only their own"):
-    search(x, x, 10, prefix_sizes=[1, 300], kernel=kernel)
+    search_prefixes(x, x, 10, prefix_sizes=[1, 300], kernel=kernel)
   for r, n in [(small, 6), (large, 300)]:
     ids, scores = brute_force(x, x[:n], r.k, query_ids=np.arange(300))
     np.testing.assert_array_equal(r.ids, ids)
     np.testing.assert_array_equal(r.scores, scores.astype(np.float32))
+  with pytest.raises(TypeError, match="search_prefixes"):  # one result type per function
+    search(x, x, 10, prefix_sizes=[6, 300])
 
 
 def test_plan_tiles_never_straddles_prefix():
@@ -286,10 +288,10 @@ def test_bad_input_errors(case, match):
       "dup_ids": lambda: search(q, x, 2, gallery_ids=np.r_[np.arange(9), 4, np.arange(10, 20)]),
       "empty": lambda: search(q, x[:0], 1),
       "id_len": lambda: search(q, x, 2, query_ids=np.arange(5)),
-      "prefix": lambda: search(q, x, 2, prefix_sizes=[10, 5]),
+      "prefix": lambda: search_prefixes(q, x, 2, prefix_sizes=[10, 5]),
       "k_zero": lambda: search(q, x, 0),
-      "k_after_self_prefix": lambda: search(x, x, 20, prefix_sizes=[5, 20]),
-      "prefix_empty": lambda: search(q, x, 2, prefix_sizes=[]),
+      "k_after_self_prefix": lambda: search_prefixes(x, x, 20, prefix_sizes=[5, 20]),
+      "prefix_empty": lambda: search_prefixes(q, x, 2, prefix_sizes=[]),
       "query_overflow": lambda: search(np.where(np.arange(10)[:, None] == 2, 1e20, q)
                                        .astype(np.float32), x, 2),
       "gallery_id_len": lambda: search(q, x, 2, gallery_ids=np.arange(19)),
@@ -342,18 +344,18 @@ def test_resume_after_crash_gives_identical_results(rng, tmp_path, kernel):
   q = x[:100]
   kw = dict(query_ids=np.arange(100), prefix_sizes=[500, 3000], tile_rows=64, query_block=60,
             kernel=kernel)
-  clean = search(q, x, 20, **kw)
+  clean = search_prefixes(q, x, 20, **kw)
   with pytest.raises(SimulatedCrash):
-    search(q, CrashingSource(x, 70), 20, resume_dir=str(tmp_path / "ck"), checkpoint_every=2, **kw)
+    search_prefixes(q, CrashingSource(x, 70), 20, resume_dir=str(tmp_path / "ck"), checkpoint_every=2, **kw)
   assert any((tmp_path / "ck").iterdir()), "a checkpoint was written before the crash"
   reads = CrashingSource(x, 10**9)
-  resumed = search(q, reads, 20, resume_dir=str(tmp_path / "ck"), checkpoint_every=2, **kw)
+  resumed = search_prefixes(q, reads, 20, resume_dir=str(tmp_path / "ck"), checkpoint_every=2, **kw)
   assert reads.limit > 10**9 - 2 * 3000 // 64, "the rerun skipped the finished tiles"
   for a, b in zip(clean, resumed):
     np.testing.assert_array_equal(a.ids, b.ids)
     np.testing.assert_array_equal(a.scores, b.scores)
   with pytest.raises(ValueError, match="checkpoint of another run"):
-    search(q, x, 19, resume_dir=str(tmp_path / "ck"), **kw)
+    search_prefixes(q, x, 19, resume_dir=str(tmp_path / "ck"), **kw)
 
 
 def test_resume_refuses_a_gallery_whose_rows_changed(rng, tmp_path):
@@ -397,7 +399,7 @@ def test_rows_past_the_largest_prefix_are_never_read(rng):
       return super().read(start, stop)
 
   source = Recording(x)
-  res = search(x[:30], source, 5, query_ids=np.arange(30), prefix_sizes=[100, 400], tile_rows=64)
+  res = search_prefixes(x[:30], source, 5, query_ids=np.arange(30), prefix_sizes=[100, 400], tile_rows=64)
   assert max(source.stops) == 400
   np.testing.assert_array_equal(res[1].ids, brute_force(x[:30], x[:400], 5, query_ids=np.arange(30))[0])
 
@@ -408,7 +410,7 @@ def test_gallery_in_accelerator_memory_is_sliced_there(rng, monkeypatch):
   import sys
 
   from plato_jax.knn import sources
-  search_module = sys.modules["plato_jax.knn.search"]
+  stream_module = sys.modules["plato_jax.knn.stream"]
   x = integer_rows(rng, 1000, 8)
   ids = rng.permutation(5000)[:1000]  # not ascending: tiles are reordered on the device
   # kernel="xla": an accelerator's kernel (the CPU kernel reads host rows, never these)
@@ -421,7 +423,7 @@ def test_gallery_in_accelerator_memory_is_sliced_there(rng, monkeypatch):
     return isinstance(a, jax.Array)
 
   monkeypatch.setattr(sources, "on_accelerator", on_device)
-  monkeypatch.setattr(search_module, "on_accelerator", on_device)
+  monkeypatch.setattr(stream_module, "on_accelerator", on_device)
   dev = search(x[:50], jax.device_put(x), 7, query_ids=ids[:50], gallery_ids=ids,
                tile_rows=128, kernel="xla")
   # full tiles and the last, short one (1000 = 7·128 + 104) stayed jax arrays
@@ -444,8 +446,8 @@ def test_fused_kernel_in_the_engine_equals_brute_force(rng, normalize, dtype):
   q, qids = x[:130], np.arange(130)
   kw = dict(query_ids=qids, tile_rows=128, prefix_sizes=[500, 900], normalize=normalize,
             compute_dtype=dtype)
-  res = search(q, x, 6, kernel="fused", **kw)
-  xla = search(q, x, 6, kernel="xla", **kw)
+  res = search_prefixes(q, x, 6, kernel="fused", **kw)
+  xla = search_prefixes(q, x, 6, kernel="xla", **kw)
   for r, other, n in zip(res, xla, [500, 900]):
     assert r.kernel == "fused:triton" and other.kernel == "xla"
     np.testing.assert_array_equal(r.ids, other.ids)
@@ -472,8 +474,8 @@ def test_mosaic_kernels_in_the_engine_equal_brute_force(rng, kernel, normalize):
   q, qids = x[:100], np.arange(100)
   kw = dict(query_ids=qids, tile_rows=256, prefix_sizes=[300, 600], normalize=normalize,
             mesh=one_device_mesh(), compute_dtype=ml_dtypes.bfloat16)
-  res = search(q, x, 6, kernel=kernel, **kw)
-  xla = search(q, x, 6, kernel="xla", **kw)
+  res = search_prefixes(q, x, 6, kernel=kernel, **kw)
+  xla = search_prefixes(q, x, 6, kernel="xla", **kw)
   for r, other, n in zip(res, xla, [300, 600]):
     assert r.kernel == kernel
     np.testing.assert_array_equal(r.ids, other.ids)
@@ -502,7 +504,7 @@ def test_kernel_choice_is_checked_and_reported(rng):
     search(x[:5], x, 3, kernel="triton")
   import types
 
-  from plato_jax.knn.search import check_kernel_runs_on, pick_kernel
+  from plato_jax.knn.kernel_choice import check_kernel_runs_on, pick_kernel
   assert pick_kernel("fused", 10, "tpu") == "fused:tpu"
   assert pick_kernel("fused", 10, "gpu") == "fused:triton"
   assert pick_kernel("auto", 10, "gpu") == "xla"  # until measured exact there
@@ -519,14 +521,14 @@ def test_kernel_choice_is_checked_and_reported(rng):
 def test_a_fused_kernel_that_does_not_compile_falls_back_to_xla(rng, monkeypatch):
   import sys
 
-  from plato_jax.knn import selectors
+  from plato_jax.knn import kernel_choice, selectors
   search_module = sys.modules["plato_jax.knn.search"]
   x = integer_rows(rng, 300, 8)
 
   def broken(*args, **kwargs):
     raise NotImplementedError("no lowering for this primitive")
 
-  search_module._selector_that_compiles.cache_clear()  # probes are cached per shape
+  kernel_choice.selector_that_compiles.cache_clear()  # probes are cached per shape
   monkeypatch.setattr(selectors.FusedTopKSelector, "update_rows", broken)
   monkeypatch.setattr(search_module, "pick_kernel", lambda *args: "fused:triton")
   with pytest.warns(UserWarning, match="did not compile.*using the XLA kernel"):
@@ -536,7 +538,7 @@ def test_a_fused_kernel_that_does_not_compile_falls_back_to_xla(rng, monkeypatch
   np.testing.assert_array_equal(res.ids, ids)
   with pytest.raises(NotImplementedError):
     search(x[:20], x, 4, kernel="fused")
-  search_module._selector_that_compiles.cache_clear()
+  kernel_choice.selector_that_compiles.cache_clear()
 
 
 def test_host_topk_orders_by_score_then_id(rng):

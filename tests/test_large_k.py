@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from knn_reference import brute_force, integer_rows, one_device_mesh, skip_unless_runs_here
 
-from plato_jax.knn import large_k, search
+from plato_jax.knn import large_k, search, search_prefixes
 from plato_jax.knn.large_k import ThresholdSelector, choose_selector
 from plato_jax.knn.selectors import TopKSelector
 from plato_jax.knn.sharding import ScoreTile
@@ -44,7 +44,7 @@ def finish(request, monkeypatch):
   """Both ways the engine can finish: numpy's sort of the devices' candidates (CPU) and
   the selectors' own `result` on the devices (accelerators)."""
   import sys
-  module = sys.modules["plato_jax.knn.search"]
+  module = sys.modules["plato_jax.knn.stream"]
   monkeypatch.setattr(module, "FINISH_ON_HOST",
                       frozenset({"cpu"}) if request.param == "host" else frozenset())
   return request.param
@@ -96,9 +96,9 @@ def test_search_prefixes_one_and_eight_devices(rng, finish):
   gids = rng.permutation(n) * 3
   q, qids = x[:Q], gids[:Q]
   sizes = [450, 1024, 1501, n]
-  eight = search(q, x, K, query_ids=qids, gallery_ids=gids, prefix_sizes=sizes, tile_rows=TILE,
+  eight = search_prefixes(q, x, K, query_ids=qids, gallery_ids=gids, prefix_sizes=sizes, tile_rows=TILE,
                  kernel="xla")
-  one = search(q, x, K, query_ids=qids, gallery_ids=gids, prefix_sizes=sizes, tile_rows=TILE,
+  one = search_prefixes(q, x, K, query_ids=qids, gallery_ids=gids, prefix_sizes=sizes, tile_rows=TILE,
                mesh=one_device_mesh(), kernel="xla")
   for size, r8, r1 in zip(sizes, eight, one):
     assert r8.gallery_size == size

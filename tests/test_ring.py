@@ -53,13 +53,14 @@ def test_ring_large_k(rng, kernel):
 
 
 def test_ring_bad_input():
-  with pytest.raises(ValueError, match="k=5 is larger than the 4 rows"):
+  with pytest.raises(ValueError, match=r"k=5 exceeds the neighbours available in a gallery of 5 rows \(after "
+                                       r"self-exclusion\)"):
     ring_self_join(np.ones((5, 3), np.float32), 5)
   x = np.ones((6, 3), np.float32)
   x[4, 1] = np.nan
   with pytest.raises(ValueError, match=r"NaN/Inf values: \[4\]"):
     ring_self_join(x, 2)
-  with pytest.raises(ValueError, match="duplicate ids"):
+  with pytest.raises(ValueError, match=r"duplicate gallery ids: ids \[1\] at rows \[0, 1\]"):
     ring_self_join(np.ones((3, 2), np.float32), 1, ids=[1, 1, 2])
 
 

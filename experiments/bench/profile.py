@@ -74,7 +74,7 @@ def profile(queries: int, tile_rows: int, dim: int, k: int, dtype: str, repeats:
 
   if kernel.startswith("fused"):  # the Pallas kernel on the same tile, not the engine's step
     from plato_jax.kernels.fused_topk import FusedConfig, fused_topk
-    from plato_jax.knn.search import check_kernel_runs_on, pick_kernel
+    from plato_jax.knn.kernel_choice import check_kernel_runs_on, pick_kernel
     resolved = pick_kernel(kernel, k, dev.platform)
     check_kernel_runs_on(resolved, mesh)
     backend = resolved.split(":")[1]
@@ -92,7 +92,7 @@ def profile(queries: int, tile_rows: int, dim: int, k: int, dtype: str, repeats:
 
     t_select, name = None, f"fused (Pallas{', interpreted' if interpret else ''}; {config})"
   else:
-    from plato_jax.knn.search import pick_kernel, selector_for
+    from plato_jax.knn.kernel_choice import pick_kernel, selector_for
     resolved = pick_kernel(kernel, k, dev.platform, jdtype)
     selector = selector_for(resolved, k, tile_rows, None, mesh)
     name = f"{resolved} ({type(selector).__name__})"

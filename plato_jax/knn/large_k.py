@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -303,16 +304,23 @@ def _exact_topk(uv, ui, k: int, repair_passes: int):
   return _merge_union(uv, ui, k, repair_passes)
 
 
+class Pool(NamedTuple):
+  """`ThresholdSelector`'s state (per device, leading axis Q)."""
+  values: Any     # f32 [Q, P + chunk]: up to P = k + B candidates per row, plus `chunk`
+                  # columns of slack for chunked writes
+  ids: Any        # i32 [Q, P + chunk]
+  tau_value: Any  # f32 [Q]: the threshold τ = (tau_value, tau_id)
+  tau_id: Any     # i32 [Q]
+  fill: Any       # i32 [Q], one number repeated: every row's candidates lie before it, the
+                  # filler (-inf, -1) after
+
+
 @dataclasses.dataclass(frozen=True)
 class ThresholdSelector:
-  """Exact running top-k for large k: a threshold τ and a pool of the candidates above it.
-
-  State (per device, leading axis Q): pool values [Q, P + chunk] f32 and ids i32, holding
-  up to P = k + B candidates per row (plus `chunk` columns of slack for chunked writes),
-  the threshold τ = (value [Q], id [Q]) and the pool's fill [Q] (one number repeated:
-  every row's candidates lie before it, the filler (-inf, -1) after). Invariants: every
-  score seen that is better than or equal to τ in the order (value desc, id asc) is in the
-  pool, and at least k pool entries are, so nothing dropped can be in the top-k.
+  """Exact running top-k for large k: a threshold τ and a pool of the candidates above it
+  (state: `Pool`). Invariants: every score seen that is better than or equal to τ in the
+  order (value desc, id asc) is in the pool, and at least k pool entries are, so nothing
+  dropped can be in the top-k.
   """
   k: int
   buffer: int | None = None              # B: pool room above k (None: 2k)
@@ -345,21 +353,22 @@ class ThresholdSelector:
 
   def init(self, num_queries: int):
     q, w = num_queries, self.width
-    return (np.full((q, w), -np.inf, np.float32), np.full((q, w), -1, np.int32),
-            np.full((q,), -np.inf, np.float32), np.full((q,), NO_ID, np.int32),
-            np.zeros((q,), np.int32))
+    return Pool(np.full((q, w), -np.inf, np.float32), np.full((q, w), -1, np.int32),
+                np.full((q,), -np.inf, np.float32), np.full((q,), NO_ID, np.int32),
+                np.zeros((q,), np.int32))
 
   # ---- pieces ----------------------------------------------------------------------------------
 
-  def _shrink(self, pv, pi, tv, ti, tile=None, use_tile=None):
+  def _shrink(self, state: Pool, tile=None, use_tile=None) -> Pool:
     """Raises τ (counting the pool, and the tile if `use_tile`) and compacts the pool."""
+    pv, pi, tv, ti = state.values, state.ids, state.tau_value, state.tau_id
     lo, raised = _raise(pv, tv, self.k, self._slack(), tile, use_tile)
     tv = jnp.where(raised, lo, tv)
     ti = jnp.where(raised, jnp.int32(np.iinfo(np.int32).max), ti)
     codes, group_count, count = _codes(pv, pi, tv, ti)
     nv, ni = _write_listed(jnp.full_like(pv, -jnp.inf), jnp.full_like(pi, -1), 0, pv, pi,
                            codes, group_count, count, self.columns)
-    return nv, ni, tv, ti, jnp.full_like(count, jnp.max(count))
+    return Pool(nv, ni, tv, ti, jnp.full_like(count, jnp.max(count)))
 
   def _fits(self, count, fill):
     return jnp.max(count) <= self.pool - jnp.max(fill)
@@ -382,8 +391,9 @@ class ThresholdSelector:
     """`scores` may be an unmaterialised expression of `tile`'s raw scores: the filter
     pass fuses it, candidates are read back from the raw tile (`tile.scores_at`), and the
     rare make-room path recomputes it inside its loop, so no finished [Q, T] copy exists."""
-    codes, group_count, count = _codes(scores, tile_ids[None, :], state[2], state[3])
-    fits = self._fits(count, state[4])
+    codes, group_count, count = _codes(scores, tile_ids[None, :], state.tau_value,
+                                       state.tau_id)
+    fits = self._fits(count, state.fill)
     fresh = (lambda: tile.scores()) if tile is not None else (lambda: scores)
     at = tile.scores_at if tile is not None else scores
 
@@ -392,17 +402,17 @@ class ThresholdSelector:
     def make_room(carry):
       full = fresh()
       state, absorbed = self._make_room(carry[0], full, tile_ids)
-      codes, group_count, count = _codes(full, tile_ids[None, :], state[2], state[3])
+      codes, group_count, count = _codes(full, tile_ids[None, :], state.tau_value,
+                                         state.tau_id)
       done = carry[2] & False  # (keeps shard_map's varying-axes type of the flag)
       group_count = jnp.where(absorbed, 0, group_count)
       return state, (codes, group_count, jnp.where(absorbed, 0, count)), done
 
     state, (codes, group_count, count), _ = lax.while_loop(
         lambda carry: carry[2], make_room, (state, (codes, group_count, count), ~fits))
-    pv, pi, tv, ti, fill = state
-    pv, pi = _write_listed(pv, pi, fill[0], at, tile_ids, codes, group_count, count,
-                           self.columns)
-    return pv, pi, tv, ti, fill + jnp.max(count)
+    pv, pi = _write_listed(state.values, state.ids, state.fill[0], at, tile_ids, codes,
+                           group_count, count, self.columns)
+    return state._replace(values=pv, ids=pi, fill=state.fill + jnp.max(count))
 
   def _make_room(self, state, scores, tile_ids):
     """Raises τ until the tile fits: 1. over the pool alone (compacting it); 2. over pool and
@@ -411,15 +421,16 @@ class ThresholdSelector:
     t = scores.shape[1]
 
     def tile_fits(state):
-      return self._fits(_codes(scores, tile_ids[None, :], state[2], state[3])[2], state[4])
+      return self._fits(_codes(scores, tile_ids[None, :], state.tau_value, state.tau_id)[2],
+                        state.fill)
 
     def attempt(carry):
       state, n, _ = carry
-      state = self._shrink(*state[:4], tile=scores, use_tile=n == 1)
+      state = self._shrink(state, tile=scores, use_tile=n == 1)
       return state, n + 1, tile_fits(state)
 
-    no = jnp.any(state[4] < 0)  # False, typed like the state (shard_map's varying axes)
-    first = jnp.where(jnp.max(state[4]) == 0, 1, 0)  # an empty pool: straight to step 2
+    no = jnp.any(state.fill < 0)  # False, typed like the state (shard_map's varying axes)
+    first = jnp.where(jnp.max(state.fill) == 0, 1, 0)  # an empty pool: straight to step 2
     state, _, fits = lax.while_loop(lambda c: ~c[2] & (c[1] < 2), attempt, (state, first, no))
 
     def exact():
@@ -432,10 +443,10 @@ class ThresholdSelector:
                            self.k, self.repair_passes)
       full = nv[:, -1] > -jnp.inf
       pad = self.width - self.k
-      return (jnp.pad(nv, ((0, 0), (0, pad)), constant_values=-jnp.inf),
-              jnp.pad(ni, ((0, 0), (0, pad)), constant_values=-1),
-              jnp.where(full, nv[:, -1], tv), jnp.where(full, ni[:, -1], ti),
-              jnp.full_like(fill, self.k)), True
+      return Pool(jnp.pad(nv, ((0, 0), (0, pad)), constant_values=-jnp.inf),
+                  jnp.pad(ni, ((0, 0), (0, pad)), constant_values=-1),
+                  jnp.where(full, nv[:, -1], tv), jnp.where(full, ni[:, -1], ti),
+                  jnp.full_like(fill, self.k)), True
 
     return lax.cond(fits, lambda: (state, False), exact)
 
@@ -446,7 +457,7 @@ class ThresholdSelector:
 
   def candidates(self, state):
     """The pool: its top-k is the exact top-k (see the invariants), unsorted."""
-    return state[0], state[1]
+    return state.values, state.ids
 
   def fallbacks(self, state):
     return jnp.zeros((), jnp.int32)  # its fallback is exact and needs no count

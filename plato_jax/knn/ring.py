@@ -22,8 +22,8 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from plato_jax.knn import exact, sharding
-from plato_jax.knn.checks import check_unique, ids_array, k_list
-from plato_jax.knn.search import Neighbours, matmul_types, pick_kernel, row_unit, selector_for
+from plato_jax.knn.kernel_choice import row_unit, selector_for
+from plato_jax.knn.search import Neighbours, plan_search
 from plato_jax.knn.sources import ArraySource
 
 DEFAULT_BLOCK = 2048
@@ -106,27 +106,17 @@ def ring_self_join(x, k, *, ids=None, exclude_self: bool = True, mesh: Mesh | No
   Returns `Neighbours` [N, max k] in the input row order, with the kernel used and the
   fused kernel's fallback count.
   """
-  ks = k_list(k)
-  k_max = max(ks)
   x_host = np.asarray(x)
   if x_host.ndim != 2 or x_host.shape[0] == 0:
     raise ValueError(f"x must be a non-empty [N, D] array, got shape {x_host.shape}")
+  # The same checks, ids, own rows, k's, dtypes and kernel as `search(x, x, k)`.
+  plan = plan_search(x_host, x_host, k, gallery_ids=ids, exclude_self=exclude_self, mesh=mesh,
+                     compute_dtype=compute_dtype, precision=precision, kernel=kernel)
   n, d = x_host.shape
-  bad = np.flatnonzero(~np.isfinite(x_host.astype(np.float32)).all(axis=1))
-  if bad.size:
-    raise ValueError(f"rows with NaN/Inf values: {bad[:10].tolist()}")
-  row_ids = ids_array(np.arange(n) if ids is None else ids, n, "ids")
-  check_unique(row_ids, "ids")
-  available = n - 1 if exclude_self else n
-  if k_max > available:
-    raise ValueError(f"k={k_max} is larger than the {available} rows each query can get")
-  mesh = sharding.default_mesh() if mesh is None else mesh
+  mesh, dtype, precision, kernel = plan.mesh, plan.dtype, plan.precision, plan.kernel
   p = mesh.devices.size
   per_device = -(-n // p)
   block = min(block or DEFAULT_BLOCK, per_device)
-  dtype, precision = matmul_types(x_host.dtype, x_host.dtype, compute_dtype, precision,
-                                  mesh.devices.flat[0].platform)
-  kernel = pick_kernel(kernel, k_max, mesh.devices.flat[0].platform, dtype)
   align = 32 if kernel == "xla" else row_unit(kernel)  # (XLA's selection: any multiple of 32)
   block = -(-block // align) * align
   per_device = -(-per_device // block) * block
@@ -137,24 +127,26 @@ def ring_self_join(x, k, *, ids=None, exclude_self: bool = True, mesh: Mesh | No
   padded_ids = np.full(per_device * p, -1, np.int32)
   padded_ids[:n] = np.arange(n)
   split = NamedSharding(mesh, P(sharding.mesh_axis(mesh)))
-  x_exact = x_host.astype(dtype).astype(np.float64)
-  norms = np.linalg.norm(x_exact, axis=1)
+  norms = plan.query_norms
   bound = exact.error_bound(d, norms, exact.norm_bound(np.square(norms).max(), d, up=True), 0.0,
                             normalize=False, rounds_inputs=exact.rounds_inputs(dtype, precision),
-                            slack=exact.bound_slack(mesh.devices.flat[0].platform))
-  rescore = exact.rescorer(ArraySource(x_host), x_exact, norms, dtype, False, float(norms.max()))
+                            slack=exact.bound_slack(plan.platform))
+  rescore = exact.rescorer(ArraySource(x_host), plan.exact_queries, norms, dtype, False,
+                           float(norms.max()))
   queries = np.arange(n)
-  kept = min(k_max + exact.margin(k_max, n, d), available)
+  available = np.where(plan.own >= 0, n - 1, n)  # rows a query can get back
+  most = int(available.max())
+  keep, kept = plan.keep[n], min(plan.kept[n], most)
   fallbacks, rescored, searched_again = 0, 0, 0
   result = None
   while queries.size:  # a query whose certificate needs more candidates runs again
     selector = selector_for(kernel, kept, block, None, mesh)
-    fn = _ring_fn(mesh, selector, block, bool(exclude_self), precision, kept)
+    fn = _ring_fn(mesh, selector, block, plan.exclude_self, precision, kept)
     v, i, more = fn(jax.device_put(padded, split), jax.device_put(padded_ids, split))
     fallbacks += int(np.asarray(more).sum())
     v, i = np.asarray(v)[:n][queries], np.asarray(i)[:n][queries]
-    got = exact.certify(v, i, bound[queries], np.full(queries.size, available), k_max, ks,
-                        row_ids, lambda which, pos: rescore(queries[which], pos))
+    got = exact.certify(v, i, bound[queries], available[queries], keep, plan.ks,
+                        plan.gallery_ids, lambda which, pos: rescore(queries[which], pos))
     if result is None:
       result = got
       searched_again = int(got.failed.sum())
@@ -163,6 +155,6 @@ def ring_self_join(x, k, *, ids=None, exclude_self: bool = True, mesh: Mesh | No
       result.scores[queries] = got.scores
     rescored += got.rescored
     queries = queries[got.failed]
-    kept = min(8 * kept, available)
-  return Neighbours(row_ids[result.positions], result.scores, n, kernel, fallbacks, rescored,
-                    searched_again)
+    kept = min(8 * kept, most)
+  return Neighbours(plan.gallery_ids[result.positions], result.scores, n, kernel, fallbacks,
+                    rescored, searched_again)

@@ -16,33 +16,24 @@ candidates. Results count both (`Neighbours.rescored`, `.searched_again`).
 Ids are any distinct int64 values; on the devices a row is its position in the stream.
 
 `search` is three steps: `plan_search` (every check and default, before any pass: a
-`SearchPlan`), the stream (`_Stream.run`: the block × tile loop over the devices, resumable)
-and `_certified_results` (the certificate, the few queries searched again, `Neighbours`).
+`SearchPlan`), the stream (`plato_jax.knn.stream`: the block × tile loop over the devices,
+resumable) and `_certified_results` (the certificate, the few queries searched again,
+`Neighbours`).
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
-import warnings
 from typing import Sequence
 
 import jax
 import numpy as np
-from jax import lax
 
-from plato_jax.kernels.cpu_topk import default_threads, unavailable_reason
-from plato_jax.kernels.fused_contract import BACKENDS, FusedConfig
-from plato_jax.kernels.primitives import NO_ID, RowWindow
+from plato_jax.kernels.primitives import NO_ID
 from plato_jax.knn import exact, sharding
 from plato_jax.knn.checks import check_unique, ids_array, k_list
-from plato_jax.knn.large_k import LARGE_K_THRESHOLD, choose_selector
-from plato_jax.knn.selectors import CpuTopKSelector, FusedTopKSelector
-from plato_jax.knn.sources import (MAX_POSITION, IdRows, TileBuffers, aligned_empty,
-                                   as_source, digest, fingerprint, on_accelerator, plan_tiles,
-                                   raise_for_bad_rows, stream_tiles, window_length)
-from plato_jax.progress import Progress
-from plato_jax.resume import ResumePoint
+from plato_jax.knn.kernel_choice import matmul_types, pick_kernel, row_unit
+from plato_jax.knn.sources import MAX_POSITION, IdRows, as_source
+from plato_jax.knn.stream import Stream
 
 # Scores of one device's tile stay under this many bytes.
 SCORE_TILE_BYTES = 128 * 2**20
@@ -50,24 +41,6 @@ SCORE_TILE_BYTES = 128 * 2**20
 # the H100, 2026-11-23, inferred from a 17 ms call of 8 tiles) outweighs a tile's compute at
 # the CPU budget, so tiles are 8x larger.
 ACCELERATOR_SCORE_TILE_BYTES = 1024 * 2**20
-# Platforms where kernel="auto" picks the fused kernel. None yet: on the H100 (2026-11-23)
-# it was exact on every check but one — the bf16 case of the engine test
-# test_fused_kernel_in_the_engine_equals_brute_force failed there, its details cut off —
-# so it stays opt-in until that is explained ("gpu" belongs here then).
-FUSED_BY_DEFAULT_ON: frozenset[str] = frozenset()
-# Platforms whose devices hand their candidates to numpy for the final sort
-# (`sharding.host_topk`): the host's own CPU, where XLA sorts ~10x slower than numpy
-# (the merge for k = 2,621 of ~8.9k candidates per row, 1,024 rows, 2026-11-23: 528–594 ms
-# on the device, 121–139 ms so).
-FINISH_ON_HOST: frozenset[str] = frozenset({"cpu"})
-# kernel="fused" picks this lowering of the fused kernel (plato_jax.kernels.fused_topk.BACKENDS) per
-# platform; "fused:<backend>" names one.
-FUSED_BACKEND_ON = {"tpu": "tpu"}
-DEFAULT_FUSED_BACKEND = "triton"
-# Platforms where kernel="auto" picks `plato_jax.kernels.cpu_topk` (f32 matmuls, where it builds and
-# the CPU has AVX2/FMA). On the 2-core reference machine (2026-11-23), one 1024 × 32,768 ×
-# 768 tile: 300–370 ms at k = 10, against 430–460 ms for the XLA step.
-CPU_KERNEL_ON: frozenset[str] = frozenset({"cpu"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,32 +122,8 @@ def _check_queries(q_host, chunk: int = 65536) -> None:
                      f"{bad[:10].tolist()}")
 
 
-def matmul_types(q_dtype, g_dtype, compute_dtype, precision, platform: str):
-  """(input dtype, `lax.Precision`) of the matmul, `search`'s and `ring_self_join`'s
-  defaults: bf16/f16 when both sides are (not on CPU), else f32; HIGHEST for f32 (a true
-  f32 product), DEFAULT otherwise."""
-  half = {np.dtype(jax.numpy.bfloat16), np.dtype(np.float16)}
-  if compute_dtype is not None:
-    dtype = np.dtype(compute_dtype)
-  elif np.dtype(q_dtype) == np.dtype(g_dtype) and np.dtype(q_dtype) in half \
-      and platform != "cpu":
-    dtype = np.dtype(q_dtype)
-  else:  # XLA:CPU runs half-precision matmuls as f32 ones after a slow on-device
-    # conversion; the same exact products and f32 accumulation come cheaper from tiles
-    # converted on the host.
-    dtype = np.dtype(np.float32)
-  if precision is None:
-    precision = lax.Precision.HIGHEST if dtype == np.float32 else lax.Precision.DEFAULT
-  return dtype, precision
-
-
-def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_self: bool = True,
-           prefix_sizes: Sequence[int] | None = None, prefix_k: Sequence[int] | None = None,
-           mesh=None, tile_rows: int | None = None,
-           query_block: int = 2048, compute_dtype=None, precision=None,
-           bucket_width: int | None = None, normalize: bool = False, kernel: str = "auto",
-           resume_dir: str | None = None, checkpoint_every: int = 16,
-           progress: bool = False):
+def search(queries, gallery, k, *, resume_dir: str | None = None, checkpoint_every: int = 16,
+           progress: bool = False, **options) -> Neighbours:
   """Exact k nearest neighbours (largest dot product) of `queries` in `gallery`.
 
   Args:
@@ -187,10 +136,6 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
       Query ids default to the gallery ids when `queries is gallery` (a self-join), and
       to "no id" otherwise.
     exclude_self: a query never gets back a gallery row with its own id.
-    prefix_sizes: increasing gallery sizes n_1 < ... < n_m; every prefix of the stream
-      order gets its own result, all from one pass.
-    prefix_k: neighbours kept per prefix (each <= max k; default max k), e.g. n_j/100:
-      the results of small prefixes then stay small.
     mesh: a one-axis `jax.sharding.Mesh`; gallery tiles are spread over its devices.
       Default: all devices.
     tile_rows: gallery rows per device tile (default from a score-tile memory budget).
@@ -221,23 +166,50 @@ def search(queries, gallery, k, *, query_ids=None, gallery_ids=None, exclude_sel
       with the same inputs and options continues from the last checkpoint.
     progress: print rows/s and ETA on stderr.
 
+  Options (`plan_search` checks them; all but queries, gallery and k are keywords):
+  query_ids, gallery_ids, exclude_self, mesh, tile_rows, query_block, compute_dtype,
+  precision, bucket_width, normalize, kernel — as above.
+
   Returns:
     `Neighbours` (ids int64 [Q, max k], scores f32) sorted by (score desc, id asc): the set
-    exact at every k asked for, the order exact in the first 128 (module docstring); with
-    `prefix_sizes`, a list of them, one per prefix, each holding min(prefix k, n_j) columns
-    (min(prefix k, n_j - 1) where self-exclusion takes some query's own row out of the
-    prefix). The gallery (the largest prefix) must hold k neighbours for every query, else
-    ValueError.
+    exact at every k asked for, the order exact in the first 128 (module docstring). The
+    gallery must hold k neighbours for every query, else ValueError.
   """
-  plan = plan_search(queries, gallery, k, query_ids=query_ids, gallery_ids=gallery_ids,
-                     exclude_self=exclude_self, prefix_sizes=prefix_sizes, prefix_k=prefix_k,
-                     mesh=mesh, tile_rows=tile_rows, query_block=query_block,
-                     compute_dtype=compute_dtype, precision=precision,
-                     bucket_width=bucket_width, normalize=normalize, kernel=kernel)
+  if {"prefix_sizes", "prefix_k"} & options.keys():
+    raise TypeError("search() gives the whole gallery's neighbours; search_prefixes() gives "
+                    "one result per prefix (prefix_sizes, prefix_k)")
+  return _searched(plan_search(queries, gallery, k, **options), resume_dir, checkpoint_every,
+                   progress)[-1]
+
+
+def search_prefixes(queries, gallery, k, *, prefix_sizes: Sequence[int],
+                    prefix_k: Sequence[int] | None = None, resume_dir: str | None = None,
+                    checkpoint_every: int = 16, progress: bool = False,
+                    **options) -> list[Neighbours]:
+  """`search` in every prefix of the gallery's stream order at once, from one pass.
+
+  Args:
+    prefix_sizes: increasing gallery sizes n_1 < ... < n_m (n_m at most the gallery's rows).
+    prefix_k: neighbours kept per prefix (each <= max k; default max k), e.g. n_j/100:
+      the results of small prefixes then stay small.
+    the rest: as `search`.
+
+  Returns:
+    One `Neighbours` per prefix, each holding min(prefix k, n_j) columns (min(prefix k,
+    n_j - 1) where self-exclusion takes some query's own row out of the prefix). The largest
+    prefix must hold its k neighbours for every query, else ValueError.
+  """
+  return _searched(plan_search(queries, gallery, k, prefix_sizes=prefix_sizes,
+                               prefix_k=prefix_k, **options),
+                   resume_dir, checkpoint_every, progress)
+
+
+def _searched(plan: "SearchPlan", resume_dir, checkpoint_every: int,
+              progress: bool) -> list[Neighbours]:
+  """The plan's stream, then its certificate: one `Neighbours` per prefix."""
   stream = plan.stream()
   found = stream.run(plan.queries, plan.own, plan.kept, resume_dir, checkpoint_every, progress)
-  out = _certified_results(plan, stream, found, progress)
-  return out[0] if prefix_sizes is None else out
+  return _certified_results(plan, stream, found, progress)
 
 
 @dataclasses.dataclass
@@ -268,8 +240,8 @@ class SearchPlan:
   exact_queries: np.ndarray  # float64 [Q, D]: the values the matmul takes
   query_norms: np.ndarray    # float64 [Q]
 
-  def stream(self) -> "_Stream":
-    return _Stream(self.source, self.gallery_ids, tuple(self.sizes), self.mesh, self.kernel,
+  def stream(self) -> Stream:
+    return Stream(self.source, self.gallery_ids, tuple(self.sizes), self.mesh, self.kernel,
                    self.kernel_named, self.tile_rows, self.bucket_width, self.query_block,
                    self.dtype, self.exclude_self, self.precision, self.normalize)
 
@@ -350,7 +322,7 @@ def plan_search(queries, gallery, k, *, query_ids=None, gallery_ids=None,
                     bucket_width, bool(exclude_self), bool(normalize), q_exact, q_norms)
 
 
-def _certified_results(plan: SearchPlan, stream: "_Stream", found: dict, progress: bool):
+def _certified_results(plan: SearchPlan, stream: Stream, found: dict, progress: bool):
   """The certificate of every prefix (`plato_jax.knn.exact`) on the stream's candidates,
   queries whose certificate needs more candidates searched again: one `Neighbours` per
   prefix."""
@@ -401,276 +373,3 @@ def _certified_results(plan: SearchPlan, stream: "_Stream", found: dict, progres
   return out
 
 
-@dataclasses.dataclass
-class _Stream:
-  """One streaming pass's plan: `run` streams the gallery's prefixes past some queries and
-  returns each prefix's candidates (the kernel's top `kept[size]` by float32 score, ids =
-  gallery positions) and row norm range."""
-  source: object
-  ids: np.ndarray  # the gallery's ids, by position
-  sizes: tuple
-  mesh: object
-  kernel: str
-  required: bool  # the kernel was asked for by name: it must compile
-  tile_rows: int
-  bucket_width: int | None
-  block: int
-  dtype: np.dtype
-  exclude_self: bool
-  precision: object
-  normalize: bool
-  fallbacks: int = 0
-
-  def run(self, q_host, own, kept: dict, resume_dir, checkpoint_every: int, progress: bool):
-    source, sizes, mesh = self.source, list(self.sizes), self.mesh
-    n, num_dev, num_q = source.num_rows, mesh.devices.size, q_host.shape[0]
-    dtype, block = self.dtype, min(self.block, num_q)
-    # Tiles travel in the storage dtype, unless the matmul runs wider anyway (CPU).
-    tile_dtype = dtype if dtype.itemsize > np.dtype(source.dtype).itemsize else \
-        np.dtype(source.dtype)
-    k_state = max(kept.values())
-    selector, self.kernel = _selector_that_compiles(
-        self.kernel, self.required, k_state, self.tile_rows, self.bucket_width, mesh, block,
-        source.dim, dtype, tile_dtype, self.exclude_self, self.precision, self.normalize)
-    step = sharding.sharded_step(mesh, selector, self.exclude_self, self.precision,
-                                 self.normalize)
-    # Host rows go to the CPU kernel where they lie (no copy of unaligned numpy rows).
-    window = window_length(self.tile_rows, source.dim) if selector.reads_windows \
-        else None
-    on_host = mesh.devices.flat[0].platform in FINISH_ON_HOST
-    positions = np.arange(n, dtype=np.int64)
-    ranges = plan_tiles(sizes[-1], self.tile_rows, sizes)  # rows past the last prefix: unread
-    groups = _group_ranges(ranges, num_dev, set(sizes))
-    mine = sharding.local_slots(mesh)
-    num_blocks = -(-num_q // block)
-    found = {"values": {str(s): np.full((num_q, kept[s]), -np.inf, np.float32) for s in sizes},
-             "ids": {str(s): np.full((num_q, kept[s]), -1, np.int32) for s in sizes},
-             "norms": {str(s): np.zeros(2, np.float32) for s in sizes}}
-    start, restored, point = 0, None, None
-    if resume_dir is not None:
-      identity = dict(
-          n=n, dim=source.dim, dtype=str(source.dtype), queries=digest(q_host, own),
-          gallery_ids=digest(self.ids), gallery=fingerprint(source),
-          kept=list(kept.values()), sizes=sizes,
-          tile_rows=self.tile_rows, block=block, devices=num_dev,
-          exclude_self=self.exclude_self, normalize=self.normalize, compute_dtype=str(dtype),
-          precision=str(self.precision), selector=repr(selector),
-          state=str(jax.tree.structure(selector.init(1))))
-      point = ResumePoint(resume_dir, identity, every=checkpoint_every)
-      try:
-        loaded = point.load({"state": sharding.empty_state(mesh, selector, block),
-                             "stats": self._empty_stats(), **found})
-      except BaseException:  # another run's checkpoint: the folder stays free
-        point.abandon()
-        raise
-      if loaded is not None:
-        start, tree = loaded
-        found = {key: tree[key] for key in found}
-        restored = tree["state"], tree["stats"]
-
-    try:
-      done = sizes[-1] * (start // len(groups)) + (groups[start % len(groups) - 1][-1][1]
-                                                   if start % len(groups) else 0)
-      # The CPU backend aliases aligned host tiles (no copy), so a copied tile's buffer is free
-      # again only when its step is done; accelerators copy tiles to their own memory.
-      buffers = TileBuffers() if mesh.devices.flat[0].platform == "cpu" else None
-      meter = Progress(sizes[-1] * num_blocks, initial=done, label=f"knn ({self.kernel})",
-                       enabled=progress)
-      for b in range(start // len(groups), num_blocks):
-        q0 = b * block
-        rows = min(block, num_q - q0)
-        qb = np.zeros((block, source.dim), dtype)
-        qb[:rows] = q_host[q0:q0 + rows]
-        qb_ids = np.full(block, NO_ID, np.int32)
-        qb_ids[:rows] = own[q0:q0 + rows]
-        qd, qd_ids = sharding.put_whole(mesh, qb), sharding.put_whole(mesh, qb_ids)
-        first = start % len(groups) if b == start // len(groups) else 0
-        state, stats = restored if first else (sharding.empty_state(mesh, selector, block),
-                                               self._empty_stats())
-        tiles = stream_tiles(source, positions, [g[slot] for g in groups[first:] for slot in mine
-                                                 if slot < len(g)],
-                             dtype=tile_dtype, buffers=buffers, window=window)
-        for gi in range(first, len(groups)):
-          group = groups[gi]
-          rows_by_slot, ids_by_slot, read = {}, {}, []
-          for slot in mine:
-            tile = next(tiles) if slot < len(group) else None
-            read.append(tile)
-            rows_by_slot[slot], ids_by_slot[slot] = _padded(tile, self.tile_rows, source.dim,
-                                                            tile_dtype, window)
-          state, stats = step(state, stats, qd, qd_ids,
-                              sharding.put_local_slots(mesh, rows_by_slot),
-                              sharding.put_local_slots(mesh, ids_by_slot))
-          if buffers is not None:  # the step has read its tiles once it is done: reuse them
-            jax.block_until_ready(state)
-            for tile in read:
-              if tile is not None:
-                buffers.give_back(tile.rows.window if window else tile.rows)
-          stop = group[-1][1]
-          if stop in sizes:
-            num_bad, largest, smallest = sharding.row_stats_total(mesh)(stats)
-            if int(num_bad):
-              raise_for_bad_rows(source, self.ids, ranges, nonzero=self.normalize)
-              raise ValueError(f"{int(num_bad)} gallery rows have non-finite or overflowing norms "
-                               f"on the device, but a host scan could not name them")
-            v, i = sharding.device_merger(mesh, selector, kept[stop], on_host)(state)
-            if self.kernel != "xla" and stop == sizes[-1]:
-              self.fallbacks += int(sharding.replicated_sum(mesh)(selector.fallbacks(state)))
-            found["values"][str(stop)][q0:q0 + rows] = np.asarray(v)[:rows]
-            found["ids"][str(stop)][q0:q0 + rows] = np.asarray(i)[:rows]
-            found["norms"][str(stop)][:] = [float(largest), float(smallest)]
-          if point is not None:
-            last = b == num_blocks - 1 and gi == len(groups) - 1
-            point.maybe_save(b * len(groups) + gi + 1, {"state": state, "stats": stats, **found},
-                             force=last)
-          meter.update(stop - group[0][0],
-                       (stop - group[0][0]) * source.dim * tile_dtype.itemsize)
-      meter.close()
-    except BaseException:  # a failed run gives its resume folder back (its checkpoint stays)
-      if point is not None:
-        point.abandon()
-      raise
-    if point is not None:
-      point.close()
-    return found
-
-  def _empty_stats(self):
-    return jax.tree.map(lambda a: sharding.put_split(self.mesh, a),
-                        sharding.empty_row_stats(self.mesh.devices.size))
-
-
-def selector_for(kernel: str, k: int, tile_rows: int, bucket_width, mesh):
-  """The selector of a kernel `pick_kernel` resolved: XLA's, the CPU kernel's or the fused
-  kernel's."""
-  if kernel == "xla":
-    return choose_selector(k, tile_rows, bucket_width)
-  check_kernel_runs_on(kernel, mesh)
-  if kernel == "cpu":
-    # The host's cores are shared by the mesh's CPU devices, which run concurrently.
-    return CpuTopKSelector(k, threads=max(1, default_threads() // mesh.local_mesh.size))
-  return FusedTopKSelector(k, _fused_config(kernel),
-                           interpret=mesh.devices.flat[0].platform == "cpu")
-
-
-def _fused_config(kernel: str):
-  return FusedConfig(backend=kernel.split(":")[1])
-
-
-def row_unit(kernel: str) -> int:
-  """Tile rows are a multiple of this: the XLA selection's buckets, the CPU kernel's
-  micro-tiles, the fused kernel's gallery rows per program."""
-  if kernel in ("xla", "cpu"):
-    return 64
-  return math.lcm(128, _fused_config(kernel).program_rows)
-
-
-def check_kernel_runs_on(kernel: str, mesh) -> None:
-  if kernel == "xla":
-    return
-  if kernel == "cpu":
-    if mesh.devices.flat[0].platform != "cpu":
-      raise ValueError(f"kernel='cpu' runs on CPU devices, not on "
-                       f"{mesh.devices.flat[0].platform}")
-    return
-  platform, home = mesh.devices.flat[0].platform, BACKENDS[kernel.split(":")[1]]
-  if platform not in ("cpu", home):
-    raise ValueError(f"kernel={kernel!r} runs on {home} devices (or interpreted on CPU), not "
-                     f"on {platform}")
-  if kernel == "fused:mosaic_gpu" and platform == "cpu" and mesh.devices.size > 1:
-    raise ValueError("kernel='fused:mosaic_gpu' runs interpreted on CPU, and Mosaic GPU's "
-                     "interpreter runs one device's kernels at a time: pass a one-device mesh")
-
-
-def pick_kernel(kernel: str, k: int, platform: str, dtype=np.float32) -> str:
-  """The kernel a requested name resolves to: "xla", "cpu" or "fused:<backend>" (`dtype`:
-  the matmul's input dtype)."""
-  names = ("auto", "xla", "cpu", "fused", *(f"fused:{b}" for b in BACKENDS))
-  if kernel not in names:
-    raise ValueError(f"kernel must be one of {names}, got {kernel!r}")
-  f32 = np.dtype(dtype) == np.float32
-  if kernel == "cpu" and not f32:
-    raise ValueError(f"kernel='cpu' multiplies f32 only, got compute dtype {np.dtype(dtype)}")
-  if kernel == "auto" and platform in CPU_KERNEL_ON and f32:
-    reason = unavailable_reason()
-    if reason is None:
-      return "cpu"
-    _warn_once(f"the CPU kernel is unavailable ({reason}); using the XLA kernel")
-  if kernel == "auto":
-    kernel = "fused" if platform in FUSED_BY_DEFAULT_ON and k < LARGE_K_THRESHOLD else "xla"
-  if kernel == "fused":
-    kernel = f"fused:{FUSED_BACKEND_ON.get(platform, DEFAULT_FUSED_BACKEND)}"
-  return kernel
-
-
-@functools.cache
-def _warn_once(message: str) -> None:
-  warnings.warn(message)
-
-
-@functools.lru_cache(maxsize=32)
-def _selector_that_compiles(kernel, required, k, tile_rows, bucket_width, mesh, block, dim, dtype,
-                            tile_dtype, exclude_self, precision, normalize):
-  """(selector, kernel name). The fused kernel is compiled ahead here; if that fails, the
-  XLA selector takes over with a warning (requested explicitly, the error is raised)."""
-  xla = choose_selector(k, tile_rows, bucket_width)
-  if kernel == "xla":
-    return xla, "xla"
-  platform = mesh.devices.flat[0].platform
-  selector = selector_for(kernel, k, tile_rows, bucket_width, mesh)
-  try:
-    p = mesh.devices.size
-    split = sharding.NamedSharding(mesh, sharding.P(sharding.mesh_axis(mesh)))
-    whole = sharding.NamedSharding(mesh, sharding.P())
-    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct((p, *x.shape), x.dtype, sharding=split),
-                         selector.init(block))
-    stats = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=split),
-                         sharding.empty_row_stats(p))
-    if selector.reads_windows:
-      tiles = RowWindow(
-          jax.ShapeDtypeStruct((p, window_length(tile_rows, dim)), tile_dtype, sharding=split),
-          jax.ShapeDtypeStruct((p,), np.int32, sharding=split))
-    else:
-      tiles = jax.ShapeDtypeStruct((p, tile_rows, dim), tile_dtype, sharding=split)
-    sharding.sharded_step(mesh, selector, exclude_self, precision, normalize).lower(
-        state, stats, jax.ShapeDtypeStruct((block, dim), dtype, sharding=whole),
-        jax.ShapeDtypeStruct((block,), np.int32, sharding=whole), tiles,
-        jax.ShapeDtypeStruct((p, tile_rows), np.int32, sharding=split)).compile()
-    return selector, kernel
-  except Exception as e:  # noqa: BLE001 — any compiler failure means: use the XLA kernel
-    if required:
-      raise
-    warnings.warn(f"the {kernel} top-k kernel did not compile on {platform} ({type(e).__name__}: "
-                  f"{str(e).splitlines()[0][:200]}); using the XLA kernel")
-    return xla, "xla"
-
-
-def _padded(tile, tile_rows: int, dim: int, dtype, window: int | None = None):
-  """A device slot's rows and int32 ids, padded to `tile_rows` (id -1: never selected).
-  With `window`, the rows are a `RowWindow` of that many elements (already sized)."""
-  ids = np.full(tile_rows, -1, np.int32)
-  if tile is None:
-    rows = aligned_empty((tile_rows, dim) if window is None else (window,), dtype)
-    rows[...] = 0
-    return (rows if window is None else RowWindow(rows, np.int32(0))), ids
-  ids[:tile.ids.shape[0]] = tile.ids
-  if window is not None or tile.rows.shape[0] == tile_rows:
-    return tile.rows, ids
-  if on_accelerator(tile.rows):
-    return jax.numpy.pad(tile.rows, ((0, tile_rows - tile.rows.shape[0]), (0, 0))), ids
-  rows = aligned_empty((tile_rows, dim), dtype)
-  rows[...] = 0
-  rows[:tile.rows.shape[0]] = tile.rows
-  return rows, ids
-
-
-def _group_ranges(ranges, num_dev: int, boundaries: set[int]):
-  """Consecutive tile ranges, one per device, cut after each prefix boundary."""
-  groups, current = [], []
-  for r in ranges:
-    current.append(r)
-    if len(current) == num_dev or r[1] in boundaries:
-      groups.append(current)
-      current = []
-  if current:
-    groups.append(current)
-  return groups

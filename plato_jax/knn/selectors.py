@@ -14,7 +14,7 @@ selector, `large_k.ThresholdSelector`, lives with its algorithm.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import jax.numpy as jnp
 import numpy as np
@@ -53,6 +53,29 @@ class Selector(Protocol):
     a stacked state are kept)."""
 
 
+class Best(NamedTuple):
+  """A running top-k kept sorted (score desc, id asc): values f32 [Q, k], ids i32 [Q, k]."""
+  values: Any
+  ids: Any
+
+
+class CpuPools(NamedTuple):
+  """The CPU kernel's candidate pools: C = `pool_capacity(k)` slots a row, unused ones
+  (-inf, -1), and each row's threshold."""
+  values: Any     # f32 [Q, C]
+  ids: Any        # i32 [Q, C]
+  counts: Any     # i32 [Q]
+  tau_value: Any  # f32 [Q]
+  tau_id: Any     # i32 [Q]
+
+
+class FusedBest(NamedTuple):
+  """The fused kernel's running top-k, and the query blocks that took its exact path."""
+  values: Any     # f32 [Q, k], sorted
+  ids: Any        # i32 [Q, k]
+  fallbacks: Any  # i32 []
+
+
 @dataclasses.dataclass(frozen=True)
 class TopKSelector:
   """XLA: each tile's top-k by `bucket_topk`, sort-merged into the running top-k. State:
@@ -63,17 +86,17 @@ class TopKSelector:
   reads_windows = False
 
   def init(self, num_queries: int):
-    return (np.full((num_queries, self.k), -np.inf, np.float32),
-            np.full((num_queries, self.k), -1, np.int32))
+    return Best(np.full((num_queries, self.k), -np.inf, np.float32),
+                np.full((num_queries, self.k), -1, np.int32))
 
   def update(self, state, tile: ScoreTile):
     v, col = bucket_topk(tile.raw, min(self.k, tile.raw.shape[1]), self.config,
                          column_scale=tile.inv_norms, num_valid=tile.num_valid,
                          column_ids=tile.tile_ids, row_ids=tile.query_ids)
-    return merge_topk(*state, v, tile.tile_ids[col], self.k)
+    return Best(*merge_topk(state.values, state.ids, v, tile.tile_ids[col], self.k))
 
   def result(self, state):
-    return state
+    return state.values, state.ids
 
   candidates = result  # (already the exact top-k)
 
@@ -84,9 +107,8 @@ class TopKSelector:
 @dataclasses.dataclass(frozen=True)
 class CpuTopKSelector:
   """The CPU kernel (`plato_jax.kernels.cpu_topk`): scores go from registers into candidate
-  pools. State: (pool values [Q, C], pool ids [Q, C], pool counts [Q], threshold values
-  [Q], threshold ids [Q]); C = `pool_capacity(k)`, unused slots (-inf, -1). Its tiles may
-  come as `RowWindow`s: the engine's host rows, read where they lie."""
+  pools (state: `CpuPools`). Its tiles may come as `RowWindow`s: the engine's host rows,
+  read where they lie."""
   k: int
   block_cols: int = 128
   threads: int | None = None
@@ -94,7 +116,7 @@ class CpuTopKSelector:
   reads_windows = True
 
   def init(self, num_queries: int):
-    return tuple(empty_pools(num_queries, self.k))
+    return CpuPools(*empty_pools(num_queries, self.k))
 
   def update_rows(self, state, queries, query_ids, tile, tile_ids, *, normalize, precision):
     del precision  # f32 FMA chains: a true f32 product, what HIGHEST asks of an f32 matmul
@@ -104,13 +126,13 @@ class CpuTopKSelector:
     pools, sumsq = cpu_update(state, queries, query_ids, rows, tile_ids, k=self.k,
                               row_offset=offset, normalize=normalize,
                               block_cols=self.block_cols, threads=self.threads)
-    return tuple(pools), sumsq
+    return CpuPools(*pools), sumsq
 
   def result(self, state):
-    return top_by_score_then_id(state[0], state[1], self.k)
+    return top_by_score_then_id(state.values, state.ids, self.k)
 
   def candidates(self, state):
-    return state[0], state[1]
+    return state.values, state.ids
 
   def fallbacks(self, state):
     return jnp.zeros((), jnp.int32)  # no inexact path
@@ -119,8 +141,7 @@ class CpuTopKSelector:
 @dataclasses.dataclass(frozen=True)
 class FusedTopKSelector:
   """The fused kernel (`plato_jax.kernels.fused_topk`): scores and per-block selection in
-  one Pallas kernel, then an exact merge. State: (values [Q, k], ids [Q, k], fallbacks [])
-  — the last counts query blocks that took the exact path."""
+  one Pallas kernel, then an exact merge (state: `FusedBest`)."""
   k: int
   config: FusedConfig = FusedConfig()
   interpret: bool = False
@@ -128,8 +149,8 @@ class FusedTopKSelector:
   reads_windows = False
 
   def init(self, num_queries: int):
-    return (np.full((num_queries, self.k), -np.inf, np.float32),
-            np.full((num_queries, self.k), -1, np.int32), np.zeros((), np.int32))
+    return FusedBest(np.full((num_queries, self.k), -np.inf, np.float32),
+                     np.full((num_queries, self.k), -1, np.int32), np.zeros((), np.int32))
 
   def update_rows(self, state, queries, query_ids, tile, tile_ids, *, normalize, precision):
     sumsq = row_sumsq(tile)
@@ -144,18 +165,17 @@ class FusedTopKSelector:
       query_ids = jnp.pad(query_ids, (0, pad_q), constant_values=NO_ID)
     if column_scale is not None:
       column_scale = jnp.pad(column_scale, (0, pad_t))
-    values, ids, fallbacks = state
     prior = tuple(jnp.pad(x, ((0, pad_q), (0, 0)), constant_values=c)
-                  for x, c in ((values, -jnp.inf), (ids, -1)))
+                  for x, c in ((state.values, -jnp.inf), (state.ids, -1)))
     v, i, fell = fused_update(prior, queries, tile, tile_ids, self.k, self.config,
                               query_ids=query_ids, column_scale=column_scale,
                               precision=precision, interpret=self.interpret)
-    return (v[:q], i[:q], fallbacks + fell), sumsq
+    return FusedBest(v[:q], i[:q], state.fallbacks + fell), sumsq
 
   def result(self, state):
-    return state[0], state[1]
+    return state.values, state.ids
 
   candidates = result  # (already the exact top-k)
 
   def fallbacks(self, state):
-    return state[2]
+    return state.fallbacks

@@ -1,0 +1,238 @@
+"""The streaming pass: queries in blocks, each block meeting the gallery's tiles in groups
+(one tile per device), a selector's state per block, candidates taken at every prefix's end.
+
+A pass is resumable: a checkpoint holds the selector state, the row statistics and the
+candidates found so far, at a `Position` (query block, tile group). Host tiles copied into
+reused buffers (`TileBuffers`) go back to them once the step that reads them is done.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+import jax
+import numpy as np
+
+from plato_jax.kernels.primitives import NO_ID, RowWindow
+from plato_jax.knn import sharding
+from plato_jax.knn.kernel_choice import selector_that_compiles
+from plato_jax.knn.sources import (TileBuffers, aligned_empty, digest, fingerprint,
+                                   on_accelerator, plan_tiles, raise_for_bad_rows,
+                                   stream_tiles, window_length)
+from plato_jax.progress import Progress
+from plato_jax.resume import ResumePoint
+
+# Platforms whose devices hand their candidates to numpy for the final sort
+# (`sharding.host_topk`): the host's own CPU, where XLA sorts ~10x slower than numpy
+# (the merge for k = 2,621 of ~8.9k candidates per row, 1,024 rows, 2026-11-23: 528–594 ms
+# on the device, 121–139 ms so).
+FINISH_ON_HOST: frozenset[str] = frozenset({"cpu"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Position:
+  """Where a pass stands: query block `block`, the tile groups before `group` done. A
+  checkpoint records it as the steps done, block * groups + group."""
+  block: int = 0
+  group: int = 0
+
+  @classmethod
+  def after(cls, steps: int, groups: int) -> "Position":
+    return cls(steps // groups, steps % groups)
+
+  def steps(self, groups: int) -> int:
+    return self.block * groups + self.group
+
+  def rows_done(self, groups: list) -> int:
+    """Gallery rows streamed before here, over all blocks (each block streams every group)."""
+    return groups[-1][-1][1] * self.block + (groups[self.group - 1][-1][1] if self.group else 0)
+
+
+@dataclasses.dataclass
+class Stream:
+  """One streaming pass's plan: `run` streams the gallery's prefixes past some queries and
+  returns each prefix's candidates (the kernel's top `kept[size]` by float32 score, ids =
+  gallery positions) and row norm range."""
+  source: object
+  ids: np.ndarray  # the gallery's ids, by position
+  sizes: tuple
+  mesh: object
+  kernel: str
+  required: bool  # the kernel was asked for by name: it must compile
+  tile_rows: int
+  bucket_width: int | None
+  block: int
+  dtype: np.dtype
+  exclude_self: bool
+  precision: object
+  normalize: bool
+  fallbacks: int = 0
+
+  def run(self, q_host, own, kept: dict, resume_dir, checkpoint_every: int, progress: bool):
+    source, sizes, mesh = self.source, list(self.sizes), self.mesh
+    num_q, dtype = q_host.shape[0], self.dtype
+    block = min(self.block, num_q)
+    # Tiles travel in the storage dtype, unless the matmul runs wider anyway (CPU).
+    tile_dtype = dtype if dtype.itemsize > np.dtype(source.dtype).itemsize else \
+        np.dtype(source.dtype)
+    selector, self.kernel = selector_that_compiles(
+        self.kernel, self.required, max(kept.values()), self.tile_rows, self.bucket_width,
+        mesh, block, source.dim, dtype, tile_dtype, self.exclude_self, self.precision,
+        self.normalize)
+    step = sharding.sharded_step(mesh, selector, self.exclude_self, self.precision,
+                                 self.normalize)
+    # Host rows go to the CPU kernel where they lie (no copy of unaligned numpy rows).
+    window = window_length(self.tile_rows, source.dim) if selector.reads_windows else None
+    on_host = mesh.devices.flat[0].platform in FINISH_ON_HOST
+    ranges = plan_tiles(sizes[-1], self.tile_rows, sizes)  # rows past the last prefix: unread
+    groups = _group_ranges(ranges, mesh.devices.size, set(sizes))
+    mine = sharding.local_slots(mesh)
+    num_blocks = -(-num_q // block)
+    found = {"values": {str(s): np.full((num_q, kept[s]), -np.inf, np.float32) for s in sizes},
+             "ids": {str(s): np.full((num_q, kept[s]), -1, np.int32) for s in sizes},
+             "norms": {str(s): np.zeros(2, np.float32) for s in sizes}}
+    point, at, restored = None, Position(), None
+    if resume_dir is not None:
+      point = ResumePoint(resume_dir, self._identity(q_host, own, kept, block, selector),
+                          every=checkpoint_every)
+      at, found, restored = self._restore(point, at, found, selector, block, len(groups))
+
+    try:
+      # The CPU backend aliases aligned host tiles (no copy), so a copied tile's buffer is free
+      # again only when its step is done; accelerators copy tiles to their own memory.
+      buffers = TileBuffers() if mesh.devices.flat[0].platform == "cpu" else None
+      meter = Progress(sizes[-1] * num_blocks, initial=at.rows_done(groups),
+                       label=f"knn ({self.kernel})", enabled=progress)
+      for b in range(at.block, num_blocks):
+        q0 = b * block
+        rows = min(block, num_q - q0)
+        qb = np.zeros((block, source.dim), dtype)
+        qb[:rows] = q_host[q0:q0 + rows]
+        qb_ids = np.full(block, NO_ID, np.int32)
+        qb_ids[:rows] = own[q0:q0 + rows]
+        qd, qd_ids = sharding.put_whole(mesh, qb), sharding.put_whole(mesh, qb_ids)
+        first = at.group if b == at.block else 0
+        state, stats = restored if first else (sharding.empty_state(mesh, selector, block),
+                                               self._empty_stats())
+        tiles = stream_tiles(source, np.arange(source.num_rows, dtype=np.int64),
+                             [g[slot] for g in groups[first:] for slot in mine if slot < len(g)],
+                             dtype=tile_dtype, buffers=buffers, window=window)
+        for gi in range(first, len(groups)):
+          group = groups[gi]
+          read = [next(tiles) if slot < len(group) else None for slot in mine]
+          padded = [_padded(tile, self.tile_rows, source.dim, tile_dtype, window)
+                    for tile in read]
+          with _read_by_step(buffers, read, window) as done:
+            state, stats = step(state, stats, qd, qd_ids,
+                                sharding.put_local_slots(mesh, dict(zip(mine, (p[0] for p in padded)))),
+                                sharding.put_local_slots(mesh, dict(zip(mine, (p[1] for p in padded)))))
+            done(state)
+          stop = group[-1][1]
+          if stop in sizes:
+            self._take_candidates(found, stop, kept[stop], q0, rows, state, stats, selector,
+                                  on_host, ranges)
+          if point is not None:
+            point.maybe_save(Position(b, gi + 1).steps(len(groups)),
+                             {"state": state, "stats": stats, **found},
+                             force=b == num_blocks - 1 and gi == len(groups) - 1)
+          meter.update(stop - group[0][0],
+                       (stop - group[0][0]) * source.dim * tile_dtype.itemsize)
+      meter.close()
+    except BaseException:  # a failed run gives its resume folder back (its checkpoint stays)
+      if point is not None:
+        point.abandon()
+      raise
+    if point is not None:
+      point.close()
+    return found
+
+  def _identity(self, q_host, own, kept, block, selector) -> dict:
+    """What a checkpoint must match to be resumed: everything that determines the pass."""
+    source = self.source
+    return dict(
+        n=source.num_rows, dim=source.dim, dtype=str(source.dtype), queries=digest(q_host, own),
+        gallery_ids=digest(self.ids), gallery=fingerprint(source), kept=list(kept.values()),
+        sizes=list(self.sizes), tile_rows=self.tile_rows, block=block,
+        devices=self.mesh.devices.size, exclude_self=self.exclude_self,
+        normalize=self.normalize, compute_dtype=str(self.dtype), precision=str(self.precision),
+        selector=repr(selector), state=str(jax.tree.structure(selector.init(1))))
+
+  def _restore(self, point, at, found, selector, block, groups):
+    """(position, candidates, (state, stats)) from the checkpoint, if there is one."""
+    try:
+      loaded = point.load({"state": sharding.empty_state(self.mesh, selector, block),
+                           "stats": self._empty_stats(), **found})
+    except BaseException:  # another run's checkpoint: the folder stays free
+      point.abandon()
+      raise
+    if loaded is None:
+      return at, found, None
+    steps, tree = loaded
+    return (Position.after(steps, groups), {key: tree[key] for key in found},
+            (tree["state"], tree["stats"]))
+
+  def _take_candidates(self, found, size, kept, q0, rows, state, stats, selector, on_host,
+                       ranges) -> None:
+    """A prefix's end: its row checks, and its candidates for this query block."""
+    mesh = self.mesh
+    num_bad, largest, smallest = sharding.row_stats_total(mesh)(stats)
+    if int(num_bad):
+      raise_for_bad_rows(self.source, self.ids, ranges, nonzero=self.normalize)
+      raise ValueError(f"{int(num_bad)} gallery rows have non-finite or overflowing norms "
+                       f"on the device, but a host scan could not name them")
+    v, i = sharding.device_merger(mesh, selector, kept, on_host)(state)
+    if self.kernel != "xla" and size == self.sizes[-1]:
+      self.fallbacks += int(sharding.replicated_sum(mesh)(selector.fallbacks(state)))
+    found["values"][str(size)][q0:q0 + rows] = np.asarray(v)[:rows]
+    found["ids"][str(size)][q0:q0 + rows] = np.asarray(i)[:rows]
+    found["norms"][str(size)][:] = [float(largest), float(smallest)]
+
+  def _empty_stats(self):
+    return jax.tree.map(lambda a: sharding.put_split(self.mesh, a),
+                        sharding.empty_row_stats(self.mesh.devices.size))
+
+
+@contextlib.contextmanager
+def _read_by_step(buffers: TileBuffers | None, tiles, window):
+  """A step that reads these tiles: inside, `done(out)` waits for the step's output `out`;
+  after it, the tiles' buffers go back to `buffers` (the CPU backend reads host tiles in
+  place, so a buffer is free only once its step is done). Without buffers, nothing waits."""
+  if buffers is None:
+    yield lambda out: None
+    return
+  yield jax.block_until_ready
+  for tile in tiles:
+    if tile is not None:
+      buffers.give_back(tile.rows.window if window else tile.rows)
+
+
+def _padded(tile, tile_rows: int, dim: int, dtype, window: int | None = None):
+  """A device slot's rows and int32 ids, padded to `tile_rows` (id -1: never selected).
+  With `window`, the rows are a `RowWindow` of that many elements (already sized)."""
+  ids = np.full(tile_rows, -1, np.int32)
+  if tile is None:
+    rows = aligned_empty((tile_rows, dim) if window is None else (window,), dtype)
+    rows[...] = 0
+    return (rows if window is None else RowWindow(rows, np.int32(0))), ids
+  ids[:tile.ids.shape[0]] = tile.ids
+  if window is not None or tile.rows.shape[0] == tile_rows:
+    return tile.rows, ids
+  if on_accelerator(tile.rows):
+    return jax.numpy.pad(tile.rows, ((0, tile_rows - tile.rows.shape[0]), (0, 0))), ids
+  rows = aligned_empty((tile_rows, dim), dtype)
+  rows[...] = 0
+  rows[:tile.rows.shape[0]] = tile.rows
+  return rows, ids
+
+
+def _group_ranges(ranges, num_dev: int, boundaries: set[int]):
+  """Consecutive tile ranges, one per device, cut after each prefix boundary."""
+  groups, current = [], []
+  for r in ranges:
+    current.append(r)
+    if len(current) == num_dev or r[1] in boundaries:
+      groups.append(current)
+      current = []
+  if current:
+    groups.append(current)
+  return groups

@@ -1,0 +1,192 @@
+"""Loading encoders: a checkpoint directory's config decoded to an architecture, its tensors
+read into the Flax model (`from_pretrained`), and converted models saved and loaded."""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from plato_jax.models.hf import Checkpoint, CheckpointError
+
+# model_type → (module, config class, model class, checkpoint prefixes to try)
+_LLAMA = ("llama", "LlamaConfig", "Llama", ("", "model."))
+_VIT = ("vit", "VitConfig", "Vit", ("", "vit.", "vision_model.", "dinov2."))
+_CLIP_TEXT = ("clip", "ClipTextConfig", "ClipText", ("", "text_model."))
+_BLOOM = ("bloom", "BloomConfig", "Bloom", ("", "transformer."))
+_GEMMA = ("gemma", "GemmaConfig", "Gemma",
+          ("", "model.", "model.language_model.", "language_model.model."))
+ARCHITECTURES = {
+    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA,
+    "olmo": _LLAMA, "olmo2": _LLAMA, "olmo3": _LLAMA,
+    "vit": _VIT, "vit_mae": _VIT, "dinov2": _VIT, "dinov2_with_registers": _VIT,
+    "clip_vision_model": _VIT, "clip_text_model": _CLIP_TEXT, "bloom": _BLOOM,
+    "gemma": _GEMMA, "gemma2": _GEMMA, "gemma3_text": _GEMMA, "gemma3": _GEMMA,
+}
+# Two-tower checkpoints: model_type → {tower: architecture}.
+TOWERS = {"clip": {"vision": _VIT, "text": _CLIP_TEXT}}
+# Checkpoint tensors that no encoder needs (output heads, cached buffers, final norms that
+# the hidden states do not include, the other tower of a two-tower checkpoint).
+IGNORED = re.compile("|".join([
+    r"lm_head\.weight$", r"rotary_emb\.inv_freq$", r"(^|\.)layernorm\.", r"^pooler\.",
+    r"post_layernorm\.", r"mask_token$", r"^decoder\.", r"^text_model\.",
+    r"^vision_model\.", r"final_layer_norm\.",
+    r"^text_projection", r"^visual_projection", r"^logit_scale", r"^classifier\.",
+    r"^norm\.", r"^fc_norm\.", r"^head\.", r"^(model\.)?vision_tower\.",
+    r"^(model\.)?multi_modal_projector\."]))  # (the last three: timm)
+
+
+def architecture(config: dict, tower: str | None = None):
+  kind = config.get("model_type")
+  if kind in TOWERS:
+    if tower not in TOWERS[kind]:
+      raise CheckpointError(f"config.json: a {kind} checkpoint holds the towers "
+                            f"{sorted(TOWERS[kind])}; choose one with tower=, got {tower!r}")
+    module, config_cls, model_cls, prefixes = TOWERS[kind][tower]
+  elif kind in ARCHITECTURES:
+    module, config_cls, model_cls, prefixes = ARCHITECTURES[kind]
+  else:
+    raise CheckpointError(f"config.json: unsupported model_type {kind!r} "
+                          f"(supported: {sorted({*ARCHITECTURES, *TOWERS})})")
+  mod = importlib.import_module(f"plato_jax.models.{module}")
+  return getattr(mod, config_cls), getattr(mod, model_cls), prefixes
+
+
+def _abstract(config_json: dict, tower: str | None, dtype, shapes):
+  """(abstract model, checkpoint prefixes) for a checkpoint's config.json; `shapes(name)`
+  gives a checkpoint tensor's shape, or None when it is absent."""
+  if "model_type" not in config_json and "architecture" in config_json:  # a timm checkpoint
+    from plato_jax.models import vit
+    config = vit.timm_config(config_json, shapes)
+    model_cls, prefixes = vit.Vit, ("", "model.")
+  else:
+    config_cls, model_cls, prefixes = architecture(config_json, tower)
+    config = config_cls.from_hf(config_json)
+  if getattr(config, "head", None) == "separate" and shapes("lm_head.weight") is None:
+    config = dataclasses.replace(config, head="none")  # a bare model: hidden states only
+  return nnx.eval_shape(lambda: model_cls(config, dtype=dtype)), prefixes
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|blocks|h)\.(\d+)\.")
+
+
+def _check_layer_count(ckpt) -> None:
+  """A config that asks for more layers than the checkpoint has tensors for is an error
+  before the model is built (a 20,000-layer config took 87 s and 1.6 GB to fail later)."""
+  want = ckpt.config.get("num_hidden_layers")
+  if not isinstance(want, int):
+    return
+  found = [int(m.group(1)) for k in ckpt.keys() for m in [_LAYER_INDEX.search(k)] if m]
+  if found and want > max(found) + 1:
+    raise CheckpointError(f"{ckpt.dir}: config.json says num_hidden_layers={want}, but the "
+                          f"checkpoint's tensors cover layers 0..{max(found)}")
+
+
+def from_pretrained(checkpoint_dir: str, dtype=jnp.float32, *, tower: str | None = None):
+  """The encoder of a local Hugging Face checkpoint directory, parameters in `dtype`;
+  `tower` ("vision" or "text") picks one tower of a two-tower (CLIP) checkpoint.
+
+  Tensors are read one at a time from memory-mapped safetensors, converted on the host and
+  placed on the default device. Errors name the missing or mis-shaped tensor, or the field.
+  A decoder also gets its output embedding (`lm_head`, or the tied input embedding) when
+  the checkpoint has one, for token losses (`model.logits`).
+  """
+  ckpt = Checkpoint(checkpoint_dir)
+  _check_layer_count(ckpt)
+  seen = {}
+
+  def shapes(name):  # (recorded: a timm config is rebuilt from them by load_converted)
+    seen[name] = list(ckpt.shape(name)) if name in ckpt else None
+    return seen[name]
+
+  abstract, prefixes = _abstract(ckpt.config, tower, dtype, shapes)
+  graphdef, state = nnx.split(abstract)
+  flat = nnx.to_flat_state(state)
+  rename = getattr(abstract, "checkpoint_key", lambda name: name)
+  # Each parameter is a checkpoint tensor, or a slice of one: (name, index). A name with a
+  # leading "/" is absolute (no prefix): a causal LM's lm_head beside its "model." body.
+  sources = [rename(".".join(str(p) for p in path)) for path, _ in flat]
+  sources = [s if isinstance(s, tuple) else (s, ()) for s in sources]
+
+  def key(prefix, name):
+    return name[1:] if name.startswith("/") else prefix + name
+
+  names = [name for name, _ in sources]
+  prefix = next((p for p in prefixes if all(key(p, n) in ckpt for n in names)), None)
+  if prefix is None:  # name the first missing tensor under the likeliest prefix
+    best = max(prefixes, key=lambda p: sum(key(p, n) in ckpt for n in names))
+    missing = [key(best, n) for n in names if key(best, n) not in ckpt]
+    raise CheckpointError(f"{checkpoint_dir}: {len(missing)} tensors the "
+                          f"{type(abstract.config).__name__} model needs are missing, e.g. "
+                          f"{missing[:3]}")
+  used = set()
+  for (path, var), (name, index) in zip(flat, sources):
+    k = key(prefix, name)
+    used.add(k)
+    tensor = ckpt.get(k)[index]
+    if tuple(tensor.shape) != tuple(var.get_value().shape):
+      part = f" (part {index})" if index else ""
+      raise CheckpointError(f"{checkpoint_dir}: tensor {k!r}{part} has shape "
+                            f"{list(tensor.shape)}, the config implies "
+                            f"{list(var.get_value().shape)}")
+    var.set_value(jnp.asarray(np.asarray(tensor).astype(var.get_value().dtype)))
+  unused = [k for k in ckpt.keys() if k not in used
+            and not IGNORED.search(k[len(prefix):] if k.startswith(prefix) else k)]
+  if unused:
+    logging.warning("%s: %d checkpoint tensors not used by the encoder, e.g. %s",
+                    checkpoint_dir, len(unused), unused[:5])
+  model = nnx.merge(graphdef, nnx.from_flat_state(flat))
+  model.source = {"config": ckpt.config, "tower": tower, "dtype": np.dtype(dtype).name,
+                  "shapes": seen}
+  return model
+
+
+def save_converted(model, directory: str) -> None:
+  """Saves a loaded encoder (its parameters, with orbax, and how to rebuild it), so that
+  `load_converted` skips the checkpoint conversion."""
+  import orbax.checkpoint as ocp
+  directory = os.path.abspath(directory)
+  _, state = nnx.split(model)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.join(directory, "params"), nnx.to_pure_dict(state), force=True)
+  with open(os.path.join(directory, "source.json"), "w") as f:
+    json.dump(model.source, f)
+
+
+def load_converted(directory: str):
+  """An encoder saved by `save_converted`."""
+  import orbax.checkpoint as ocp
+  directory = os.path.abspath(directory)
+  path = os.path.join(directory, "source.json")
+  if not os.path.isfile(path):
+    raise CheckpointError(f"{directory}: no source.json (not saved by save_converted)")
+  with open(path) as f:
+    source = json.load(f)
+  abstract, _ = _abstract(source["config"], source["tower"], jnp.dtype(source["dtype"]),
+                          lambda n: source["shapes"].get(n))
+  graphdef, state = nnx.split(abstract)
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(state))
+  with ocp.StandardCheckpointer() as ckptr:
+    pure = ckptr.restore(os.path.join(directory, "params"), target)
+  nnx.replace_by_pure_dict(state, pure)
+  model = nnx.merge(graphdef, state)
+  model.source = source
+  return model
+
+
+def hidden_states_fn(model):
+  """A jitted function (params, *inputs) → hidden states, and the params to pass it."""
+  graphdef, params = nnx.split(model)
+
+  @jax.jit
+  def run(params, *inputs):
+    return nnx.merge(graphdef, params)(*inputs)
+
+  return run, params
