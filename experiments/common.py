@@ -1,6 +1,6 @@
 """What the gallery experiments share: their store/query/gallery flags, the synthetic default,
 multi-host start-up, one engine run through `plato_jax.scaling.run_scaling`, and the writing
-of results (JSON + CSV + PNG) as one result set, `<out>/<experiment>/` (`plato_jax.report`).
+of results (JSON + CSV + PNG + PDF) as one result set, `<out>/<experiment>/` (`plato_jax.report`).
 """
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import json
 import os
 import shutil
 
+import numpy as np
 from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
+FIGURE_FORMATS = ("png", "pdf")
 flags.DEFINE_string("features_a", None, "feature store of model a (path or kvstore URL); "
                     "default: the built-in synthetic world")
 flags.DEFINE_string("features_b", None, "feature store of model b (same rows as a)")
@@ -34,6 +36,8 @@ flags.DEFINE_bool("resume", True, "checkpoint the searches under --out/resume/<e
 flags.DEFINE_string("world_dir", os.path.join(os.path.expanduser("~"), ".cache", "plato_jax"),
                     "cache directory of the synthetic world")
 flags.DEFINE_integer("checkpoint_every", 16, "engine steps between checkpoints")
+flags.DEFINE_integer("gallery_seeds", 1, "draw the gallery order this many times (seeds --seed, "
+                     "--seed+1, ...; the same queries) and report the spread of m_NN it adds")
 flags.DEFINE_integer("tile_rows", None, "engine tile rows per device (default: engine's choice)")
 flags.DEFINE_bool("progress", True, "show progress bars")
 flags.DEFINE_string("coordinator", None, "multi-host: coordinator host:port for "
@@ -167,16 +171,29 @@ def run(setup: Setup, sizes, ks, store_a=None, store_b=None, **config):
   config = dict({name: FLAGS[name].value for name in (
       "features_a", "features_b", "layer_a", "layer_b", "queries", "gallery", "seed")},
       store_a=store_a.root, store_b=store_b.root, sizes=list(sizes), k=list(ks), **config)
+  if FLAGS.gallery_seeds < 1:
+    raise app.UsageError(f"--gallery_seeds must be at least 1, got {FLAGS.gallery_seeds}")
+  config["gallery_seeds"] = FLAGS.gallery_seeds
   # The stores' contents too: a rewritten store starts its searches afresh.
   contents = dict(store_a=store_a.fingerprint(), store_b=store_b.fingerprint())
-  resume_dir = resume_folder(setup, {**config, **contents})
-  result = run_scaling(store_a, store_b, layer_a=FLAGS.layer_a, layer_b=FLAGS.layer_b,
-                       queries=setup.queries, sizes=sizes, ks=ks, seed=FLAGS.seed,
-                       resume_dir=resume_dir, checkpoint_every=FLAGS.checkpoint_every,
-                       tile_rows=FLAGS.tile_rows, progress=FLAGS.progress)
-  import jax
-  if resume_dir is not None and jax.process_count() == 1:
-    shutil.rmtree(resume_dir, ignore_errors=True)  # done: its checkpoints are spent
+  results = []
+  for draw in range(FLAGS.gallery_seeds):
+    resume_dir = resume_folder(setup, {**config, **contents, "draw": draw})
+    results.append(run_scaling(
+        store_a, store_b, layer_a=FLAGS.layer_a, layer_b=FLAGS.layer_b, queries=setup.queries,
+        sizes=sizes, ks=ks, seed=FLAGS.seed, gallery_seed=FLAGS.seed + draw,
+        resume_dir=resume_dir, checkpoint_every=FLAGS.checkpoint_every,
+        tile_rows=FLAGS.tile_rows, progress=FLAGS.progress))
+    import jax
+    if resume_dir is not None and jax.process_count() == 1:
+      shutil.rmtree(resume_dir, ignore_errors=True)  # done: its checkpoints are spent
+  result = results[0]
+  if len(results) > 1:  # each row: how far m_NN moves when only the gallery is drawn again
+    for i, row in enumerate(result.rows):
+      values = [r.rows[i]["mutual_knn"] for r in results]
+      row.update(mutual_knn_gallery_sd=float(np.std(values, ddof=1)),
+                 mutual_knn_gallery_min=float(min(values)),
+                 mutual_knn_gallery_max=float(max(values)))
   return result, config
 
 
@@ -202,8 +219,9 @@ def is_writer() -> bool:
 
 
 def write(setup: Setup, name: str, payload: dict, rows, figure) -> list[str]:
-  """<name>.json (payload), <name>.csv (rows), <name>.png (a matplotlib figure): one result
-  set, published as `<out>/<name>/` in one step. Returns the files' paths."""
+  """<name>.json (payload), <name>.csv (rows), <name>.png and <name>.pdf (a matplotlib
+  figure, for the screen and for print): one result set, published as `<out>/<name>/` in
+  one step. Returns the files' paths."""
   import matplotlib.pyplot as plt
 
   from plato_jax import report
@@ -211,13 +229,15 @@ def write(setup: Setup, name: str, payload: dict, rows, figure) -> list[str]:
   result = report.ResultSet(setup.out, name, run_id(dict(config, experiment=name)), config)
   result.write_json(f"{name}.json", payload)
   result.write_csv(f"{name}.csv", rows)
-  result.write_plot(f"{name}.png", figure)
+  for ext in FIGURE_FORMATS:
+    result.write_plot(f"{name}.{ext}", figure)
   plt.close(figure)
   replaced = result.publish()
   if replaced is not None and replaced.get("folder") != _seen_at_start.get(name):
     print(f"note: another run published at {os.path.join(setup.out, name)} while this one "
           f"ran ({report.describe(replaced)}); its results stay in {replaced['folder']}")
-  return [os.path.join(setup.out, name, f"{name}.{ext}") for ext in ("json", "csv", "png")]
+  return [os.path.join(setup.out, name, f"{name}.{ext}")
+          for ext in ("json", "csv", *FIGURE_FORMATS)]
 
 
 def figure(width: float = 6, height: float = 4, ncols: int = 1):
@@ -228,20 +248,31 @@ def figure(width: float = 6, height: float = 4, ncols: int = 1):
   return plt.subplots(1, ncols, figsize=(width, height))
 
 
-def alignment_curves(result, x: str, by: str, label, x_label: str):
+def model_names(setup: Setup) -> tuple[str, str]:
+  """The two models' names (their stores' metadata, else the stores' folder names)."""
+  from plato_jax.grid import model_name
+  return model_name(setup.store_a), model_name(setup.store_b)
+
+
+def alignment_curves(result, x: str, by: str, label, x_label: str, names=("a", "b")):
   """Log-log m_NN curves of a scaling result: x = `x` ("size" or "k"), one line per value of
-  `by`, each with its chance level k/(n−1) dashed."""
+  `by`, each with its chance level k/(n−1) dashed; `names` of the two models in the title."""
   fig, ax = figure()
   for value in dict.fromkeys(r[by] for r in result.rows):
     pts = [r for r in result.rows if r[by] == value]
     line, = ax.plot([r[x] for r in pts], [r["mutual_knn"] for r in pts], "o-", ms=3,
                     label=label(value))
+    if "mutual_knn_low" in pts[0]:  # the 95% interval over queries
+      ax.fill_between([r[x] for r in pts], [r["mutual_knn_low"] for r in pts],
+                      [r["mutual_knn_high"] for r in pts], color=line.get_color(), alpha=0.2,
+                      linewidth=0)
     ax.plot([r[x] for r in pts], [r["chance"] for r in pts], "--", color=line.get_color(),
             alpha=0.5)
   ax.set_xscale("log")
   ax.set_yscale("log")
   ax.set_xlabel(x_label)
   ax.set_ylabel("mutual k-NN alignment")
-  ax.set_title(f"layers a={result.layer_a}, b={result.layer_b} (dashed: chance k/(n-1))")
+  ax.set_title(f"{names[0]} (layer {result.layer_a}) vs {names[1]} (layer {result.layer_b})\n"
+               f"dashed: chance k/(n-1); bands: 95% over queries", fontsize=9)
   ax.legend()
   return fig

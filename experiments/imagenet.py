@@ -72,7 +72,10 @@ def plot(rows):
                        ("both", "both acc."), ("strict", "mutual kNN (instance)"),
                        ("strict_names", "mutual kNN (class-name captions)")):
       if key in pts[0]:
-        ax.plot(ipc, [r[key] for r in pts], "o-", ms=3, label=label)
+        line, = ax.plot(ipc, [r[key] for r in pts], "o-", ms=3, label=label)
+        if f"{key}_low" in pts[0]:  # the 95% interval over queries
+          ax.fill_between(ipc, [r[f"{key}_low"] for r in pts], [r[f"{key}_high"] for r in pts],
+                          color=line.get_color(), alpha=0.15, linewidth=0)
     ax.set_xlabel("gallery items per class (ipc)")
     ax.set_ylabel("score")
     ax.set_title(f"k = {k}")
@@ -107,7 +110,8 @@ def main(argv):
                 classname_features=FLAGS.classname_features or
                 ("class means" if names is not None else None))
   files = common.write(setup, "imagenet", {"config": config, "rows": rows}, rows, plot(rows))
-  columns = ["ipc", "k", "acc_img", "acc_txt", "both", "strict"]
+  columns = ["ipc", "k", "acc_img", "acc_txt", "both", "strict", "strict_low", "strict_high",
+             "hit_img", "hit_txt"]
   if names is not None:
     columns += ["strict_names"]
   print(f"layers a={la} b={lb}; {len(np.unique(labels))} classes")

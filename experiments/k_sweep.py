@@ -22,8 +22,9 @@ flags.DEFINE_integer("num_k", 24, "k values per gallery size (log-spaced)")
 flags.DEFINE_string("max_k", "10k", "largest k (the sweep stops at min(n-1, max_k))")
 
 
-def plot(result):
-  return common.alignment_curves(result, "k", "size", lambda n: f"n = {n:,}", "k")
+def plot(result, setup):
+  return common.alignment_curves(result, "k", "size", lambda n: f"n = {n:,}", "k",
+                                 common.model_names(setup))
 
 
 def main(argv):
@@ -37,9 +38,10 @@ def main(argv):
   if not common.is_writer():
     return
   files = common.write(setup, "k_sweep", {"config": config, **dataclasses.asdict(result)},
-                       result.rows, plot(result))
+                       result.rows, plot(result, setup))
   print(f"\nlayers: a={result.layer_a} b={result.layer_b}; {result.num_queries} queries")
-  print(report.format_table(result.rows, ["size", "k", "mutual_knn", "chance"]))
+  print(report.format_table(result.rows, ["size", "k", "mutual_knn", "mutual_knn_low",
+                                           "mutual_knn_high", "chance", "chance_corrected"]))
   print(f"\nwrote {', '.join(files)}")
 
 

@@ -85,19 +85,23 @@ def read_benchmarks(path: str):
 
 
 def alignments(setup, vision, language):
-  """{(vision name, language name): alignment}: on the queries alone, or at --at_size."""
+  """{(vision name, language name): (alignment, its 95% interval's low, high)}: on the
+  queries alone, or at --at_size."""
   from plato_jax.grid import alignment_grid, metric_specs, model_name
   from plato_jax.gallery import parse_count
   if FLAGS.at_size is None:
     rows = alignment_grid(vision, language, metric_specs(["mutual_knn"], int(FLAGS.k), []),
                           queries=setup.queries, seed=FLAGS.seed, progress=FLAGS.progress)
-    return {(r["model_a"], r["model_b"]): r["score"] for r in rows}
+    return {(r["model_a"], r["model_b"]): (r["score"], r["score_low"], r["score_high"])
+            for r in rows}
   out = {}
   sizes = sorted({setup.num_queries, parse_count(FLAGS.at_size)})
   for va in vision:
     for lb in language:
       result, _ = common.run(setup, sizes, [FLAGS.k], store_a=va, store_b=lb)
-      out[(model_name(va), model_name(lb))] = result.rows[-1]["mutual_knn"]
+      last = result.rows[-1]
+      out[(model_name(va), model_name(lb))] = (last["mutual_knn"], last["mutual_knn_low"],
+                                               last["mutual_knn_high"])
   return out
 
 
@@ -110,14 +114,17 @@ def plot(fits, points, names):
       pts = [p for p in points if p["model_a"] == vision and p["benchmark"] == bench]
       for group, marker in (("base", "o"), ("new", "x")):
         sel = [p for p in pts if p["group"] == group]
-        ax.scatter([p["score"] for p in sel], [p["alignment"] for p in sel], marker=marker,
-                   color=colour, label=f"{vision} ({group})")
+        ax.errorbar([p["score"] for p in sel], [p["alignment"] for p in sel],
+                    yerr=[[p["alignment"] - p["alignment_low"] for p in sel],
+                          [p["alignment_high"] - p["alignment"] for p in sel]],
+                    fmt=marker, color=colour, ms=4, elinewidth=0.8,
+                    label=f"{vision} ({group})")
       fit = next(f for f in fits if f["model_a"] == vision and f["benchmark"] == bench)
       xs = np.linspace(min(p["score"] for p in pts), max(p["score"] for p in pts), 2)
       ax.plot(xs, fit["intercept"] + fit["slope"] * xs, "-", color=colour, alpha=0.6,
               label=f"{vision}: base-model OLS")
     ax.set_xlabel(bench)
-    ax.set_ylabel("mutual k-NN alignment")
+    ax.set_ylabel("mutual k-NN alignment (bars: 95% over queries)")
     ax.legend(fontsize=6)
   return fig
 
@@ -154,7 +161,9 @@ def main(argv):
     for bench in names:
       pts = [dict(model_a=va, model_b=model_name(lb), group=table[model_name(lb)][0],
                   benchmark=bench, score=table[model_name(lb)][1][bench],
-                  alignment=scores[(va, model_name(lb))]) for lb in language]
+                  **dict(zip(("alignment", "alignment_low", "alignment_high"),
+                             scores[(va, model_name(lb))])))
+             for lb in language]
       points += pts
       base = [p for p in pts if p["group"] == "base"]
       new = [p for p in pts if p["group"] == "new"]

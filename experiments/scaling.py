@@ -5,8 +5,8 @@ r"""Mutual k-NN against gallery size (Koepke et al. Fig. 4): does alignment surv
     python -m experiments.scaling --features_a=dinov2.store --features_b=openllama.store \
         --layer_a=auto --layer_b=auto --gallery=15m
 
-Writes scaling.json, scaling.csv and scaling.png as one result set, <out>/scaling/ (default
-results/scaling/), and prints the table.
+Writes scaling.json, scaling.csv, scaling.png and scaling.pdf as one result set,
+<out>/scaling/ (default results/scaling/), and prints the table.
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("k", ["1", "10", "n/100"], "k values: integers or n/100")
 
 
-def plot(result):
+def plot(result, setup):
   return common.alignment_curves(result, "size", "k_spec", lambda spec: f"k = {spec}",
-                                 "gallery size n")
+                                 "gallery size n", common.model_names(setup))
 
 
 def main(argv):
@@ -35,9 +35,15 @@ def main(argv):
   if not common.is_writer():
     return
   files = common.write(setup, "scaling", {"config": config, **dataclasses.asdict(result)},
-                       result.rows, plot(result))
+                       result.rows, plot(result, setup))
   print(f"\nlayers: a={result.layer_a} b={result.layer_b}; {result.num_queries} queries")
-  print(report.format_table(result.rows, ["size", "k_spec", "k", "mutual_knn", "chance"]))
+  print(report.format_table(result.rows, ["size", "k_spec", "k", "mutual_knn", "mutual_knn_low",
+                                           "mutual_knn_high", "chance", "chance_corrected"]))
+  print()
+  print(report.format_table(result.ranking, ["size", "depth", "p", "rbo", "rbo_low", "rbo_high"]))
+  print()
+  print(report.format_table(result.change, ["k_spec", "from_size", "to_size", "difference",
+                                            "low", "high", "p_value"]))
   print()
   print(report.format_table(result.quality, ["size", "model", "top1_cosine", "top10_cosine"]))
   print(f"\nwrote {', '.join(files)}")

@@ -55,10 +55,13 @@ def plot(rows):
                       styles[i % len(styles)], color=colours.get(pair), ms=3,
                       label=f"{pair}, k = {spec}")
       colours[pair] = line.get_color()
+      ax.fill_between([r["size"] for r in pts], [r["mutual_knn_low"] for r in pts],
+                      [r["mutual_knn_high"] for r in pts], color=line.get_color(), alpha=0.15,
+                      linewidth=0)
   ax.set_xscale("log")
   ax.set_xlabel("gallery size n")
   ax.set_ylabel("mutual k-NN alignment")
-  ax.set_title("within-modality control")
+  ax.set_title("within-modality control (bands: 95% over queries)")
   ax.legend(fontsize=7)
   return fig
 
@@ -81,7 +84,8 @@ def main(argv):
     return
   files = common.write(setup, "within_modality", {"runs": runs}, rows, plot(rows))
   print(report.format_table(rows, ["pair", "layer_x", "layer_y", "size", "k_spec", "k",
-                                   "mutual_knn", "chance"]))
+                                   "mutual_knn", "mutual_knn_low", "mutual_knn_high", "chance",
+                                   "chance_corrected"]))
   print(f"\nwrote {', '.join(files)}")
 
 

@@ -14,8 +14,11 @@ Per query q of class c(q), with N_k(q) its k cosine neighbours in a model:
     acc_txt  = the same in model b                      ("OpenLlama acc.")
     both     = acc_img · acc_txt                        (k = 1: both correct)
     strict   = |N_k^a(q) ∩ N_k^b(q)| / k                (mutual k-NN: the same instances)
-each averaged over the queries. At k = 1 these are the paper's indicators; at k = 10 they
-are precisions at k (the paper's App. B.3 does not define its k = 10 variant).
+each averaged over the queries, with 95% bootstrap intervals over queries (`_low`, `_high`).
+At k = 1 these are the paper's indicators; at k = 10 they are precisions at k (the paper's
+App. B.3 does not define its k = 10 variant), capped at ipc / k where a class has fewer
+than k gallery items; `hit_img` / `hit_txt` say whether any of the k is of the query's
+class (hit@k, what a retrieval curve needs).
 
 With class-name features for model b (every item of a class described by its class name
 alone, so all of a class's items are exact ties), the same numbers show how much of the
@@ -90,9 +93,14 @@ def class_decomposition(features_a, features_b, labels, ipcs: Sequence[int],
       nb = {name: f[s].top(k).ids for name, f in found.items()}
       hit = {name: labels[rows_of(v)] == query_class for name, v in nb.items()}
       acc = {name: h.mean(axis=1) for name, h in hit.items()}
-      row = dict(ipc=ipc, k=k, gallery_size=sizes[s], acc_img=float(acc["a"].mean()),
-                 acc_txt=float(acc["b"].mean()), both=float((acc["a"] * acc["b"]).mean()),
-                 strict=metrics.mutual_knn_from_neighbours(nb["a"], nb["b"]))
+      found_any = {name: h.any(axis=1).astype(np.float64) for name, h in hit.items()}
+      row = dict(ipc=ipc, k=k, gallery_size=sizes[s],
+                 **metrics.with_interval("acc_img", acc["a"], seed=seed),
+                 **metrics.with_interval("acc_txt", acc["b"], seed=seed),
+                 **metrics.with_interval("both", acc["a"] * acc["b"], seed=seed),
+                 **metrics.with_interval(
+                     "strict", metrics.mutual_knn_per_query(nb["a"], nb["b"]), seed=seed),
+                 hit_img=float(found_any["a"].mean()), hit_txt=float(found_any["b"].mean()))
       if "b_names" in nb:
         row.update(acc_txt_names=float(acc["b_names"].mean()),
                    both_names=float((acc["a"] * acc["b_names"]).mean()),

@@ -106,9 +106,10 @@ class GalleryPlan:
 
 
 def plan_galleries(store_a: FeatureStore, store_b: FeatureStore, queries, sizes, ks,
-                   seed: int) -> GalleryPlan:
+                   seed: int, gallery_seed: int | None = None) -> GalleryPlan:
   """Checks that the stores hold the same rows and resolves queries, sizes, ks and the
-  gallery order (see the module docstring); errors name what is wrong."""
+  gallery order (see the module docstring); errors name what is wrong. `seed` draws the
+  queries and, unless `gallery_seed` is given, the gallery order."""
   ids = store_a.ids()
   ids_b = store_b.ids()
   if ids.shape != ids_b.shape or not np.array_equal(ids, ids_b):
@@ -134,7 +135,8 @@ def plan_galleries(store_a: FeatureStore, store_b: FeatureStore, queries, sizes,
       if k > n - 1:
         raise ValueError(f"k={spec} gives {k} > {n - 1} neighbours available at gallery "
                          f"size {n}")
-  order = gallery_order(n_total, query_rows, seed)[:size_list[-1]]
+  order = gallery_order(n_total, query_rows, seed if gallery_seed is None else gallery_seed)
+  order = order[:size_list[-1]]
   return GalleryPlan(ids, query_rows, size_list, order, k_by_size)
 
 

@@ -5,7 +5,10 @@ The PRH protocol on N queries (WIT-1024 in the papers): every model's features o
 layers for the same rows; outlier clamp at the `clamp` quantile and per-layer L2 norm
 (`metrics.prepare_features`); then `metrics.compute_score` — the metric's maximum over all
 layer pairs (optionally with the concatenation of all layers as a candidate). The stores
-must hold the same row ids; the queries are drawn once with the seed.
+must hold the same row ids; the queries are drawn once with the seed. mutual_knn scores
+carry a 95% bootstrap interval over the queries (`score_low`, `score_high`) for the layer
+pair the search chose (the choice itself is not resampled: it selects upward, see
+`plato_jax.null`).
 """
 from __future__ import annotations
 
@@ -78,10 +81,23 @@ def alignment_grid(stores_a, stores_b, specs: Sequence[MetricSpec], *, queries=1
         best = metrics.compute_score(xa, xb, spec.metric, topk=spec.topk, normalize=True,
                                      concat=concat)
         layer_a, layer_b = best.indices if best.indices is not None else (None, None)
-        out.append(dict(model_a=model_name(sa), model_b=model_name(sb), metric=spec.label,
-                        score=best.score, layer_a=layer_a, layer_b=layer_b,
-                        num_queries=len(rows)))
+        row = dict(model_a=model_name(sa), model_b=model_name(sb), metric=spec.label,
+                   score=best.score, layer_a=layer_a, layer_b=layer_b, num_queries=len(rows))
+        if spec.metric == "mutual_knn" and best.indices is not None:
+          # Its 95% interval over the queries, for the pair the search chose.
+          per_row = metrics.mutual_knn_per_row(_layer(xa, layer_a), _layer(xb, layer_b),
+                                               spec.topk)
+          interval = metrics.with_interval("score", per_row, seed=seed)
+          row.update(score_low=interval["score_low"], score_high=interval["score_high"])
+        out.append(row)
   return out
+
+
+def _layer(x, index: int) -> np.ndarray:
+  """One layer of [N, L, D] features as unit rows, as `metrics.compute_score` takes it
+  (-1: all layers concatenated, normalised as a whole)."""
+  rows = x.reshape(len(x), -1) if index == -1 else x[:, index]
+  return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
 
 def ols(x, y):

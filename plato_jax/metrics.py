@@ -116,6 +116,14 @@ def mutual_knn(feats_A, feats_B, topk):
   return float(_mutual_knn_table([_neighbours(a, k)], [_neighbours(b, k)])[0, 0])
 
 
+def mutual_knn_per_row(feats_A, feats_B, topk) -> np.ndarray:
+  """|N_A(i) ∩ N_B(i)| / k for each row i (float64 [N]): what `mutual_knn` averages, and what
+  its bootstrap interval (`with_interval`) resamples."""
+  a, b = _paired_rows(feats_A, feats_B)
+  k = _check_topk(topk, len(a))
+  return mutual_knn_per_query(_neighbours(a, k).ids, _neighbours(b, k).ids)
+
+
 def cycle_knn(feats_A, feats_B, topk):
   """Fraction of rows i found among the A-neighbours of i's B-neighbours (not symmetric)."""
   a, b = _paired_rows(feats_A, feats_B)
@@ -760,6 +768,109 @@ def mutual_knn_from_neighbours(ids_A, ids_B):
   mutual_knn's arithmetic on neighbours found by `plato_jax.knn.search`; costs a sort of
   [Q, 2k], so k = n/100 at n = 15M (k = 150,000) is fine.
   """
+  return float(np.mean(mutual_knn_per_query(ids_A, ids_B)))
+
+
+def mutual_knn_per_query(ids_A, ids_B) -> np.ndarray:
+  """|ids_A[i] ∩ ids_B[i]| / k for each query i (float64 [Q]): what `mutual_knn_from_neighbours`
+  averages, and what its bootstrap interval resamples."""
+  a, b = _neighbour_lists(ids_A, ids_B)
+  return _shared_counts_sorted(a, b) / a.shape[1]
+
+
+def chance_corrected(m, k: int, n: int):
+  """(m - c) / (1 - c) with c = k / (n - 1), the m_NN of two independent random rankings of
+  a gallery of n rows (the query excluded): 0 at chance, 1 for identical neighbour sets. The
+  raw m_NN stays the papers' number; this one compares gallery sizes and k's fairly."""
+  c = k / (n - 1)
+  if not 0 < c < 1:
+    raise ValueError(f"chance k/(n-1) = {k}/{n - 1} must lie in (0, 1)")
+  return (np.asarray(m, np.float64) - c) / (1 - c)
+
+
+def rank_biased_overlap(ids_A, ids_B, p: float = 0.9) -> np.ndarray:
+  """Extrapolated rank-biased overlap (Webber, Moffat and Zobel 2010, eq. 32) of each query's
+  two neighbour rankings [Q, k] (best first), float64 [Q]:
+
+      RBO_ext = (X_k / k) p^k + (1 - p) / p · sum_{d=1..k} (X_d / d) p^d,
+
+  X_d = |top-d of A ∩ top-d of B|. 1 for identical rankings, 0 for disjoint ones; p sets how
+  deep it looks (the first d ranks carry 1 - p^d of the weight: p = 0.9 weighs the top 10 at
+  65%). Unlike m_NN at k = n/100 it grades agreement by rank, with a depth that does not
+  change with the gallery's size.
+  """
+  if not 0 < p < 1:
+    raise ValueError(f"p must lie in (0, 1), got {p}")
+  a, b = _neighbour_lists(ids_A, ids_B)
+  q, k = a.shape
+  depth = np.arange(1, k + 1)
+  weights = (1 - p) / p * p ** depth / depth
+  out = np.empty(q)
+  for i in range(q):
+    # A shared id counts in X_d from depth max(rank in A, rank in B) + 1 on.
+    order = np.argsort(b[i], kind="stable")
+    at = np.minimum(np.searchsorted(b[i], a[i], sorter=order), k - 1)
+    shared = b[i][order[at]] == a[i]
+    deepest = np.maximum(np.flatnonzero(shared), order[at[shared]])
+    x = np.cumsum(np.bincount(deepest, minlength=k))
+    out[i] = x[-1] / k * p ** k + float(np.dot(x, weights))
+  return out
+
+
+def bootstrap_interval(values, *, level: float = 0.95, resamples: int = 1000,
+                       seed: int = 0) -> tuple[float, float]:
+  """Percentile bootstrap interval of the mean of per-query `values` [Q]: `resamples` means
+  of Q queries drawn with replacement (numpy's default generator seeded with `seed`, draws in
+  order), their (1 - level) / 2 and (1 + level) / 2 quantiles. It covers the spread from
+  which queries were drawn, not the choice of gallery (see `--gallery_seeds`)."""
+  means = _bootstrap_means(np.asarray(values, np.float64)[None], resamples, seed)[0]
+  lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+  return float(lo), float(hi)
+
+
+def with_interval(name: str, values, *, level: float = 0.95, resamples: int = 1000,
+                  seed: int = 0) -> dict:
+  """A result row's columns for per-query `values`: {name: their mean, name_low / name_high:
+  its `bootstrap_interval`}."""
+  low, high = bootstrap_interval(values, level=level, resamples=resamples, seed=seed)
+  return {name: float(np.mean(values)), f"{name}_low": low, f"{name}_high": high}
+
+
+def paired_bootstrap(values_A, values_B, *, level: float = 0.95, resamples: int = 1000,
+                     seed: int = 0) -> dict:
+  """The difference mean(A) - mean(B) of two per-query value lists of the same queries, its
+  percentile bootstrap interval (queries resampled together), and a two-sided p-value from
+  the B resamples, 2 · (min(#(diff <= 0), #(diff >= 0)) + 1) / (B + 1), at most 1 (never 0:
+  its smallest value, 2 / (B + 1), says "below what B resamples can resolve")."""
+  a, b = np.asarray(values_A, np.float64), np.asarray(values_B, np.float64)
+  if a.shape != b.shape or a.ndim != 1:
+    raise ValueError(f"paired values must be two [Q] arrays of the same queries, got "
+                     f"{a.shape} and {b.shape}")
+  diffs = _bootstrap_means((a - b)[None], resamples, seed)[0]
+  lo, hi = np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2])
+  tail = min(int(np.sum(diffs <= 0)), int(np.sum(diffs >= 0)))
+  p = min(1.0, 2 * (tail + 1) / (resamples + 1))
+  return dict(difference=float(np.mean(a - b)), low=float(lo), high=float(hi), p_value=p)
+
+
+def _bootstrap_means(values: np.ndarray, resamples: int, seed: int, block: int = 2**24):
+  """Bootstrap means [rows, resamples] of each row of `values` [rows, Q], every row
+  resampled with the same draws."""
+  q = values.shape[1]
+  if q == 0:
+    raise ValueError("no values to resample")
+  if int(resamples) != resamples or resamples < 1:
+    raise ValueError(f"resamples must be a positive integer, got {resamples!r}")
+  rng = np.random.default_rng(seed)
+  means = np.empty((values.shape[0], resamples))
+  step = max(1, block // q)  # draws of at most `block` indices at a time
+  for s in range(0, resamples, step):
+    picks = rng.integers(0, q, size=(min(step, resamples - s), q))
+    means[:, s:s + len(picks)] = values[:, picks].mean(axis=2)
+  return means
+
+
+def _neighbour_lists(ids_A, ids_B):
   a, b = np.asarray(ids_A), np.asarray(ids_B)
   if a.ndim != 2 or a.shape != b.shape:
     raise ValueError(f"neighbour lists must both be [Q, k], got {a.shape} and {b.shape}")
@@ -769,7 +880,7 @@ def mutual_knn_from_neighbours(ids_A, ids_B):
     if bad.size:
       raise ValueError(f"{name}: rows {bad[:10].tolist()} repeat an id (padding?); each "
                        f"row must list k distinct neighbours")
-  return float(np.mean(_shared_counts_sorted(a, b)) / a.shape[1])
+  return a, b
 
 
 def _shared_counts_sorted(a, b, block=256):

@@ -134,7 +134,8 @@ class ResultSet:
     self._put(file, _csv_bytes(rows))
 
   def write_plot(self, file: str, figure) -> None:
-    self._put(file, _png_bytes(figure))
+    """A matplotlib figure in the format its name ends with (png, pdf, svg)."""
+    self._put(file, _figure_bytes(figure, file.rsplit(".", 1)[-1]))
 
   def publish(self) -> dict | None:
     """Makes this set the current one; returns the manifest of the set it replaces (None if
@@ -173,15 +174,18 @@ def _json_bytes(obj) -> bytes:
 def _csv_bytes(rows: Sequence[dict]) -> bytes:
   buf = io.StringIO()
   if rows:
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    # Every row's columns, in order of first appearance (rows may carry extra columns).
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
     writer.writeheader()
     writer.writerows(rows)
   return buf.getvalue().encode()
 
 
-def _png_bytes(figure) -> bytes:
+def _figure_bytes(figure, fmt: str) -> bytes:
+  if fmt not in ("png", "pdf", "svg"):
+    raise ValueError(f"figures are written as png, pdf or svg, not {fmt!r}")
   buf = io.BytesIO()
-  figure.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+  figure.savefig(buf, format=fmt, dpi=120, bbox_inches="tight")
   return buf.getvalue()
 
 

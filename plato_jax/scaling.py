@@ -3,8 +3,12 @@
 The galleries are `plato_jax.gallery`'s: queries first, then seeded runs of store rows;
 sizes are prefixes; queries are excluded as self; each model's layer is fixed on the
 queries. For each size n and each k (an int or `n/100`), m_NN = mean over queries of
-|N_a(q) ∩ N_b(q)| / k, the chance level k/(n-1), and per modality the mean cosine of the
-top-1 and top-10 neighbours (Koepke Table 1).
+|N_a(q) ∩ N_b(q)| / k with its 95% bootstrap interval over queries (`metrics.bootstrap_interval`:
+which queries were drawn, not which gallery), the chance level c = k/(n-1) and the
+chance-corrected (m_NN - c)/(1 - c). Per size, the rank-biased overlap (p = 0.9, depth 100)
+of the two neighbour rankings with its interval; per k, how much m_NN falls from the smallest
+gallery to the largest (a paired bootstrap over the same queries: interval and p-value); per
+modality the mean cosine of the top-1 and top-10 neighbours (Koepke Table 1).
 """
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ from plato_jax.gallery import (DEFAULT_KS, DEFAULT_SIZES, choose_layers, layer_n
                                plan_galleries)
 from plato_jax.store import FeatureStore
 
+RBO_P, RBO_DEPTH = 0.9, 100  # the first 100 ranks carry all but 0.9^100 ≈ 3e-5 of the weight
+
 
 @dataclasses.dataclass
 class ScalingResult:
@@ -26,24 +32,33 @@ class ScalingResult:
   layer_b: int
   layer_table: list | None
   num_queries: int
-  rows: list[dict]            # one per (size, k): size, k_spec, k, mutual_knn, chance
+  rows: list[dict]            # one per (size, k): size, k_spec, k, mutual_knn (with
+                              # mutual_knn_low/high), chance, chance_corrected (low/high)
   quality: list[dict]         # one per (size, modality): mean cosine of top-1 / top-10
+  ranking: list[dict] = dataclasses.field(default_factory=list)  # one per size: rank-biased
+                              # overlap (rbo, rbo_low/high) at RBO_DEPTH, RBO_P
+  change: list[dict] = dataclasses.field(default_factory=list)  # one per k: m_NN at the
+                              # smallest size minus at the largest, paired over queries
+                              # (difference, low, high, p_value)
 
 
 def run_scaling(store_a: FeatureStore, store_b: FeatureStore, *, layer_a="auto", layer_b="auto",
                 queries: int | Sequence[int] = 1024, sizes: Sequence[str | int] = DEFAULT_SIZES,
-                ks: Sequence[str] = DEFAULT_KS, seed: int = 0, resume_dir: str | None = None,
-                checkpoint_every: int = 16, mesh=None, tile_rows: int | None = None, progress: bool = True) -> ScalingResult:
+                ks: Sequence[str] = DEFAULT_KS, seed: int = 0, gallery_seed: int | None = None,
+                resume_dir: str | None = None,
+                checkpoint_every: int = 16, mesh=None, tile_rows: int | None = None,
+                progress: bool = True) -> ScalingResult:
   """Runs the scaling protocol on two stores of the same rows (see the module docstring).
 
   `queries` is a count (drawn with `seed`) or explicit row ids present in both stores.
-  Sizes above the stores' rows are an error; `sizes` are counts like '10k'.
+  Sizes above the stores' rows are an error; `sizes` are counts like '10k'. `gallery_seed`
+  (default `seed`) draws the gallery order alone: the same queries in another gallery.
   """
-  plan = plan_galleries(store_a, store_b, queries, sizes, ks, seed)
+  plan = plan_galleries(store_a, store_b, queries, sizes, ks, seed, gallery_seed)
   query_rows, size_list, k_by_size = plan.query_rows, plan.sizes, plan.k_by_size
   num_q = len(query_rows)
-  # Per size: its largest k, and 10 for the top-10 cosine.
-  keep = [max([k for _, k in k_by_size[n]] + [min(10, n - 1)]) for n in size_list]
+  # Per size: its largest k, 10 for the top-10 cosine, RBO_DEPTH for the rank-biased overlap.
+  keep = [max([k for _, k in k_by_size[n]] + [min(RBO_DEPTH, n - 1)]) for n in size_list]
 
   q_a = store_a.gather(query_rows).astype(np.float32)
   q_b = store_b.gather(query_rows).astype(np.float32)
@@ -58,15 +73,31 @@ def run_scaling(store_a: FeatureStore, store_b: FeatureStore, *, layer_a="auto",
         progress=progress, checkpoint_every=checkpoint_every,
         resume_dir=None if resume_dir is None else os.path.join(resume_dir, name))
 
-  rows, quality = [], []
+  rows, quality, ranking, overlaps = [], [], [], {}
   for i, n in enumerate(size_list):
     na, nb = found["a"][i], found["b"][i]
     for spec, k in k_by_size[n]:
+      overlap = overlaps[n, spec] = metrics.mutual_knn_per_query(na.top(k).ids, nb.top(k).ids)
+      # At k = n - 1 every row is a neighbour: m_NN is 1, and its chance correction 0/0.
+      corrected = (metrics.with_interval("chance_corrected",
+                                         metrics.chance_corrected(overlap, k, n), seed=seed)
+                   if k < n - 1 else dict.fromkeys(["chance_corrected", "chance_corrected_low",
+                                                    "chance_corrected_high"]))
       rows.append(dict(size=n, k_spec=spec, k=k,
-                       mutual_knn=metrics.mutual_knn_from_neighbours(na.top(k).ids, nb.top(k).ids),
-                       chance=k / (n - 1)))
+                       **metrics.with_interval("mutual_knn", overlap, seed=seed),
+                       chance=k / (n - 1), **corrected))
+    depth = min(RBO_DEPTH, na.k)
+    rbo = metrics.rank_biased_overlap(na.top(depth).ids, nb.top(depth).ids, RBO_P)
+    ranking.append(dict(size=n, depth=depth, p=RBO_P,
+                        **metrics.with_interval("rbo", rbo, seed=seed)))
     for name, nbrs in (("a", na), ("b", nb)):
       top = nbrs.top(min(10, nbrs.k))
       quality.append(dict(size=n, model=name, top1_cosine=float(top.scores[:, 0].mean()),
                           top10_cosine=float(top.scores.mean())))
-  return ScalingResult(int(la), int(lb), table, num_q, rows, quality)
+  first, last = size_list[0], size_list[-1]
+  change = [dict(k_spec=spec, from_size=first, to_size=last,
+                 **metrics.paired_bootstrap(overlaps[first, spec], overlaps[last, spec],
+                                            seed=seed))
+            for spec, _ in k_by_size[first]
+            if last != first and (last, spec) in overlaps]
+  return ScalingResult(int(la), int(lb), table, num_q, rows, quality, ranking, change)

@@ -44,8 +44,8 @@ def test_k_sweep_equals_brute_force_at_every_size_and_k(world, tmp_path):
                        "--max_k=1000", f"--out={tmp_path}")
   assert "wrote" in out
   result = json.loads((tmp_path / "k_sweep" / "k_sweep.json").read_text())
-  assert {p.name for p in (tmp_path / "k_sweep").iterdir()} == {"k_sweep.json", "k_sweep.csv",
-                                                          "k_sweep.png", "manifest.json"}
+  assert {p.name for p in (tmp_path / "k_sweep").iterdir()} == {
+      "k_sweep.json", "k_sweep.csv", "k_sweep.png", "k_sweep.pdf", "manifest.json"}
   xa, xb = gallery(a, result["layer_a"]), gallery(b, result["layer_b"])
   rows = result["rows"]
   for n in (QUERIES, ROWS):
@@ -57,6 +57,34 @@ def test_k_sweep_equals_brute_force_at_every_size_and_k(world, tmp_path):
       assert r["chance"] == pytest.approx(r["k"] / (n - 1))
   # all neighbours of the queries-only gallery: every set is the same, alignment is 1
   assert [r for r in rows if r["size"] == QUERIES][-1]["mutual_knn"] == 1.0
+
+
+def test_gallery_seeds_give_the_spread_of_other_gallery_draws(tmp_path):
+  """--gallery_seeds=3: the same queries in three gallery orders (seeds 5, 6, 7); each row
+  reports how far m_NN moves between them. The queries-only and the whole-store galleries
+  are the same in every draw. (20,000 rows: several of the order's 4,096-row runs.)"""
+  rows_total = 20_000
+  a, b = build_world(str(tmp_path / "w"), rows_total, SMALL, progress=False)
+  run_experiment("scaling", f"--features_a={a.root}", f"--features_b={b.root}",
+                 f"--queries={QUERIES}", f"--sizes={QUERIES},10k,{rows_total}", "--k=10",
+                 "--seed=5", "--gallery_seeds=3", f"--out={tmp_path}")
+  result = json.loads((tmp_path / "scaling" / "scaling.json").read_text())
+  rows = {r["size"]: r for r in result["rows"]}
+  q_rows = choose_queries(rows_total, QUERIES, 5)
+  xa = a.read_layer(result["layer_a"]).astype(np.float32)
+  xb = b.read_layer(result["layer_b"]).astype(np.float32)
+  for n in (QUERIES, 10_000, rows_total):
+    draws = []
+    for seed in (5, 6, 7):
+      order = gallery_order(rows_total, q_rows, seed)[:n]
+      draws.append(brute_mutual_knn(xa[order], xb[order], QUERIES, 10))
+    tol = 2.0 / (QUERIES * 10)
+    assert rows[n]["mutual_knn"] == pytest.approx(draws[0], abs=tol)
+    assert rows[n]["mutual_knn_gallery_sd"] == pytest.approx(np.std(draws, ddof=1), abs=tol)
+    assert rows[n]["mutual_knn_gallery_min"] == pytest.approx(min(draws), abs=tol)
+    assert rows[n]["mutual_knn_gallery_max"] == pytest.approx(max(draws), abs=tol)
+  assert rows[QUERIES]["mutual_knn_gallery_sd"] == 0 == rows[rows_total]["mutual_knn_gallery_sd"]
+  assert rows[10_000]["mutual_knn_gallery_sd"] > 0
 
 
 def test_model_family_shares_rows_and_labels_and_grades_alignment(world, tmp_path):
@@ -125,6 +153,8 @@ def test_null_scores_equal_direct_computation(world):
     raw = np.array([[brute_mutual_knn(gallery(a, la)[:n], gallery(b, lb)[:n], QUERIES, k)
                      for lb in range(b.num_layers)] for la in range(a.num_layers)])
     assert r["raw_fixed"] == pytest.approx(raw[res.layer_a, res.layer_b], abs=2 / (QUERIES * k))
+    for name in ("raw_fixed", "raw_reselected"):
+      assert r[f"{name}_low"] <= r[name] <= r[f"{name}_high"]
     assert r["raw_reselected"] == pytest.approx(raw.max(), abs=2 / (QUERIES * k))
     assert r["null_fixed"] <= r["null_max"]  # per permutation, one pair's score <= the max
     assert r["calibrated"] == pytest.approx(r["raw_reselected"] - r["null_max"])
@@ -162,6 +192,12 @@ def test_alignment_grid_equals_compute_score_per_pair(world, tmp_path):
     assert r["score"] == pytest.approx(want.score, rel=1e-6)
     assert (r["layer_a"], r["layer_b"]) == tuple(want.indices)
     assert r["value_b"] == 0.25
+    if metric == "mutual_knn":  # its interval over the queries, for the chosen pair
+      per_row = metrics.mutual_knn_per_row(xa[:, r["layer_a"]], xb[:, r["layer_b"]], 5)
+      assert per_row.mean() == pytest.approx(r["score"], rel=1e-6)
+      assert r["score_low"] <= r["score"] <= r["score_high"]
+    else:
+      assert "score_low" not in r
   bad = tmp_path / "bad.csv"
   bad.write_text("model,value\nsomething-else,1\n")
   done = subprocess.run([sys.executable, "-m", "experiments.alignment_grid", "--progress=false",
@@ -255,6 +291,11 @@ def test_class_decomposition_equals_numpy(rng):
     assert r["both"] == pytest.approx((acc["a"] * acc["b"]).mean())
     assert r["strict"] == pytest.approx(np.mean([len(np.intersect1d(x, y)) for x, y in
                                                  zip(nb["a"], nb["b"])]) / r["k"])
+    hit = np.mean([[label[i] == labels[q] for i in row] for q, row in zip(queries, nb["a"])],
+                  axis=1) > 0
+    assert r["hit_img"] == pytest.approx(hit.mean())  # hit@k: any of the k of its class
+    for name in ("acc_img", "acc_txt", "both", "strict"):
+      assert r[f"{name}_low"] <= r[name] <= r[f"{name}_high"]
     # a class-name caption is nearest its own class: all of its ipc items come first
     assert r["acc_txt_names"] == pytest.approx(min(r["ipc"], r["k"]) / r["k"])
     assert r["strict_names"] == pytest.approx(np.mean([len(np.intersect1d(x, y)) for x, y in
@@ -313,6 +354,8 @@ def test_many_to_many_equals_brute_force(world, tmp_path):
     want_slots = np.mean([np.isin(d, s).sum() for d, s in zip(gd, near_s)]) / k
     assert r["group_set"] == pytest.approx(want_set), r
     assert r["matched_slots"] == pytest.approx(want_slots), r
+    for name in ("group_set", "matched_slots"):
+      assert r[f"{name}_low"] <= r[name] <= r[f"{name}_high"]
     assert r["own_source_in_dense"] == pytest.approx(np.mean(gd == q[:, None]))
     assert r["dense_gallery"] == m * ROWS
   with pytest.raises(ValueError, match="no 'group' column"):
@@ -346,6 +389,8 @@ def test_alignment_grid_runs_all_eight_metrics_with_concat(world, tmp_path):
     want += ["cknna@5", "cknna@10"] if m == "cknna" else [f"{m}@5" if "knn" in m else m]
   assert [r["metric"] for r in rows] == want
   assert all(np.isfinite(r["score"]) for r in rows)
+  knn = next(r for r in rows if r["metric"] == "mutual_knn@5")
+  assert knn["score_low"] <= knn["score"] <= knn["score_high"]
   q_rows = choose_queries(ROWS, 40, 0)
   xa = metrics.prepare_features(a.gather(q_rows).astype(np.float32))
   xb = metrics.prepare_features(b.gather(q_rows).astype(np.float32))

@@ -707,3 +707,96 @@ def test_constant_features_warn(rng):
   x = rng.standard_normal((30, 4)).astype(np.float32)
   with pytest.warns(UserWarning, match="feats_B: all 30 rows are equal"):
     metrics.mutual_knn(x, np.ones((30, 4), np.float32), 3)
+
+
+# ---- per-query agreement, its intervals, chance correction and rank-biased overlap ----------
+
+
+def _random_rankings(rng, q, k, universe):
+  """Two [q, k] neighbour rankings per query that share a random part of their ids."""
+  a = np.stack([rng.choice(universe, k, replace=False) for _ in range(q)])
+  b = a.copy()
+  for row in b:
+    swap = rng.random(k) < rng.random()
+    row[swap] = rng.choice(np.setdiff1d(np.arange(universe), row), swap.sum(), replace=False)
+    rng.shuffle(row[: int(rng.integers(0, k + 1))])
+  return a, b
+
+
+def _rbo_by_definition(s, t, p):
+  """Webber et al. (2010) eq. 32, from running sets of the two prefixes."""
+  k = len(s)
+  seen_s, seen_t, x, total = set(), set(), 0, 0.0
+  for d in range(1, k + 1):
+    x += (s[d - 1] in seen_t) + (t[d - 1] in seen_s) + (s[d - 1] == t[d - 1])
+    seen_s.add(s[d - 1])
+    seen_t.add(t[d - 1])
+    total += x / d * p ** d
+  return x / k * p ** k + (1 - p) / p * total
+
+
+def test_per_query_overlap_and_chance_correction(rng):
+  a, b = _random_rankings(rng, 40, int(rng.integers(2, 30)), 200)
+  k = a.shape[1]
+  want = np.array([len(set(r) & set(t)) / k for r, t in zip(a, b)])
+  got = metrics.mutual_knn_per_query(a, b)
+  np.testing.assert_allclose(got, want)
+  assert metrics.mutual_knn_from_neighbours(a, b) == pytest.approx(want.mean())
+  n = int(rng.integers(k + 2, 10_000))
+  c = k / (n - 1)
+  np.testing.assert_allclose(metrics.chance_corrected(got, k, n), (want - c) / (1 - c))
+  assert metrics.chance_corrected(c, k, n) == pytest.approx(0.0)
+  assert metrics.chance_corrected(1.0, k, n) == pytest.approx(1.0)
+  with pytest.raises(ValueError, match="must lie in"):
+    metrics.chance_corrected(0.5, 10, 11)
+
+
+def test_rank_biased_overlap_equals_its_definition(rng):
+  for p in (0.5, 0.9, 0.98):
+    a, b = _random_rankings(rng, 25, int(rng.integers(1, 60)), 120)
+    want = [_rbo_by_definition(list(r), list(t), p) for r, t in zip(a, b)]
+    np.testing.assert_allclose(metrics.rank_biased_overlap(a, b, p), want, rtol=1e-12)
+  a = rng.permutation(1000)[:50][None]
+  assert metrics.rank_biased_overlap(a, a)[0] == pytest.approx(1.0)
+  assert metrics.rank_biased_overlap(a, a + 1000)[0] == 0.0
+  # one swap at the top costs more than one at the bottom
+  top, bottom = a.copy(), a.copy()
+  top[0, [0, 1]] = top[0, [1, 0]]
+  bottom[0, [48, 49]] = bottom[0, [49, 48]]
+  assert metrics.rank_biased_overlap(a, top)[0] < metrics.rank_biased_overlap(a, bottom)[0] < 1
+  with pytest.raises(ValueError, match="p must lie in"):
+    metrics.rank_biased_overlap(a, a, 1.0)
+
+
+def test_bootstrap_equals_a_plain_numpy_bootstrap(rng):
+  values = rng.random(int(rng.integers(5, 300)))
+  seed, resamples = int(rng.integers(1000)), int(rng.integers(10, 700))
+  draw = np.random.default_rng(seed)
+  means = [values[draw.integers(0, values.size, values.size)].mean() for _ in range(resamples)]
+  lo, hi = metrics.bootstrap_interval(values, resamples=resamples, seed=seed)
+  assert (lo, hi) == pytest.approx(tuple(np.quantile(means, [0.025, 0.975])), rel=1e-12)
+  other = rng.random(values.size)
+  draw = np.random.default_rng(seed)
+  diffs = np.array([(values - other)[draw.integers(0, values.size, values.size)].mean()
+                    for _ in range(resamples)])
+  got = metrics.paired_bootstrap(values, other, resamples=resamples, seed=seed)
+  assert got["difference"] == pytest.approx((values - other).mean())
+  assert (got["low"], got["high"]) == pytest.approx(tuple(np.quantile(diffs, [0.025, 0.975])))
+  tail = min((diffs <= 0).sum(), (diffs >= 0).sum())
+  assert got["p_value"] == pytest.approx(min(1, 2 * (tail + 1) / (resamples + 1)))
+  assert metrics.paired_bootstrap(values, values)["p_value"] == 1.0
+  assert metrics.paired_bootstrap(values + 1, values)["p_value"] == pytest.approx(2 / 1001)
+  with pytest.raises(ValueError, match="same queries"):
+    metrics.paired_bootstrap(values, other[1:])
+
+
+def test_bootstrap_interval_covers_the_mean_95_times_in_100(rng):
+  """Per-query overlaps of k = 10 drawn around a known mean: the 95% interval of 2,000
+  samples of 400 queries covers it in 93–97% of them (binomial sd of the rate: 0.5%;
+  measured 94.7%. With 100 queries the percentile interval runs narrow: 93.5%)."""
+  truth, covered = 0.3, 0
+  for trial in range(2000):
+    overlaps = rng.binomial(10, truth, 400) / 10
+    lo, hi = metrics.bootstrap_interval(overlaps, resamples=1000, seed=trial)
+    covered += lo <= truth <= hi
+  assert 0.93 <= covered / 2000 <= 0.97, covered / 2000

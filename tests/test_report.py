@@ -101,3 +101,14 @@ def test_a_run_says_when_out_shows_another_runs_results(tmp_path):
   assert "shows the results of an earlier run (run r1" in said and report.SETS in said
   (tmp_path / "scaling" / report.MANIFEST).write_text("{")
   assert "manifest is unreadable" in notice()
+
+
+def test_csv_holds_every_rows_columns(tmp_path):
+  """Rows may carry extra columns (an interval only some metrics have): the header is every
+  column, in order of first appearance, and a row without one leaves it empty."""
+  result = report.ResultSet(str(tmp_path), "grid", "r1", {})
+  result.write_csv("grid.csv", [{"metric": "cka", "score": 0.5},
+                                {"metric": "mutual_knn", "score": 0.25, "score_low": 0.2}])
+  result.publish()
+  lines = (tmp_path / "grid" / "grid.csv").read_text().splitlines()
+  assert lines == ["metric,score,score_low", "cka,0.5,", "mutual_knn,0.25,0.2"]

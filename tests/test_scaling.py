@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 import pytest
-from knn_reference import brute_mutual_knn
+from knn_reference import brute_mutual_knn, cosine_top_k
 
 from plato_jax import metrics
 from plato_jax.gallery import gallery_order, parse_count, resolve_k
@@ -46,6 +46,25 @@ def test_results_equal_brute_force_per_size_and_k(world):
       want = brute_mutual_knn(xa[:n], xb[:n], QUERIES, k)
       assert rows[(n, spec)]["mutual_knn"] == pytest.approx(want, abs=2.0 / (QUERIES * k)), (n, spec)
       assert rows[(n, spec)]["chance"] == pytest.approx(k / (n - 1))
+      row = rows[(n, spec)]
+      assert row["mutual_knn_low"] <= row["mutual_knn"] <= row["mutual_knn_high"]
+      assert row["chance_corrected"] == pytest.approx(
+          (row["mutual_knn"] - row["chance"]) / (1 - row["chance"]))
+      assert row["chance_corrected_low"] <= row["chance_corrected"] <= row["chance_corrected_high"]
+  # rank-biased overlap of the two rankings at depth 100, per size, from float64 rankings
+  for r in res.ranking:
+    n = r["size"]
+    want = metrics.rank_biased_overlap(cosine_top_k(xa[:n], QUERIES, r["depth"]),
+                                       cosine_top_k(xb[:n], QUERIES, r["depth"]), r["p"])
+    assert r["depth"] == 100 and r["rbo"] == pytest.approx(want.mean(), abs=1e-3), n
+    assert r["rbo_low"] <= r["rbo"] <= r["rbo_high"]
+  # the fall from the smallest gallery to the largest, paired over the same queries
+  change = {c["k_spec"]: c for c in res.change}
+  assert set(change) == {"1", "10", "n/100"}
+  drop = change["10"]
+  assert drop["difference"] == pytest.approx(rows[(QUERIES, "10")]["mutual_knn"]
+                                             - rows[(6000, "10")]["mutual_knn"])
+  assert 0 < drop["low"] <= drop["difference"] <= drop["high"] and drop["p_value"] < 0.01
   # at n = queries the gallery is the queries alone: the PRH all-vs-all mutual_knn
   want = metrics.mutual_knn(xa[:QUERIES] / np.linalg.norm(xa[:QUERIES], axis=1, keepdims=True),
                             xb[:QUERIES] / np.linalg.norm(xb[:QUERIES], axis=1, keepdims=True), 10)
