@@ -36,6 +36,8 @@ flags.DEFINE_bool("resume", True, "checkpoint the searches under --out/resume/<e
 flags.DEFINE_string("world_dir", os.path.join(os.path.expanduser("~"), ".cache", "plato_jax"),
                     "cache directory of the synthetic world")
 flags.DEFINE_integer("checkpoint_every", 16, "engine steps between checkpoints")
+flags.DEFINE_bool("common_rows", False, "stores whose rows differ (items that failed in one "
+                  "model): measure the ids both hold, and say how many were left out")
 flags.DEFINE_integer("gallery_seeds", 1, "draw the gallery order this many times (seeds --seed, "
                      "--seed+1, ...; the same queries) and report the spread of m_NN it adds")
 flags.DEFINE_integer("tile_rows", None, "engine tile rows per device (default: engine's choice)")
@@ -107,9 +109,17 @@ def start(experiment: str, synthetic_rows: str | None = None) -> Setup:
                                    WorldConfig(), progress=FLAGS.progress)
   else:
     store_a, store_b = FeatureStore.open(FLAGS.features_a), FeatureStore.open(FLAGS.features_b)
-  largest = parse_count(FLAGS.gallery) if FLAGS.gallery else store_a.num_rows
-  if largest > store_a.num_rows:
-    raise app.UsageError(f"--gallery={FLAGS.gallery} exceeds the stores' {store_a.num_rows:,} rows")
+  rows = store_a.num_rows
+  if FLAGS.common_rows:
+    rows = int(np.isin(store_a.ids(), store_b.ids()).sum())
+    left_out = store_a.num_rows + store_b.num_rows - 2 * rows
+    if left_out:
+      print(f"--common_rows: {rows:,} rows in both stores; {store_a.num_rows - rows:,} of "
+            f"{store_a.root} and {store_b.num_rows - rows:,} of {store_b.root} left out",
+            flush=True)
+  largest = parse_count(FLAGS.gallery) if FLAGS.gallery else rows
+  if largest > rows:
+    raise app.UsageError(f"--gallery={FLAGS.gallery} exceeds the stores' {rows:,} rows")
   queries = read_queries()
   num_queries = queries if isinstance(queries, int) else len(queries)
   return Setup(experiment, store_a, store_b, queries, num_queries, largest, out)
@@ -169,7 +179,8 @@ def run(setup: Setup, sizes, ks, store_a=None, store_b=None, **config):
   store_a = setup.store_a if store_a is None else store_a
   store_b = setup.store_b if store_b is None else store_b
   config = dict({name: FLAGS[name].value for name in (
-      "features_a", "features_b", "layer_a", "layer_b", "queries", "gallery", "seed")},
+      "features_a", "features_b", "layer_a", "layer_b", "queries", "gallery", "seed",
+      "common_rows")},
       store_a=store_a.root, store_b=store_b.root, sizes=list(sizes), k=list(ks), **config)
   if FLAGS.gallery_seeds < 1:
     raise app.UsageError(f"--gallery_seeds must be at least 1, got {FLAGS.gallery_seeds}")
@@ -182,6 +193,7 @@ def run(setup: Setup, sizes, ks, store_a=None, store_b=None, **config):
     results.append(run_scaling(
         store_a, store_b, layer_a=FLAGS.layer_a, layer_b=FLAGS.layer_b, queries=setup.queries,
         sizes=sizes, ks=ks, seed=FLAGS.seed, gallery_seed=FLAGS.seed + draw,
+        common_rows=FLAGS.common_rows,
         resume_dir=resume_dir, checkpoint_every=FLAGS.checkpoint_every,
         tile_rows=FLAGS.tile_rows, progress=FLAGS.progress))
     import jax

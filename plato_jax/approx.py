@@ -273,7 +273,7 @@ def compare(store_a, store_b, *, queries=1024, sizes=("1024", "10k", "50k"), k: 
   plan = plan_galleries(store_a, store_b, queries, sizes, [str(k)], seed)
   num_q = len(plan.query_rows)
   q_a = store_a.gather(plan.query_rows).astype(np.float32)
-  q_b = store_b.gather(plan.query_rows).astype(np.float32)
+  q_b = store_b.gather(plan.on(store_b).query_rows).astype(np.float32)
   la, lb, _ = choose_layers(store_a, store_b, q_a, q_b, layer_a, layer_b)
   ok, skipped = available(methods)
   options = dict(recall_targets=recall_targets, nprobe=nprobe, ef=ef)

@@ -98,29 +98,53 @@ def resolve_queries(ids, queries, seed: int, where: str = "the stores") -> np.nd
 
 @dataclasses.dataclass
 class GalleryPlan:
-  ids: np.ndarray             # the stores' row ids
+  ids: np.ndarray             # the store's row ids
   query_rows: np.ndarray      # store rows of the queries
   sizes: list[int]            # gallery sizes, ascending (prefixes of `order`)
   order: np.ndarray           # store rows in gallery order, queries first
   k_by_size: dict             # size -> [(k spec, k)]
 
+  def on(self, store: FeatureStore) -> "GalleryPlan":
+    """The same queries and galleries (by id) as rows of `store`, which holds every id of
+    the plan: itself when the store's ids are the plan's."""
+    ids = store.ids()
+    if ids is self.ids or np.array_equal(ids, self.ids):
+      return self
+    rows = IdRows(ids)
+    where = f"ids missing from {store.root}"
+    return dataclasses.replace(self, ids=ids, query_rows=rows(self.ids[self.query_rows], where),
+                               order=rows(self.ids[self.order], where))
+
 
 def plan_galleries(store_a: FeatureStore, store_b: FeatureStore, queries, sizes, ks,
-                   seed: int, gallery_seed: int | None = None) -> GalleryPlan:
+                   seed: int, gallery_seed: int | None = None,
+                   common_rows: bool = False) -> GalleryPlan:
   """Checks that the stores hold the same rows and resolves queries, sizes, ks and the
   gallery order (see the module docstring); errors name what is wrong. `seed` draws the
-  queries and, unless `gallery_seed` is given, the gallery order."""
+  queries and, unless `gallery_seed` is given, the gallery order. With `common_rows`, stores
+  whose rows differ (some items failed in one model) are measured on the ids both hold;
+  the plan is in store a's rows (`GalleryPlan.on` gives store b's)."""
   ids = store_a.ids()
   ids_b = store_b.ids()
+  shared = np.ones(len(ids), bool)
   if ids.shape != ids_b.shape or not np.array_equal(ids, ids_b):
-    diff = (np.flatnonzero(ids[:len(ids_b)] != ids_b[:len(ids)])[:1].tolist()
-            if len(ids) and len(ids_b) else [])
-    where = (f"first differing row {diff[0]}: id {ids[diff[0]]} vs {ids_b[diff[0]]}" if diff
-             else f"{len(ids)} vs {len(ids_b)} rows")
-    raise ValueError(f"the two stores do not hold the same rows ({store_a.root} vs "
-                     f"{store_b.root}): {where}")
-  n_total = len(ids)
-  query_rows = resolve_queries(ids, queries, seed)
+    shared = np.isin(ids, ids_b)
+    if not common_rows:
+      diff = (np.flatnonzero(ids[:len(ids_b)] != ids_b[:len(ids)])[:1].tolist()
+              if len(ids) and len(ids_b) else [])
+      where = (f"first differing row {diff[0]}: id {ids[diff[0]]} vs {ids_b[diff[0]]}" if diff
+               else f"{len(ids)} vs {len(ids_b)} rows")
+      raise ValueError(f"the two stores do not hold the same rows ({store_a.root} vs "
+                       f"{store_b.root}): {where}; {len(ids) - shared.sum():,} ids of a are not "
+                       f"in b, {len(ids_b) - shared.sum():,} of b not in a (common_rows / "
+                       f"--common_rows measures the {shared.sum():,} both hold)")
+  common = np.flatnonzero(shared)
+  n_total = len(common)
+  if isinstance(queries, (int, np.integer)):
+    query_rows = common[resolve_queries(common, queries, seed)]
+  else:
+    query_rows = resolve_queries(ids, queries, seed, where=store_a.root)
+    IdRows(ids_b)(ids[query_rows], f"query ids not in {store_b.root}")
   num_q = len(query_rows)
   size_list = sorted({parse_count(s) for s in sizes})
   if size_list[0] < num_q:
@@ -135,8 +159,8 @@ def plan_galleries(store_a: FeatureStore, store_b: FeatureStore, queries, sizes,
       if k > n - 1:
         raise ValueError(f"k={spec} gives {k} > {n - 1} neighbours available at gallery "
                          f"size {n}")
-  order = gallery_order(n_total, query_rows, seed if gallery_seed is None else gallery_seed)
-  order = order[:size_list[-1]]
+  order = gallery_order(len(ids), query_rows, seed if gallery_seed is None else gallery_seed)
+  order = order[shared[order]][:size_list[-1]]
   return GalleryPlan(ids, query_rows, size_list, order, k_by_size)
 
 
@@ -160,6 +184,7 @@ def layer_neighbours(store: FeatureStore, layer: int, queries, plan: GalleryPlan
                      **search_options):
   """One engine pass over one layer in gallery order: the queries' cosine neighbours at
   every gallery size (`keep[i]` of them at size i), queries excluded as self."""
+  plan = plan.on(store)
   return search_prefixes(queries, OrderedSource(store.layer(layer), plan.order), max(keep),
                 query_ids=plan.ids[plan.query_rows], prefix_sizes=plan.sizes, prefix_k=keep,
                 normalize=True, **search_options)

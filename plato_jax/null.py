@@ -17,9 +17,19 @@ Reported per gallery size n and k (Koepke et al. App. A.2):
   raw_reselected   the best pair at this n (per-scale re-selection, Fig. 15)
   null_fixed       E_π[score of the fixed pair]: its chance level
   null_max         E_π[max over pairs]: the selection-aware chance level
-  tau              the `quantile` of the permutation maxima
+  tau              the critical value: the ⌈quantile·(P+1)⌉-th smallest of the observed
+                   maximum and the P permutation maxima (Gröger et al., Algorithm 2)
+  p_value          (1 + #{permutation maxima ≥ raw_reselected}) / (P + 1)
   calibrated       raw_reselected − null_max (Koepke's subtraction, selection-aware)
-  calibrated_tau   (raw_reselected − tau) / (1 − tau) (Gröger's normalisation)
+  calibrated_tau   (raw_reselected − tau) / (1 − tau), clipped to [0, 1] (Gröger's form, as
+                   their `calibrated-similarity` package computes it: tested equal on the
+                   same permutations)
+
+The two calibrations answer different questions. raw − E_π[max] is an effect size: how far
+the score sits above what the layer search finds by chance on average; it can be negative
+and is not scaled. (raw − τ)/(1 − τ) is a thresholded, rescaled score: 0 for every score a
+test at level 1 − quantile would not reject, and the share of the room above τ otherwise;
+it depends on the number of permutations through τ.
 raw_fixed and raw_reselected carry 95% bootstrap intervals over queries (`_low`, `_high`:
 which queries were drawn; the re-selected pair is taken as chosen); the null terms are
 Monte-Carlo means over the permutations.
@@ -27,6 +37,7 @@ Monte-Carlo means over the permutations.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import numpy as np
@@ -34,6 +45,8 @@ import numpy as np
 from plato_jax import metrics
 from plato_jax.gallery import layer_neighbours, plan_galleries
 from plato_jax.knn import IdRows
+
+CALIBRATION_EPS = 1e-12  # the smallest 1 − τ divided by (τ = 1: every score maps to 0)
 
 
 @dataclasses.dataclass
@@ -74,8 +87,13 @@ def permutation_null(pos_a, pos_b, n: int, fixed: tuple[int, int], permutations:
     maxima.append(null.max())
     at_fixed.append(null[fixed])
   null_max = float(np.mean(maxima))
-  tau = float(np.quantile(maxima, quantile))
   best = float(raw.max())
+  # Gröger et al.'s Algorithm 2: τ is an order statistic of the observed maximum together
+  # with the permutation maxima, the p-value counts the maxima that reach the observed one.
+  combined = np.sort(np.r_[best, maxima])
+  tau = float(combined[min(max(math.ceil(quantile * (permutations + 1)) - 1, 0),
+                           permutations)])
+  p_value = (1 + int(np.sum(np.asarray(maxima) >= best))) / (permutations + 1)
   pair = tuple(int(i) for i in np.unravel_index(raw.argmax(), raw.shape))
   interval_seed = int(np.random.default_rng(seed).integers(2**31))
   fixed_per_query = metrics.mutual_knn_per_query(pos_a[fixed[0]], pos_b[fixed[1]])
@@ -84,8 +102,8 @@ def permutation_null(pos_a, pos_b, n: int, fixed: tuple[int, int], permutations:
               **metrics.with_interval("raw_reselected", best_per_query, seed=interval_seed),
               reselected_pair=list(pair),
               null_fixed=float(np.mean(at_fixed)), null_max=null_max, tau=tau,
-              calibrated=best - null_max,
-              calibrated_tau=(best - tau) / (1 - tau) if tau < 1 else float("nan"))
+              calibrated=best - null_max, p_value=p_value,
+              calibrated_tau=min(max((best - tau) / max(1 - tau, CALIBRATION_EPS), 0.0), 1.0))
 
 
 def run_null(store_a, store_b, *, queries=1024, sizes=("1024", "10k", "50k"), ks=("1", "10"),
@@ -103,7 +121,7 @@ def run_null(store_a, store_b, *, queries=1024, sizes=("1024", "10k", "50k"), ks
   rows_in_order = IdRows(plan.ids[plan.order])  # neighbour ids → gallery positions
   positions = {}  # model -> [L, sizes] lists of [Q, keep] positions
   for name, store in (("a", store_a), ("b", store_b)):
-    queries_all = store.gather(plan.query_rows).astype(np.float32)
+    queries_all = store.gather(plan.on(store).query_rows).astype(np.float32)
     per_layer = []
     for layer in range(store.num_layers):
       if progress:

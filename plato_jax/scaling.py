@@ -45,7 +45,7 @@ class ScalingResult:
 def run_scaling(store_a: FeatureStore, store_b: FeatureStore, *, layer_a="auto", layer_b="auto",
                 queries: int | Sequence[int] = 1024, sizes: Sequence[str | int] = DEFAULT_SIZES,
                 ks: Sequence[str] = DEFAULT_KS, seed: int = 0, gallery_seed: int | None = None,
-                resume_dir: str | None = None,
+                common_rows: bool = False, resume_dir: str | None = None,
                 checkpoint_every: int = 16, mesh=None, tile_rows: int | None = None,
                 progress: bool = True) -> ScalingResult:
   """Runs the scaling protocol on two stores of the same rows (see the module docstring).
@@ -53,15 +53,16 @@ def run_scaling(store_a: FeatureStore, store_b: FeatureStore, *, layer_a="auto",
   `queries` is a count (drawn with `seed`) or explicit row ids present in both stores.
   Sizes above the stores' rows are an error; `sizes` are counts like '10k'. `gallery_seed`
   (default `seed`) draws the gallery order alone: the same queries in another gallery.
+  `common_rows`: stores whose rows differ are measured on the ids both hold.
   """
-  plan = plan_galleries(store_a, store_b, queries, sizes, ks, seed, gallery_seed)
+  plan = plan_galleries(store_a, store_b, queries, sizes, ks, seed, gallery_seed, common_rows)
   query_rows, size_list, k_by_size = plan.query_rows, plan.sizes, plan.k_by_size
   num_q = len(query_rows)
   # Per size: its largest k, 10 for the top-10 cosine, RBO_DEPTH for the rank-biased overlap.
   keep = [max([k for _, k in k_by_size[n]] + [min(RBO_DEPTH, n - 1)]) for n in size_list]
 
   q_a = store_a.gather(query_rows).astype(np.float32)
-  q_b = store_b.gather(query_rows).astype(np.float32)
+  q_b = store_b.gather(plan.on(store_b).query_rows).astype(np.float32)
   la, lb, table = choose_layers(store_a, store_b, q_a, q_b, layer_a, layer_b)
 
   found = {}

@@ -12,7 +12,8 @@ s3://, memory://):
                        a random row costs its inner chunk (read and checksummed whole), so
                        chunks default to ~256 KB
     ids/               zarr3 [N] int64 row ids (stable dataset ids)
-    columns/<name>/    zarr3 [N] float32 per-row values (e.g. a caption's loss), optional
+    columns/<name>/    zarr3 [N] per-row values, optional: float32 (e.g. a caption's loss) or
+                       int64 (labels, source ids: exact at any size)
     seals/             zarr3 [N / shard_rows, L + 1 + columns] uint64: each shard file's seal
                        (`plato_jax.shardfile`), by row shard and array (layers, ids, columns)
 
@@ -28,10 +29,11 @@ be chosen at read time; the [rows, 1, D] chunk shape makes one layer as cheap to
 a separate array would be.
 
 Metadata: format, version, model, dataset, pooling, layers (names), num_rows, num_layers,
-dim, dtype, chunk_rows, shard_rows, columns, rows_written, complete, sealed, generation (a token
-renewed whenever the writer writes: resumed work keyed on it sees a rewritten store), note (the writer's
-`note` at `note_rows` rows, the last durable one: a resumed writer continues from there,
-where its producer continues), plus any `extra` fields.
+dim, dtype, chunk_rows, shard_rows, columns, column_dtypes (absent: float32 columns),
+rows_written, complete, sealed, generation (a token renewed whenever the writer writes:
+resumed work keyed on it sees a rewritten store), note (the writer's `note` at `note_rows`
+rows, the last durable one: a resumed writer continues from there, where its producer
+continues), plus any `extra` fields.
 
 zarr-python reads the arrays directly (float32/float16; bfloat16 is a TensorStore zarr3
 extension data type that zarr-python 3.1 does not know).
@@ -61,6 +63,32 @@ LOCK = "plato_store.lock"
 _CONTEXT = ts.Context()
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 CHUNK_BYTES = 2 ** 18  # default inner chunk: streams at full rate, and a gathered row costs little
+
+
+COLUMN_DTYPES = ("float32", "int64")
+
+
+def _column_values(name: str, values, dtype: np.dtype) -> np.ndarray:
+  """An appended column's values in its dtype; a ValueError naming the column and the first
+  rows where that would change a value (a fraction into int64, an integer past float32's
+  2^24 of exact ones)."""
+  values = np.asarray(values).reshape(-1)
+  if dtype == np.int64:
+    if not (np.issubdtype(values.dtype, np.integer) or values.dtype == bool):
+      floats = values.astype(np.float64)
+      bad = np.flatnonzero(~np.isfinite(floats) | (floats != np.round(floats))
+                           | (np.abs(floats) >= 2.0 ** 53))
+      if bad.size:
+        raise ValueError(f"append: int64 column {name!r} given non-integer values at rows "
+                         f"{bad[:10].tolist()}: {values[bad[:3]].tolist()}")
+    return values.astype(np.int64)
+  if np.issubdtype(values.dtype, np.integer):
+    bad = np.flatnonzero(np.abs(values.astype(np.float64)) > 2 ** 24)
+    if bad.size:
+      raise ValueError(f"append: float32 column {name!r} cannot hold integers past 2^24 "
+                       f"exactly (rows {bad[:10].tolist()}: {values[bad[:3]].tolist()}); "
+                       f"create it as an int64 column")
+  return values.astype(np.float32)
 
 
 def default_chunk_rows(dim: int, itemsize: int) -> int:
@@ -215,7 +243,9 @@ class StoreWriter:
              dtype: str = "bfloat16", model: str = "", dataset: str = "", pooling: str = "",
              layers: Sequence[str] | None = None, chunk_rows: int | None = None,
              shard_rows: int | None = None, overwrite: bool = False,
-             columns: Sequence[str] = (), extra: dict | None = None) -> "StoreWriter":
+             columns: Sequence[str] | dict = (), extra: dict | None = None) -> "StoreWriter":
+    """A new store (see the module docstring). `columns`: names of float32 columns, or
+    {name: "float32" | "int64"}."""
     if dtype not in DTYPES:
       raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if min(num_rows, num_layers, dim) < 1:
@@ -223,6 +253,11 @@ class StoreWriter:
     for what, value in (("chunk_rows", chunk_rows), ("shard_rows", shard_rows)):
       if value is not None and (int(value) != value or value < 1):
         raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    column_dtypes = dict(columns) if isinstance(columns, dict) else \
+        dict.fromkeys(columns, "float32")
+    odd = {name: kind for name, kind in column_dtypes.items() if kind not in COLUMN_DTYPES}
+    if odd:
+      raise ValueError(f"column dtypes must be one of {COLUMN_DTYPES}, got {odd}")
     root = _root_url(path)
     if exists(path) and not overwrite:
       raise ValueError(f"a feature store already exists at {root} (resume it or overwrite=True)")
@@ -244,7 +279,8 @@ class StoreWriter:
     meta = dict(format=FORMAT, version=VERSION, model=model, dataset=dataset, pooling=pooling,
                 layers=layers, num_rows=int(num_rows), num_layers=int(num_layers), dim=int(dim),
                 dtype=dtype, chunk_rows=int(chunk_rows), shard_rows=int(shard_rows),
-                columns=list(columns), rows_written=0, complete=False, sealed=True, note=None,
+                columns=list(column_dtypes), column_dtypes=column_dtypes, rows_written=0,
+                complete=False, sealed=True, note=None,
                 note_rows=None,
                 **(extra or {}))
     _write_metadata(root, meta)  # first: an interrupted create is an incomplete store
@@ -255,10 +291,10 @@ class StoreWriter:
     ids = ts.open(_sharded_spec(root + "ids/", (num_rows,), "int64", (shard_rows,),
                                 (chunk_rows,)), create=True, delete_existing=True,
                        context=_CONTEXT).result()
-    cols = {name: ts.open(_sharded_spec(root + f"columns/{name}/", (num_rows,), "float32",
+    cols = {name: ts.open(_sharded_spec(root + f"columns/{name}/", (num_rows,), kind,
                                         (shard_rows,), (chunk_rows,)), create=True,
                           delete_existing=True, context=_CONTEXT).result()
-            for name in columns}
+            for name, kind in column_dtypes.items()}
     ts.open(_seals_spec(root + "seals/", -(-num_rows // shard_rows), num_layers + 1 + len(cols)),
             create=True, delete_existing=True, context=_CONTEXT).result()
     return cls(root, meta, features, ids, cols, lock=lock)
@@ -300,7 +336,8 @@ class StoreWriter:
     if sorted(columns) != sorted(self._columns):
       raise ValueError(f"append: columns {sorted(columns)} given, the store has "
                        f"{sorted(self._columns)}")
-    columns = {k: np.asarray(v, np.float32).reshape(-1) for k, v in columns.items()}
+    columns = {k: _column_values(k, v, np.dtype(self._columns[k].dtype.numpy_dtype))
+               for k, v in columns.items()}
     for name, values in columns.items():
       if values.shape != (rows.shape[0],):
         raise ValueError(f"append: column {name!r} has {values.shape[0]} values for "
@@ -503,7 +540,8 @@ class FeatureStore:
     return hashlib.sha256(json.dumps(self.meta, sort_keys=True).encode()).hexdigest()[:16]
 
   def column(self, name: str) -> np.ndarray:
-    """A per-row column (float32 [num_rows]), e.g. the loss of each caption."""
+    """A per-row column [num_rows] in its dtype (float32 or int64), e.g. each caption's loss
+    or each row's label."""
     if name not in self.meta.get("columns", []):
       raise ValueError(f"store {self.root}: no column {name!r}; columns are "
                        f"{self.meta.get('columns', [])}")

@@ -169,7 +169,7 @@ def build_items(directory: str, num_rows: int, modality: int, items: int,
 
 
 def world_root(directory: str, num_rows: int, config: WorldConfig, dtype: str) -> str:
-  return os.path.join(directory, f"world-v3-{config.fingerprint()}-{num_rows}-{dtype}")
+  return os.path.join(directory, f"world-v4-{config.fingerprint()}-{num_rows}-{dtype}")
 
 
 def _build(paths, models, num_rows, config, dtype, progress, workers, items: int = 1):
@@ -178,7 +178,7 @@ def _build(paths, models, num_rows, config, dtype, progress, workers, items: int
   except ValueError:
     pass
   writers = []
-  columns = ["label"] + (["group"] if items > 1 else [])
+  columns = {"label": "int64", **({"group": "int64"} if items > 1 else {})}
   for path, (m, j, quality) in zip(paths, models):
     try:
       writers.append(StoreWriter.resume(path))

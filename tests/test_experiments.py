@@ -126,6 +126,38 @@ def test_within_modality_pairs_equal_brute_force(world, tmp_path):
       assert r["mutual_knn"] == pytest.approx(want, abs=2.0 / (QUERIES * r["k"])), (run["pair"], r)
 
 
+def test_null_calibration_equals_the_calibrated_similarity_package(world):
+  """Gröger et al.'s own package (calibrated-similarity, Algorithm 2: max over layer pairs)
+  on the queries' features, fed the same permutations through its perm_fn: the same
+  critical value τ, calibrated score and p-value as `plato_jax.null` at n = Q."""
+  import torch
+  from calibrated_similarity import calibrate_layers
+
+  from plato_jax import metrics
+  from plato_jax.gallery import plan_galleries
+  from plato_jax.null import run_null
+  a, b = world
+  k, permutations, seed = 10, 25, 3
+  res = run_null(a, b, queries=QUERIES, sizes=[QUERIES, 1000], ks=[str(k)],
+                 permutations=permutations, seed=seed, progress=False, tile_rows=512)
+  row = next(r for r in res.rows if r["size"] == QUERIES)
+  plan = plan_galleries(a, b, QUERIES, [QUERIES], [str(k)], seed)
+  def layers(store):  # the queries in gallery order, each layer's rows L2-normalised
+    x = store.gather(plan.order[:QUERIES]).astype(np.float64)
+    return [torch.from_numpy(x[:, l] / np.linalg.norm(x[:, l], axis=1, keepdims=True))
+            for l in range(store.num_layers)]
+  draw = np.random.default_rng([seed, QUERIES, k])  # the draws `permuted` makes, in order
+  def same_permutations(n, device):
+    return torch.from_numpy(np.concatenate([draw.permutation(n), n + draw.permutation(0)]))
+  def mutual_knn(x, y):
+    return metrics.mutual_knn(x.numpy().astype(np.float32), y.numpy().astype(np.float32), k)
+  score, p_value, tau = calibrate_layers(layers(a), layers(b), mutual_knn, agg="max",
+                                         K=permutations, alpha=0.05, perm_fn=same_permutations)
+  assert row["tau"] == pytest.approx(float(tau), abs=1e-6)
+  assert row["calibrated_tau"] == pytest.approx(float(score), abs=1e-6)
+  assert row["p_value"] == pytest.approx(float(p_value), abs=1e-6)
+
+
 def test_relabelled_neighbours_are_the_neighbours_of_the_relabelled_model(rng):
   """N_{b∘π}(q) = π⁻¹(N_b(π(q))): the identity that lets one search serve every permutation."""
   from knn_reference import cosine_top_k
@@ -158,7 +190,9 @@ def test_null_scores_equal_direct_computation(world):
     assert r["raw_reselected"] == pytest.approx(raw.max(), abs=2 / (QUERIES * k))
     assert r["null_fixed"] <= r["null_max"]  # per permutation, one pair's score <= the max
     assert r["calibrated"] == pytest.approx(r["raw_reselected"] - r["null_max"])
-    assert r["calibrated_tau"] == pytest.approx((r["raw_reselected"] - r["tau"]) / (1 - r["tau"]))
+    assert r["calibrated_tau"] == pytest.approx(
+        min(max((r["raw_reselected"] - r["tau"]) / (1 - r["tau"]), 0), 1))
+    assert 1 / 31 <= r["p_value"] <= 1
     # the shuffled pairing of one pair sits at chance k/(n-1), within sampling error
     assert r["null_fixed"] == pytest.approx(k / (n - 1), rel=0.5, abs=3 / (QUERIES * k))
   q_rows = choose_queries(ROWS, QUERIES, 0)

@@ -86,7 +86,7 @@ def test_argument_errors(world):
     run_scaling(store_a, store_b, queries=100, sizes=[50, 1000], progress=False)
   with pytest.raises(ValueError, match="gives 200 > 99 neighbours"):
     run_scaling(store_a, store_b, queries=100, sizes=[100, 1000], ks=["200"], progress=False)
-  with pytest.raises(ValueError, match=r"query ids not in the stores: \[99999\]"):
+  with pytest.raises(ValueError, match=r"query ids not in file://.*/a/: \[99999\]"):
     run_scaling(store_a, store_b, queries=[1, 2, 99999], sizes=[3, 100], progress=False)
   with pytest.raises(ValueError, match="not a count"):
     parse_count("ten")
@@ -97,6 +97,50 @@ def test_stores_with_different_rows_are_refused(tmp_path, world):
   other = build_world(str(tmp_path), 5000, SMALL, progress=False)
   with pytest.raises(ValueError, match="do not hold the same rows"):
     run_scaling(world[0], other[1], queries=100, sizes=[100], progress=False)
+
+
+def test_common_rows_measure_the_ids_both_stores_hold(tmp_path, world):
+  """Model b failed on 29 items: its store lacks their rows. Refused by default (the error
+  counts them); with common_rows, the same protocol on the ids both hold equals a brute
+  force on those rows in the plan's order."""
+  from plato_jax.gallery import plan_galleries
+  from plato_jax.store import StoreWriter
+  store_a, store_b = world
+  kept = np.sort(np.random.default_rng(1).permutation(6000)[29:])
+  w = StoreWriter.create(str(tmp_path / "short"), num_rows=kept.size,
+                         num_layers=store_b.num_layers, dim=store_b.dim,
+                         dtype=store_b.meta["dtype"])
+  w.append(store_b.gather(kept), store_b.ids()[kept])
+  short = w.close()
+  with pytest.raises(ValueError, match=r"29 ids of a are not in b, 0 of b not in a .*"
+                                       r"measures the 5,971 both hold"):
+    run_scaling(store_a, short, queries=100, sizes=[100], progress=False)
+  sizes = [100, 2000, 5971]
+  res = run_scaling(store_a, short, queries=100, sizes=sizes, ks=["10"], seed=2,
+                    common_rows=True, progress=False, tile_rows=512)
+  plan = plan_galleries(store_a, short, 100, sizes, ["10"], 2, common_rows=True)
+  on_short = plan.on(short)
+  np.testing.assert_array_equal(plan.ids[plan.order], on_short.ids[on_short.order])
+  assert not np.isin(store_a.ids()[plan.order], store_a.ids()[np.setdiff1d(np.arange(6000),
+                                                                           kept)]).any()
+  xa = store_a.read_layer(res.layer_a).astype(np.float32)[plan.order]
+  xb = short.read_layer(res.layer_b).astype(np.float32)[on_short.order]
+  for row in res.rows:
+    n = row["size"]
+    want = brute_mutual_knn(xa[:n], xb[:n], 100, 10)
+    assert row["mutual_knn"] == pytest.approx(want, abs=2.0 / 1000), n
+  # the command line: refused without the flag; with it, says what it left out, same rows
+  args = [f"--features_a={store_a.root}", f"--features_b={short.root}", "--queries=100",
+          "--sizes=100,2000", "--k=10", "--seed=2", "--tile_rows=512", "--noprogress",
+          f"--out={tmp_path / 'out'}"]
+  refused = _run_cli(args)
+  assert refused.wait(timeout=300) != 0 and "--common_rows" in refused.communicate()[0]
+  done = _run_cli(args + ["--common_rows"])
+  out = done.communicate(timeout=300)[0]
+  assert done.returncode == 0, out
+  assert "5,971 rows in both stores; 29 of" in out
+  written = json.loads((tmp_path / "out" / "scaling" / "scaling.json").read_text())["rows"]
+  assert [r["mutual_knn"] for r in written] == [r["mutual_knn"] for r in res.rows[:2]]
 
 
 def test_world_rows_do_not_depend_on_the_worker_count(tmp_path, world):

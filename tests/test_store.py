@@ -379,3 +379,35 @@ def test_a_direct_read_of_a_damaged_shard_names_its_file_and_rows(tmp_path, rng,
           "missing": "is missing"}[damage]
   with pytest.raises(shardfile.ShardError, match=f"{path}.* {said}"):
     reader.read_rows(str(path), 3, 32, out[3:], first_row=32)
+
+
+def test_int64_columns_hold_labels_and_ids_exactly(tmp_path, rng):
+  """float32 holds integers exactly only up to 2^24: labels and source ids go in int64
+  columns, and a float32 column refuses integers it would round."""
+  x = rng.standard_normal((50, 1, 4)).astype(np.float32)
+  big = 2**40 + rng.integers(0, 2**20, 50)  # source ids past float32's exact integers
+  w = StoreWriter.create(str(tmp_path / "s"), num_rows=50, num_layers=1, dim=4,
+                         dtype="float32", chunk_rows=8, shard_rows=16,
+                         columns={"group": "int64", "loss": "float32"})
+  w.append(x[:30], np.arange(30), columns={"group": big[:30], "loss": rng.random(30)})
+  w.commit()
+  w.release()
+  w = StoreWriter.resume(str(tmp_path / "s"))  # the resumed writer keeps each column's dtype
+  at = w.rows_written
+  rest = dict(rows=x[at:], ids=np.arange(at, 50))
+  with pytest.raises(ValueError, match=r"int64 column 'group' given non-integer values at "
+                                       r"rows \[1\]"):
+    w.append(**rest, columns={"group": [7.0, 7.5] + [1.0] * (48 - at),
+                              "loss": np.zeros(50 - at)})
+  with pytest.raises(ValueError, match=r"float32 column 'loss' cannot hold integers past "
+                                       r"2\^24 exactly \(rows \[0\]"):
+    w.append(**rest, columns={"group": big[at:], "loss": [2**24 + 1] + [0] * (49 - at)})
+  w.append(**rest, columns={"group": np.full(50 - at, 3.0), "loss": np.zeros(50 - at)})
+  store = w.close()
+  group = store.column("group")
+  assert group.dtype == np.int64 and store.column("loss").dtype == np.float32
+  np.testing.assert_array_equal(group, np.r_[big[:at], np.full(50 - at, 3)])
+  assert store.meta["column_dtypes"] == {"group": "int64", "loss": "float32"}
+  with pytest.raises(ValueError, match=r"column dtypes must be one of"):
+    StoreWriter.create(str(tmp_path / "t"), num_rows=5, num_layers=1, dim=4,
+                       columns={"label": "int8"})
