@@ -84,7 +84,11 @@ def plot(rows, names_a, names_b, values, value_name):
   left.set_xticks(range(len(names_b)), names_b, rotation=60, ha="right", fontsize=7)
   left.set_yticks(range(len(names_a)), names_a, fontsize=7)
   for (i, j), v in np.ndenumerate(grid):
-    left.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=6, color="w")
+    # Dark text on the colour map's light end, light text on its dark end.
+    shade = image.cmap(image.norm(v))
+    light = 0.299 * shade[0] + 0.587 * shade[1] + 0.114 * shade[2] > 0.5
+    left.text(j, i, f"{v:.3f}", ha="center", va="center", fontsize=6,
+              color="black" if light else "white")
   left.set_title(f"best-layer {first}")
   fig.colorbar(image, ax=left, shrink=0.8)
   if values:

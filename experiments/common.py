@@ -268,8 +268,23 @@ def model_names(setup: Setup) -> tuple[str, str]:
 
 def alignment_curves(result, x: str, by: str, label, x_label: str, names=("a", "b")):
   """Log-log m_NN curves of a scaling result: x = `x` ("size" or "k"), one line per value of
-  `by`, each with its chance level k/(n−1) dashed; `names` of the two models in the title."""
-  fig, ax = figure()
+  `by`, each with its chance level k/(n−1) dashed; `names` of the two models in the title.
+  Against gallery size, a second panel shows each model's mean top-1 / top-10 cosine
+  (Koepke Table 1)."""
+  if x != "size":
+    fig, ax = figure()
+  else:
+    fig, (ax, near) = figure(11, 4, ncols=2)
+    for i, (model, name) in enumerate(zip("ab", names)):
+      pts = [q for q in result.quality if q["model"] == model]
+      for what, style in (("top1_cosine", "o-"), ("top10_cosine", "s--")):
+        near.plot([q["size"] for q in pts], [q[what] for q in pts], style, ms=3, color=f"C{i}",
+                  label=f"{name}: {what.split('_')[0]}")
+    near.set_xscale("log")
+    near.set_xlabel(x_label)
+    near.set_ylabel("mean cosine of the neighbours")
+    near.set_title("how close the nearest rows are", fontsize=9)
+    near.legend(fontsize=7)
   for value in dict.fromkeys(r[by] for r in result.rows):
     pts = [r for r in result.rows if r[by] == value]
     line, = ax.plot([r[x] for r in pts], [r["mutual_knn"] for r in pts], "o-", ms=3,

@@ -33,7 +33,8 @@ class ScalingResult:
   layer_table: list | None
   num_queries: int
   rows: list[dict]            # one per (size, k): size, k_spec, k, mutual_knn (with
-                              # mutual_knn_low/high), chance, chance_corrected (low/high)
+                              # mutual_knn_low/high), chance, chance_corrected (low/high),
+                              # and the size's top-1 / top-10 cosines of each model
   quality: list[dict]         # one per (size, modality): mean cosine of top-1 / top-10
   ranking: list[dict] = dataclasses.field(default_factory=list)  # one per size: rank-biased
                               # overlap (rbo, rbo_low/high) at RBO_DEPTH, RBO_P
@@ -95,6 +96,9 @@ def run_scaling(store_a: FeatureStore, store_b: FeatureStore, *, layer_a="auto",
       top = nbrs.top(min(10, nbrs.k))
       quality.append(dict(size=n, model=name, top1_cosine=float(top.scores[:, 0].mean()),
                           top10_cosine=float(top.scores.mean())))
+    for row in rows[-len(k_by_size[n]):]:  # the CSV's rows carry them too (Koepke Table 1)
+      row.update({f"{what}_{q['model']}": q[what] for q in quality[-2:]
+                  for what in ("top1_cosine", "top10_cosine")})
   first, last = size_list[0], size_list[-1]
   change = [dict(k_spec=spec, from_size=first, to_size=last,
                  **metrics.paired_bootstrap(overlaps[first, spec], overlaps[last, spec],
