@@ -7,7 +7,8 @@ r"""Extract per-layer features of one model over an image–caption dataset into
 --model is a local Hugging Face (or timm) checkpoint directory; --data an image folder
 with captions.jsonl/csv, parquet file(s) in the WIT / HF-datasets layout, or webdataset
 tar shards. Vision models store the CLS token of every block, language models every
-hidden state mean-pooled over the caption's tokens, plus its loss and bits per byte.
+hidden state mean-pooled over the caption's tokens, plus its loss and bits per byte;
+--group_column adds each row's group (its source) for many-to-many alignment.
 `python -m experiments.scaling --features_a=... --features_b=...` reads the stores.
 """
 from __future__ import annotations
@@ -39,6 +40,9 @@ flags.DEFINE_string("image_column", "image", "image field / column (parquet: byt
 flags.DEFINE_string("caption_column", "caption", "caption field / column, e.g. "
                     "original_caption or gemini_caption for WIT")
 flags.DEFINE_string("id_column", "id", "integer row id field (default: the row's position)")
+flags.DEFINE_string("group_column", None, "integer group field (e.g. the image of each of "
+                    "several captions): stored as the int64 column 'group', what "
+                    "experiments.many_to_many reads; every record needs one")
 flags.DEFINE_integer("chunk_rows", None, "store inner chunk rows (default: ~256 KB chunks; "
                      "a randomly read row costs its whole chunk)")
 flags.DEFINE_bool("resume", False, "continue an interrupted extraction into --out (the same "
@@ -58,7 +62,8 @@ def main(argv):
 
   try:
     reader = data.open_dataset(FLAGS.data, image=FLAGS.image_column,
-                               caption=FLAGS.caption_column, id=FLAGS.id_column)
+                               caption=FLAGS.caption_column, id=FLAGS.id_column,
+                               group=FLAGS.group_column)
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"experiments.extract: {e}")
   opts = Options(batch_size=FLAGS.batch_size, dtype=FLAGS.dtype, store_dtype=FLAGS.store_dtype,

@@ -203,6 +203,7 @@ def _run_identity(checkpoint_dir: str, reader, dataset_name: str, opts: Options,
           "dataset": dataset_name or str(getattr(reader, "path", getattr(reader, "files", ""))),
           "dataset_files": _fingerprint(data_files), "dataset_records": len(reader),
           "tower": tower, "store_dtype": opts.store_dtype or opts.dtype,
+          "group_field": getattr(reader, "group_field", None),
           "protocol": "plato_jax.extract v1", "options": opts.identity()}
 
 
@@ -259,7 +260,7 @@ def extract(checkpoint_dir: str, dataset, out: str, opts: Options = Options(), *
     def run(params, pixels):
       return cls_per_block(nnx.merge(graphdef, params)(pixels.astype(dtype)))
 
-    layers, columns = model.config.num_layers, []
+    layers, columns = model.config.num_layers, {}
     batches = _image_batches(reader, spec, batch, skips, opts)
   else:
     tokenizer = load_tokenizer(checkpoint_dir)
@@ -275,8 +276,10 @@ def extract(checkpoint_dir: str, dataset, out: str, opts: Options = Options(), *
       return (pooled, *token_losses(m.logits(states[-1]), ids, mask))
 
     layers = model.config.num_layers + 1
-    columns = ["loss", "bits_per_byte"] if has_head else []
+    columns = {"loss": "float32", "bits_per_byte": "float32"} if has_head else {}
     batches = _text_batches(reader, tokenizer, batch, skips, opts)
+  if getattr(reader, "group_field", None) is not None:
+    columns["group"] = "int64"  # each row's source, for many-to-many alignment
   dim = model.config.hidden_size if hasattr(model.config, "hidden_size") else \
       model.config.block.hidden_size
 
@@ -318,6 +321,7 @@ class _Chunk:
   batches: list           # per batch: {name: host array}, batch axis padded to full size
   slots: list             # per batch: each real slot's index in the chunk's dataset order
   ids: np.ndarray         # row ids, dataset order
+  groups: list            # each row's group (None without a group field), dataset order
   nbytes: np.ndarray      # caption bytes (text), dataset order
   consumed: int           # records consumed once this chunk is written (resume point)
   consumed_now: int
@@ -332,26 +336,29 @@ def _write(writer, chunk: _Chunk, results, skips: _Skips):
   where = np.argsort(np.concatenate(chunk.slots))
   pooled = np.concatenate([p[0] for p in parts])[where]
   columns = {}
-  if writer.meta.get("columns"):
+  if "group" in writer.meta.get("columns", []):
+    columns["group"] = np.asarray(chunk.groups, np.int64)
+  if "loss" in writer.meta.get("columns", []):
     loss_sum = np.concatenate([p[1] for p in parts])[where]
     count = np.maximum(np.concatenate([p[2] for p in parts])[where], 1)
-    columns = {"loss": loss_sum / count,
-               "bits_per_byte": loss_sum / math.log(2) / np.maximum(chunk.nbytes, 1)}
+    columns.update(loss=loss_sum / count,
+                   bits_per_byte=loss_sum / math.log(2) / np.maximum(chunk.nbytes, 1))
   writer.append(pooled, chunk.ids, columns,
                 note={"consumed": chunk.consumed, "skipped": list(skips.ids)})
   writer.commit(wait_all=False)  # durable progress chunk by chunk (one write left in flight)
 
 
 def _image_batches(reader, spec: ImageSpec, batch: int, skips: _Skips, opts: Options):
-  def chunk(pixels, ids, consumed, start):
+  def chunk(pixels, kept, consumed, start):
     x = np.zeros((batch, 3, *spec.crop), np.float32)
     if pixels:
       x[:len(pixels)] = np.stack(pixels)
-    return _Chunk([{"pixels": x}], [np.arange(len(ids))], np.asarray(ids, np.int64),
-                  np.zeros(len(ids)), consumed, consumed - start)
+    return _Chunk([{"pixels": x}], [np.arange(len(kept))],
+                  np.asarray([r.row_id for r in kept], np.int64), [r.group for r in kept],
+                  np.zeros(len(kept)), consumed, consumed - start)
 
   def gen(start: int) -> Iterator[_Chunk]:
-    pixels, ids, consumed = [], [], start
+    pixels, kept, consumed = [], [], start
     for record in reader.records(start):
       consumed += 1
       image = datasets.decode_image(record.image) if record.image is not None else None
@@ -359,12 +366,12 @@ def _image_batches(reader, spec: ImageSpec, batch: int, skips: _Skips, opts: Opt
         skips.bad(record, "missing or unreadable image", opts.on_bad_image)
       else:
         pixels.append(spec(image))
-        ids.append(record.row_id)
+        kept.append(record)
       if len(pixels) == batch:
-        yield chunk(pixels, ids, consumed, start)
-        start, pixels, ids = consumed, [], []
+        yield chunk(pixels, kept, consumed, start)
+        start, pixels, kept = consumed, [], []
     if consumed > start:
-      yield chunk(pixels, ids, consumed, start)
+      yield chunk(pixels, kept, consumed, start)
   return gen
 
 
@@ -409,7 +416,7 @@ def _text_batches(reader, tokenizer, batch: int, skips: _Skips, opts: Options):
         return None
     if not ids:
       skips.bad(record, "the caption encodes to no tokens", "fail")
-    return record.row_id, ids, len(str(caption).encode("utf-8"))
+    return record.row_id, ids, len(str(caption).encode("utf-8")), record.group
 
   def window_chunk(window, consumed, start):
     """The window's rows sorted by length into batches (padded to a bucket length)."""
@@ -427,7 +434,8 @@ def _text_batches(reader, tokenizer, batch: int, skips: _Skips, opts: Options):
       batches.append({"ids": ids, "mask": mask})
       slots.append(np.asarray(group))
     return _Chunk(batches, slots, np.asarray([w[0] for w in window], np.int64),
-                  np.asarray([w[2] for w in window], np.float64), consumed, consumed - start)
+                  [w[3] for w in window], np.asarray([w[2] for w in window], np.float64),
+                  consumed, consumed - start)
 
   def gen(start: int) -> Iterator[_Chunk]:
     window, consumed = [], start
@@ -443,5 +451,5 @@ def _text_batches(reader, tokenizer, batch: int, skips: _Skips, opts: Options):
       if window:
         yield window_chunk(window, consumed, start)
       else:  # only skipped records: record the resume point anyway
-        yield _Chunk([], [], np.zeros(0, np.int64), np.zeros(0), consumed, consumed - start)
+        yield _Chunk([], [], np.zeros(0, np.int64), [], np.zeros(0), consumed, consumed - start)
   return gen

@@ -49,7 +49,7 @@ def write_image_folder(root, rng, n, bad=()):
     name = f"img{i}.png"
     data = b"not an image" if i in bad else png(rng, int(rng.integers(30, 50)), int(rng.integers(30, 50)))
     (root / name).write_bytes(data)
-    lines.append(json.dumps({"image": name, "caption": f"w{i}", "id": 1000 + i}))
+    lines.append(json.dumps({"image": name, "caption": f"w{i}", "id": 1000 + i, "src": i // 2}))
   (root / "captions.jsonl").write_text("\n".join(lines))
 
 
@@ -268,10 +268,15 @@ def test_extract_command_fills_a_store_that_scaling_reads(rng, tmp_path, llama_d
     with open(log, "w") as f:
       code = subprocess.run([sys.executable, "-m", "experiments.extract", f"--model={model}",
                              f"--data={tmp_path / 'imgs'}", f"--out={out[name]}",
-                             "--batch_size=8", "--dtype=float32", "--noprogress"],
+                             "--batch_size=8", "--dtype=float32", "--noprogress",
+                             *(["--group_column=src"] if name == "vision" else [])],
                             stdout=f, stderr=subprocess.STDOUT).returncode
     assert code == 0, log.read_text()[-3000:]
     assert "40 rows" in log.read_text()
+  from plato_jax.store import FeatureStore
+  np.testing.assert_array_equal(FeatureStore.open(out["vision"]).column("group"),
+                                np.arange(40) // 2)
+  assert "group" not in FeatureStore.open(out["text"]).meta["columns"]
   log = tmp_path / "scaling.log"
   with open(log, "w") as f:
     code = subprocess.run([sys.executable, "-m", "experiments.scaling",
@@ -281,3 +286,49 @@ def test_extract_command_fills_a_store_that_scaling_reads(rng, tmp_path, llama_d
   assert code == 0, log.read_text()[-3000:]
   result = json.loads((tmp_path / "res" / "scaling" / "scaling.json").read_text())
   assert {16, 40} <= {row["size"] for row in result["rows"]}
+
+
+def test_readers_carry_groups_and_extract_stores_them(rng, tmp_path, llama_dir):
+  """A group field (each caption's image, say) through the three readers, then into the
+  store's int64 'group' column — rows skipped by the extractor leave theirs out."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  texts = captions(rng, 9)
+  groups = (rng.integers(0, 3, 9) + 2**40).tolist()  # past float32's exact integers
+  pq.write_table(pa.table({"caption": texts, "src": groups}), tmp_path / "a.parquet",
+                 row_group_size=4)
+  with tarfile.open(tmp_path / "shard-0.tar", "w") as tar:
+    for i, (t, g) in enumerate(zip(texts, groups)):
+      payload = json.dumps({"caption": t, "src": g}).encode()
+      info = tarfile.TarInfo(f"{i:05d}.json")
+      info.size = len(payload)
+      tar.addfile(info, io.BytesIO(payload))
+  folder = tmp_path / "d"
+  folder.mkdir()
+  lines = [{"caption": t, "src": g} for t, g in zip(texts, groups)]
+  lines[4]["caption"] = ""  # skipped by the extractor: its group must not land on a row
+  (folder / "captions.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+  for reader in (datasets.open_dataset(str(tmp_path / "a.parquet"), image=None, group="src"),
+                 datasets.open_dataset(str(tmp_path / "shard-0.tar"), group="src"),
+                 datasets.open_dataset(str(folder), group="src")):
+    assert [r.group for r in reader.records()] == groups
+    assert [r.group for r in datasets.open_dataset(str(folder)).records()] == [None] * 9
+  path, _, _ = llama_dir
+  store = extract(str(path), datasets.open_dataset(str(folder), group="src"),
+                  str(tmp_path / "s"), Options(batch_size=4, dtype="float32",
+                                               on_empty_caption="skip", progress=False))
+  assert store.column("group").dtype == np.int64
+  np.testing.assert_array_equal(store.ids(), [i for i in range(9) if i != 4])
+  np.testing.assert_array_equal(store.column("group"), [g for i, g in enumerate(groups) if i != 4])
+  # a record without its group, or with a non-integer one, is an error naming it
+  lines[2].pop("src")
+  (folder / "captions.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+  with pytest.raises(ValueError, match=r"captions.jsonl:3: no group \('src' field\)"):
+    list(datasets.open_dataset(str(folder), group="src").records())
+  lines[2]["src"] = "left"
+  (folder / "captions.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+  with pytest.raises(ValueError, match=r"captions.jsonl:3: group \('src'\) 'left' is not an "
+                                       r"integer"):
+    list(datasets.open_dataset(str(folder), group="src").records())
+  with pytest.raises(ValueError, match=r"no group column 'source'"):
+    datasets.open_dataset(str(tmp_path / "a.parquet"), image=None, group="source")

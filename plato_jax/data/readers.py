@@ -17,6 +17,8 @@ class Record:
   image: bytes | None
   caption: str | None
   source: str = ""   # where the record came from (file, line), for error messages
+  group: int | None = None  # the item's source (e.g. the image of one of its captions),
+                            # when the reader is given a group field
 
 
 def _files(path: str, suffixes: tuple[str, ...]) -> list[str]:
@@ -33,27 +35,40 @@ def _files(path: str, suffixes: tuple[str, ...]) -> list[str]:
   return found
 
 
-def _row_id(value, where: str) -> int:
+def _row_id(value, where: str, what: str = "id") -> int:
   try:
     row_id = int(value)
   except (TypeError, ValueError):
-    raise ValueError(f"{where}: id {value!r} is not an integer") from None
+    raise ValueError(f"{where}: {what} {value!r} is not an integer") from None
   if not -2**63 <= row_id < 2**63:
-    raise ValueError(f"{where}: id {row_id} does not fit int64")
+    raise ValueError(f"{where}: {what} {row_id} does not fit int64")
   return row_id
+
+
+def _group(value, field: str | None, where: str) -> int | None:
+  """A record's group: None when the reader has no group field; an error naming the
+  record when the field is missing or not an integer."""
+  if field is None:
+    return None
+  if value in (None, ""):
+    raise ValueError(f"{where}: no group ({field!r} field): every record needs one")
+  return _row_id(value, where, f"group ({field!r})")
 
 
 class ImageFolder:
   """Images under `root` listed by a captions file (jsonl: one object per line; csv with a
-  header) with fields `image` (a path relative to root), `caption`, and optionally `id`."""
+  header) with fields `image` (a path relative to root), `caption`, and optionally `id` and a
+  group field (`group_field`)."""
 
   def __init__(self, root: str, captions: str = "captions.jsonl", *, image_field: str = "image",
-               caption_field: str = "caption", id_field: str = "id"):
+               caption_field: str = "caption", id_field: str = "id",
+               group_field: str | None = None):
     self.root = root
     self.path = captions if os.path.isabs(captions) else os.path.join(root, captions)
     if not os.path.isfile(self.path):
       raise FileNotFoundError(f"captions file {self.path} not found")
     self.fields = (image_field, caption_field, id_field)
+    self.group_field = group_field
     self._rows = list(self._read())
 
   def _read(self):
@@ -90,15 +105,18 @@ class ImageFolder:
           image = b""  # unreadable: the extractor skips or fails, naming the row
         where = f"{where} ({path})"
       row_id = _row_id(row[id_field], where) if row.get(id_field) not in (None, "") else position
-      yield Record(row_id, image, row.get(caption_field), where)
+      yield Record(row_id, image, row.get(caption_field), where,
+                   _group(row.get(self.group_field), self.group_field, where))
 
 
 class Parquet:
   """Parquet files in the WIT / HF-datasets layout: an image column holding bytes (or a
-  struct {bytes, path}) and caption column(s); row ids from `id_column` or the position."""
+  struct {bytes, path}) and caption column(s); row ids from `id_column` or the position; a
+  group from `group_column` when given."""
 
   def __init__(self, path: str, *, image_column: str | None = "image",
-               caption_column: str | None = "caption", id_column: str | None = "id"):
+               caption_column: str | None = "caption", id_column: str | None = "id",
+               group_column: str | None = None):
     import pyarrow.parquet as pq
     self.files = _files(path, (".parquet",))
     self.columns = (image_column, caption_column, id_column)
@@ -110,6 +128,11 @@ class Parquet:
                          f"{sorted(names)}")
     if image_column not in names and caption_column not in names:
       raise ValueError(f"{self.files[0]}: neither image nor caption column")
+    self.group_field = group_column
+    for path, meta in zip(self.files, self._meta):
+      if group_column is not None and group_column not in meta.schema_arrow.names:
+        raise ValueError(f"{path}: no group column {group_column!r}; columns are "
+                         f"{sorted(meta.schema_arrow.names)}")
 
   def __len__(self) -> int:
     return sum(m.metadata.num_rows for m in self._meta)
@@ -119,7 +142,8 @@ class Parquet:
     position = 0
     for path, meta in zip(self.files, self._meta):
       names = set(meta.schema_arrow.names)
-      wanted = [c for c in (image_column, caption_column, id_column) if c in names]
+      wanted = [c for c in (image_column, caption_column, id_column, self.group_field)
+                if c in names]
       for group in range(meta.num_row_groups):
         n = meta.metadata.row_group(group).num_rows
         if position + n <= start:
@@ -135,20 +159,25 @@ class Parquet:
             caption = table[caption_column][i] if caption_column in table else None
             ident = table[id_column][i] if id_column in table else None
             row_id = _row_id(ident, where) if ident is not None else position
-            yield Record(row_id, image, caption, where)
+            group = table[self.group_field][i] if self.group_field in table else None
+            yield Record(row_id, image, caption, where,
+                         _group(group, self.group_field, where))
           position += 1
 
 
 class WebDataset:
   """webdataset tar shards: files grouped by key (the name before the first dot); the image
   from .jpg/.jpeg/.png/.webp, the caption from .txt or .json (`caption` field), an id from
-  .id or the json's `id`, else the sample's position over the sorted shards."""
+  .id or the json's `id`, else the sample's position over the sorted shards; a group from
+  the json's `group_field` when given."""
 
   IMAGE = (".jpg", ".jpeg", ".png", ".webp")
 
-  def __init__(self, path: str, *, caption_field: str = "caption", id_field: str = "id"):
+  def __init__(self, path: str, *, caption_field: str = "caption", id_field: str = "id",
+               group_field: str | None = None):
     self.files = _files(path, (".tar",))
     self.caption_field, self.id_field = caption_field, id_field
+    self.group_field = group_field
 
   @staticmethod
   def _key_ext(member) -> tuple[str, str]:
@@ -197,15 +226,18 @@ class WebDataset:
           meta.get(self.caption_field)
       ident = parts[".id"].decode().strip() if ".id" in parts else meta.get(self.id_field)
       row_id = _row_id(ident, where) if ident not in (None, "") else position
-      yield Record(row_id, image, caption, where)
+      yield Record(row_id, image, caption, where,
+                   _group(meta.get(self.group_field), self.group_field, where))
 
 
-def open_dataset(path: str, *, image: str = "image", caption: str = "caption", id: str = "id"):
+def open_dataset(path: str, *, image: str = "image", caption: str = "caption", id: str = "id",
+                 group: str | None = None):
   """The reader for `path`: a directory with captions.jsonl/csv (image folder), parquet
-  file(s) (a file, a directory or a glob) or tar shard(s); `image`, `caption` and `id` name
-  the fields / columns (webdataset: the json's caption and id fields)."""
-  folder = dict(image_field=image, caption_field=caption, id_field=id)
-  table = dict(image_column=image, caption_column=caption, id_column=id)
+  file(s) (a file, a directory or a glob) or tar shard(s); `image`, `caption`, `id` and
+  `group` name the fields / columns (webdataset: the json's caption, id and group fields)."""
+  folder = dict(image_field=image, caption_field=caption, id_field=id, group_field=group)
+  table = dict(image_column=image, caption_column=caption, id_column=id, group_column=group)
+  tars = dict(caption_field=caption, id_field=id, group_field=group)
 
   def has(suffix):
     return bool(glob.glob(os.path.join(path, "**", f"*{suffix}"), recursive=True))
@@ -217,14 +249,14 @@ def open_dataset(path: str, *, image: str = "image", caption: str = "caption", i
     if has(".parquet"):
       return Parquet(path, **table)
     if has(".tar"):
-      return WebDataset(path, caption_field=caption, id_field=id)
+      return WebDataset(path, **tars)
     raise ValueError(f"{path}: no captions.jsonl/csv, parquet or tar files")
   if path.endswith((".jsonl", ".csv")):
     return ImageFolder(os.path.dirname(path) or ".", os.path.basename(path), **folder)
   if path.endswith(".parquet"):
     return Parquet(path, **table)
   if path.endswith(".tar"):
-    return WebDataset(path, caption_field=caption, id_field=id)
+    return WebDataset(path, **tars)
   raise ValueError(f"{path}: not a dataset this reader knows (an image folder with "
                    f"captions.jsonl/csv, .parquet files, .tar shards; globs must end in "
                    f".parquet or .tar)")
