@@ -99,7 +99,7 @@ def plot(rows, names_a, names_b, values, value_name):
       right.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=metric)
     right.set_xlabel(value_name)
     right.set_ylabel("alignment (mean over models a)")
-    right.legend(fontsize=7)
+    common.legend_outside(right, fontsize=7)
   else:
     right.axis("off")
     right.text(0.5, 0.5, "no --values: no scatter", ha="center")

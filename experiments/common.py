@@ -252,6 +252,14 @@ def write(setup: Setup, name: str, payload: dict, rows, figure) -> list[str]:
           for ext in ("json", "csv", *FIGURE_FORMATS)]
 
 
+def legend_outside(ax, fontsize: int = 8) -> None:
+  """The axes' legend below them, where it covers no curve nor a neighbouring panel (the
+  figures are one row of panels; the saved figure grows to hold it)."""
+  entries = len(ax.get_legend_handles_labels()[1])
+  ax.legend(fontsize=fontsize, loc="upper center", bbox_to_anchor=(0.5, -0.16),
+            ncol=max(1, min(3, entries)), frameon=False)
+
+
 def figure(width: float = 6, height: float = 4, ncols: int = 1):
   """(figure, axes) on the file-only backend."""
   import matplotlib
@@ -284,7 +292,7 @@ def alignment_curves(result, x: str, by: str, label, x_label: str, names=("a", "
     near.set_xlabel(x_label)
     near.set_ylabel("mean cosine of the neighbours")
     near.set_title("how close the nearest rows are", fontsize=9)
-    near.legend(fontsize=7)
+    legend_outside(near, fontsize=7)
   for value in dict.fromkeys(r[by] for r in result.rows):
     pts = [r for r in result.rows if r[by] == value]
     line, = ax.plot([r[x] for r in pts], [r["mutual_knn"] for r in pts], "o-", ms=3,
@@ -301,5 +309,5 @@ def alignment_curves(result, x: str, by: str, label, x_label: str, names=("a", "
   ax.set_ylabel("mutual k-NN alignment")
   ax.set_title(f"{names[0]} (layer {result.layer_a}) vs {names[1]} (layer {result.layer_b})\n"
                f"dashed: chance k/(n-1); bands: 95% over queries", fontsize=9)
-  ax.legend()
+  legend_outside(ax)
   return fig

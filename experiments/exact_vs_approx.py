@@ -53,12 +53,12 @@ def plot(rows):
   left.set_xscale("log")
   left.set_xlabel("queries / s (both models)")
   left.set_ylabel(f"recall@k (n = {largest:,})")
-  left.legend(fontsize=7)
+  common.legend_outside(left, fontsize=7)
   right.set_xscale("log")
   right.set_yscale("log")
   right.set_xlabel("gallery size n")
   right.set_ylabel("|m_NN approx − m_NN exact| (+1e-5)")
-  right.legend(fontsize=7)
+  common.legend_outside(right, fontsize=7)
   fig.tight_layout()
   return fig
 

@@ -79,7 +79,7 @@ def plot(rows):
     ax.set_xlabel("gallery items per class (ipc)")
     ax.set_ylabel("score")
     ax.set_title(f"k = {k}")
-    ax.legend(fontsize=7)
+    common.legend_outside(ax, fontsize=7)
   return fig
 
 

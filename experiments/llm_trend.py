@@ -125,7 +125,7 @@ def plot(fits, points, names):
               label=f"{vision}: base-model OLS")
     ax.set_xlabel(bench)
     ax.set_ylabel("mutual k-NN alignment (bars: 95% over queries)")
-    ax.legend(fontsize=6)
+    common.legend_outside(ax, fontsize=6)
   return fig
 
 

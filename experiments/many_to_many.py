@@ -68,7 +68,7 @@ def plot(rows):
   ax.set_xlabel("items per source in the dense modality")
   ax.set_ylabel("relaxed mutual k-NN")
   ax.set_yscale("log")
-  ax.legend(fontsize=7)
+  common.legend_outside(ax, fontsize=7)
   return fig
 
 

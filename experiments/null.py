@@ -45,7 +45,7 @@ def plot(result):
   ax.set_xlabel("gallery size n")
   ax.set_ylabel("mutual k-NN alignment")
   ax.set_title(f"layer-search null ({result.permutations} permutations)")
-  ax.legend(fontsize=6)
+  common.legend_outside(ax, fontsize=6)
   return fig
 
 

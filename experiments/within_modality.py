@@ -62,7 +62,7 @@ def plot(rows):
   ax.set_xlabel("gallery size n")
   ax.set_ylabel("mutual k-NN alignment")
   ax.set_title("within-modality control (bands: 95% over queries)")
-  ax.legend(fontsize=7)
+  common.legend_outside(ax, fontsize=7)
   return fig
 
 
