@@ -4,6 +4,7 @@ of results (JSON + CSV + PNG + PDF) as one result set, `<out>/<experiment>/` (`p
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -199,6 +200,8 @@ def run(setup: Setup, sizes, ks, store_a=None, store_b=None, **config):
     import jax
     if resume_dir is not None and jax.process_count() == 1:
       shutil.rmtree(resume_dir, ignore_errors=True)  # done: its checkpoints are spent
+      with contextlib.suppress(OSError):  # and <out>/resume/ too, unless another run's is there
+        os.rmdir(os.path.dirname(resume_dir))
   result = results[0]
   if len(results) > 1:  # each row: how far m_NN moves when only the gallery is drawn again
     for i, row in enumerate(result.rows):

@@ -195,7 +195,9 @@ def test_cli_kill_9_then_resume_gives_identical_results(world, tmp_path):
   assert a["rows"] == b["rows"] and a["quality"] == b["quality"]
   for name in ("scaling.csv", "scaling.png"):
     assert (tmp_path / "crash" / "scaling" / name).stat().st_size > 0
-  assert not any((tmp_path / "crash" / "resume").iterdir())  # spent checkpoints are removed
+  # spent checkpoints are removed, and the resume folder with them: --out holds results only
+  assert not (tmp_path / "crash" / "resume").exists()
+  assert {p.name for p in (tmp_path / "crash").iterdir()} == {".sets", "scaling"}
 
 
 def test_cli_two_processes_equal_one(world, tmp_path):
