@@ -1,5 +1,6 @@
 """What the gallery experiments share: their store/query/gallery flags, the synthetic default,
-multi-host start-up, one engine run through `plato_jax.scaling.run_scaling`, and the writing
+multi-host start-up, the engine runs through `plato_jax.scaling.run_scaling` (one per
+gallery draw), and the writing
 of results (JSON + CSV + PNG + PDF) as one result set, `<out>/<experiment>/` (`plato_jax.report`).
 """
 from __future__ import annotations
@@ -40,7 +41,8 @@ flags.DEFINE_integer("checkpoint_every", 16, "engine steps between checkpoints")
 flags.DEFINE_bool("common_rows", False, "stores whose rows differ (items that failed in one "
                   "model): measure the ids both hold, and say how many were left out")
 flags.DEFINE_integer("gallery_seeds", 1, "draw the gallery order this many times (seeds --seed, "
-                     "--seed+1, ...; the same queries) and report the spread of m_NN it adds")
+                     "--seed+1, ...; the same queries) and report the spread of m_NN it adds",
+                     lower_bound=1)
 flags.DEFINE_integer("tile_rows", None, "engine tile rows per device (default: engine's choice)")
 flags.DEFINE_bool("progress", True, "show progress bars")
 flags.DEFINE_string("coordinator", None, "multi-host: coordinator host:port for "
@@ -183,16 +185,16 @@ def run(setup: Setup, sizes, ks, store_a=None, store_b=None, **config):
       "features_a", "features_b", "layer_a", "layer_b", "queries", "gallery", "seed",
       "common_rows")},
       store_a=store_a.root, store_b=store_b.root, sizes=list(sizes), k=list(ks), **config)
-  if FLAGS.gallery_seeds < 1:
-    raise app.UsageError(f"--gallery_seeds must be at least 1, got {FLAGS.gallery_seeds}")
-  config["gallery_seeds"] = FLAGS.gallery_seeds
   # The stores' contents too: a rewritten store starts its searches afresh.
   contents = dict(store_a=store_a.fingerprint(), store_b=store_b.fingerprint())
   results = []
   for draw in range(FLAGS.gallery_seeds):
+    # Draw d's searches do not depend on how many draws there are: its checkpoints stay.
     resume_dir = resume_folder(setup, {**config, **contents, "draw": draw})
+    layers = (FLAGS.layer_a, FLAGS.layer_b) if not results else \
+        (results[0].layer_a, results[0].layer_b)  # chosen on the same queries: the same
     results.append(run_scaling(
-        store_a, store_b, layer_a=FLAGS.layer_a, layer_b=FLAGS.layer_b, queries=setup.queries,
+        store_a, store_b, layer_a=layers[0], layer_b=layers[1], queries=setup.queries,
         sizes=sizes, ks=ks, seed=FLAGS.seed, gallery_seed=FLAGS.seed + draw,
         common_rows=FLAGS.common_rows,
         resume_dir=resume_dir, checkpoint_every=FLAGS.checkpoint_every,
@@ -209,7 +211,7 @@ def run(setup: Setup, sizes, ks, store_a=None, store_b=None, **config):
       row.update(mutual_knn_gallery_sd=float(np.std(values, ddof=1)),
                  mutual_knn_gallery_min=float(min(values)),
                  mutual_knn_gallery_max=float(max(values)))
-  return result, config
+  return result, dict(config, gallery_seeds=FLAGS.gallery_seeds)
 
 
 def resume_folder(setup: Setup, config: dict) -> str | None:
@@ -253,6 +255,13 @@ def write(setup: Setup, name: str, payload: dict, rows, figure) -> list[str]:
           f"ran ({report.describe(replaced)}); its results stay in {replaced['folder']}")
   return [os.path.join(setup.out, name, f"{name}.{ext}")
           for ext in ("json", "csv", *FIGURE_FORMATS)]
+
+
+def band(ax, line, xs, rows, key: str) -> None:
+  """The 95% interval over queries of `key` (columns key_low, key_high of `rows`), shaded in
+  the colour of its `line`."""
+  ax.fill_between(xs, [r[f"{key}_low"] for r in rows], [r[f"{key}_high"] for r in rows],
+                  color=line.get_color(), alpha=0.15, linewidth=0)
 
 
 def legend_outside(ax, fontsize: int = 8) -> None:
@@ -300,10 +309,7 @@ def alignment_curves(result, x: str, by: str, label, x_label: str, names=("a", "
     pts = [r for r in result.rows if r[by] == value]
     line, = ax.plot([r[x] for r in pts], [r["mutual_knn"] for r in pts], "o-", ms=3,
                     label=label(value))
-    if "mutual_knn_low" in pts[0]:  # the 95% interval over queries
-      ax.fill_between([r[x] for r in pts], [r["mutual_knn_low"] for r in pts],
-                      [r["mutual_knn_high"] for r in pts], color=line.get_color(), alpha=0.2,
-                      linewidth=0)
+    band(ax, line, [r[x] for r in pts], pts, "mutual_knn")
     ax.plot([r[x] for r in pts], [r["chance"] for r in pts], "--", color=line.get_color(),
             alpha=0.5)
   ax.set_xscale("log")

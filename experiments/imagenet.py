@@ -73,9 +73,8 @@ def plot(rows):
                        ("strict_names", "mutual kNN (class-name captions)")):
       if key in pts[0]:
         line, = ax.plot(ipc, [r[key] for r in pts], "o-", ms=3, label=label)
-        if f"{key}_low" in pts[0]:  # the 95% interval over queries
-          ax.fill_between(ipc, [r[f"{key}_low"] for r in pts], [r[f"{key}_high"] for r in pts],
-                          color=line.get_color(), alpha=0.15, linewidth=0)
+        if f"{key}_low" in pts[0]:  # the class-name stand-in has no interval
+          common.band(ax, line, ipc, pts, key)
     ax.set_xlabel("gallery items per class (ipc)")
     ax.set_ylabel("score")
     ax.set_title(f"k = {k}")

@@ -55,9 +55,7 @@ def plot(rows):
                       styles[i % len(styles)], color=colours.get(pair), ms=3,
                       label=f"{pair}, k = {spec}")
       colours[pair] = line.get_color()
-      ax.fill_between([r["size"] for r in pts], [r["mutual_knn_low"] for r in pts],
-                      [r["mutual_knn_high"] for r in pts], color=line.get_color(), alpha=0.15,
-                      linewidth=0)
+      common.band(ax, line, [r["size"] for r in pts], pts, "mutual_knn")
   ax.set_xscale("log")
   ax.set_xlabel("gallery size n")
   ax.set_ylabel("mutual k-NN alignment")

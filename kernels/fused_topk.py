@@ -28,7 +28,7 @@ memory, barriers and wgmma; Pallas TPU's its VMEM and DMAs), which is how they a
 here.
 
 `reference_block_topk` is the plain-jnp reference of the kernel's output; `fused_topk` is
-the jitted single-tile wrapper (`interpret=True` runs the kernel on CPU, as the tests do);
+the jitted single-tile wrapper (`interpret=True` runs the kernel on CPU, as the tests do).
 The engine's selector built on it is `plato_jax.knn.selectors.FusedTopKSelector`.
 """
 from __future__ import annotations

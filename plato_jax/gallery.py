@@ -119,8 +119,9 @@ class GalleryPlan:
 def plan_galleries(store_a: FeatureStore, store_b: FeatureStore, queries, sizes, ks,
                    seed: int, gallery_seed: int | None = None,
                    common_rows: bool = False) -> GalleryPlan:
-  """Checks that the stores hold the same rows and resolves queries, sizes, ks and the
-  gallery order (see the module docstring); errors name what is wrong. `seed` draws the
+  """Checks that the stores hold the same rows (or, with `common_rows`, which they share) and
+  resolves queries, sizes, ks and the gallery order (see the module docstring); errors name
+  what is wrong. `seed` draws the
   queries and, unless `gallery_seed` is given, the gallery order. With `common_rows`, stores
   whose rows differ (some items failed in one model) are measured on the ids both hold;
   the plan is in store a's rows (`GalleryPlan.on` gives store b's)."""

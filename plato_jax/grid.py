@@ -87,8 +87,7 @@ def alignment_grid(stores_a, stores_b, specs: Sequence[MetricSpec], *, queries=1
           # Its 95% interval over the queries, for the pair the search chose.
           per_row = metrics.mutual_knn_per_row(_layer(xa, layer_a), _layer(xb, layer_b),
                                                spec.topk)
-          interval = metrics.with_interval("score", per_row, seed=seed)
-          row.update(score_low=interval["score_low"], score_high=interval["score_high"])
+          row["score_low"], row["score_high"] = metrics.bootstrap_interval(per_row, seed=seed)
         out.append(row)
   return out
 

@@ -823,9 +823,7 @@ def bootstrap_interval(values, *, level: float = 0.95, resamples: int = 1000,
   of Q queries drawn with replacement (numpy's default generator seeded with `seed`, draws in
   order), their (1 - level) / 2 and (1 + level) / 2 quantiles. It covers the spread from
   which queries were drawn, not the choice of gallery (see `--gallery_seeds`)."""
-  means = _bootstrap_means(np.asarray(values, np.float64)[None], resamples, seed)[0]
-  lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-  return float(lo), float(hi)
+  return _percentiles(_bootstrap_means(np.asarray(values, np.float64), resamples, seed), level)
 
 
 def with_interval(name: str, values, *, level: float = 0.95, resamples: int = 1000,
@@ -846,27 +844,31 @@ def paired_bootstrap(values_A, values_B, *, level: float = 0.95, resamples: int 
   if a.shape != b.shape or a.ndim != 1:
     raise ValueError(f"paired values must be two [Q] arrays of the same queries, got "
                      f"{a.shape} and {b.shape}")
-  diffs = _bootstrap_means((a - b)[None], resamples, seed)[0]
-  lo, hi = np.quantile(diffs, [(1 - level) / 2, (1 + level) / 2])
+  diffs = _bootstrap_means(a - b, resamples, seed)
+  lo, hi = _percentiles(diffs, level)
   tail = min(int(np.sum(diffs <= 0)), int(np.sum(diffs >= 0)))
   p = min(1.0, 2 * (tail + 1) / (resamples + 1))
-  return dict(difference=float(np.mean(a - b)), low=float(lo), high=float(hi), p_value=p)
+  return dict(difference=float(np.mean(a - b)), low=lo, high=hi, p_value=p)
+
+
+def _percentiles(means: np.ndarray, level: float) -> tuple[float, float]:
+  lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+  return float(lo), float(hi)
 
 
 def _bootstrap_means(values: np.ndarray, resamples: int, seed: int, block: int = 2**24):
-  """Bootstrap means [rows, resamples] of each row of `values` [rows, Q], every row
-  resampled with the same draws."""
-  q = values.shape[1]
+  """`resamples` means of `values` [Q] resampled with replacement, drawn in order."""
+  q = values.shape[0]
   if q == 0:
     raise ValueError("no values to resample")
   if int(resamples) != resamples or resamples < 1:
     raise ValueError(f"resamples must be a positive integer, got {resamples!r}")
   rng = np.random.default_rng(seed)
-  means = np.empty((values.shape[0], resamples))
+  means = np.empty(resamples)
   step = max(1, block // q)  # draws of at most `block` indices at a time
   for s in range(0, resamples, step):
     picks = rng.integers(0, q, size=(min(step, resamples - s), q))
-    means[:, s:s + len(picks)] = values[:, picks].mean(axis=2)
+    means[s:s + len(picks)] = values[picks].mean(axis=1)
   return means
 
 

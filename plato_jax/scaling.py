@@ -78,31 +78,37 @@ def run_scaling(store_a: FeatureStore, store_b: FeatureStore, *, layer_a="auto",
   rows, quality, ranking, overlaps = [], [], [], {}
   for i, n in enumerate(size_list):
     na, nb = found["a"][i], found["b"][i]
-    for spec, k in k_by_size[n]:
-      overlap = overlaps[n, spec] = metrics.mutual_knn_per_query(na.top(k).ids, nb.top(k).ids)
-      # At k = n - 1 every row is a neighbour: m_NN is 1, and its chance correction 0/0.
-      corrected = (metrics.with_interval("chance_corrected",
-                                         metrics.chance_corrected(overlap, k, n), seed=seed)
-                   if k < n - 1 else dict.fromkeys(["chance_corrected", "chance_corrected_low",
-                                                    "chance_corrected_high"]))
-      rows.append(dict(size=n, k_spec=spec, k=k,
-                       **metrics.with_interval("mutual_knn", overlap, seed=seed),
-                       chance=k / (n - 1), **corrected))
-    depth = min(RBO_DEPTH, na.k)
-    rbo = metrics.rank_biased_overlap(na.top(depth).ids, nb.top(depth).ids, RBO_P)
-    ranking.append(dict(size=n, depth=depth, p=RBO_P,
-                        **metrics.with_interval("rbo", rbo, seed=seed)))
     for name, nbrs in (("a", na), ("b", nb)):
       top = nbrs.top(min(10, nbrs.k))
       quality.append(dict(size=n, model=name, top1_cosine=float(top.scores[:, 0].mean()),
                           top10_cosine=float(top.scores.mean())))
-    for row in rows[-len(k_by_size[n]):]:  # the CSV's rows carry them too (Koepke Table 1)
-      row.update({f"{what}_{q['model']}": q[what] for q in quality[-2:]
-                  for what in ("top1_cosine", "top10_cosine")})
-  first, last = size_list[0], size_list[-1]
-  change = [dict(k_spec=spec, from_size=first, to_size=last,
-                 **metrics.paired_bootstrap(overlaps[first, spec], overlaps[last, spec],
-                                            seed=seed))
-            for spec, _ in k_by_size[first]
-            if last != first and (last, spec) in overlaps]
+    # The CSV's rows carry this size's cosines too (Koepke Table 1).
+    cosines = {f"{what}_{q['model']}": q[what] for q in quality[-2:]
+               for what in ("top1_cosine", "top10_cosine")}
+    for spec, k in k_by_size[n]:
+      overlap = overlaps[n, spec, k] = metrics.mutual_knn_per_query(na.top(k).ids,
+                                                                    nb.top(k).ids)
+      row = dict(size=n, k_spec=spec, k=k,
+                 **metrics.with_interval("mutual_knn", overlap, seed=seed), chance=k / (n - 1))
+      # An affine map of m_NN: its interval maps with it. At k = n - 1 every row is a
+      # neighbour: m_NN is 1, and its chance correction 0/0.
+      m = [row["mutual_knn"], row["mutual_knn_low"], row["mutual_knn_high"]]
+      corrected = metrics.chance_corrected(m, k, n).tolist() if k < n - 1 else [None] * 3
+      rows.append(dict(row, **dict(zip(["chance_corrected", "chance_corrected_low",
+                                        "chance_corrected_high"], corrected)), **cosines))
+    depth = min(RBO_DEPTH, na.k)
+    rbo = metrics.rank_biased_overlap(na.top(depth).ids, nb.top(depth).ids, RBO_P)
+    ranking.append(dict(size=n, depth=depth, p=RBO_P,
+                        **metrics.with_interval("rbo", rbo, seed=seed)))
+
+  def one_k(size):  # spec -> its k at this size, for specs naming one k (not a log grid)
+    specs = [spec for spec, _ in k_by_size[size]]
+    return {spec: k for spec, k in k_by_size[size] if specs.count(spec) == 1}
+
+  small, large = size_list[0], size_list[-1]
+  at_large = one_k(large)
+  change = [dict(k_spec=spec, from_size=small, to_size=large,
+                 **metrics.paired_bootstrap(overlaps[small, spec, k],
+                                            overlaps[large, spec, at_large[spec]], seed=seed))
+            for spec, k in one_k(small).items() if spec in at_large and small != large]
   return ScalingResult(int(la), int(lb), table, num_q, rows, quality, ranking, change)

@@ -67,17 +67,26 @@ def shard_seals(kv, keys, chunks: int) -> list[int]:
 
 
 def _local_seal(path: str, chunks: int) -> int:
+  fd = _open_local(path)
   try:
-    fd = os.open(path, os.O_RDONLY)
-  except FileNotFoundError:
-    raise ShardError(f"shard file {path} is missing") from None
-  try:
-    size = chunks * 16 + 4
-    index = _checked_index(os.pread(fd, size, max(0, os.fstat(fd).st_size - size)), chunks, path)
+    index = _local_index(fd, chunks, path)
     return _seal(index, [os.pread(fd, 4, int(o + n - 4)) for o, n in _present(index, chunks)],
                  path)
   finally:
     os.close(fd)
+
+
+def _open_local(path: str) -> int:
+  try:
+    return os.open(path, os.O_RDONLY)
+  except FileNotFoundError:
+    raise ShardError(f"shard file {path} is missing") from None
+
+
+def _local_index(fd: int, chunks: int, path: str) -> bytes:
+  """The index at the end of an open local shard file (its bytes and CRC, unchecked)."""
+  size = chunks * 16 + 4
+  return _checked_index(os.pread(fd, size, max(0, os.fstat(fd).st_size - size)), chunks, path)
 
 
 def _checked_index(index: bytes, chunks: int, where: str) -> bytes:
@@ -139,14 +148,13 @@ class ChunkReader:
   `chunk_rows` rows of `row_bytes` bytes, verifying every chunk it reads.
 
   `for_array` says whether an array's zarr.json is in exactly this layout; `read_rows`
-  fills an output with rows of one shard file; errors are ShardErrors naming the file and
-  the rows.
+  fills an output with a range of rows of one shard file, `take_rows` with chosen rows;
+  errors are ShardErrors naming the file and the rows.
   """
 
   def __init__(self, chunks: int, chunk_rows: int, row_bytes: int):
     self.chunks, self.chunk_rows, self.row_bytes = chunks, chunk_rows, row_bytes
     self.chunk_bytes = chunk_rows * row_bytes
-    self._index_bytes = chunks * 16 + 4
     self._run = max(1, min(RUN_BYTES // self.chunk_bytes, (os.sysconf("SC_IOV_MAX") - 1) // 2))
 
   @staticmethod
@@ -213,10 +221,7 @@ class _OpenShard:
 
   def __init__(self, reader: ChunkReader, path: str, first_row: int):
     self.reader, self.path, self.first_row = reader, path, first_row
-    try:
-      self.fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-      raise ShardError(f"shard file {path} is missing") from None
+    self.fd = _open_local(path)
     try:
       self.entries = self._index()
     except BaseException:
@@ -230,11 +235,8 @@ class _OpenShard:
     os.close(self.fd)
 
   def _index(self) -> np.ndarray:
-    size, chunks = self.reader._index_bytes, self.reader.chunks
-    index = os.pread(self.fd, size, max(0, os.fstat(self.fd).st_size - size))
-    if len(index) != size:
-      raise ShardError(f"shard file {self.path} is damaged: {len(index)} bytes where its "
-                       f"{chunks}-chunk index needs {size}")
+    chunks = self.reader.chunks
+    index = _local_index(self.fd, chunks, self.path)
     if _CRC32C(index[:-4]) != int.from_bytes(index[-4:], "little"):
       raise ShardError(f"shard file {self.path} is damaged: its index fails its CRC-32C")
     return np.frombuffer(index, "<u8", count=2 * chunks).reshape(chunks, 2)
@@ -248,13 +250,12 @@ class _OpenShard:
     each) and verifies each chunk's CRC-32C."""
     size, path = self.reader.chunk_bytes + 4, self.path
     entries = self.entries[chunks]
-    for chunk, (offset, length) in zip(chunks, entries):
-      if offset == ABSENT:
-        raise ShardError(f"shard file {path} is damaged: the chunk of {self._rows(chunk)} "
-                         f"is missing")
-      if length != size:
-        raise ShardError(f"shard file {path} is damaged: the chunk of {self._rows(chunk)} "
-                         f"is {int(length)} bytes, not {size}")
+    bad = np.flatnonzero(entries[:, 1] != size)  # absent chunks too: (2^64-1, 2^64-1)
+    if bad.size:
+      chunk, (offset, length) = chunks[bad[0]], entries[bad[0]]
+      raise ShardError(f"shard file {path} is damaged: the chunk of {self._rows(chunk)} "
+                       + ("is missing" if offset == ABSENT else
+                          f"is {int(length)} bytes, not {size}"))
     crcs = np.empty(len(chunks), "<u4")
     crc_bytes = crcs.view(np.uint8)
     i = 0

@@ -578,8 +578,8 @@ class FeatureStore:
     if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
       raise ValueError(f"store {self.root}: rows out of range [0, {self.num_rows})")
     slots = list(range(self.num_layers)) if layer is None else [self.layer_index(layer)]
-    self._check(slots, np.unique(rows // self.meta["shard_rows"]).tolist())
     wanted, inverse = np.unique(rows, return_inverse=True)
+    self._check(slots, np.unique(wanted // self.meta["shard_rows"]).tolist())
     if self._direct is None:
       view = self._features if layer is None else self._features[:, slots[0]]
       got = view[ts.d[0].translate_to[0]][wanted.tolist()].read().result() if rows.size else \

@@ -312,7 +312,7 @@ def test_readers_carry_groups_and_extract_stores_them(rng, tmp_path, llama_dir):
                  datasets.open_dataset(str(tmp_path / "shard-0.tar"), group="src"),
                  datasets.open_dataset(str(folder), group="src")):
     assert [r.group for r in reader.records()] == groups
-    assert [r.group for r in datasets.open_dataset(str(folder)).records()] == [None] * 9
+  assert [r.group for r in datasets.open_dataset(str(folder)).records()] == [None] * 9
   path, _, _ = llama_dir
   store = extract(str(path), datasets.open_dataset(str(folder), group="src"),
                   str(tmp_path / "s"), Options(batch_size=4, dtype="float32",

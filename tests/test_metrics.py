@@ -790,7 +790,7 @@ def test_bootstrap_equals_a_plain_numpy_bootstrap(rng):
     metrics.paired_bootstrap(values, other[1:])
 
 
-def test_bootstrap_interval_covers_the_mean_95_times_in_100(rng):
+def test_bootstrap_interval_covers_a_known_mean_95_times_in_100(rng):
   """Per-query overlaps of k = 10 drawn around a known mean: the 95% interval of 2,000
   samples of 400 queries covers it in 93–97% of them (binomial sd of the rate: 0.5%;
   measured 94.7%. With 100 queries the percentile interval runs narrow: 93.5%)."""

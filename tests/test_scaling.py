@@ -47,10 +47,16 @@ def test_results_equal_brute_force_per_size_and_k(world):
       assert rows[(n, spec)]["mutual_knn"] == pytest.approx(want, abs=2.0 / (QUERIES * k)), (n, spec)
       assert rows[(n, spec)]["chance"] == pytest.approx(k / (n - 1))
       row = rows[(n, spec)]
-      assert row["mutual_knn_low"] <= row["mutual_knn"] <= row["mutual_knn_high"]
-      assert row["chance_corrected"] == pytest.approx(
-          (row["mutual_knn"] - row["chance"]) / (1 - row["chance"]))
-      assert row["chance_corrected_low"] <= row["chance_corrected"] <= row["chance_corrected_high"]
+      # its interval: the bootstrap of the float64 brute force's per-query overlaps
+      a, b = cosine_top_k(xa[:n], QUERIES, k), cosine_top_k(xb[:n], QUERIES, k)
+      overlap = np.array([len(np.intersect1d(r, t)) / k for r, t in zip(a, b)])
+      low, high = metrics.bootstrap_interval(overlap, seed=3)
+      assert (row["mutual_knn_low"], row["mutual_knn_high"]) == pytest.approx(
+          (low, high), abs=2.0 / (QUERIES * k)), (n, spec)
+      c = k / (n - 1)
+      assert [row["chance_corrected"], row["chance_corrected_low"],
+              row["chance_corrected_high"]] == pytest.approx(
+          [(row[m] - c) / (1 - c) for m in ("mutual_knn", "mutual_knn_low", "mutual_knn_high")])
   # rank-biased overlap of the two rankings at depth 100, per size, from float64 rankings
   for r in res.ranking:
     n = r["size"]
@@ -139,7 +145,8 @@ def test_common_rows_measure_the_ids_both_stores_hold(tmp_path, world):
           "--sizes=100,2000", "--k=10", "--seed=2", "--tile_rows=512", "--noprogress",
           f"--out={tmp_path / 'out'}"]
   refused = _run_cli(args)
-  assert refused.wait(timeout=300) != 0 and "--common_rows" in refused.communicate()[0]
+  said = refused.communicate(timeout=300)[0]
+  assert refused.returncode != 0 and "--common_rows" in said
   done = _run_cli(args + ["--common_rows"])
   out = done.communicate(timeout=300)[0]
   assert done.returncode == 0, out
@@ -245,7 +252,7 @@ def test_interval_covers_the_whole_stores_alignment_on_the_synthetic_world(world
   """The m_NN interval over queries, on the synthetic world's whole-store gallery: the
   population is every row as a query (its overlap at k = n/100 = 60 in both models), each sample
   draws 300 of them without replacement; the 95% interval covers the population's mean in
-  93–97% of 1,000 samples."""
+  93–97% of 2,000 samples (binomial sd of the rate: 0.5%; measured 95.4%)."""
   store_a, store_b = world
   xa = store_a.read_layer(2).astype(np.float32)
   xb = store_b.read_layer(2).astype(np.float32)
@@ -253,8 +260,8 @@ def test_interval_covers_the_whole_stores_alignment_on_the_synthetic_world(world
                                        xb / np.linalg.norm(xb, axis=1, keepdims=True), 60)
   truth, covered = per_row.mean(), 0
   assert 0.05 < truth < 0.95 and np.ptp(per_row) > 0  # an interval with something to cover
-  for trial in range(1000):
+  for trial in range(2000):
     sample = per_row[rng.choice(per_row.size, 300, replace=False)]
     low, high = metrics.bootstrap_interval(sample, seed=trial)
     covered += low <= truth <= high
-  assert 0.93 <= covered / 1000 <= 0.97, covered / 1000
+  assert 0.93 <= covered / 2000 <= 0.97, covered / 2000

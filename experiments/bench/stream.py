@@ -7,7 +7,7 @@ Writes (once, cached under --dir) a one-layer bf16 store, then in the same run t
 (b) the store's own read of those tiles (`FeatureStore.read_layer`: straight from the shard
 files where it can, `plato_jax.shardfile`), four in flight, and
 (c) `plato_jax.knn.search` over the same layer with few queries (so compute is light),
-and prints both rates in bytes/s and their ratio (goal: >= 80%).
+and prints each one's rate in bytes/s and its ratio to (a) (goal for (c): >= 80%).
 
 `--baseline_store=PATH` streams another store of the same shape in the same rounds (e.g.
 one written before chunk checksums and shard seals: the cost of verifying them). Each

@@ -1,5 +1,5 @@
-"""Checks of the engine's inputs, shared by `search` and `ring_self_join`: ids, their
-uniqueness, the k's asked for. Each failure is a ValueError naming the rows."""
+"""Checks of the engine's inputs, made by `plan_search` (for `search` and `ring_self_join`):
+ids, their uniqueness, the k's asked for. Each failure is a ValueError naming the rows."""
 from __future__ import annotations
 
 import numpy as np

@@ -31,8 +31,8 @@ from plato_jax.knn.sources import window_length
 # test_fused_kernel_in_the_engine_equals_brute_force failed there, its details cut off —
 # so it stays opt-in until that is explained ("gpu" belongs here then).
 FUSED_BY_DEFAULT_ON: frozenset[str] = frozenset()
-# kernel="fused" picks this lowering of the fused kernel (plato_jax.kernels.fused_topk.BACKENDS) per
-# platform; "fused:<backend>" names one.
+# kernel="fused" picks this lowering of the fused kernel per platform
+# (plato_jax.kernels.fused_contract.BACKENDS); "fused:<backend>" names one.
 FUSED_BACKEND_ON = {"tpu": "tpu"}
 DEFAULT_FUSED_BACKEND = "triton"
 # Platforms where kernel="auto" picks `plato_jax.kernels.cpu_topk` (f32 matmuls, where it builds and

@@ -24,7 +24,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from plato_jax.knn import exact, sharding
 from plato_jax.knn.kernel_choice import row_unit, selector_for
 from plato_jax.knn.search import Neighbours, plan_search
-from plato_jax.knn.sources import ArraySource
 
 DEFAULT_BLOCK = 2048
 
@@ -131,7 +130,7 @@ def ring_self_join(x, k, *, ids=None, exclude_self: bool = True, mesh: Mesh | No
   bound = exact.error_bound(d, norms, exact.norm_bound(np.square(norms).max(), d, up=True), 0.0,
                             normalize=False, rounds_inputs=exact.rounds_inputs(dtype, precision),
                             slack=exact.bound_slack(plan.platform))
-  rescore = exact.rescorer(ArraySource(x_host), plan.exact_queries, norms, dtype, False,
+  rescore = exact.rescorer(plan.source, plan.exact_queries, norms, dtype, False,
                            float(norms.max()))
   queries = np.arange(n)
   available = np.where(plan.own >= 0, n - 1, n)  # rows a query can get back

@@ -152,12 +152,12 @@ def search(queries, gallery, k, *, resume_dir: str | None = None, checkpoint_eve
       the host compiler on first use). "fused": `plato_jax.kernels.fused_topk`,
       the Pallas kernel that selects inside the matmul (small k), in the platform's
       lowering: Triton on GPUs, Pallas TPU on TPUs (interpreted on CPU — slow, for tests).
-      "fused:<backend>" names one of `plato_jax.kernels.fused_topk.BACKENDS`: "fused:mosaic_gpu" is
-      Mosaic GPU (warp-specialized TMA + wgmma; Hopper and later, bf16/f16 only: pass
-      compute_dtype=bfloat16 for f32 inputs you accept to round). "auto": "cpu" for f32 on
-      CPU devices where it builds; fused for k < 128 on the platforms in
-      `FUSED_BY_DEFAULT_ON` (none yet); else xla. If the chosen kernel does not compile,
-      xla, with a warning (a kernel named explicitly must compile).
+      "fused:<backend>" names one of `plato_jax.kernels.fused_contract.BACKENDS`:
+      "fused:mosaic_gpu" is Mosaic GPU (warp-specialized TMA + wgmma; Hopper and later,
+      bf16/f16 only: pass compute_dtype=bfloat16 for f32 inputs you accept to round).
+      "auto": "cpu" for f32 on CPU devices where it builds; fused for k < 128 on the
+      platforms in `kernel_choice.FUSED_BY_DEFAULT_ON` (none yet); else xla. If the chosen
+      kernel does not compile, xla, with a warning (a kernel named explicitly must compile).
       They accumulate in different float32 orders; the certificate (module docstring) makes
       every kernel's result the float64 one. The result's `kernel` says which ran
       ("xla", "cpu" or "fused:<backend>"), and `fallbacks` how often the fused kernel took its

@@ -87,6 +87,7 @@ class Stream:
     ranges = plan_tiles(sizes[-1], self.tile_rows, sizes)  # rows past the last prefix: unread
     groups = _group_ranges(ranges, mesh.devices.size, set(sizes))
     mine = sharding.local_slots(mesh)
+    positions = np.arange(source.num_rows, dtype=np.int64)  # the devices' row ids
     num_blocks = -(-num_q // block)
     found = {"values": {str(s): np.full((num_q, kept[s]), -np.inf, np.float32) for s in sizes},
              "ids": {str(s): np.full((num_q, kept[s]), -1, np.int32) for s in sizes},
@@ -114,18 +115,18 @@ class Stream:
         first = at.group if b == at.block else 0
         state, stats = restored if first else (sharding.empty_state(mesh, selector, block),
                                                self._empty_stats())
-        tiles = stream_tiles(source, np.arange(source.num_rows, dtype=np.int64),
+        tiles = stream_tiles(source, positions,
                              [g[slot] for g in groups[first:] for slot in mine if slot < len(g)],
                              dtype=tile_dtype, buffers=buffers, window=window)
         for gi in range(first, len(groups)):
           group = groups[gi]
           read = [next(tiles) if slot < len(group) else None for slot in mine]
-          padded = [_padded(tile, self.tile_rows, source.dim, tile_dtype, window)
-                    for tile in read]
+          rows_by_slot, ids_by_slot = zip(*(
+              _padded(tile, self.tile_rows, source.dim, tile_dtype, window) for tile in read))
           with _read_by_step(buffers, read, window) as done:
             state, stats = step(state, stats, qd, qd_ids,
-                                sharding.put_local_slots(mesh, dict(zip(mine, (p[0] for p in padded)))),
-                                sharding.put_local_slots(mesh, dict(zip(mine, (p[1] for p in padded)))))
+                                sharding.put_local_slots(mesh, dict(zip(mine, rows_by_slot))),
+                                sharding.put_local_slots(mesh, dict(zip(mine, ids_by_slot))))
             done(state)
           stop = group[-1][1]
           if stop in sizes:
