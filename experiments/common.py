@@ -50,7 +50,6 @@ flags.DEFINE_string("coordinator", None, "multi-host: coordinator host:port for 
 flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
 flags.DEFINE_integer("process_id", None, "multi-host: this process's index")
 
-SYNTHETIC_ROWS = 200_000
 
 
 @dataclasses.dataclass
@@ -87,7 +86,7 @@ _seen_at_start: dict = {}  # experiment -> the set `<out>/<experiment>` showed a
 def start(experiment: str, synthetic_rows: str | None = None) -> Setup:
   """Logging, multi-host start-up, the two stores (given or synthetic) and the query set.
   `synthetic_rows`: the synthetic world's size when neither --features nor --gallery is
-  given (default SYNTHETIC_ROWS)."""
+  given (default `plato_jax.synthetic.DEFAULT_ROWS`)."""
   if FLAGS.features_a is None and FLAGS.gallery is None and synthetic_rows is not None:
     FLAGS.gallery = synthetic_rows
   if not FLAGS["verbosity"].present:
@@ -106,8 +105,8 @@ def start(experiment: str, synthetic_rows: str | None = None) -> Setup:
     raise app.UsageError("give both --features_a and --features_b, or neither (synthetic world)")
   out = out_dir(experiment)
   if FLAGS.features_a is None:
-    from plato_jax.synthetic import WorldConfig, build_world
-    rows = parse_count(FLAGS.gallery) if FLAGS.gallery else SYNTHETIC_ROWS
+    from plato_jax.synthetic import DEFAULT_ROWS, WorldConfig, build_world
+    rows = parse_count(FLAGS.gallery) if FLAGS.gallery else DEFAULT_ROWS
     store_a, store_b = build_world(os.path.join(FLAGS.world_dir, "synthetic"), rows,
                                    WorldConfig(), progress=FLAGS.progress)
   else:

@@ -2,11 +2,12 @@
 gallery order, the layer choice, and one engine pass per layer.
 
 The gallery order is one seeded permutation of the stores' rows: the queries come first,
-then runs of `ORDER_RUN` consecutive store rows in random order (so tiles are read in long
-runs, never row by row; the order does not depend on how a store is chunked). Gallery
-sizes are prefixes of that order, so the smallest size (= the number of queries) is the
-queries' all-vs-all gallery, as WIT-1024 is in the papers. Queries sit inside every gallery
-and are excluded as self. Each model's layer is fixed once (`auto`: the best mutual-kNN
+then every other row in random order. Gallery sizes are prefixes of that order: random
+nested subsets, whatever order the store was written in, and the smallest size (= the
+number of queries) is the queries' all-vs-all gallery, as WIT-1024 is in the papers. The
+engine still reads the store front to back, once: a row's place in the order is its rank,
+and each row counts for the galleries its rank falls in (`plato_jax.knn.bands`). Queries
+sit inside every gallery and are excluded as self. Each model's layer is fixed once (`auto`: the best mutual-kNN
 pair on the queries, k = 10, as both papers do). Similarity is cosine (rows L2-normalised;
 no outlier clamp, which Koepke et al. do not state at scale).
 """
@@ -17,12 +18,11 @@ import dataclasses
 import numpy as np
 
 from plato_jax import metrics
-from plato_jax.knn import IdRows, OrderedSource, search_prefixes
+from plato_jax.knn import IdRows, search_prefixes
 from plato_jax.store import FeatureStore
 
 DEFAULT_SIZES = ("1024", "10k", "50k", "100k", "500k", "1m", "5m", "10m", "15m")
 DEFAULT_KS = ("1", "10", "n/100")
-ORDER_RUN = 4096  # consecutive store rows kept together in the gallery order
 
 
 def parse_count(text: str | int) -> int:
@@ -65,13 +65,9 @@ def expand_k(spec: str, n: int) -> list[int]:
   return sorted({int(round(k)) for k in np.geomspace(1, top, count)})
 
 
-def gallery_order(num_rows: int, query_rows: np.ndarray, seed: int,
-                  run: int = ORDER_RUN) -> np.ndarray:
-  """Queries first, then the other rows in seeded random order of runs of `run` rows."""
-  rng = np.random.default_rng(seed)
-  runs = rng.permutation(-(-num_rows // run))
-  rest = np.concatenate([np.arange(c * run, min((c + 1) * run, num_rows))
-                         for c in runs]) if num_rows else np.zeros(0, np.int64)
+def gallery_order(num_rows: int, query_rows: np.ndarray, seed: int) -> np.ndarray:
+  """Queries first, then the other rows in seeded random order."""
+  rest = np.random.default_rng(seed).permutation(num_rows)
   rest = rest[~np.isin(rest, query_rows)]
   return np.concatenate([np.asarray(query_rows, np.int64), rest])
 
@@ -103,6 +99,16 @@ class GalleryPlan:
   sizes: list[int]            # gallery sizes, ascending (prefixes of `order`)
   order: np.ndarray           # store rows in gallery order, queries first
   k_by_size: dict             # size -> [(k spec, k)]
+
+  def ranks(self) -> np.ndarray:
+    """Each store row's place in the gallery order; rows in no gallery come after (in
+    storage order)."""
+    ranks = np.empty(len(self.ids), np.int64)
+    outside = np.ones(len(self.ids), bool)
+    outside[self.order] = False
+    ranks[self.order] = np.arange(len(self.order))
+    ranks[outside] = np.arange(len(self.order), len(self.ids))
+    return ranks
 
   def on(self, store: FeatureStore) -> "GalleryPlan":
     """The same queries and galleries (by id) as rows of `store`, which holds every id of
@@ -183,9 +189,10 @@ def choose_layers(store_a, store_b, q_a, q_b, layer_a="auto", layer_b="auto"):
 
 def layer_neighbours(store: FeatureStore, layer: int, queries, plan: GalleryPlan, keep,
                      **search_options):
-  """One engine pass over one layer in gallery order: the queries' cosine neighbours at
+  """One engine pass over one layer, in storage order: the queries' cosine neighbours at
   every gallery size (`keep[i]` of them at size i), queries excluded as self."""
   plan = plan.on(store)
-  return search_prefixes(queries, OrderedSource(store.layer(layer), plan.order), max(keep),
-                query_ids=plan.ids[plan.query_rows], prefix_sizes=plan.sizes, prefix_k=keep,
-                normalize=True, **search_options)
+  return search_prefixes(queries, store.layer(layer), max(keep),
+                         query_ids=plan.ids[plan.query_rows], prefix_sizes=plan.sizes,
+                         prefix_k=keep, prefix_ranks=plan.ranks(), normalize=True,
+                         **search_options)

@@ -30,7 +30,7 @@ import numpy as np
 
 from plato_jax import metrics
 from plato_jax.gallery import choose_layers, resolve_queries
-from plato_jax.knn import IdRows, OrderedSource, search, search_prefixes
+from plato_jax.knn import IdRows, search, search_prefixes
 
 
 def round_robin(groups) -> tuple[np.ndarray, np.ndarray]:
@@ -89,9 +89,12 @@ def run_many_to_many(dense, sparse, *, layer_dense="auto", layer_sparse="auto", 
   qd = dense.gather(q_dense_rows).astype(np.float32)
   qs = sparse.gather(q_rows).astype(np.float32)
   ld, ls, _ = choose_layers(dense, sparse, qd, qs, layer_dense, layer_sparse)
-  near_dense = search_prefixes(qd[:, ld], OrderedSource(dense.layer(ld), order), ks[-1],
-                      query_ids=dense_ids[q_dense_rows], prefix_sizes=sizes, normalize=True,
-                      progress=progress, **search_options)
+  ranks = np.empty(len(order), np.int64)
+  ranks[order] = np.arange(len(order))
+  near_dense = search_prefixes(qd[:, ld], dense.layer(ld), ks[-1],
+                               query_ids=dense_ids[q_dense_rows], prefix_sizes=sizes,
+                               prefix_ranks=ranks, normalize=True, progress=progress,
+                               **search_options)
   near_sparse = search(qs[:, ls], sparse.layer(ls), ks[-1], query_ids=q_sources,
                        normalize=True, progress=progress, **search_options)
   dense_rows = IdRows(dense_ids)

@@ -34,7 +34,8 @@ class ResumePoint:
         self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
 
   def load(self, abstract_tree) -> tuple[int, Any] | None:
-    """(position, tree) of the latest checkpoint, or None when there is none."""
+    """(position, tree) of the latest checkpoint, or None when there is none. `abstract_tree`
+    is the tree's template, or a function of the position that gives it."""
     step = self._manager.latest_step()
     if step is None:
       return None
@@ -43,6 +44,8 @@ class ResumePoint:
       raise ValueError(
           f"resume directory {self.directory} holds a checkpoint of another run: "
           f"{meta['fingerprint']} != {self.fingerprint}; use another directory or delete it")
+    if callable(abstract_tree):
+      abstract_tree = abstract_tree(int(meta["position"]))
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_tree)
     tree = self._manager.restore(
         step, args=ocp.args.Composite(tree=ocp.args.StandardRestore(abstract)))["tree"]

@@ -42,6 +42,7 @@ from plato_jax.progress import Progress
 from plato_jax.store import FeatureStore, StoreWriter
 
 BLOCK_ROWS = 8192
+DEFAULT_ROWS = 200_000  # the experiments' default world (experiments.scaling's gallery)
 
 
 @dataclasses.dataclass(frozen=True)

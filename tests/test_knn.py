@@ -8,7 +8,7 @@ import pytest
 from knn_reference import brute_force, integer_rows, one_device_mesh, skip_unless_runs_here
 
 from plato_jax.knn import ArraySource, search, search_prefixes
-from plato_jax.knn.sources import TensorStoreSource, plan_tiles
+from plato_jax.knn.sources import TensorStoreSource
 
 
 @pytest.fixture(params=["xla", "cpu"])
@@ -248,12 +248,6 @@ def test_prefix_results_hold_only_real_neighbours(rng, kernel):
     np.testing.assert_array_equal(r.scores, scores.astype(np.float32))
   with pytest.raises(TypeError, match="search_prefixes"):  # one result type per function
     search(x, x, 10, prefix_sizes=[6, 300])
-
-
-def test_plan_tiles_never_straddles_prefix():
-  ranges = plan_tiles(1000, 128, [100, 512])
-  assert ranges[0] == (0, 100) and (100, 228) in ranges and (512, 640) in ranges
-  assert sum(b - a for a, b in ranges) == 1000
 
 
 @pytest.mark.parametrize("case,match", [

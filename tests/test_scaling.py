@@ -155,6 +155,37 @@ def test_common_rows_measure_the_ids_both_stores_hold(tmp_path, world):
   assert [r["mutual_knn"] for r in written] == [r["mutual_knn"] for r in res.rows[:2]]
 
 
+def test_galleries_are_random_rows_of_a_store_written_in_sorted_order(tmp_path, world):
+  """A store written in dataset order (sorted by a feature): each gallery is a random subset
+  of its rows, and the results are the brute force's on those explicit subsets."""
+  from plato_jax.gallery import plan_galleries
+  from plato_jax.store import StoreWriter
+  store_a, store_b = world
+  by = np.argsort(store_a.read_layer(0)[:, 0].astype(np.float32), kind="stable")
+  written = []
+  for name, store in (("a", store_a), ("b", store_b)):
+    w = StoreWriter.create(str(tmp_path / name), num_rows=6000, num_layers=store.num_layers,
+                           dim=store.dim, dtype=store.meta["dtype"], chunk_rows=256)
+    w.append(store.gather(by), store.ids()[by])
+    written.append(w.close())
+  sorted_a, sorted_b = written
+  sizes = [100, 500, 2000, 6000]
+  res = run_scaling(sorted_a, sorted_b, queries=100, sizes=sizes, ks=["10", "n/100"], seed=4,
+                    layer_a=2, layer_b=2, progress=False, tile_rows=256)
+  plan = plan_galleries(sorted_a, sorted_b, 100, sizes, ["10"], 4)
+  # the 400 non-query rows of the 500-row gallery are spread over the store, not its start
+  spread = np.setdiff1d(plan.order[:500], plan.query_rows)
+  assert abs(np.mean(spread) / 6000 - 0.5) < 0.06 and spread.max() > 5000
+  xa = sorted_a.read_layer(2).astype(np.float32)
+  xb = sorted_b.read_layer(2).astype(np.float32)
+  for row in res.rows:
+    n, k = row["size"], row["k"]
+    gallery = plan.order[:n]  # queries first, then the seeded random rows
+    assert set(plan.query_rows) <= set(gallery)
+    want = brute_mutual_knn(xa[gallery], xb[gallery], 100, k)
+    assert row["mutual_knn"] == pytest.approx(want, abs=2.0 / (100 * k)), (n, k)
+
+
 def test_world_rows_do_not_depend_on_the_worker_count(tmp_path, world):
   """Blocks come from per-block random streams: made by two spawned processes, the world is
   the one the fixture made in this process, bit for bit."""

@@ -30,6 +30,7 @@ import numpy as np
 
 from plato_jax.kernels.primitives import NO_ID
 from plato_jax.knn import exact, sharding
+from plato_jax.knn.bands import check_ranks
 from plato_jax.knn.checks import check_unique, ids_array, k_list
 from plato_jax.knn.kernel_choice import matmul_types, pick_kernel, row_unit
 from plato_jax.knn.sources import MAX_POSITION, IdRows, as_source
@@ -83,7 +84,7 @@ def _own_rows(q_ids, gallery: IdRows, exclude_self: bool):
 
 def _neighbours_kept(sizes, wanted, own) -> dict:
   """Columns of each prefix's result: min(its k, n_j), or min(its k, n_j - 1) where some
-  query's own row (`own`, from `_own_rows`) lies in the prefix. ValueError naming the query
+  query's own row lies in the prefix (`own`: each query's own row's rank, >= n_m for none). ValueError naming the query
   rows: where the largest prefix (the gallery, without prefixes) cannot give its k to every
   query, or a prefix holds nothing but the queries' own rows."""
   if own is None:
@@ -175,7 +176,7 @@ def search(queries, gallery, k, *, resume_dir: str | None = None, checkpoint_eve
     exact at every k asked for, the order exact in the first 128 (module docstring). The
     gallery must hold k neighbours for every query, else ValueError.
   """
-  if {"prefix_sizes", "prefix_k"} & options.keys():
+  if {"prefix_sizes", "prefix_k", "prefix_ranks"} & options.keys():
     raise TypeError("search() gives the whole gallery's neighbours; search_prefixes() gives "
                     "one result per prefix (prefix_sizes, prefix_k)")
   return _searched(plan_search(queries, gallery, k, **options), resume_dir, checkpoint_every,
@@ -183,15 +184,19 @@ def search(queries, gallery, k, *, resume_dir: str | None = None, checkpoint_eve
 
 
 def search_prefixes(queries, gallery, k, *, prefix_sizes: Sequence[int],
-                    prefix_k: Sequence[int] | None = None, resume_dir: str | None = None,
-                    checkpoint_every: int = 16, progress: bool = False,
-                    **options) -> list[Neighbours]:
-  """`search` in every prefix of the gallery's stream order at once, from one pass.
+                    prefix_k: Sequence[int] | None = None, prefix_ranks=None,
+                    resume_dir: str | None = None, checkpoint_every: int = 16,
+                    progress: bool = False, **options) -> list[Neighbours]:
+  """`search` in nested prefixes of the gallery at once, from one pass over its rows.
 
   Args:
     prefix_sizes: increasing gallery sizes n_1 < ... < n_m (n_m at most the gallery's rows).
     prefix_k: neighbours kept per prefix (each <= max k; default max k), e.g. n_j/100:
       the results of small prefixes then stay small.
+    prefix_ranks: int [N], a permutation of [0, N): prefix j holds the gallery rows of rank
+      < n_j (a seeded random permutation: random nested galleries). Default: each row's
+      position (prefix j: the first n_j rows). The rows are read in storage order either
+      way (`plato_jax.knn.bands`).
     the rest: as `search`.
 
   Returns:
@@ -200,7 +205,7 @@ def search_prefixes(queries, gallery, k, *, prefix_sizes: Sequence[int],
     prefix must hold its k neighbours for every query, else ValueError.
   """
   return _searched(plan_search(queries, gallery, k, prefix_sizes=prefix_sizes,
-                               prefix_k=prefix_k, **options),
+                               prefix_k=prefix_k, prefix_ranks=prefix_ranks, **options),
                    resume_dir, checkpoint_every, progress)
 
 
@@ -222,6 +227,8 @@ class SearchPlan:
   queries: np.ndarray        # host queries [Q, D]
   gallery_ids: np.ndarray    # int64 [N], by position
   own: np.ndarray            # int64 [Q]: the query's own row's position, or NO_ID
+  own_rank: np.ndarray       # int64 [Q]: its rank (prefix j holds it if < n_j), or N
+  ranks: np.ndarray | None   # each position's rank; None: its position
   ks: list                   # the ks asked for
   sizes: list                # prefix sizes, ascending (the whole gallery: one size)
   keep: dict                 # size -> neighbours returned
@@ -243,11 +250,12 @@ class SearchPlan:
   def stream(self) -> Stream:
     return Stream(self.source, self.gallery_ids, tuple(self.sizes), self.mesh, self.kernel,
                    self.kernel_named, self.tile_rows, self.bucket_width, self.query_block,
-                   self.dtype, self.exclude_self, self.precision, self.normalize)
+                   self.dtype, self.exclude_self, self.precision, self.normalize, self.ranks)
 
 
 def plan_search(queries, gallery, k, *, query_ids=None, gallery_ids=None,
-                exclude_self: bool = True, prefix_sizes=None, prefix_k=None, mesh=None,
+                exclude_self: bool = True, prefix_sizes=None, prefix_k=None,
+                prefix_ranks=None, mesh=None,
                 tile_rows=None, query_block: int = 2048, compute_dtype=None, precision=None,
                 bucket_width=None, normalize: bool = False, kernel: str = "auto") -> SearchPlan:
   """`search`'s checks and defaults (its arguments, same meaning): every bad input is a
@@ -294,10 +302,12 @@ def plan_search(queries, gallery, k, *, query_ids=None, gallery_ids=None,
   wanted = [k_max] * len(sizes) if prefix_k is None else k_list(prefix_k)
   if len(wanted) != len(sizes) or max(wanted) > k_max:
     raise ValueError(f"prefix_k must give one k <= {k_max} per prefix size, got {prefix_k}")
+  ranks = None if prefix_ranks is None else check_ranks(prefix_ranks, n)
   own = _own_rows(q_ids, gallery_rows, bool(exclude_self))
-  keep = _neighbours_kept(sizes, wanted, own)
   # On the devices a query's id is its own row's position (NO_ID: none).
   own = np.full(num_q, NO_ID, np.int64) if own is None else np.where(own < n, own, NO_ID)
+  own_rank = np.where(own >= 0, own if ranks is None else ranks[np.maximum(own, 0)], n)
+  keep = _neighbours_kept(sizes, wanted, None if (own < 0).all() else own_rank)
 
   mesh = sharding.default_mesh() if mesh is None else mesh
   platform = mesh.devices.flat[0].platform
@@ -317,8 +327,8 @@ def plan_search(queries, gallery, k, *, query_ids=None, gallery_ids=None,
   if normalize and not q_norms.all():
     raise ValueError(f"query rows with zero norm (cannot be normalised): "
                      f"{np.flatnonzero(q_norms == 0)[:10].tolist()}")
-  return SearchPlan(source, q_host, g_ids, own, ks, sizes, keep, kept, mesh, platform,
-                    np.dtype(dtype), precision, kernel, requested != "auto", tile_rows, block,
+  return SearchPlan(source, q_host, g_ids, own, own_rank, ranks, ks, sizes, keep, kept, mesh,
+                    platform, np.dtype(dtype), precision, kernel, requested != "auto", tile_rows, block,
                     bucket_width, bool(exclude_self), bool(normalize), q_exact, q_norms)
 
 
@@ -344,8 +354,7 @@ def _certified_results(plan: SearchPlan, stream: Stream, found: dict, progress: 
           exact.norm_bound(smallest, source.dim, up=False), normalize=bool(normalize),
           rounds_inputs=exact.rounds_inputs(dtype, precision),
           slack=exact.bound_slack(plan.platform))
-      mine = own[subset]
-      available = s - ((mine >= 0) & (mine < s))
+      available = s - (plan.own_rank[subset] < s)
       out[s] = exact.certify(found["values"][str(s)], found["ids"][str(s)], bound, available,
                              keep[s], [min(kk, keep[s]) for kk in ks], g_ids, rescore,
                              scale=q_norms[subset] if normalize else None)

@@ -57,11 +57,13 @@ def order_keys(values, ids):
   return jnp.stack(words, axis=-1)
 
 
-def host_topk(keys: np.ndarray, k: int):
-  """The first k of each row of `order_keys` output [Q, m, 2] on the host: (values f32
-  [Q, k], ids int32 [Q, k]), ids -1 where the value is -inf. A partition, then a sort of k,
-  on slices of queries in a thread per core."""
-  keys = np.ascontiguousarray(keys).view(np.int64)[..., 0]
+def host_topk(keys: np.ndarray, k: int, *, sort: bool = True):
+  """The first k of each row of `order_keys` output [Q, m, 2] (or its int64 view [Q, m]) on
+  the host: (values f32 [Q, k], ids int32 [Q, k]), ids -1 where the value is -inf. A
+  partition, then a sort of k (`sort=False`: the k in no order), on slices of queries in a
+  thread per core."""
+  keys = np.ascontiguousarray(keys).view(np.int64)
+  keys = keys[..., 0] if keys.ndim == 3 else keys
   num_q, m = keys.shape
   values, ids = np.empty((num_q, k), np.float32), np.empty((num_q, k), np.int32)
   if m < k:  # fewer candidates than k: filler (-inf, -1) after them
@@ -74,7 +76,7 @@ def host_topk(keys: np.ndarray, k: int):
       part = np.partition(part, k - 1, axis=1)[:, :k]
     elif m < k:
       part = np.pad(part, ((0, 0), (0, k - m)), constant_values=filler)
-    words = np.sort(part, axis=1).view(np.int32).reshape(b - a, k, 2)
+    words = (np.sort(part, axis=1) if sort else part).view(np.int32).reshape(b - a, k, 2)
     rising = ~words[..., _HIGH]
     values[a:b] = np.where(rising < 0, rising ^ np.int32(0x7FFFFFFF), rising).view(np.float32)
     ids[a:b] = np.where(values[a:b] == -np.inf, -1, words[..., _LOW])
@@ -224,9 +226,10 @@ def replicated_sum(mesh: Mesh):
 
 
 @functools.lru_cache(maxsize=64)
-def device_merger(mesh: Mesh, selector, k: int, on_host: bool = False):
+def device_merger(mesh: Mesh, selector, k: int, on_host: bool = False, sort: bool = True):
   """Per-device states [P, ...] → the top-k [Q, k] of their union, on every process.
-  on_host: the devices pack their candidates as sort keys and numpy selects (`host_topk`)."""
+  on_host: the devices pack their candidates as sort keys and numpy selects (`host_topk`;
+  `sort=False`: the k in no order)."""
 
   if on_host:
     def keys(state):
@@ -236,7 +239,7 @@ def device_merger(mesh: Mesh, selector, k: int, on_host: bool = False):
                         jnp.moveaxis(i, 0, 1).reshape(q, p * m))
 
     packed = jax.jit(keys, out_shardings=NamedSharding(mesh, P()))
-    return lambda state: host_topk(np.asarray(packed(state)), k)
+    return lambda state: host_topk(np.asarray(packed(state)), k, sort=sort)
 
   def merge(state):
     state_v, state_i = jax.vmap(selector.result)(state)

@@ -197,34 +197,6 @@ class ConcatSource:
     return out
 
 
-class OrderedSource:
-  """The rows of `base` in the order `order` (positions in `base`), read in consecutive runs."""
-
-  def __init__(self, base, order):
-    self._base = as_source(base)
-    order = np.asarray(order, dtype=np.int64)
-    if order.ndim != 1 or (order.size and (order.min() < 0 or order.max() >= self._base.num_rows)):
-      raise ValueError(f"order must index rows of a {self._base.num_rows}-row source")
-    self._order = order
-    self.num_rows, self.dim, self.dtype = order.size, self._base.dim, self._base.dtype
-
-  def ids(self) -> np.ndarray:
-    return np.asarray(self._base.ids())[self._order]
-
-  def read(self, start: int, stop: int) -> np.ndarray:
-    idx = self._order[start:stop]
-    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
-    runs = zip(np.r_[0, breaks], np.r_[breaks, idx.size])
-    parts = [np.asarray(self._base.read(int(idx[a]), int(idx[b - 1]) + 1)) for a, b in runs]
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-  def take(self, positions) -> np.ndarray:
-    return take_rows(self._base, self._order[np.asarray(positions, np.int64)])
-
-  def fingerprint(self) -> str:
-    return digest(np.array([fingerprint(self._base)]), self._order)
-
-
 def digest(*arrays) -> str:
   """A short hex digest of arrays: their dtypes, shapes and bytes."""
   h = hashlib.sha256()
@@ -408,23 +380,14 @@ def _raise_for_rows(tile_ids: np.ndarray, bad: np.ndarray, what: str) -> None:
                      + (f" and {ids.size - 10} more" if ids.size > 10 else ""))
 
 
-def plan_tiles(num_rows: int, tile_rows: int, boundaries: Sequence[int] = ()) -> list[tuple[int, int]]:
-  """Tile ranges of at most `tile_rows` rows that never straddle a boundary (prefix size)."""
-  cuts = sorted({0, num_rows, *[b for b in boundaries if 0 < b < num_rows]})
-  ranges = []
-  for lo, hi in zip(cuts[:-1], cuts[1:]):
-    ranges.extend((s, min(s + tile_rows, hi)) for s in range(lo, hi, tile_rows))
-  return ranges
-
-
-def raise_for_bad_rows(source, ids: np.ndarray, ranges: Sequence[tuple[int, int]], *,
+def raise_for_bad_rows(source, ids: np.ndarray, slots: Sequence[np.ndarray], *,
                        nonzero: bool) -> None:
   """Scans the rows on the host and raises a ValueError naming the NaN/Inf rows, rows whose
   float32 squared norm overflows, and (with `nonzero`) all-zero rows. The engine counts such
   rows on the device and calls this only when the count is not zero."""
-  for start, stop in ranges:
-    rows = np.asarray(source.read(start, stop)).astype(np.float32)
-    tile_ids = ids[start:stop]
+  for positions in slots:
+    rows = take_rows(source, positions).astype(np.float32)
+    tile_ids = ids[positions]
     _raise_for_rows(tile_ids, ~np.isfinite(rows).all(axis=1), "NaN/Inf values")
     with np.errstate(over="ignore"):
       _raise_for_rows(tile_ids, ~np.isfinite(np.square(rows).sum(axis=1)),

@@ -1,7 +1,9 @@
 """The streaming pass: queries in blocks, each block meeting the gallery's tiles in groups
-(one tile per device), a selector's state per block, candidates taken at every prefix's end.
+(one tile per device, `plato_jax.knn.bands`), a selector state per band of prefixes, each
+band's candidates taken at its last group, every prefix's merged from its bands' at the
+block's end.
 
-A pass is resumable: a checkpoint holds the selector state, the row statistics and the
+A pass is resumable: a checkpoint holds the live states, the row statistics and the
 candidates found so far, at a `Position` (query block, tile group). Host tiles copied into
 reused buffers (`TileBuffers`) go back to them once the step that reads them is done.
 """
@@ -15,10 +17,10 @@ import numpy as np
 
 from plato_jax.kernels.primitives import NO_ID, RowWindow
 from plato_jax.knn import sharding
+from plato_jax.knn.bands import band_tiles, merge_bands, plan_bands
 from plato_jax.knn.kernel_choice import selector_that_compiles
 from plato_jax.knn.sources import (TileBuffers, aligned_empty, digest, fingerprint,
-                                   on_accelerator, plan_tiles, raise_for_bad_rows,
-                                   stream_tiles, window_length)
+                                   on_accelerator, raise_for_bad_rows, window_length)
 from plato_jax.progress import Progress
 from plato_jax.resume import ResumePoint
 
@@ -27,6 +29,9 @@ from plato_jax.resume import ResumePoint
 # (the merge for k = 2,621 of ~8.9k candidates per row, 1,024 rows, 2026-11-23: 528–594 ms
 # on the device, 121–139 ms so).
 FINISH_ON_HOST: frozenset[str] = frozenset({"cpu"})
+# Selector states of one device's live bands stay under this many bytes (random galleries
+# keep every band's state until the pass's end: a query block shrinks to fit).
+BAND_STATE_BYTES = 4 * 2**30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,10 +47,6 @@ class Position:
 
   def steps(self, groups: int) -> int:
     return self.block * groups + self.group
-
-  def rows_done(self, groups: list) -> int:
-    """Gallery rows streamed before here, over all blocks (each block streams every group)."""
-    return groups[-1][-1][1] * self.block + (groups[self.group - 1][-1][1] if self.group else 0)
 
 
 @dataclasses.dataclass
@@ -66,6 +67,7 @@ class Stream:
   exclude_self: bool
   precision: object
   normalize: bool
+  ranks: np.ndarray | None = None  # each position's rank (`plato_jax.knn.bands`); None: itself
   fallbacks: int = 0
 
   def run(self, q_host, own, kept: dict, resume_dir, checkpoint_every: int, progress: bool):
@@ -75,34 +77,54 @@ class Stream:
     # Tiles travel in the storage dtype, unless the matmul runs wider anyway (CPU).
     tile_dtype = dtype if dtype.itemsize > np.dtype(source.dtype).itemsize else \
         np.dtype(source.dtype)
-    selector, self.kernel = selector_that_compiles(
-        self.kernel, self.required, max(kept.values()), self.tile_rows, self.bucket_width,
-        mesh, block, source.dim, dtype, tile_dtype, self.exclude_self, self.precision,
-        self.normalize)
+    bands = plan_bands(sizes, self.tile_rows, mesh.devices.size, self.ranks)
+    kernel = self.kernel
+
+    def choose(block):
+      return selector_that_compiles(
+          kernel, self.required, max(kept.values()), self.tile_rows, self.bucket_width, mesh,
+          block, source.dim, dtype, tile_dtype, self.exclude_self, self.precision,
+          self.normalize)
+
+    selector, self.kernel = choose(block)
+    # Bands whose tiles interleave hold their states at once: fewer queries a block then.
+    per_query = sum(np.asarray(x).nbytes for x in jax.tree.leaves(selector.init(1)))
+    live_most = max(len(bands.live(g)) for g in range(1, len(bands.groups) + 1))
+    if live_most * per_query * block > BAND_STATE_BYTES:
+      block = max(1, BAND_STATE_BYTES // (live_most * per_query))
+      selector, self.kernel = choose(block)
     step = sharding.sharded_step(mesh, selector, self.exclude_self, self.precision,
                                  self.normalize)
     # Host rows go to the CPU kernel where they lie (no copy of unaligned numpy rows).
     window = window_length(self.tile_rows, source.dim) if selector.reads_windows else None
     on_host = mesh.devices.flat[0].platform in FINISH_ON_HOST
-    ranges = plan_tiles(sizes[-1], self.tile_rows, sizes)  # rows past the last prefix: unread
-    groups = _group_ranges(ranges, mesh.devices.size, set(sizes))
+    groups = bands.groups
+    # A band's state keeps what the largest prefix holding it needs, at most its rows.
+    widths = [kept[s] for s in sizes]
+    band_widths = [min(max(widths[b:]), bands.covers[b]) for b in range(len(sizes))]
     mine = sharding.local_slots(mesh)
     positions = np.arange(source.num_rows, dtype=np.int64)  # the devices' row ids
     num_blocks = -(-num_q // block)
     found = {"values": {str(s): np.full((num_q, kept[s]), -np.inf, np.float32) for s in sizes},
              "ids": {str(s): np.full((num_q, kept[s]), -1, np.int32) for s in sizes},
-             "norms": {str(s): np.zeros(2, np.float32) for s in sizes}}
-    point, at, restored = None, Position(), None
+             "norms": {str(s): np.zeros(2, np.float32) for s in sizes},
+             "bands": {str(b): {"values": np.full((block, w), -np.inf, np.float32),
+                                "ids": np.full((block, w), -1, np.int32),
+                                "norms": np.zeros(2, np.float32)}
+                       for b, w in enumerate(band_widths)}}
+    point, at, live = None, Position(), {}
     if resume_dir is not None:
       point = ResumePoint(resume_dir, self._identity(q_host, own, kept, block, selector),
                           every=checkpoint_every)
-      at, found, restored = self._restore(point, at, found, selector, block, len(groups))
+      at, found, live = self._restore(point, at, found, selector, block, bands)
 
     try:
       # The CPU backend aliases aligned host tiles (no copy), so a copied tile's buffer is free
       # again only when its step is done; accelerators copy tiles to their own memory.
       buffers = TileBuffers() if mesh.devices.flat[0].platform == "cpu" else None
-      meter = Progress(sizes[-1] * num_blocks, initial=at.rows_done(groups),
+      rows_per_block = bands.rows_before(len(groups))
+      meter = Progress(rows_per_block * num_blocks,
+                       initial=rows_per_block * at.block + bands.rows_before(at.group),
                        label=f"knn ({self.kernel})", enabled=progress)
       for b in range(at.block, num_blocks):
         q0 = b * block
@@ -113,31 +135,39 @@ class Stream:
         qb_ids[:rows] = own[q0:q0 + rows]
         qd, qd_ids = sharding.put_whole(mesh, qb), sharding.put_whole(mesh, qb_ids)
         first = at.group if b == at.block else 0
-        state, stats = restored if first else (sharding.empty_state(mesh, selector, block),
-                                               self._empty_stats())
-        tiles = stream_tiles(source, positions,
-                             [g[slot] for g in groups[first:] for slot in mine if slot < len(g)],
-                             dtype=tile_dtype, buffers=buffers, window=window)
+        live = live if first else {}
+        tiles = band_tiles(source, positions, [g.slots[slot] for g in groups[first:]
+                                               for slot in mine if slot < len(g.slots)],
+                           dtype=tile_dtype, tile_rows=self.tile_rows, buffers=buffers,
+                           window=window)
         for gi in range(first, len(groups)):
-          group = groups[gi]
-          read = [next(tiles) if slot < len(group) else None for slot in mine]
+          group, band = groups[gi], groups[gi].band
+          read = [next(tiles) if slot < len(group.slots) else None for slot in mine]
           rows_by_slot, ids_by_slot = zip(*(
               _padded(tile, self.tile_rows, source.dim, tile_dtype, window) for tile in read))
+          state, stats = live.pop(str(band), None) or (
+              sharding.empty_state(mesh, selector, block), self._empty_stats())
           with _read_by_step(buffers, read, window) as done:
             state, stats = step(state, stats, qd, qd_ids,
                                 sharding.put_local_slots(mesh, dict(zip(mine, rows_by_slot))),
                                 sharding.put_local_slots(mesh, dict(zip(mine, ids_by_slot))))
             done(state)
-          stop = group[-1][1]
-          if stop in sizes:
-            self._take_candidates(found, stop, kept[stop], q0, rows, state, stats, selector,
-                                  on_host, ranges)
+          live[str(band)] = (state, stats)
+          if gi == bands.last[band]:
+            self._take_candidates(found["bands"][str(band)], band_widths[band], live[str(band)],
+                                  selector, on_host, lambda: bands.slots_seen(band))
+            handed = live.pop(str(band))
+            if band + 1 < len(sizes) and bands.continues[band + 1]:
+              live[str(band + 1)] = handed
+            elif self.kernel != "xla":
+              self.fallbacks += int(sharding.replicated_sum(mesh)(selector.fallbacks(handed[0])))
+          if gi == len(groups) - 1:
+            self._prefix_candidates(found, bands, band_widths, widths, q0, rows)
           if point is not None:
             point.maybe_save(Position(b, gi + 1).steps(len(groups)),
-                             {"state": state, "stats": stats, **found},
+                             {"live": live, **found},
                              force=b == num_blocks - 1 and gi == len(groups) - 1)
-          meter.update(stop - group[0][0],
-                       (stop - group[0][0]) * source.dim * tile_dtype.itemsize)
+          meter.update(group.rows, group.rows * source.dim * tile_dtype.itemsize)
       meter.close()
     except BaseException:  # a failed run gives its resume folder back (its checkpoint stays)
       if point is not None:
@@ -145,7 +175,7 @@ class Stream:
       raise
     if point is not None:
       point.close()
-    return found
+    return {key: found[key] for key in ("values", "ids", "norms")}
 
   def _identity(self, q_host, own, kept, block, selector) -> dict:
     """What a checkpoint must match to be resumed: everything that determines the pass."""
@@ -156,37 +186,50 @@ class Stream:
         sizes=list(self.sizes), tile_rows=self.tile_rows, block=block,
         devices=self.mesh.devices.size, exclude_self=self.exclude_self,
         normalize=self.normalize, compute_dtype=str(self.dtype), precision=str(self.precision),
+        ranks=None if self.ranks is None else digest(self.ranks),
         selector=repr(selector), state=str(jax.tree.structure(selector.init(1))))
 
-  def _restore(self, point, at, found, selector, block, groups):
-    """(position, candidates, (state, stats)) from the checkpoint, if there is one."""
+  def _restore(self, point, at, found, selector, block, bands):
+    """(position, candidates, live band states) from the checkpoint, if there is one."""
+    def template(steps):
+      live = {str(b): (sharding.empty_state(self.mesh, selector, block), self._empty_stats())
+              for b in bands.live(Position.after(steps, len(bands.groups)).group)}
+      return {"live": live, **found}
+
     try:
-      loaded = point.load({"state": sharding.empty_state(self.mesh, selector, block),
-                           "stats": self._empty_stats(), **found})
+      loaded = point.load(template)
     except BaseException:  # another run's checkpoint: the folder stays free
       point.abandon()
       raise
     if loaded is None:
-      return at, found, None
+      return at, found, {}
     steps, tree = loaded
-    return (Position.after(steps, groups), {key: tree[key] for key in found},
-            (tree["state"], tree["stats"]))
+    return (Position.after(steps, len(bands.groups)), {key: tree[key] for key in found},
+            tree["live"])
 
-  def _take_candidates(self, found, size, kept, q0, rows, state, stats, selector, on_host,
-                       ranges) -> None:
-    """A prefix's end: its row checks, and its candidates for this query block."""
-    mesh = self.mesh
-    num_bad, largest, smallest = sharding.row_stats_total(mesh)(stats)
+  def _take_candidates(self, into, width, live, selector, on_host, band_slots) -> None:
+    """A band's end: its rows' checks, and its state's best `width` candidates (in no
+    order) for this query block (`band_slots`: the positions its state has seen, to name bad rows)."""
+    state, stats = live
+    num_bad, largest, smallest = sharding.row_stats_total(self.mesh)(stats)
     if int(num_bad):
-      raise_for_bad_rows(self.source, self.ids, ranges, nonzero=self.normalize)
+      raise_for_bad_rows(self.source, self.ids, band_slots(), nonzero=self.normalize)
       raise ValueError(f"{int(num_bad)} gallery rows have non-finite or overflowing norms "
                        f"on the device, but a host scan could not name them")
-    v, i = sharding.device_merger(mesh, selector, kept, on_host)(state)
-    if self.kernel != "xla" and size == self.sizes[-1]:
-      self.fallbacks += int(sharding.replicated_sum(mesh)(selector.fallbacks(state)))
-    found["values"][str(size)][q0:q0 + rows] = np.asarray(v)[:rows]
-    found["ids"][str(size)][q0:q0 + rows] = np.asarray(i)[:rows]
-    found["norms"][str(size)][:] = [float(largest), float(smallest)]
+    v, i = sharding.device_merger(self.mesh, selector, width, on_host, sort=False)(state)
+    into["values"][...] = np.asarray(v)
+    into["ids"][...] = np.asarray(i)
+    into["norms"][:] = [float(largest), float(smallest)]
+
+  def _prefix_candidates(self, found, bands, band_widths, widths, q0, rows) -> None:
+    """The query block's candidates and norm range of every prefix, from its bands'."""
+    per_band = [found["bands"][str(b)] for b in range(len(self.sizes))]
+    merged = merge_bands(bands, [(c["values"], c["ids"]) for c in per_band], widths)
+    for j, (size, (v, i)) in enumerate(zip(self.sizes, merged)):
+      found["values"][str(size)][q0:q0 + rows] = v[:rows]
+      found["ids"][str(size)][q0:q0 + rows] = i[:rows]
+      norms = np.array([c["norms"] for c in per_band[:j + 1]])
+      found["norms"][str(size)][:] = [norms[:, 0].max(), norms[:, 1].min()]
 
   def _empty_stats(self):
     return jax.tree.map(lambda a: sharding.put_split(self.mesh, a),
@@ -224,16 +267,3 @@ def _padded(tile, tile_rows: int, dim: int, dtype, window: int | None = None):
   rows[...] = 0
   rows[:tile.rows.shape[0]] = tile.rows
   return rows, ids
-
-
-def _group_ranges(ranges, num_dev: int, boundaries: set[int]):
-  """Consecutive tile ranges, one per device, cut after each prefix boundary."""
-  groups, current = [], []
-  for r in ranges:
-    current.append(r)
-    if len(current) == num_dev or r[1] in boundaries:
-      groups.append(current)
-      current = []
-  if current:
-    groups.append(current)
-  return groups
