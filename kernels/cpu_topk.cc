@@ -607,10 +607,15 @@ ffi::Error TileTopKImpl(ffi::Buffer<ffi::F32> values_in, ffi::Buffer<ffi::S32> i
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       "plato_tile_topk: the rows (offset + tile rows x dim) overrun their buffer");
   }
+  // Padding (id < 0) fills a tile's last rows: a partial tile (a prefix's or band's last)
+  // costs only its real rows. Padding rows' norms read 0.
+  int64_t real_t = num_t;
+  while (real_t > 0 && tile_ids.typed_data()[real_t - 1] < 0) --real_t;
+  std::fill(row_sumsq->typed_data() + real_t, row_sumsq->typed_data() + num_t, 0.0f);
   Problem p{rows.typed_data() + offset, tile_ids.typed_data(), query_ids.typed_data(),
             values_out->typed_data(), ids_out->typed_data(), count_out->typed_data(),
             threshold_value_out->typed_data(), threshold_id_out->typed_data(),
-            row_sumsq->typed_data(), k, capacity, num_t, dim, normalize,
+            row_sumsq->typed_data(), k, capacity, real_t, dim, normalize,
             !portable && HasAvx2()};
   // In place when XLA aliased the state (it does: input_output_aliases); else copy it over.
   auto keep = [](void* out, const void* in, size_t bytes) {
@@ -621,7 +626,7 @@ ffi::Error TileTopKImpl(ffi::Buffer<ffi::F32> values_in, ffi::Buffer<ffi::S32> i
   keep(p.count, count_in.typed_data(), sizeof(int32_t) * num_q);
   keep(p.threshold_value, threshold_value_in.typed_data(), sizeof(float) * num_q);
   keep(p.threshold_id, threshold_id_in.typed_data(), sizeof(int32_t) * num_q);
-  if (num_t == 0) return ffi::Error::Success();
+  if (real_t == 0) return ffi::Error::Success();
   // Whole micro-tiles of queries per thread; with no queries, one thread still writes the
   // norms.
   const int64_t panels = (num_q + kRows - 1) / kRows;

@@ -24,7 +24,8 @@ Same semantics as the engine's other kernels: padding columns (id < 0) and each 
 id are never selected, with `normalize` each column is multiplied by the inverse of its
 row's norm (computed while the rows are packed: the same f32 product the XLA path forms,
 from a norm summed in another order), and -0.0 is kept as +0.0. The rows' squared norms
-come back for the engine's bad-row check.
+come back for the engine's bad-row check. Padding at the end of a tile is skipped, not
+multiplied (its norms read 0): a partial tile costs its real rows only.
 
 The rows are read from a flat buffer at an offset, so the engine passes host rows that are
 not 64-byte aligned (numpy's allocations are 16-byte aligned) as an aligned window around
@@ -156,7 +157,7 @@ def cpu_update(pools, queries, query_ids, rows, tile_ids, *, k: int, row_offset=
                depth_chunk: int = 256, threads: int | None = None,
                portable: bool = False):
   """(`pools` (as `empty_pools`) with the tile's rows folded in, the rows' f32 squared
-  norms [T]). queries f32 [Q, D]; query_ids int32 [Q]; tile_ids int32 [T] (< 0: padding);
+  norms [T], 0 for the padding after the last real row). queries f32 [Q, D]; query_ids int32 [Q]; tile_ids int32 [T] (< 0: padding);
   rows f32 [T, D], or any flat f32 buffer holding row r at `row_offset` + r·D (a scalar,
   traced or not). normalize: each column is scaled by 1 / its row's norm (0 for a zero
   row). Blocking (speed only; results are bit-identical for any values): `block_cols`
