@@ -31,8 +31,8 @@ flags.DEFINE_list("models_b", None, "stores of the models of modality b (languag
 flags.DEFINE_list("metrics", ["mutual_knn"], "metrics, or 'all' (the eight of PRH)")
 flags.DEFINE_integer("topk", 10, "k of the kNN metrics")
 flags.DEFINE_list("cknna_k", ["100", "200", "500", "800", "1000"], "k values of CKNNA")
-flags.DEFINE_float("clamp", 0.95, "outlier clamp quantile (1: none)")
-flags.DEFINE_bool("concat", False, "also score the concatenation of all layers (layer -1)")
+# --clamp and --concat (experiments.common): PRH's grid clamps by default.
+FLAGS.set_default("clamp", "exact")
 flags.DEFINE_string("values", None, "CSV of per-model values (columns: model, value) for the "
                     "scatter; synthetic default: each model's quality")
 flags.DEFINE_string("value_name", None, "x-axis label of the scatter")

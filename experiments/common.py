@@ -43,6 +43,11 @@ flags.DEFINE_bool("common_rows", False, "stores whose rows differ (items that fa
 flags.DEFINE_integer("gallery_seeds", 1, "draw the gallery order this many times (seeds --seed, "
                      "--seed+1, ...; the same queries) and report the spread of m_NN it adds",
                      lower_bound=1)
+flags.DEFINE_enum("clamp", "none", ["none", "exact", "approx"], "PRH's 95-percentile outlier "
+                  "clamp: each model's threshold over its largest gallery, every layer "
+                  "(exact: the sorted values' quantile; approx: the mean of per-row quantiles)")
+flags.DEFINE_bool("concat", False, "'auto' layers may choose the concatenation of all layers "
+                  "(PRH's paper-era candidate), searched as one [N, L·D] gallery")
 flags.DEFINE_integer("tile_rows", None, "engine tile rows per device (default: engine's choice)")
 flags.DEFINE_bool("progress", True, "show progress bars")
 flags.DEFINE_string("coordinator", None, "multi-host: coordinator host:port for "
@@ -182,7 +187,7 @@ def run(setup: Setup, sizes, ks, store_a=None, store_b=None, **config):
   store_b = setup.store_b if store_b is None else store_b
   config = dict({name: FLAGS[name].value for name in (
       "features_a", "features_b", "layer_a", "layer_b", "queries", "gallery", "seed",
-      "common_rows")},
+      "common_rows", "clamp", "concat")},
       store_a=store_a.root, store_b=store_b.root, sizes=list(sizes), k=list(ks), **config)
   # The stores' contents too: a rewritten store starts its searches afresh.
   contents = dict(store_a=store_a.fingerprint(), store_b=store_b.fingerprint())
@@ -195,7 +200,7 @@ def run(setup: Setup, sizes, ks, store_a=None, store_b=None, **config):
     results.append(run_scaling(
         store_a, store_b, layer_a=layers[0], layer_b=layers[1], queries=setup.queries,
         sizes=sizes, ks=ks, seed=FLAGS.seed, gallery_seed=FLAGS.seed + draw,
-        common_rows=FLAGS.common_rows,
+        common_rows=FLAGS.common_rows, clamp=FLAGS.clamp, concat=FLAGS.concat,
         resume_dir=resume_dir, checkpoint_every=FLAGS.checkpoint_every,
         tile_rows=FLAGS.tile_rows, progress=FLAGS.progress))
     import jax
@@ -315,7 +320,9 @@ def alignment_curves(result, x: str, by: str, label, x_label: str, names=("a", "
   ax.set_yscale("log")
   ax.set_xlabel(x_label)
   ax.set_ylabel("mutual k-NN alignment")
+  clamped = "" if result.clamp == "none" else (
+      f"; clamp ({result.clamp}) at {result.thresholds['a']:.3g} / {result.thresholds['b']:.3g}")
   ax.set_title(f"{names[0]} (layer {result.layer_a}) vs {names[1]} (layer {result.layer_b})\n"
-               f"dashed: chance k/(n-1); bands: 95% over queries", fontsize=9)
+               f"dashed: chance k/(n-1); bands: 95% over queries{clamped}", fontsize=9)
   legend_outside(ax)
   return fig

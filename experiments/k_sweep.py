@@ -7,7 +7,9 @@ r"""Mutual k-NN against k at fixed gallery sizes (Koepke et al. Fig. 3a).
 One engine pass per model gives every size and every k (nested prefixes, multi-k). Per size
 the k grid is --num_k log-spaced values from 1 to n-1 (capped at --max_k: the engine keeps
 Q × max k neighbours per size). The figure is log-log with one line per size and chance
-k/(n-1) dashed; m_NN → 1 as k → n.
+k/(n-1) dashed; m_NN → 1 as k → n. Per size, `lift` gives the mean of m_NN / chance over
+log(k/n), on the k/n range every size's sweep covers (`plato_jax.metrics.lift_area`): one
+number per gallery size that compares sizes at the same fractions of the gallery.
 """
 from __future__ import annotations
 
@@ -42,6 +44,9 @@ def main(argv):
   print(f"\nlayers: a={result.layer_a} b={result.layer_b}; {result.num_queries} queries")
   print(report.format_table(result.rows, ["size", "k", "mutual_knn", "mutual_knn_low",
                                            "mutual_knn_high", "chance", "chance_corrected"]))
+  print()
+  print(report.format_table(result.lift, ["size", "from_k_over_n", "to_k_over_n", "lift_area",
+                                           "lift_area_low", "lift_area_high"]))
   print(f"\nwrote {', '.join(files)}")
 
 

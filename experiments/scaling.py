@@ -4,6 +4,7 @@ r"""Mutual k-NN against gallery size (Koepke et al. Fig. 4): does alignment surv
     python -m experiments.scaling --gallery=15m          # synthetic world of 15M rows
     python -m experiments.scaling --features_a=dinov2.store --features_b=openllama.store \
         --layer_a=auto --layer_b=auto --gallery=15m
+    python -m experiments.scaling --clamp=exact --concat   # PRH's clamp and concatenation
 
 Writes scaling.json, scaling.csv, scaling.png and scaling.pdf as one result set,
 <out>/scaling/ (default results/scaling/), and prints the table.
@@ -36,7 +37,10 @@ def main(argv):
     return
   files = common.write(setup, "scaling", {"config": config, **dataclasses.asdict(result)},
                        result.rows, plot(result, setup))
-  print(f"\nlayers: a={result.layer_a} b={result.layer_b}; {result.num_queries} queries")
+  print(f"\nlayers: a={result.layer_a} b={result.layer_b}; {result.num_queries} queries"
+        + ("" if result.clamp == "none" else
+           f"; clamp ({result.clamp}) thresholds a={result.thresholds['a']:.4g} "
+           f"b={result.thresholds['b']:.4g}"))
   print(report.format_table(result.rows, ["size", "k_spec", "k", "mutual_knn", "mutual_knn_low",
                                            "mutual_knn_high", "chance", "chance_corrected"]))
   print()

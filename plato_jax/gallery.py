@@ -18,6 +18,7 @@ import dataclasses
 import numpy as np
 
 from plato_jax import metrics
+from plato_jax.clamp import CONCAT, ClampedLayer, ConcatenatedLayers, clamp_rows, concatenated
 from plato_jax.knn import IdRows, search_prefixes
 from plato_jax.store import FeatureStore
 
@@ -171,28 +172,66 @@ def plan_galleries(store_a: FeatureStore, store_b: FeatureStore, queries, sizes,
   return GalleryPlan(ids, query_rows, size_list, order, k_by_size)
 
 
-def choose_layers(store_a, store_b, q_a, q_b, layer_a="auto", layer_b="auto"):
+def choose_layers(store_a, store_b, q_a, q_b, layer_a="auto", layer_b="auto",
+                  thresholds=(None, None), concat: bool = False):
   """(layer a, layer b, score table or None): the given layers, or for `auto` the best
-  mutual k-NN pair (k = 10) on the queries' features q_* [Q, L, D], as both papers choose."""
+  mutual k-NN pair (k = 10) on the queries' features q_* [Q, L, D], as both papers choose.
+  `thresholds`: each model's clamp (`plato_jax.clamp`), applied first; `concat`: the
+  concatenation of all layers is a candidate too (PRH's compute_score), chosen as
+  `clamp.CONCAT`. A layer is an index, a name, or `clamp.CONCAT`."""
+  def fixed(store, layer):
+    return CONCAT if layer == CONCAT else store.layer_index(layer)
+
   if layer_a != "auto" and layer_b != "auto":
-    return store_a.layer_index(layer_a), store_b.layer_index(layer_b), None
-  pair = metrics.compute_score(
-      q_a if layer_a == "auto" else q_a[:, [store_a.layer_index(layer_a)]],
-      q_b if layer_b == "auto" else q_b[:, [store_b.layer_index(layer_b)]],
-      "mutual_knn", topk=min(10, len(q_a) - 1))
+    return fixed(store_a, layer_a), fixed(store_b, layer_b), None
+
+  def candidates(store, q, layer, threshold):
+    x = clamp_rows(np.asarray(q, np.float32), threshold)
+    x = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), np.float32(1e-12))
+    if layer == "auto":
+      return x, concat
+    chosen = fixed(store, layer)
+    return (x.reshape(len(x), 1, -1) if chosen == CONCAT else x[:, [chosen]]), False
+
+  (xa, cat_a), (xb, cat_b) = (candidates(store_a, q_a, layer_a, thresholds[0]),
+                              candidates(store_b, q_b, layer_b, thresholds[1]))
+  pair = metrics.compute_score(xa, xb, "mutual_knn", topk=min(10, len(q_a) - 1),
+                               concat=cat_a or cat_b)
   if pair.indices is None:
     raise ValueError("no layer pair has positive mutual kNN on the queries")
-  la = pair.indices[0] if layer_a == "auto" else store_a.layer_index(layer_a)
-  lb = pair.indices[1] if layer_b == "auto" else store_b.layer_index(layer_b)
-  return int(la), int(lb), np.asarray(pair.table).tolist()
+
+  def picked(store, layer, index, offers_concat):
+    if layer != "auto":
+      return fixed(store, layer)
+    return CONCAT if offers_concat and index == -1 else int(index)
+
+  return (picked(store_a, layer_a, pair.indices[0], cat_a),
+          picked(store_b, layer_b, pair.indices[1], cat_b), np.asarray(pair.table).tolist())
 
 
-def layer_neighbours(store: FeatureStore, layer: int, queries, plan: GalleryPlan, keep,
-                     **search_options):
-  """One engine pass over one layer, in storage order: the queries' cosine neighbours at
-  every gallery size (`keep[i]` of them at size i), queries excluded as self."""
+def query_features(q, layer, threshold=None) -> np.ndarray:
+  """The queries' rows [Q, D] a search of `layer` takes, from their features [Q, L, D]: the
+  layer clamped, or the concatenation (`plato_jax.clamp`)."""
+  if layer == CONCAT:
+    return concatenated(q, threshold)
+  return clamp_rows(q[:, layer], threshold)
+
+
+def layer_source(store: FeatureStore, layer, threshold=None):
+  """The gallery source of a layer (clamped when a threshold is given), or of the
+  concatenation."""
+  if layer == CONCAT:
+    return ConcatenatedLayers(store, threshold)
+  return store.layer(layer) if threshold is None else ClampedLayer(store, layer, threshold)
+
+
+def layer_neighbours(store: FeatureStore, layer, queries, plan: GalleryPlan, keep,
+                     threshold=None, **search_options):
+  """One engine pass over one layer (`layer_source`), in storage order: the queries' cosine
+  neighbours at every gallery size (`keep[i]` of them at size i), queries excluded as self.
+  `queries` as `query_features` gives them."""
   plan = plan.on(store)
-  return search_prefixes(queries, store.layer(layer), max(keep),
+  return search_prefixes(queries, layer_source(store, layer, threshold), max(keep),
                          query_ids=plan.ids[plan.query_rows], prefix_sizes=plan.sizes,
                          prefix_k=keep, prefix_ranks=plan.ranks(), normalize=True,
                          **search_options)

@@ -2,8 +2,8 @@
 Koepke Fig. 3b), and the OLS trend tests of Koepke et al. App. D.
 
 The PRH protocol on N queries (WIT-1024 in the papers): every model's features of all
-layers for the same rows; outlier clamp at the `clamp` quantile and per-layer L2 norm
-(`metrics.prepare_features`); then `metrics.compute_score` — the metric's maximum over all
+layers for the same rows; the outlier clamp (`clamp`: "exact" or "approx" at the 0.95
+quantile, or "none") and per-layer L2 norm (`metrics.prepare_features`); then `metrics.compute_score` — the metric's maximum over all
 layer pairs (optionally with the concatenation of all layers as a candidate). The stores
 must hold the same row ids; the queries are drawn once with the seed. mutual_knn scores
 carry a 95% bootstrap interval over the queries (`score_low`, `score_high`) for the layer
@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from plato_jax import metrics
+from plato_jax.clamp import CLAMPS, QUANTILE
 from plato_jax.gallery import resolve_queries
 
 
@@ -65,11 +66,14 @@ def metric_specs(names: Sequence[str], topk: int, cknna_ks: Sequence[int]) -> li
 
 
 def alignment_grid(stores_a, stores_b, specs: Sequence[MetricSpec], *, queries=1024,
-                   seed: int = 0, clamp: float = 0.95, concat: bool = False,
+                   seed: int = 0, clamp: str = "exact", concat: bool = False,
                    progress: bool = True) -> list[dict]:
   """One row per (model a, model b, metric): best score and its layer pair (-1: concat)."""
   rows, feats = query_features(list(stores_a) + list(stores_b), queries, seed)
-  prepared = [metrics.prepare_features(f, q=clamp) if clamp < 1 else f for f in feats]
+  if clamp not in CLAMPS:
+    raise ValueError(f"clamp must be one of {CLAMPS}, got {clamp!r}")
+  prepared = [f if clamp == "none" else
+              metrics.prepare_features(f, q=QUANTILE, exact=clamp == "exact") for f in feats]
   fa, fb = prepared[:len(stores_a)], prepared[len(stores_a):]
   out = []
   for i, (sa, xa) in enumerate(zip(stores_a, fa)):

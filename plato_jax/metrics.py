@@ -4,7 +4,12 @@ Same names and arguments as platonic-rep's `AlignmentMetrics` (metrics.py, uncha
 paper): `mutual_knn`, `cycle_knn`, `lcs_knn`, `edit_distance_knn`, `cka`, `unbiased_cka`,
 `cknna`, `svcca`, `SUPPORTED_METRICS` and `measure(name, ...)`, plus the pipeline around them:
 `prepare_features` (95th-percentile clamp + row L2 norm) and `compute_score` (the best layer
-pair). The semantics are those of platonic-rep's `metrics.py`: similarities are raw dot products
+pair). Beyond both papers, for neighbour lists found at scale (defined in each docstring):
+`mutual_knn_per_query`, `chance_corrected` ((m - c)/(1 - c), c = k/(n-1)),
+`rank_biased_overlap` (Webber et al.'s RBO of the two rankings), `lift_area` (the mean of
+m_NN/chance over log(k/n): a k sweep as one number that compares gallery sizes),
+`bootstrap_interval`, `with_interval` and `paired_bootstrap`. The semantics are those of
+platonic-rep's `metrics.py`: similarities are raw dot products
 (nothing is normalised or centred inside a metric), self is never its own neighbour,
 mutual_knn is divided by k, lcs_knn is not, edit_distance_knn = 1 - mean Lev / k, the `+1e-6`
 in every CKA-style denominator, cknna's directed joint mask with the unbiased HSIC of M∘K and
@@ -815,6 +820,31 @@ def rank_biased_overlap(ids_A, ids_B, p: float = 0.9) -> np.ndarray:
     x = np.cumsum(np.bincount(deepest, minlength=k))
     out[i] = x[-1] / k * p ** k + float(np.dot(x, weights))
   return out
+
+
+def lift_area(ks, overlaps, n: int, lo: float, hi: float) -> np.ndarray:
+  """Each query's mean lift of m_NN over chance across a k sweep, float64 [Q]:
+
+      A = 1 / (hi - lo) · ∫_lo^hi m(k) / c(k) d log(k/n),   c(k) = k / (n - 1),
+
+  with m(k) the query's |N_a ∩ N_b| / k (`overlaps` [Q, len(ks)], ks ascending) taken as
+  piecewise linear in log(k/n) between the swept k's (trapezoids). 1 at chance at every k;
+  above it, how many times chance the neighbourhoods agree, on average over the scales
+  k/n in [e^lo, e^hi]. Over the same [lo, hi] it compares gallery sizes (the k's it weighs
+  are the same fractions of the gallery), which m_NN at a fixed k does not. [lo, hi] must lie
+  within the sweep: log(ks[0]/n) <= lo < hi <= log(ks[-1]/n)."""
+  ks = np.asarray(ks, np.float64)
+  x = np.log(ks / n)
+  if not (x[0] - 1e-12 <= lo < hi <= x[-1] + 1e-12) or np.any(np.diff(x) <= 0):
+    raise ValueError(f"lift_area needs ascending k's whose log(k/n) cover [{lo}, {hi}]; "
+                     f"they span [{x[0]}, {x[-1]}]")
+  grid = np.concatenate([[lo], x[(x > lo) & (x < hi)], [hi]])
+  # Row i of `weights`: the linear interpolation at grid[i] as weights on the swept k's.
+  weights = np.stack([np.interp(grid, x, column) for column in np.eye(len(x))], axis=1)
+  lift = np.asarray(overlaps, np.float64) / (ks / (n - 1))
+  values = lift @ weights.T
+  widths = np.diff(grid)
+  return (values[:, 1:] + values[:, :-1]) @ widths / 2 / (hi - lo)
 
 
 def bootstrap_interval(values, *, level: float = 0.95, resamples: int = 1000,

@@ -1,14 +1,17 @@
 """Mutual k-NN as the gallery grows (Koepke et al. §4.1): one pass per model, every size, every k.
 
-The galleries are `plato_jax.gallery`'s: queries first, then seeded runs of store rows;
-sizes are prefixes; queries are excluded as self; each model's layer is fixed on the
-queries. For each size n and each k (an int or `n/100`), m_NN = mean over queries of
+The galleries are `plato_jax.gallery`'s: queries first, then the other rows in seeded
+random order; sizes are prefixes; queries are excluded as self; each model's layer is fixed
+on the queries (optionally after PRH's outlier clamp, and among the layers' concatenation
+too: `plato_jax.clamp`). For each size n and each k (an int or `n/100`), m_NN = mean over queries of
 |N_a(q) ∩ N_b(q)| / k with its 95% bootstrap interval over queries (`metrics.bootstrap_interval`:
 which queries were drawn, not which gallery), the chance level c = k/(n-1) and the
 chance-corrected (m_NN - c)/(1 - c). Per size, the rank-biased overlap (p = 0.9, depth 100)
 of the two neighbour rankings with its interval; per k, how much m_NN falls from the smallest
 gallery to the largest (a paired bootstrap over the same queries: interval and p-value); per
-modality the mean cosine of the top-1 and top-10 neighbours (Koepke Table 1).
+modality the mean cosine of the top-1 and top-10 neighbours (Koepke Table 1). For a k sweep
+(`log:M`), per size the mean lift of m_NN over chance across the k/n range every size covers
+(`metrics.lift_area`).
 """
 from __future__ import annotations
 
@@ -19,8 +22,9 @@ from typing import Sequence
 import numpy as np
 
 from plato_jax import metrics
+from plato_jax.clamp import gallery_threshold
 from plato_jax.gallery import (DEFAULT_KS, DEFAULT_SIZES, choose_layers, layer_neighbours,
-                               plan_galleries)
+                               plan_galleries, query_features)
 from plato_jax.store import FeatureStore
 
 RBO_P, RBO_DEPTH = 0.9, 100  # the first 100 ranks carry all but 0.9^100 ≈ 3e-5 of the weight
@@ -28,8 +32,8 @@ RBO_P, RBO_DEPTH = 0.9, 100  # the first 100 ranks carry all but 0.9^100 ≈ 3e-
 
 @dataclasses.dataclass
 class ScalingResult:
-  layer_a: int
-  layer_b: int
+  layer_a: int | str          # a layer index, or `clamp.CONCAT`
+  layer_b: int | str
   layer_table: list | None
   num_queries: int
   rows: list[dict]            # one per (size, k): size, k_spec, k, mutual_knn (with
@@ -41,12 +45,18 @@ class ScalingResult:
   change: list[dict] = dataclasses.field(default_factory=list)  # one per k: m_NN at the
                               # smallest size minus at the largest, paired over queries
                               # (difference, low, high, p_value)
+  clamp: str = "none"         # the outlier clamp, and each model's threshold (None: none)
+  thresholds: dict = dataclasses.field(default_factory=dict)
+  lift: list[dict] = dataclasses.field(default_factory=list)  # per k sweep and size: the
+                              # mean lift of m_NN over chance across the k/n range all
+                              # sizes' sweeps cover (lift_area, low/high; `metrics.lift_area`)
 
 
 def run_scaling(store_a: FeatureStore, store_b: FeatureStore, *, layer_a="auto", layer_b="auto",
                 queries: int | Sequence[int] = 1024, sizes: Sequence[str | int] = DEFAULT_SIZES,
                 ks: Sequence[str] = DEFAULT_KS, seed: int = 0, gallery_seed: int | None = None,
-                common_rows: bool = False, resume_dir: str | None = None,
+                common_rows: bool = False, clamp: str = "none", concat: bool = False,
+                resume_dir: str | None = None,
                 checkpoint_every: int = 16, mesh=None, tile_rows: int | None = None,
                 progress: bool = True) -> ScalingResult:
   """Runs the scaling protocol on two stores of the same rows (see the module docstring).
@@ -55,6 +65,9 @@ def run_scaling(store_a: FeatureStore, store_b: FeatureStore, *, layer_a="auto",
   Sizes above the stores' rows are an error; `sizes` are counts like '10k'. `gallery_seed`
   (default `seed`) draws the gallery order alone: the same queries in another gallery.
   `common_rows`: stores whose rows differ are measured on the ids both hold.
+  `clamp` ("none", "exact", "approx"): PRH's 95-percentile clamp, each model's threshold
+  from its largest gallery, every layer (`plato_jax.clamp`); `concat`: `auto` layers may
+  choose the concatenation of all layers.
   """
   plan = plan_galleries(store_a, store_b, queries, sizes, ks, seed, gallery_seed, common_rows)
   query_rows, size_list, k_by_size = plan.query_rows, plan.sizes, plan.k_by_size
@@ -64,14 +77,18 @@ def run_scaling(store_a: FeatureStore, store_b: FeatureStore, *, layer_a="auto",
 
   q_a = store_a.gather(query_rows).astype(np.float32)
   q_b = store_b.gather(plan.on(store_b).query_rows).astype(np.float32)
-  la, lb, table = choose_layers(store_a, store_b, q_a, q_b, layer_a, layer_b)
+  thresholds = {name: gallery_threshold(store, plan.on(store).order, clamp, progress=progress)
+                for name, store in (("a", store_a), ("b", store_b))}
+  la, lb, table = choose_layers(store_a, store_b, q_a, q_b, layer_a, layer_b,
+                                (thresholds["a"], thresholds["b"]), concat)
 
   found = {}
   for name, store, layer, q in (("a", store_a, la, q_a), ("b", store_b, lb, q_b)):
     if progress:
       print(f"model {name}: layer {layer} of {store.root}", flush=True)
     found[name] = layer_neighbours(
-        store, layer, q[:, layer], plan, keep, mesh=mesh, tile_rows=tile_rows,
+        store, layer, query_features(q, layer, thresholds[name]), plan, keep,
+        threshold=thresholds[name], mesh=mesh, tile_rows=tile_rows,
         progress=progress, checkpoint_every=checkpoint_every,
         resume_dir=None if resume_dir is None else os.path.join(resume_dir, name))
 
@@ -111,4 +128,26 @@ def run_scaling(store_a: FeatureStore, store_b: FeatureStore, *, layer_a="auto",
                  **metrics.paired_bootstrap(overlaps[small, spec, k],
                                             overlaps[large, spec, at_large[spec]], seed=seed))
             for spec, k in one_k(small).items() if spec in at_large and small != large]
-  return ScalingResult(int(la), int(lb), table, num_q, rows, quality, ranking, change)
+  return ScalingResult(la, lb, table, num_q, rows, quality, ranking, change, clamp, thresholds,
+                       _lift_areas(k_by_size, overlaps, seed))
+
+
+def _lift_areas(k_by_size, overlaps, seed) -> list[dict]:
+  """Per k sweep (a spec naming several k's at a size) and size: the mean lift of m_NN over
+  chance (`metrics.lift_area`) over the range of k/n every size's sweep covers."""
+  out = []
+  for spec in dict.fromkeys(spec for pairs in k_by_size.values() for spec, _ in pairs):
+    sweeps = {n: [k for s, k in pairs if s == spec] for n, pairs in k_by_size.items()}
+    if max(len(ks) for ks in sweeps.values()) < 2:
+      continue
+    lo = max(np.log(ks[0] / n) for n, ks in sweeps.items())
+    hi = min(np.log(ks[-1] / n) for n, ks in sweeps.items())
+    if lo >= hi:
+      continue
+    for n, ks in sweeps.items():
+      per_query = np.stack([overlaps[n, spec, k] for k in ks], axis=1)
+      areas = metrics.lift_area(ks, per_query, n, lo, hi)
+      out.append(dict(k_spec=spec, size=n, from_k_over_n=float(np.exp(lo)),
+                      to_k_over_n=float(np.exp(hi)),
+                      **metrics.with_interval("lift_area", areas, seed=seed)))
+  return out

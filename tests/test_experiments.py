@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from knn_reference import brute_mutual_knn
+from knn_reference import brute_mutual_knn, cosine_top_k
 
 from plato_jax.gallery import choose_queries, expand_k, gallery_order
 from plato_jax.synthetic import WorldConfig, build_world
@@ -58,6 +58,23 @@ def test_k_sweep_equals_brute_force_at_every_size_and_k(world, tmp_path):
   # all neighbours of the queries-only gallery: every set is the same, alignment is 1
   assert [r for r in rows if r["size"] == QUERIES][-1]["mutual_knn"] == 1.0
   assert result["change"] == []  # a log grid of k's names no one k to compare across sizes
+  # the mean lift over chance, on the k/n range both sweeps cover
+  lift = {r["size"]: r for r in result["lift"]}
+  sweeps = {n: expand_k("log:6:1000", n) for n in (QUERIES, ROWS)}
+  lo = max(np.log(ks[0] / n) for n, ks in sweeps.items())
+  hi = min(np.log(ks[-1] / n) for n, ks in sweeps.items())
+  assert set(lift) == {QUERIES, ROWS}
+  for n in (QUERIES, ROWS):
+    ks = expand_k("log:6:1000", n)
+    a, b = cosine_top_k(xa[:n], QUERIES, ks[-1]), cosine_top_k(xb[:n], QUERIES, ks[-1])
+    per_query = np.array([[len(np.intersect1d(r[:k], t[:k])) / k for k in ks]
+                          for r, t in zip(a, b)])
+    fine = np.linspace(lo, hi, 100_001)
+    want = np.mean([np.trapezoid(np.interp(fine, np.log(np.array(ks) / n), row), fine)
+                    for row in per_query / (np.array(ks) / (n - 1))]) / (hi - lo)
+    assert lift[n]["lift_area"] == pytest.approx(want, rel=1e-4), n
+    assert lift[n]["from_k_over_n"] == pytest.approx(1 / QUERIES)
+    assert lift[n]["lift_area_low"] <= lift[n]["lift_area"] <= lift[n]["lift_area_high"]
 
 
 def test_gallery_seeds_give_the_spread_of_other_gallery_draws(tmp_path):

@@ -800,3 +800,23 @@ def test_bootstrap_interval_covers_a_known_mean_95_times_in_100(rng):
     lo, hi = metrics.bootstrap_interval(overlaps, resamples=1000, seed=trial)
     covered += lo <= truth <= hi
   assert 0.93 <= covered / 2000 <= 0.97, covered / 2000
+
+
+def test_lift_area_equals_a_fine_integral_and_is_one_at_chance(rng):
+  n, ks = 200, np.array([1, 2, 5, 11, 30, 80, 199])
+  overlaps = rng.integers(0, 1000, (6, len(ks))) / 1000
+  lo, hi = np.log(1.5 / n), np.log(150 / n)
+  got = metrics.lift_area(ks, overlaps, n, lo, hi)
+  fine = np.linspace(lo, hi, 200_001)
+  lift = overlaps / (ks / (n - 1))
+  want = [np.trapezoid(np.interp(fine, np.log(ks / n), row), fine) / (hi - lo) for row in lift]
+  np.testing.assert_allclose(got, want, rtol=1e-7)
+  # two independent random neighbour sets of each query (itself excluded): lift 1 on average
+  q = 4000
+  sets = {k: [np.stack([rng.choice(n - 1, k, replace=False) for _ in range(q)])
+              for _ in range(2)] for k in ks}
+  chance = np.stack([[len(np.intersect1d(a, b)) / k for a, b in zip(*sets[k])] for k in ks], 1)
+  assert metrics.lift_area(ks, chance, n, np.log(1 / n), np.log(199 / n)).mean() == \
+      pytest.approx(1, abs=0.08)  # sd 0.019 over seeds
+  with pytest.raises(ValueError, match="cover"):
+    metrics.lift_area(ks, overlaps, n, np.log(0.5 / n), hi)
