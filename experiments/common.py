@@ -88,10 +88,14 @@ def out_dir(experiment: str) -> str:
 _seen_at_start: dict = {}  # experiment -> the set `<out>/<experiment>` showed at the start
 
 
-def start(experiment: str, synthetic_rows: str | None = None) -> Setup:
+def start(experiment: str, synthetic_rows: str | None = None, clamps: bool = True) -> Setup:
   """Logging, multi-host start-up, the two stores (given or synthetic) and the query set.
   `synthetic_rows`: the synthetic world's size when neither --features nor --gallery is
-  given (default `plato_jax.synthetic.DEFAULT_ROWS`)."""
+  given (default `plato_jax.synthetic.DEFAULT_ROWS`). `clamps`: the experiment applies
+  --clamp and --concat (else they are refused, not ignored)."""
+  if not clamps and (FLAGS.clamp != "none" or FLAGS.concat):
+    raise app.UsageError(f"experiments.{experiment} does not apply --clamp or --concat; run "
+                         f"it without them")
   if FLAGS.features_a is None and FLAGS.gallery is None and synthetic_rows is not None:
     FLAGS.gallery = synthetic_rows
   if not FLAGS["verbosity"].present:

@@ -67,7 +67,7 @@ def main(argv):
   del argv
   from plato_jax import report
   from plato_jax.approx import compare
-  setup = common.start("exact_vs_approx", synthetic_rows=SYNTHETIC_GALLERY)
+  setup = common.start("exact_vs_approx", synthetic_rows=SYNTHETIC_GALLERY, clamps=False)
   sizes = common.gallery_sizes(setup, DEFAULT_SIZES)
   result = compare(setup.store_a, setup.store_b, queries=setup.queries, sizes=sizes, k=FLAGS.k,
                    methods=FLAGS.methods,

@@ -87,7 +87,7 @@ def main(argv):
   from plato_jax import report
   from plato_jax.decomposition import class_decomposition, class_name_features
   from plato_jax.store import FeatureStore
-  setup = common.start("imagenet", synthetic_rows=SYNTHETIC_ROWS)
+  setup = common.start("imagenet", synthetic_rows=SYNTHETIC_ROWS, clamps=False)
   labels = labels_of(setup.store_a)
   la, lb = layers(setup, labels)
   xa = setup.store_a.read_layer(la).astype(np.float32)

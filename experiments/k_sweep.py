@@ -45,8 +45,12 @@ def main(argv):
   print(report.format_table(result.rows, ["size", "k", "mutual_knn", "mutual_knn_low",
                                            "mutual_knn_high", "chance", "chance_corrected"]))
   print()
-  print(report.format_table(result.lift, ["size", "from_k_over_n", "to_k_over_n", "lift_area",
-                                           "lift_area_low", "lift_area_high"]))
+  if result.lift:
+    print(report.format_table(result.lift, ["size", "from_k_over_n", "to_k_over_n",
+                                             "lift_area", "lift_area_low", "lift_area_high"]))
+  else:
+    print("no lift: the sizes' k sweeps share no range of k/n (each covers 1/n to "
+          "min(n - 1, --max_k)/n): raise --max_k")
   print(f"\nwrote {', '.join(files)}")
 
 

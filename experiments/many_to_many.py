@@ -76,7 +76,7 @@ def main(argv):
   del argv
   from plato_jax import report
   from plato_jax.many_to_many import run_many_to_many
-  setup = common.start("many_to_many", synthetic_rows=SYNTHETIC_ROWS)
+  setup = common.start("many_to_many", synthetic_rows=SYNTHETIC_ROWS, clamps=False)
   rows, runs = [], []
   for name, dense, sparse, layer_dense, layer_sparse in directions(setup):
     ms = [int(m) for m in FLAGS.multiplicities] if FLAGS.multiplicities else DEFAULT_M[name]

@@ -53,7 +53,7 @@ def main(argv):
   del argv
   from plato_jax import report
   from plato_jax.null import run_null
-  setup = common.start("null", synthetic_rows=SYNTHETIC_GALLERY)
+  setup = common.start("null", synthetic_rows=SYNTHETIC_GALLERY, clamps=False)
   sizes = common.gallery_sizes(setup, DEFAULT_SIZES)
   config = dict(sizes=sizes, k=FLAGS.k, permutations=FLAGS.permutations,
                 quantile=FLAGS.quantile, seed=FLAGS.seed, queries=FLAGS.queries,

@@ -111,11 +111,21 @@ def _bin_holding(counts: np.ndarray, at: int) -> int:
 
 
 def clamp_rows(x: np.ndarray, threshold: float | None) -> np.ndarray:
-  """`x` clamped to ±threshold in its own dtype (the threshold is one of its values)."""
+  """`x` clamped to ±threshold: in its own dtype where the threshold is one of its values
+  (an exact threshold always is), else in float32 (an approx one need not be: rounding it
+  to bf16 would clamp the gallery elsewhere than the queries)."""
   if threshold is None:
     return x
-  t = np.asarray(threshold, np.float32).astype(x.dtype)
+  dtype = clamped_dtype(x.dtype, threshold)
+  x, t = x.astype(dtype, copy=False), np.asarray(threshold, np.float32).astype(dtype)
   return np.minimum(np.maximum(x, -t), t)
+
+
+def clamped_dtype(dtype, threshold: float) -> np.dtype:
+  """The dtype of rows of `dtype` clamped at `threshold` (`clamp_rows`)."""
+  t = np.float32(threshold)
+  return np.dtype(dtype) if np.asarray(t).astype(dtype).astype(np.float32) == t else \
+      np.dtype(np.float32)
 
 
 def concatenated(x: np.ndarray, threshold: float | None) -> np.ndarray:
@@ -139,7 +149,8 @@ class ClampedLayer:
   threshold: float
 
   def __post_init__(self):
-    self.num_rows, self.dim, self.dtype = self.store.num_rows, self.store.dim, self.store.dtype
+    self.num_rows, self.dim = self.store.num_rows, self.store.dim
+    self.dtype = clamped_dtype(self.store.dtype, self.threshold)
 
   def ids(self):
     return self.store.ids()

@@ -190,11 +190,12 @@ def _figure_bytes(figure, fmt: str) -> bytes:
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
-  """A fixed-width text table of `columns` (floats to 4 significant digits)."""
+  """A fixed-width text table of `columns` (floats to 4 significant digits); no rows: the
+  header alone."""
   def cell(v):
     return f"{v:.4g}" if isinstance(v, float) else str(v)
   cells = [[cell(r[c]) for c in columns] for r in rows]
-  widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+  widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
   lines = ["  ".join(c.rjust(w) for c, w in zip(columns, widths))]
   lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in cells]
   return "\n".join(lines)

@@ -1,5 +1,7 @@
 """Prefixes by rank (random nested galleries) read in storage order, against a float64 brute
 force on the explicit subsets."""
+import re
+
 import numpy as np
 import pytest
 from knn_reference import brute_force, integer_rows, one_device_mesh, skip_unless_runs_here
@@ -69,9 +71,11 @@ def test_live_band_states_fit_their_budget(rng, monkeypatch):
   real = stream.selector_that_compiles
   monkeypatch.setattr(stream, "selector_that_compiles",
                       lambda *a: blocks.append(a[6]) or real(*a))
-  monkeypatch.setattr(stream, "BAND_STATE_BYTES", 3 * 7 * 12 * 8)  # 3 bands x 7 queries
-  small = search_prefixes(x[:30], x, 12, **kw)
-  assert blocks[-1] < 30 and blocks[-1] <= 7
+  monkeypatch.setattr(stream, "BAND_STATE_BYTES", 16_000)
+  with pytest.warns(UserWarning, match=r"query blocks of \d+ \(not 30\)") as said:
+    small = search_prefixes(x[:30], x, 12, **kw)
+  most = int(re.search(r"take ([\d,]+) bytes a query", str(said[0].message))[1].replace(",", ""))
+  assert 1 < 16_000 // most < 30 and 16_000 // most in blocks
   for a, b in zip(whole, small):
     np.testing.assert_array_equal(a.ids, b.ids)
     np.testing.assert_array_equal(a.scores, b.scores)

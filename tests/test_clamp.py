@@ -77,6 +77,11 @@ def test_clamped_and_concatenated_sources_equal_brute_force(tmp_path, rng):
   np.testing.assert_array_equal(both.read(100, 200), both.take(np.arange(100, 200)))
   np.testing.assert_array_equal(concatenated(values[:5], t), both.read(0, 5))
   assert both.dim == 24 and clamp_rows(values, None) is values
+  # a threshold bf16 cannot hold (an approx one) clamps in float32, as the queries are
+  between = float(np.float32(t) + np.float32(1e-3))
+  off = ClampedLayer(store, 1, between)
+  assert off.dtype == np.float32 and off.read(0, 5).dtype == np.float32
+  np.testing.assert_array_equal(off.read(0, 600), np.clip(values[:, 1], -between, between))
 
 
 def test_scaling_with_clamp_and_concat_equals_brute_force(tmp_path, rng):

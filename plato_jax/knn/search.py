@@ -36,7 +36,7 @@ from plato_jax.knn.kernel_choice import matmul_types, pick_kernel, row_unit
 from plato_jax.knn.sources import MAX_POSITION, IdRows, as_source
 from plato_jax.knn.stream import Stream
 
-# Scores of one device's tile stay under this many bytes.
+# Scores of one device's tile, and its rows, stay under this many bytes.
 SCORE_TILE_BYTES = 128 * 2**20
 # On accelerators the per-tile host work (slicing, transfer, dispatch: about 2 ms per tile on
 # the H100, 2026-11-23, inferred from a 17 ms call of 8 tiles) outweighs a tile's compute at
@@ -318,7 +318,9 @@ def plan_search(queries, gallery, k, *, query_ids=None, gallery_ids=None,
   if tile_rows is None:
     align = row_unit(kernel)
     budget = SCORE_TILE_BYTES if platform == "cpu" else ACCELERATOR_SCORE_TILE_BYTES
-    tile_rows = max(align, budget // (4 * block) // align * align)
+    # The score tile [block, rows] and the tile's own rows [rows, D] (f32 at most) each
+    # stay under the budget: wide rows (a concatenation of layers) make short tiles.
+    tile_rows = max(align, budget // (4 * max(block, source.dim)) // align * align)
     per_device = -(-n // mesh.devices.size)
     tile_rows = min(tile_rows, -(-per_device // align) * align)
   kept = {s: min(keep[s] + exact.margin(keep[s], s, source.dim), s) for s in sizes}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 
 import jax
 import numpy as np
@@ -78,30 +79,16 @@ class Stream:
     tile_dtype = dtype if dtype.itemsize > np.dtype(source.dtype).itemsize else \
         np.dtype(source.dtype)
     bands = plan_bands(sizes, self.tile_rows, mesh.devices.size, self.ranks)
-    kernel = self.kernel
-
-    def choose(block):
-      return selector_that_compiles(
-          kernel, self.required, max(kept.values()), self.tile_rows, self.bucket_width, mesh,
-          block, source.dim, dtype, tile_dtype, self.exclude_self, self.precision,
-          self.normalize)
-
-    selector, self.kernel = choose(block)
-    # Bands whose tiles interleave hold their states at once: fewer queries a block then.
-    per_query = sum(np.asarray(x).nbytes for x in jax.tree.leaves(selector.init(1)))
-    live_most = max(len(bands.live(g)) for g in range(1, len(bands.groups) + 1))
-    if live_most * per_query * block > BAND_STATE_BYTES:
-      block = max(1, BAND_STATE_BYTES // (live_most * per_query))
-      selector, self.kernel = choose(block)
-    step = sharding.sharded_step(mesh, selector, self.exclude_self, self.precision,
-                                 self.normalize)
-    # Host rows go to the CPU kernel where they lie (no copy of unaligned numpy rows).
-    window = window_length(self.tile_rows, source.dim) if selector.reads_windows else None
-    on_host = mesh.devices.flat[0].platform in FINISH_ON_HOST
-    groups = bands.groups
     # A band's state keeps what the largest prefix holding it needs, at most its rows.
     widths = [kept[s] for s in sizes]
     band_widths = [min(max(widths[b:]), bands.covers[b]) for b in range(len(sizes))]
+    selectors, block = self._selectors(bands, band_widths, block, tile_dtype)
+    steps = [sharding.sharded_step(mesh, sel, self.exclude_self, self.precision, self.normalize)
+             for sel in selectors]
+    # Host rows go to the CPU kernel where they lie (no copy of unaligned numpy rows).
+    window = window_length(self.tile_rows, source.dim) if selectors[0].reads_windows else None
+    on_host = mesh.devices.flat[0].platform in FINISH_ON_HOST
+    groups = bands.groups
     mine = sharding.local_slots(mesh)
     positions = np.arange(source.num_rows, dtype=np.int64)  # the devices' row ids
     num_blocks = -(-num_q // block)
@@ -114,9 +101,9 @@ class Stream:
                        for b, w in enumerate(band_widths)}}
     point, at, live = None, Position(), {}
     if resume_dir is not None:
-      point = ResumePoint(resume_dir, self._identity(q_host, own, kept, block, selector),
+      point = ResumePoint(resume_dir, self._identity(q_host, own, kept, block, selectors),
                           every=checkpoint_every)
-      at, found, live = self._restore(point, at, found, selector, block, bands)
+      at, found, live = self._restore(point, at, found, selectors, block, bands)
 
     try:
       # The CPU backend aliases aligned host tiles (no copy), so a copied tile's buffer is free
@@ -146,21 +133,22 @@ class Stream:
           rows_by_slot, ids_by_slot = zip(*(
               _padded(tile, self.tile_rows, source.dim, tile_dtype, window) for tile in read))
           state, stats = live.pop(str(band), None) or (
-              sharding.empty_state(mesh, selector, block), self._empty_stats())
+              sharding.empty_state(mesh, selectors[band], block), self._empty_stats())
           with _read_by_step(buffers, read, window) as done:
-            state, stats = step(state, stats, qd, qd_ids,
+            state, stats = steps[band](state, stats, qd, qd_ids,
                                 sharding.put_local_slots(mesh, dict(zip(mine, rows_by_slot))),
                                 sharding.put_local_slots(mesh, dict(zip(mine, ids_by_slot))))
             done(state)
           live[str(band)] = (state, stats)
           if gi == bands.last[band]:
             self._take_candidates(found["bands"][str(band)], band_widths[band], live[str(band)],
-                                  selector, on_host, lambda: bands.slots_seen(band))
+                                  selectors[band], on_host, lambda: bands.slots_seen(band))
             handed = live.pop(str(band))
             if band + 1 < len(sizes) and bands.continues[band + 1]:
               live[str(band + 1)] = handed
             elif self.kernel != "xla":
-              self.fallbacks += int(sharding.replicated_sum(mesh)(selector.fallbacks(handed[0])))
+              self.fallbacks += int(sharding.replicated_sum(mesh)(
+                  selectors[band].fallbacks(handed[0])))
           if gi == len(groups) - 1:
             self._prefix_candidates(found, bands, band_widths, widths, q0, rows)
           if point is not None:
@@ -177,7 +165,39 @@ class Stream:
       point.close()
     return {key: found[key] for key in ("values", "ids", "norms")}
 
-  def _identity(self, q_host, own, kept, block, selector) -> dict:
+  def _selectors(self, bands, band_widths, block: int, tile_dtype):
+    """(each band's selector, the query block). A band's state is as wide as its band needs
+    (a continued state: the widest of its bands). Bands whose tiles interleave hold their
+    states at once: the block shrinks until those states fit `BAND_STATE_BYTES`."""
+    count = len(band_widths)
+    chain = [b if b == 0 or not bands.continues[b] else None for b in range(count)]
+    for b in range(count):
+      chain[b] = b if chain[b] is not None else chain[b - 1]
+    k = [max(w for c, w in zip(chain, band_widths) if c == chain[b]) for b in range(count)]
+    kernel, requested = self.kernel, block
+
+    def choose(block):
+      picked = [selector_that_compiles(
+          kernel, self.required, k[b], self.tile_rows, self.bucket_width, self.mesh, block,
+          self.source.dim, self.dtype, tile_dtype, self.exclude_self, self.precision,
+          self.normalize) for b in range(count)]
+      self.kernel = picked[int(np.argmax(k))][1]
+      return [selector for selector, _ in picked]
+
+    selectors = choose(block)
+    per_query = [sum(np.asarray(x).nbytes for x in jax.tree.leaves(sel.init(1)))
+                 for sel in selectors]
+    most = max(sum(per_query[b] for b in {*bands.live(g), group.band})
+               for g, group in enumerate(bands.groups))
+    if most * block > BAND_STATE_BYTES:
+      block = max(1, BAND_STATE_BYTES // most)
+      warnings.warn(f"query blocks of {block} (not {requested}): the states of the bands "
+                    f"streamed together take {most:,} bytes a query (BAND_STATE_BYTES = "
+                    f"{BAND_STATE_BYTES:,})")
+      selectors = choose(block)
+    return selectors, block
+
+  def _identity(self, q_host, own, kept, block, selectors) -> dict:
     """What a checkpoint must match to be resumed: everything that determines the pass."""
     source = self.source
     return dict(
@@ -187,12 +207,13 @@ class Stream:
         devices=self.mesh.devices.size, exclude_self=self.exclude_self,
         normalize=self.normalize, compute_dtype=str(self.dtype), precision=str(self.precision),
         ranks=None if self.ranks is None else digest(self.ranks),
-        selector=repr(selector), state=str(jax.tree.structure(selector.init(1))))
+        selectors=[repr(sel) for sel in selectors],
+        state=str(jax.tree.structure(selectors[0].init(1))))
 
-  def _restore(self, point, at, found, selector, block, bands):
+  def _restore(self, point, at, found, selectors, block, bands):
     """(position, candidates, live band states) from the checkpoint, if there is one."""
     def template(steps):
-      live = {str(b): (sharding.empty_state(self.mesh, selector, block), self._empty_stats())
+      live = {str(b): (sharding.empty_state(self.mesh, selectors[b], block), self._empty_stats())
               for b in bands.live(Position.after(steps, len(bands.groups)).group)}
       return {"live": live, **found}
 
