@@ -112,3 +112,9 @@ def test_csv_holds_every_rows_columns(tmp_path):
   result.publish()
   lines = (tmp_path / "grid" / "grid.csv").read_text().splitlines()
   assert lines == ["metric,score,score_low", "cka,0.5,", "mutual_knn,0.25,0.2"]
+
+
+def test_format_table_of_no_rows_is_its_header():
+  assert report.format_table([], ["size", "lift_area"]) == "size  lift_area"
+  assert report.format_table([dict(size=10, lift_area=1.23456)], ["size", "lift_area"]).splitlines() == [
+      "size  lift_area", "  10      1.235"]
