@@ -80,6 +80,20 @@ def test_qwen3_qk_norm(rng, tmp_path):
   check_parity(model.model, tmp_path, *batch(rng))
 
 
+def test_granite_multipliers(rng, tmp_path):
+  """IBM Granite: embeddings, sublayer outputs and the attention scale multiplied (values far
+  from 1, so a missed multiplier shows), logits scaling outside the hidden states."""
+  cfg = transformers.GraniteConfig(**SMALL, embedding_multiplier=12.0, residual_multiplier=0.22,
+                                   attention_multiplier=0.0078125, logits_scaling=8.0)
+  model = save_tiny(transformers.GraniteForCausalLM, cfg, tmp_path)
+  check_parity(model.model, tmp_path, *batch(rng))
+  config = json.loads((tmp_path / "config.json").read_text())
+  del config["residual_multiplier"]
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  with pytest.raises(CheckpointError, match="residual_multiplier"):
+    from_pretrained(str(tmp_path))
+
+
 def test_left_padding_gives_each_row_alone(rng, tmp_path):
   """Pooled (masked mean) features of a left-padded batch equal each row run alone."""
   cfg = transformers.LlamaConfig(**SMALL)

@@ -81,8 +81,7 @@ def check_ranks(ranks, num_rows: int) -> np.ndarray:
   if outside.size:
     raise ValueError(f"prefix_ranks must lie in [0, {num_rows}): row {outside[0]} has rank "
                      f"{ranks[outside[0]]}")
-  seen = np.zeros(num_rows, np.int64)
-  np.add.at(seen, ranks, 1)
+  seen = np.bincount(ranks, minlength=num_rows)
   if (seen != 1).any():
     repeated = np.flatnonzero(ranks == np.flatnonzero(seen > 1)[0])
     raise ValueError(f"prefix_ranks repeat: rows {repeated[:10].tolist()} share rank "

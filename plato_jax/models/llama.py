@@ -1,10 +1,11 @@
 """The LLaMA family of decoders: LLaMA 1/2/3/3.1 (rope scaling), OpenLLaMA, Mistral,
-DeepSeek-R1-Distill-Llama, Qwen2 (q/k/v bias), Qwen3 (per-head q/k RMSNorm) and OLMo
+DeepSeek-R1-Distill-Llama, Qwen2 (q/k/v bias), Qwen3 (per-head q/k RMSNorm), OLMo
 (1: parameter-free layer norms, q/k/v clipping; 2 and 3: norms after each sublayer, q/k
-RMSNorm over the whole projection; 3: sliding layers); GQA throughout.
+RMSNorm over the whole projection; 3: sliding layers) and IBM Granite (embedding, residual
+and attention multipliers; its logits scaling touches no hidden state); GQA throughout.
 
 `LlamaConfig.from_hf` decodes a transformers config.json (model_type llama, mistral, qwen2,
-qwen3, olmo, olmo2, olmo3); `Llama(...)(input_ids, attention_mask)` returns every hidden
+qwen3, olmo, olmo2, olmo3, granite); `Llama(...)(input_ids, attention_mask)` returns every hidden
 state as transformers' `output_hidden_states` does: the embedding output, then each
 layer's output, the last one after the final norm ([L+1] arrays of [B, T, D]). Positions are 0..T-1 whatever the
 padding, as in transformers without explicit position_ids (rotary attention depends only on
@@ -20,7 +21,7 @@ from flax import nnx
 from plato_jax.models import layers
 from plato_jax.models.hf import CheckpointError, config_value
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "olmo3")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "olmo3", "granite")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,9 @@ class LlamaConfig:
   sliding_window: int | None
   rope: tuple               # (layer type, frozen rope config) pairs
   head: str = "tied"         # output embedding: "tied" (input embedding), "separate", "none"
+  embedding_multiplier: float = 1.0  # Granite: the embeddings scaled,
+  residual_multiplier: float = 1.0   # each sublayer's output scaled before its residual add,
+  attention_multiplier: float | None = None  # and this the attention scale (default 1/√d)
 
   @classmethod
   def from_hf(cls, config: dict) -> "LlamaConfig":
@@ -95,7 +99,11 @@ class LlamaConfig:
                post_norms=olmo2, clip_qkv=get("clip_qkv") if kind == "olmo" else None,
                layer_types=tuple(types), sliding_window=window,
                rope=tuple(sorted((k, layers.freeze(v)) for k, v in rope.items())),
-               head="tied" if get("tie_word_embeddings", False) else "separate")
+               head="tied" if get("tie_word_embeddings", False) else "separate",
+               **(dict(embedding_multiplier=float(need("embedding_multiplier")),
+                       residual_multiplier=float(need("residual_multiplier")),
+                       attention_multiplier=float(need("attention_multiplier")))
+                  if kind == "granite" else {}))
 
   def norm_layer(self, dim: int, dtype):
     if self.norm == "layer":  # OLMo: F.layer_norm without weight or bias, eps 1e-5
@@ -132,7 +140,8 @@ class Attention(nnx.Module):
     if c.qk_norm == "head":
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
-    out = layers.attention(q, k, v, mask, scaling=c.head_dim ** -0.5)
+    scaling = c.head_dim ** -0.5 if c.attention_multiplier is None else c.attention_multiplier
+    out = layers.attention(q, k, v, mask, scaling=scaling)
     return self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim))
 
 
@@ -157,12 +166,15 @@ class DecoderLayer(nnx.Module):
     if c.post_norms:
       self.post_feedforward_layernorm = c.norm_layer(c.hidden_size, dtype)
     self.mlp = MLP(c, dtype)
-    self.post_norms = c.post_norms
+    self.post_norms, self.scale = c.post_norms, c.residual_multiplier
 
   def __call__(self, x, cos, sin, mask):
     if self.post_norms:
       x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, mask))
       return x + self.post_feedforward_layernorm(self.mlp(x))
+    if self.scale != 1.0:  # Granite
+      x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask) * self.scale
+      return x + self.mlp(self.post_attention_layernorm(x)) * self.scale
     x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
     return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -189,6 +201,8 @@ class Llama(layers.Decoder):
     if attention_mask is None:
       attention_mask = jnp.ones(input_ids.shape, jnp.int32)
     x = self.embed_tokens(input_ids)
+    if c.embedding_multiplier != 1.0:  # Granite
+      x = x * c.embedding_multiplier
     rope, masks = self.rope_and_masks(attention_mask, x.dtype)
     states = [x]
     for layer, kind in zip(self.layers, c.layer_types):

@@ -24,7 +24,7 @@ _BLOOM = ("bloom", "BloomConfig", "Bloom", ("", "transformer."))
 _GEMMA = ("gemma", "GemmaConfig", "Gemma",
           ("", "model.", "model.language_model.", "language_model.model."))
 ARCHITECTURES = {
-    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA,
+    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "granite": _LLAMA,
     "olmo": _LLAMA, "olmo2": _LLAMA, "olmo3": _LLAMA,
     "vit": _VIT, "vit_mae": _VIT, "dinov2": _VIT, "dinov2_with_registers": _VIT,
     "clip_vision_model": _VIT, "clip_text_model": _CLIP_TEXT, "bloom": _BLOOM,
