@@ -186,8 +186,8 @@ def choose_layers(store_a, store_b, q_a, q_b, layer_a="auto", layer_b="auto",
     return fixed(store_a, layer_a), fixed(store_b, layer_b), None
 
   def candidates(store, q, layer, threshold):
-    x = clamp_rows(np.asarray(q, np.float32), threshold)
-    x = x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), np.float32(1e-12))
+    # Clamped, then each layer unit-normalised (PRH's prepare_features after its own clamp).
+    x = metrics.prepare_features(clamp_rows(np.asarray(q, np.float32), threshold), q=1)
     if layer == "auto":
       return x, concat
     chosen = fixed(store, layer)

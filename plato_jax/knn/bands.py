@@ -58,11 +58,15 @@ class BandPlan:
             if self.first[b] < done <= self.last[b]
             or (self.continues[b] and self.last[b - 1] < done <= self.first[b])]
 
+  def chain_start(self, band: int) -> int:
+    """The band whose fresh state `band`'s final state continues (itself if none)."""
+    while self.continues[band]:
+      band -= 1
+    return band
+
   def slots_seen(self, band: int) -> list[np.ndarray]:
     """The positions folded into `band`'s final state: its own, and the continued bands'."""
-    start = band
-    while self.continues[start]:
-      start -= 1
+    start = self.chain_start(band)
     return [s for g in self.groups if start <= g.band <= band for s in g.slots]
 
   def rows_before(self, group: int) -> int:
@@ -127,9 +131,7 @@ def merge_bands(plan: BandPlan, band_candidates: Sequence[tuple], widths: Sequen
   merged, out = [], []
   for b, (values, ids) in enumerate(band_candidates):
     keys = np.asarray(order_keys(values, ids)).view(np.int64)[..., 0]
-    start = b
-    while plan.continues[start]:
-      start -= 1
+    start = plan.chain_start(b)
     if start > 0:  # the prefix before its state began, then its own candidates
       keys = _best_keys(np.concatenate([merged[start - 1], keys], axis=1), max(widths[b:]))
     merged.append(keys)

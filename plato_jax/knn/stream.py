@@ -170,9 +170,7 @@ class Stream:
     (a continued state: the widest of its bands). Bands whose tiles interleave hold their
     states at once: the block shrinks until those states fit `BAND_STATE_BYTES`."""
     count = len(band_widths)
-    chain = [b if b == 0 or not bands.continues[b] else None for b in range(count)]
-    for b in range(count):
-      chain[b] = b if chain[b] is not None else chain[b - 1]
+    chain = [bands.chain_start(b) for b in range(count)]
     k = [max(w for c, w in zip(chain, band_widths) if c == chain[b]) for b in range(count)]
     kernel, requested = self.kernel, block
 
