@@ -11,11 +11,12 @@ little-endian bytes. bf16 and fp8 come through `ml_dtypes`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import struct
-from typing import Iterator
+from typing import Callable, Iterator
 
 import ml_dtypes
 import numpy as np
@@ -235,3 +236,68 @@ def sub_config(config: dict, outer: str, key: str, inner: str) -> dict:
   if not isinstance(config.get(key), dict):
     raise CheckpointError(f"config.json: a {outer} config without {key!r}")
   return {**config[key], "model_type": inner}
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """How one model parameter is read: the checkpoint tensors `names`, read in order and
+  joined by `combine` (None: the one tensor as it is). A name with a leading "/" is absolute
+  (no checkpoint prefix)."""
+  names: tuple[str, ...]
+  combine: Callable | None = None
+  what: str = ""  # how the tensors are joined, for error messages
+
+  def read(self, get: Callable[[str], np.ndarray]) -> np.ndarray:
+    tensors = [get(name) for name in self.names]
+    return tensors[0] if self.combine is None else self.combine(*tensors)
+
+
+def tensor(name: str) -> Source:
+  return Source((name,))
+
+
+def sliced(name: str, index: tuple) -> Source:
+  """A slice of one tensor (timm's fused qkv)."""
+  return Source((name,), lambda t: t[index], f"part {index}")
+
+
+def stacked(names) -> Source:
+  """Per-expert tensors stacked on a new leading axis (Mixtral, OLMoE experts)."""
+  return Source(tuple(names), lambda *ts: np.stack(ts), f"{len(names)} tensors stacked")
+
+
+# MXFP4 (OCP microscaling): 4-bit E2M1 values, two per byte (low nibble first), in blocks of
+# 32 sharing one E8M0 scale byte (a power of two, bias 127; 255 is NaN).
+FP4_E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+                     -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
+
+
+def dequantize_mxfp4(blocks: np.ndarray, scales: np.ndarray, name: str = "") -> np.ndarray:
+  """GPT-OSS expert weights: blocks uint8 [E, R, G, 16] and scales uint8 [E, R, G] → f32
+  [E, G·32, R] (the transpose of the quantized [E, R, G·32], as the model multiplies x @ W),
+  one expert at a time."""
+  if blocks.dtype != np.uint8 or scales.dtype != np.uint8:
+    raise CheckpointError(f"MXFP4 tensor {name!r}: blocks and scales must be uint8 (got "
+                          f"{blocks.dtype} and {scales.dtype})")
+  if blocks.ndim != 4 or blocks.shape[-1] != 16 or blocks.shape[:-1] != scales.shape:
+    raise CheckpointError(f"MXFP4 tensor {name!r}: blocks {list(blocks.shape)} and scales "
+                          f"{list(scales.shape)} are not [E, R, G, 16] and [E, R, G]")
+  e, r, g, _ = blocks.shape
+  out = np.empty((e, g * 32, r), np.float32)
+  for i in range(e):
+    scale = np.asarray(scales[i])
+    if (scale == 255).any():
+      raise CheckpointError(f"MXFP4 tensor {name!r}: expert {i} has a NaN scale (255)")
+    packed = np.asarray(blocks[i])
+    values = np.empty((r, g, 32), np.float32)
+    values[..., 0::2] = FP4_E2M1[packed & 0x0F]
+    values[..., 1::2] = FP4_E2M1[packed >> 4]
+    values = np.ldexp(values, scale.astype(np.int32)[..., None] - 127)
+    out[i] = values.reshape(r, g * 32).T
+  return out
+
+
+def mxfp4(base: str) -> Source:
+  """An expert weight stored as `{base}_blocks` + `{base}_scales`."""
+  return Source((f"{base}_blocks", f"{base}_scales"),
+                lambda b, s: dequantize_mxfp4(b, s, base), "MXFP4, dequantized")

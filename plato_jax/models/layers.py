@@ -274,15 +274,17 @@ class Decoder(nnx.Module):
 
 # ---- attention ------------------------------------------------------------------------------
 
-def attention(q, k, v, mask, *, scaling: float, bias=None, softcap: float | None = None):
+def attention(q, k, v, mask, *, scaling: float, bias=None, softcap: float | None = None,
+              sinks=None):
   """Softmax attention, eager-style: q [B, T, H, hd], k/v [B, S, KV, hd] (KV divides H);
   mask [B, 1 or H, T, S] bool (True = attend; None: everything); bias added to the logits
-  (ALiBi).
+  (ALiBi); sinks [H] (GPT-OSS): one extra logit per head that takes part in the softmax
+  and attends to nothing.
   Softmax in f32, probabilities cast back to the input dtype, like transformers' eager path.
   """
   b, t, h, hd = q.shape
   groups = h // k.shape[2]
-  if _fused_attention_applies(q, mask, bias, softcap):
+  if sinks is None and _fused_attention_applies(q, mask, bias, softcap):
     try:  # cuDNN's flash attention: the [T, S] probabilities never reach device memory
       return jax.nn.dot_product_attention(q, k, v, scale=scaling, implementation="cudnn")
     except (ValueError, NotImplementedError, RuntimeError):
@@ -299,7 +301,13 @@ def attention(q, k, v, mask, *, scaling: float, bias=None, softcap: float | None
     logits = logits + bias.astype(logits.dtype)
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
+  if sinks is not None:
+    sink = jnp.broadcast_to(sinks.astype(logits.dtype)[None, :, None, None],
+                            (*logits.shape[:3], 1))
+    probs = jax.nn.softmax(jnp.concatenate([logits, sink], axis=-1).astype(jnp.float32),
+                           axis=-1)[..., :-1].astype(q.dtype)
+  else:
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(q.dtype)
   return jnp.einsum("bhts,bhsd->bhtd", probs, v).transpose(0, 2, 1, 3)
 
 

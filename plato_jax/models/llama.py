@@ -1,11 +1,14 @@
 """The LLaMA family of decoders: LLaMA 1/2/3/3.1 (rope scaling), OpenLLaMA, Mistral,
 DeepSeek-R1-Distill-Llama, Qwen2 (q/k/v bias), Qwen3 (per-head q/k RMSNorm), OLMo
 (1: parameter-free layer norms, q/k/v clipping; 2 and 3: norms after each sublayer, q/k
-RMSNorm over the whole projection; 3: sliding layers) and IBM Granite (embedding, residual
-and attention multipliers; its logits scaling touches no hidden state); GQA throughout.
+RMSNorm over the whole projection; 3: sliding layers), IBM Granite (embedding, residual
+and attention multipliers; its logits scaling touches no hidden state) and the sparse
+mixture-of-experts decoders (`moe.py`): Mixtral (top-2, renormalised), OLMoE (OLMo 2's q/k
+norms before each sublayer, top-8 of 64) and GPT-OSS (attention biases and sinks, alternating
+sliding/full layers, yarn rope, clamped SwiGLU experts stored as MXFP4); GQA throughout.
 
-`LlamaConfig.from_hf` decodes a transformers config.json (model_type llama, mistral, qwen2,
-qwen3, olmo, olmo2, olmo3, granite); `Llama(...)(input_ids, attention_mask)` returns every hidden
+`LlamaConfig.from_hf` decodes a transformers config.json (model_type in MODEL_TYPES);
+`Llama(...)(input_ids, attention_mask)` returns every hidden
 state as transformers' `output_hidden_states` does: the embedding output, then each
 layer's output, the last one after the final norm ([L+1] arrays of [B, T, D]). Positions are 0..T-1 whatever the
 padding, as in transformers without explicit position_ids (rotary attention depends only on
@@ -18,10 +21,17 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
-from plato_jax.models import layers
-from plato_jax.models.hf import CheckpointError, config_value
+from plato_jax.models import layers, moe
+from plato_jax.models.hf import CheckpointError, config_value, mxfp4, stacked
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "olmo3", "granite")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "olmo3", "granite",
+               "mixtral", "olmoe", "gpt_oss")
+# The MoE block's checkpoint name and each stacked expert tensor's per-expert name.
+_EXPERT_NAMES = {"mixtral": ("block_sparse_moe", {"gate_proj": "w1", "up_proj": "w3",
+                                                  "down_proj": "w2"}),
+                 "olmoe": ("mlp", {"gate_proj": "gate_proj", "up_proj": "up_proj",
+                                   "down_proj": "down_proj"}),
+                 "gpt_oss": ("mlp", {})}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +59,10 @@ class LlamaConfig:
   embedding_multiplier: float = 1.0  # Granite: the embeddings scaled,
   residual_multiplier: float = 1.0   # each sublayer's output scaled before its residual add,
   attention_multiplier: float | None = None  # and this the attention scale (default 1/√d)
+  sinks: bool = False                # GPT-OSS: a learned sink logit per attention head
+  moe: moe.MoeConfig | None = None   # sparse MoE feed-forward blocks instead of the MLP
+  experts_stored: str = "stacked"    # "per_expert" tensors, "stacked" [E, ...], or "mxfp4"
+  model_type: str = "llama"
 
   @classmethod
   def from_hf(cls, config: dict) -> "LlamaConfig":
@@ -87,6 +101,22 @@ class LlamaConfig:
       raise CheckpointError("config.json: sliding_attention layers but no sliding_window")
     rope = layers.rope_configs_by_layer_type(config, types)
     olmo2 = kind in ("olmo2", "olmo3")
+    quant = (get("quantization_config") or {}).get("quant_method")  # checked by the loader
+    experts = None
+    if kind in ("mixtral", "olmoe", "gpt_oss"):
+      experts = moe.MoeConfig(
+          num_experts=int(need("num_experts" if kind == "olmoe" else "num_local_experts")),
+          top_k=int(need("num_experts_per_tok")),
+          intermediate_size=int(need("intermediate_size")),
+          routing="topk_softmax" if kind == "gpt_oss" else "softmax_topk",
+          renormalize=bool(get("norm_topk_prob", False)) if kind == "olmoe" else True,
+          experts="clamped_swiglu" if kind == "gpt_oss" else "swiglu",
+          hidden_act=str(get("hidden_act", "silu")), router_bias=kind == "gpt_oss",
+          swiglu_alpha=float(get("swiglu_alpha", 1.702)),
+          swiglu_limit=float(get("swiglu_limit", 7.0)))
+      if not 1 <= experts.top_k <= experts.num_experts:
+        raise CheckpointError(f"config.json: num_experts_per_tok={experts.top_k} must be in "
+                              f"1..{experts.num_experts} (the number of experts)")
     return cls(vocab_size=int(need("vocab_size")), hidden_size=hidden,
                intermediate_size=int(need("intermediate_size")), num_layers=layers_n,
                num_heads=heads, num_kv_heads=kv_heads,
@@ -94,16 +124,22 @@ class LlamaConfig:
                rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
                hidden_act=str(get("hidden_act", "silu")), qkv_bias=qkv_bias, o_bias=o_bias,
                mlp_bias=bool(get("mlp_bias", False)),
-               qk_norm="head" if kind == "qwen3" else "full" if olmo2 else None,
-               norm="layer" if kind == "olmo" else "rms_f32" if olmo2 else "rms",
-               post_norms=olmo2, clip_qkv=get("clip_qkv") if kind == "olmo" else None,
+               qk_norm="head" if kind == "qwen3" else "full" if olmo2 or kind == "olmoe"
+               else None,
+               norm="layer" if kind == "olmo" else "rms_f32" if olmo2 or kind == "gpt_oss"
+               else "rms",
+               post_norms=olmo2,
+               clip_qkv=get("clip_qkv") if kind in ("olmo", "olmoe") else None,
                layer_types=tuple(types), sliding_window=window,
                rope=tuple(sorted((k, layers.freeze(v)) for k, v in rope.items())),
                head="tied" if get("tie_word_embeddings", False) else "separate",
                **(dict(embedding_multiplier=float(need("embedding_multiplier")),
                        residual_multiplier=float(need("residual_multiplier")),
                        attention_multiplier=float(need("attention_multiplier")))
-                  if kind == "granite" else {}))
+                  if kind == "granite" else {}),
+               sinks=kind == "gpt_oss", moe=experts, model_type=kind,
+               experts_stored="mxfp4" if quant == "mxfp4" else "stacked" if kind == "gpt_oss"
+               else "per_expert")
 
   def norm_layer(self, dim: int, dtype):
     if self.norm == "layer":  # OLMo: F.layer_norm without weight or bias, eps 1e-5
@@ -124,6 +160,8 @@ class Attention(nnx.Module):
     elif c.qk_norm == "full":
       self.q_norm = c.norm_layer(c.num_heads * c.head_dim, dtype)
       self.k_norm = c.norm_layer(c.num_kv_heads * c.head_dim, dtype)
+    if c.sinks:
+      self.sinks = nnx.Param(jnp.zeros((c.num_heads,), dtype))
     self.c = c
 
   def __call__(self, x, cos, sin, mask):
@@ -141,7 +179,8 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
     scaling = c.head_dim ** -0.5 if c.attention_multiplier is None else c.attention_multiplier
-    out = layers.attention(q, k, v, mask, scaling=scaling)
+    out = layers.attention(q, k, v, mask, scaling=scaling,
+                           sinks=self.sinks[...] if c.sinks else None)
     return self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim))
 
 
@@ -165,18 +204,28 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = c.norm_layer(c.hidden_size, dtype)
     if c.post_norms:
       self.post_feedforward_layernorm = c.norm_layer(c.hidden_size, dtype)
-    self.mlp = MLP(c, dtype)
+    if c.moe is None:
+      self.mlp = MLP(c, dtype)
+    else:
+      name = _EXPERT_NAMES[c.model_type][0]
+      setattr(self, name, moe.SparseMoe(c.moe, c.hidden_size, dtype,
+                                        router_name="router" if c.model_type == "gpt_oss"
+                                        else "gate"))
+      self.mlp_name = name
     self.post_norms, self.scale = c.post_norms, c.residual_multiplier
+
+  def feed_forward(self, x):
+    return getattr(self, getattr(self, "mlp_name", "mlp"))(x)
 
   def __call__(self, x, cos, sin, mask):
     if self.post_norms:
       x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, mask))
-      return x + self.post_feedforward_layernorm(self.mlp(x))
+      return x + self.post_feedforward_layernorm(self.feed_forward(x))
     if self.scale != 1.0:  # Granite
       x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask) * self.scale
-      return x + self.mlp(self.post_attention_layernorm(x)) * self.scale
+      return x + self.feed_forward(self.post_attention_layernorm(x)) * self.scale
     x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-    return x + self.mlp(self.post_attention_layernorm(x))
+    return x + self.feed_forward(self.post_attention_layernorm(x))
 
 
 class Llama(layers.Decoder):
@@ -193,6 +242,20 @@ class Llama(layers.Decoder):
 
   def input_embedding(self):
     return self.embed_tokens.weight[...]
+
+  def checkpoint_key(self, name: str):
+    """Expert tensors as the checkpoint stores them: one per expert (Mixtral, OLMoE), or
+    stacked, bf16 or MXFP4 (GPT-OSS)."""
+    c = self.config
+    parts = name.split(".")
+    if c.moe is None or len(parts) < 5 or parts[3] != "experts":
+      return super().checkpoint_key(name)
+    if c.experts_stored == "per_expert":
+      base, tensor = ".".join(parts[:4]), _EXPERT_NAMES[c.model_type][1][parts[4]]
+      return stacked([f"{base}.{e}.{tensor}.weight" for e in range(c.moe.num_experts)])
+    if c.experts_stored == "mxfp4" and parts[4] in ("gate_up_proj", "down_proj"):
+      return mxfp4(name)
+    return name
 
   def __call__(self, input_ids, attention_mask=None):
     """input_ids [B, T] int; attention_mask [B, T] (1 = token, 0 = padding).

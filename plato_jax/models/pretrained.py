@@ -14,7 +14,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from plato_jax.models.hf import Checkpoint, CheckpointError
+from plato_jax.models.hf import Checkpoint, CheckpointError, Source, tensor
 
 # model_type → (module, config class, model class, checkpoint prefixes to try)
 _LLAMA = ("llama", "LlamaConfig", "Llama", ("", "model."))
@@ -25,11 +25,14 @@ _GEMMA = ("gemma", "GemmaConfig", "Gemma",
           ("", "model.", "model.language_model.", "language_model.model."))
 ARCHITECTURES = {
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "granite": _LLAMA,
-    "olmo": _LLAMA, "olmo2": _LLAMA, "olmo3": _LLAMA,
+    "olmo": _LLAMA, "olmo2": _LLAMA, "olmo3": _LLAMA, "mixtral": _LLAMA, "olmoe": _LLAMA,
+    "gpt_oss": _LLAMA,
     "vit": _VIT, "vit_mae": _VIT, "dinov2": _VIT, "dinov2_with_registers": _VIT,
     "clip_vision_model": _VIT, "clip_text_model": _CLIP_TEXT, "bloom": _BLOOM,
     "gemma": _GEMMA, "gemma2": _GEMMA, "gemma3_text": _GEMMA, "gemma3": _GEMMA,
 }
+# Quantized checkpoints read (dequantized on load): model_type → quantization_config methods.
+QUANTIZATIONS = {"gpt_oss": ("mxfp4",)}
 # Two-tower checkpoints: model_type → {tower: architecture}.
 TOWERS = {"clip": {"vision": _VIT, "text": _CLIP_TEXT}}
 # Checkpoint tensors that no encoder needs (output heads, cached buffers, final norms that
@@ -68,6 +71,13 @@ def _abstract(config_json: dict, tower: str | None, dtype, shapes):
     model_cls, prefixes = vit.Vit, ("", "model.")
   else:
     config_cls, model_cls, prefixes = architecture(config_json, tower)
+    kind = config_json.get("model_type")
+    quant = config_json.get("quantization_config")
+    method = quant.get("quant_method") if isinstance(quant, dict) else quant
+    if quant is not None and method not in QUANTIZATIONS.get(kind, ()):
+      raise CheckpointError(f"config.json quantization_config: quant_method {method!r} is "
+                            f"not supported for model_type {kind!r} (supported: "
+                            f"{list(QUANTIZATIONS.get(kind, ())) or 'none'})")
     config = config_cls.from_hf(config_json)
   if getattr(config, "head", None) == "separate" and shapes("lm_head.weight") is None:
     config = dataclasses.replace(config, head="none")  # a bare model: hidden states only
@@ -110,15 +120,14 @@ def from_pretrained(checkpoint_dir: str, dtype=jnp.float32, *, tower: str | None
   graphdef, state = nnx.split(abstract)
   flat = nnx.to_flat_state(state)
   rename = getattr(abstract, "checkpoint_key", lambda name: name)
-  # Each parameter is a checkpoint tensor, or a slice of one: (name, index). A name with a
-  # leading "/" is absolute (no prefix): a causal LM's lm_head beside its "model." body.
+  # Each parameter is read from one checkpoint tensor, or joined from several (a Source).
   sources = [rename(".".join(str(p) for p in path)) for path, _ in flat]
-  sources = [s if isinstance(s, tuple) else (s, ()) for s in sources]
+  sources = [s if isinstance(s, Source) else tensor(s) for s in sources]
 
   def key(prefix, name):
     return name[1:] if name.startswith("/") else prefix + name
 
-  names = [name for name, _ in sources]
+  names = [name for s in sources for name in s.names]
   prefix = next((p for p in prefixes if all(key(p, n) in ckpt for n in names)), None)
   if prefix is None:  # name the first missing tensor under the likeliest prefix
     best = max(prefixes, key=lambda p: sum(key(p, n) in ckpt for n in names))
@@ -127,16 +136,16 @@ def from_pretrained(checkpoint_dir: str, dtype=jnp.float32, *, tower: str | None
                           f"{type(abstract.config).__name__} model needs are missing, e.g. "
                           f"{missing[:3]}")
   used = set()
-  for (path, var), (name, index) in zip(flat, sources):
-    k = key(prefix, name)
-    used.add(k)
-    tensor = ckpt.get(k)[index]
-    if tuple(tensor.shape) != tuple(var.get_value().shape):
-      part = f" (part {index})" if index else ""
-      raise CheckpointError(f"{checkpoint_dir}: tensor {k!r}{part} has shape "
-                            f"{list(tensor.shape)}, the config implies "
+  for (path, var), source in zip(flat, sources):
+    keys = [key(prefix, n) for n in source.names]
+    used.update(keys)
+    value = source.read(lambda k: ckpt.get(key(prefix, k)))
+    if tuple(value.shape) != tuple(var.get_value().shape):
+      what = f" ({source.what})" if source.what else ""
+      raise CheckpointError(f"{checkpoint_dir}: tensor {' + '.join(map(repr, keys))}{what} "
+                            f"has shape {list(value.shape)}, the config implies "
                             f"{list(var.get_value().shape)}")
-    var.set_value(jnp.asarray(np.asarray(tensor).astype(var.get_value().dtype)))
+    var.set_value(jnp.asarray(np.asarray(value).astype(var.get_value().dtype)))
   unused = [k for k in ckpt.keys() if k not in used
             and not IGNORED.search(k[len(prefix):] if k.startswith(prefix) else k)]
   if unused:

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from plato_jax.models import layers
-from plato_jax.models.hf import CheckpointError, config_value, sub_config
+from plato_jax.models.hf import CheckpointError, config_value, sliced, sub_config
 
 MODEL_TYPES = ("vit", "vit_mae", "dinov2", "dinov2_with_registers", "clip_vision_model", "clip",
                "timm")
@@ -115,15 +115,15 @@ _TIMM_QKV = re.compile(r"^(blocks\.\d+)\.attention\.attention\.(query|key|value)
 
 
 def rename(name: str, family: str, hidden_size: int = 0):
-  """Our parameter path (HF ViT names) → the family's checkpoint name, or (name, index)
-  when the parameter is a slice of a checkpoint tensor (timm's fused qkv)."""
+  """Our parameter path (HF ViT names) → the family's checkpoint name, or a slice of a
+  checkpoint tensor (timm's fused qkv)."""
   for pattern, repl in _RENAMES.get(family, []):
     name = re.sub(pattern, repl, name)
   qkv = _TIMM_QKV.match(name) if family == "timm" else None
   if qkv:
     part = ("query", "key", "value").index(qkv.group(2))
-    return f"{qkv.group(1)}.attn.qkv.{qkv.group(3)}", \
-        (slice(part * hidden_size, (part + 1) * hidden_size),)
+    return sliced(f"{qkv.group(1)}.attn.qkv.{qkv.group(3)}",
+                  (slice(part * hidden_size, (part + 1) * hidden_size),))
   return name
 
 
