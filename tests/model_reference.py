@@ -11,7 +11,8 @@ def save_tiny(model_cls, config, path, *, seed=0, **save_kw):
   `path` and returns the PyTorch model in eval mode."""
   import torch
   torch.manual_seed(seed)
-  model = model_cls._from_config(config, attn_implementation="eager").eval()
+  model = model_cls._from_config(config, attn_implementation="eager",
+                                 dtype=torch.float32).eval()
   with torch.no_grad():  # larger than the init's 0.02 std: differences show up
     for p in model.parameters():
       p.normal_(0, 0.2 if p.ndim > 1 else 0.5)

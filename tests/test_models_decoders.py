@@ -10,7 +10,7 @@ import transformers
 from model_reference import assert_close_rel, save_tiny
 
 from plato_jax.models import from_pretrained
-from plato_jax.models.hf import CheckpointError
+from plato_jax.models.hf import CheckpointError, write_safetensors
 
 SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
@@ -254,3 +254,78 @@ def test_converted_params_round_trip_through_orbax(rng, tmp_path):
     np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
   with pytest.raises(CheckpointError, match="no source.json"):
     load_converted(str(tmp_path / "hf"))
+
+
+def ministral3(num_layers=2):
+  """A Mistral3ForConditionalGeneration (Pixtral vision + Ministral 3 text), as published;
+  the Llama 4 query scale's period is 4 positions here, so it grows within the batch."""
+  text = transformers.Ministral3Config(
+      **{**SMALL, "num_hidden_layers": num_layers}, head_dim=16,
+      rope_parameters={"type": "yarn", "rope_theta": 1e6, "factor": 16.0,
+                       "original_max_position_embeddings": 4, "max_position_embeddings": 32,
+                       "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0,
+                       "mscale": 1.0, "llama_4_scaling_beta": 0.1})
+  vision = transformers.PixtralVisionConfig(hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=1, num_attention_heads=2,
+                                            image_size=32, patch_size=8, head_dim=16)
+  return transformers.Mistral3Config(vision_config=vision, text_config=text)
+
+
+def test_ministral3_language_model_of_a_mistral3_checkpoint(rng, tmp_path):
+  model = save_tiny(transformers.Mistral3ForConditionalGeneration, ministral3(), tmp_path)
+  check_parity(model.model.language_model, tmp_path, *batch(rng, t=17))
+  assert from_pretrained(str(tmp_path), tower="text").config.query_scale_beta == 0.1
+  with pytest.raises(CheckpointError, match=r"towers of a mistral3 checkpoint that load are "
+                                            r"\['text'\].*got 'vision'"):
+    from_pretrained(str(tmp_path), tower="vision")
+
+
+@pytest.mark.parametrize("block", [None, [24, 40]])  # per-tensor scales; 24×40 blocks
+def test_fp8_weights_dequantized_as_transformers_does(rng, tmp_path, block):
+  """Linear weights stored as float8_e4m3 with `weight_scale_inv` (one per tensor, or a grid
+  of blocks that do not divide the weights evenly) and static activation scales, as
+  Ministral 3's published checkpoints are; the reference holds transformers' own
+  dequantization (per tensor) or the scales multiplied out (blocks)."""
+  import ml_dtypes
+  from safetensors.numpy import load_file
+  from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+  model = save_tiny(transformers.Mistral3ForConditionalGeneration, ministral3(), tmp_path / "f32")
+  tensors = load_file(str(tmp_path / "f32" / "model.safetensors"))
+  params = dict(model.named_parameters())
+  for name in [n for n in tensors if ".layers." in n and n.endswith("proj.weight")
+               and n.startswith("language_model.")]:
+    w = tensors[name]
+    if block is None:
+      scale = np.array(np.abs(w).max() / 448, np.float32)
+    else:
+      (bm, bn), grid = block, (-(-w.shape[0] // block[0]), -(-w.shape[1] // block[1]))
+      padded = np.zeros((grid[0] * bm, grid[1] * bn), np.float32)
+      padded[:w.shape[0], :w.shape[1]] = np.abs(w)
+      scale = (padded.reshape(grid[0], bm, grid[1], bn).max(axis=(1, 3)) / 448).astype(np.float32)
+    full = scale if block is None else \
+        np.kron(scale, np.ones(block, np.float32))[:w.shape[0], :w.shape[1]]
+    q = (w / full).astype(ml_dtypes.float8_e4m3fn)
+    tensors[name], tensors[name + "_scale_inv"] = q, scale
+    tensors[name.replace(".weight", ".activation_scale")] = np.array(1.0, np.float32)
+    if block is None:  # transformers' dequantization (per-tensor; its grid must divide)
+      theirs = Fp8Dequantize(None)._dequantize_one(torch.as_tensor(q.astype(np.float32)),
+                                                   torch.as_tensor(scale), torch.float32)
+    else:
+      theirs = torch.as_tensor(q.astype(np.float32) * full)
+    target = name.replace("language_model.model.", "model.language_model.")
+    with torch.no_grad():
+      params[target].copy_(theirs)
+  (tmp_path / "fp8").mkdir()
+  write_safetensors(str(tmp_path / "fp8" / "model.safetensors"), tensors)
+  config = json.loads((tmp_path / "f32" / "config.json").read_text())
+  config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "static",
+                                   "weight_block_size": block}
+  (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
+  check_parity(model.model.language_model, tmp_path / "fp8", *batch(rng, t=17))
+
+  name = "language_model.model.layers.1.mlp.up_proj.weight"
+  del tensors[name + "_scale_inv"]
+  write_safetensors(str(tmp_path / "fp8" / "model.safetensors"), tensors)
+  with pytest.raises(CheckpointError, match=r"layers\.1\.mlp\.up_proj\.weight' is float8_e4m3fn "
+                                            r"without its scale"):
+    from_pretrained(str(tmp_path / "fp8"))

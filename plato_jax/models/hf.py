@@ -228,13 +228,17 @@ def config_value(config: dict, key: str, default=None, *, required: bool = False
   return default
 
 
-def sub_config(config: dict, outer: str, key: str, inner: str) -> dict:
-  """The `key` part (model_type `inner`) of a composite config of model_type `outer` (a
-  CLIP tower, Gemma 3's text model); any other config unchanged."""
+def sub_config(config: dict, outer: str, key: str, inner: str | None = None) -> dict:
+  """The `key` part (model_type `inner`, or its own when None) of a composite config of
+  model_type `outer` (a CLIP tower, Gemma 3's or Mistral 3's text model); any other config
+  unchanged."""
   if config.get("model_type") != outer:
     return config
   if not isinstance(config.get(key), dict):
     raise CheckpointError(f"config.json: a {outer} config without {key!r}")
+  inner = inner or config[key].get("model_type")
+  if inner is None:
+    raise CheckpointError(f"config.json: {key} of the {outer} config has no model_type")
   return {**config[key], "model_type": inner}
 
 
@@ -301,3 +305,29 @@ def mxfp4(base: str) -> Source:
   """An expert weight stored as `{base}_blocks` + `{base}_scales`."""
   return Source((f"{base}_blocks", f"{base}_scales"),
                 lambda b, s: dequantize_mxfp4(b, s, base), "MXFP4, dequantized")
+
+
+FP8_DTYPES = (np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2))
+
+
+def dequantize_fp8(weight: np.ndarray, scale: np.ndarray, name: str = "",
+                   block: tuple[int, int] | None = None) -> np.ndarray:
+  """An FP8 weight [rows, cols] times its `weight_scale_inv` (transformers multiplies by it
+  despite the name): one scale for the tensor, or a grid of [block_rows, block_cols] blocks
+  (`block` from quantization_config.weight_block_size; else the grid divides the weight
+  evenly). uint8 scales are E8M0 exponents (2^(s - 127)). → float32."""
+  scale = np.asarray(scale)
+  s = np.exp2(scale.astype(np.float32) - 127) if scale.dtype == np.uint8 else \
+      scale.astype(np.float32)
+  w = np.asarray(weight).astype(np.float32)
+  if s.size == 1:
+    return w * s.reshape(())
+  if w.ndim != 2 or s.ndim != 2:
+    raise CheckpointError(f"FP8 tensor {name!r}: weight {list(w.shape)} with scale grid "
+                          f"{list(s.shape)} (expected a 2-D weight and a 2-D grid)")
+  rows, cols = w.shape
+  bm, bn = block or (rows // s.shape[0], cols // s.shape[1])
+  if bm < 1 or bn < 1 or (-(-rows // bm), -(-cols // bn)) != s.shape:
+    raise CheckpointError(f"FP8 tensor {name!r}: weight {list(w.shape)} does not match the "
+                          f"scale grid {list(s.shape)}" + (f" of {bm}×{bn} blocks" if block else ""))
+  return w * np.repeat(np.repeat(s, bm, axis=0)[:rows], bn, axis=1)[:, :cols]

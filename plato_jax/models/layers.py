@@ -121,12 +121,13 @@ def rope_parameters(config: dict) -> dict:
   return params
 
 
-def rope_configs_by_layer_type(config: dict, layer_types, sliding_theta_key: str | None = None
-                               ) -> dict:
+def rope_configs_by_layer_type(config: dict, layer_types, sliding_theta_key: str | None = None,
+                               scaled_types=None) -> dict:
   """One rope config per layer type. transformers 5 may store `rope_parameters` keyed by
   layer type ("full_attention", "sliding_attention"); older configs have one rope for all,
   except that `sliding_theta_key` (Gemma 3: rope_local_base_freq) gives sliding layers
-  their own base."""
+  their own base, and that an old-style `rope_scaling` applies only to the layer types in
+  `scaled_types` when given (OLMo 3: its full-attention layers)."""
   base = {k: config[k] for k in ("max_position_embeddings", "partial_rotary_factor")
           if k in config}
   params = config.get("rope_parameters") or {}
@@ -137,8 +138,9 @@ def rope_configs_by_layer_type(config: dict, layer_types, sliding_theta_key: str
     elif kind == "sliding_attention" and sliding_theta_key and sliding_theta_key in config:
       out[kind] = {**base, "rope_theta": config[sliding_theta_key]}
     else:
-      out[kind] = {**base, **{k: config[k] for k in ("rope_parameters", "rope_scaling",
-                                                      "rope_theta") if k in config}}
+      keys = ("rope_parameters", "rope_theta") if scaled_types is not None and \
+          kind not in scaled_types else ("rope_parameters", "rope_scaling", "rope_theta")
+      out[kind] = {**base, **{k: config[k] for k in keys if k in config}}
   return out
 
 

@@ -5,7 +5,9 @@ RMSNorm over the whole projection; 3: sliding layers), IBM Granite (embedding, r
 and attention multipliers; its logits scaling touches no hidden state) and the sparse
 mixture-of-experts decoders (`moe.py`): Mixtral (top-2, renormalised), OLMoE (OLMo 2's q/k
 norms before each sublayer, top-8 of 64) and GPT-OSS (attention biases and sinks, alternating
-sliding/full layers, yarn rope, clamped SwiGLU experts stored as MXFP4); GQA throughout.
+sliding/full layers, yarn rope, clamped SwiGLU experts stored as MXFP4), and Ministral 3
+(Llama 4's position-dependent query scale; the language model of the published
+Mistral3ForConditionalGeneration checkpoints); GQA throughout.
 
 `LlamaConfig.from_hf` decodes a transformers config.json (model_type in MODEL_TYPES);
 `Llama(...)(input_ids, attention_mask)` returns every hidden
@@ -22,10 +24,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from plato_jax.models import layers, moe
-from plato_jax.models.hf import CheckpointError, config_value, mxfp4, stacked
+from plato_jax.models.hf import CheckpointError, config_value, mxfp4, stacked, sub_config
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "olmo3", "granite",
-               "mixtral", "olmoe", "gpt_oss")
+MODEL_TYPES = ("llama", "mistral", "ministral3", "qwen2", "qwen3", "olmo", "olmo2", "olmo3",
+               "granite", "mixtral", "olmoe", "gpt_oss")
 # The MoE block's checkpoint name and each stacked expert tensor's per-expert name.
 _EXPERT_NAMES = {"mixtral": ("block_sparse_moe", {"gate_proj": "w1", "up_proj": "w3",
                                                   "down_proj": "w2"}),
@@ -63,9 +65,13 @@ class LlamaConfig:
   moe: moe.MoeConfig | None = None   # sparse MoE feed-forward blocks instead of the MLP
   experts_stored: str = "stacked"    # "per_expert" tensors, "stacked" [E, ...], or "mxfp4"
   model_type: str = "llama"
+  # Ministral 3 (Llama 4's attention scaling): queries × 1 + beta · log(1 + ⌊pos / period⌋).
+  query_scale_beta: float | None = None
+  query_scale_period: int = 1
 
   @classmethod
   def from_hf(cls, config: dict) -> "LlamaConfig":
+    config = sub_config(config, "mistral3", "text_config")  # the language model of Mistral 3
     kind = config.get("model_type")
     if kind not in MODEL_TYPES:
       raise CheckpointError(f"config.json model_type {kind!r} is not a LLaMA-family model")
@@ -99,7 +105,9 @@ class LlamaConfig:
                             f"{layers_n} layers")
     if window is None and "sliding_attention" in types:
       raise CheckpointError("config.json: sliding_attention layers but no sliding_window")
-    rope = layers.rope_configs_by_layer_type(config, types)
+    rope = layers.rope_configs_by_layer_type(
+        config, types, scaled_types=("full_attention",) if kind == "olmo3" else None)
+    beta = layers.rope_parameters(config).get("llama_4_scaling_beta")
     olmo2 = kind in ("olmo2", "olmo3")
     quant = (get("quantization_config") or {}).get("quant_method")  # checked by the loader
     experts = None
@@ -138,6 +146,9 @@ class LlamaConfig:
                        attention_multiplier=float(need("attention_multiplier")))
                   if kind == "granite" else {}),
                sinks=kind == "gpt_oss", moe=experts, model_type=kind,
+               query_scale_beta=None if beta is None else float(beta),
+               query_scale_period=int(layers.rope_parameters(config).get(
+                   "original_max_position_embeddings") or 1),
                experts_stored="mxfp4" if quant == "mxfp4" else "stacked" if kind == "gpt_oss"
                else "per_expert")
 
@@ -178,6 +189,10 @@ class Attention(nnx.Module):
     if c.qk_norm == "head":
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = layers.apply_rope(q, cos, sin), layers.apply_rope(k, cos, sin)
+    if c.query_scale_beta is not None:
+      pos = jnp.arange(t, dtype=jnp.float32)
+      scale = 1 + c.query_scale_beta * jnp.log(1 + jnp.floor(pos / c.query_scale_period))
+      q = q * scale[None, :, None, None].astype(q.dtype)
     scaling = c.head_dim ** -0.5 if c.attention_multiplier is None else c.attention_multiplier
     out = layers.attention(q, k, v, mask, scaling=scaling,
                            sinks=self.sinks[...] if c.sinks else None)

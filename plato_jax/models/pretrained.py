@@ -14,10 +14,12 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from plato_jax.models.hf import Checkpoint, CheckpointError, Source, tensor
+from plato_jax.models.hf import (FP8_DTYPES, Checkpoint, CheckpointError, Source,
+                                 dequantize_fp8, tensor)
 
 # model_type → (module, config class, model class, checkpoint prefixes to try)
-_LLAMA = ("llama", "LlamaConfig", "Llama", ("", "model."))
+_LLAMA = ("llama", "LlamaConfig", "Llama",
+          ("", "model.", "model.language_model.", "language_model.model."))
 _VIT = ("vit", "VitConfig", "Vit", ("", "vit.", "vision_model.", "dinov2."))
 _CLIP_TEXT = ("clip", "ClipTextConfig", "ClipText", ("", "text_model."))
 _BLOOM = ("bloom", "BloomConfig", "Bloom", ("", "transformer."))
@@ -26,15 +28,18 @@ _GEMMA = ("gemma", "GemmaConfig", "Gemma",
 ARCHITECTURES = {
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "granite": _LLAMA,
     "olmo": _LLAMA, "olmo2": _LLAMA, "olmo3": _LLAMA, "mixtral": _LLAMA, "olmoe": _LLAMA,
-    "gpt_oss": _LLAMA,
+    "gpt_oss": _LLAMA, "ministral3": _LLAMA,
     "vit": _VIT, "vit_mae": _VIT, "dinov2": _VIT, "dinov2_with_registers": _VIT,
     "clip_vision_model": _VIT, "clip_text_model": _CLIP_TEXT, "bloom": _BLOOM,
     "gemma": _GEMMA, "gemma2": _GEMMA, "gemma3_text": _GEMMA, "gemma3": _GEMMA,
 }
-# Quantized checkpoints read (dequantized on load): model_type → quantization_config methods.
+# Quantized checkpoints read (dequantized on load): FP8 weights (with their
+# `weight_scale_inv`) in any model, and model_type → the methods only it has.
 QUANTIZATIONS = {"gpt_oss": ("mxfp4",)}
+ANY_MODEL_QUANTIZATIONS = ("fp8",)
 # Two-tower checkpoints: model_type → {tower: architecture}.
-TOWERS = {"clip": {"vision": _VIT, "text": _CLIP_TEXT}}
+# (Where only one tower is supported, it is the default: Mistral 3's language model.)
+TOWERS = {"clip": {"vision": _VIT, "text": _CLIP_TEXT}, "mistral3": {"text": _LLAMA}}
 # Checkpoint tensors that no encoder needs (output heads, cached buffers, final norms that
 # the hidden states do not include, the other tower of a two-tower checkpoint).
 IGNORED = re.compile("|".join([
@@ -43,14 +48,17 @@ IGNORED = re.compile("|".join([
     r"^vision_model\.", r"final_layer_norm\.",
     r"^text_projection", r"^visual_projection", r"^logit_scale", r"^classifier\.",
     r"^norm\.", r"^fc_norm\.", r"^head\.", r"^(model\.)?vision_tower\.",
-    r"^(model\.)?multi_modal_projector\."]))  # (the last three: timm)
+    r"^(model\.)?multi_modal_projector\.",  # (the last three: timm, Mistral 3's vision)
+    r"\.activation_scale$"]))  # FP8 checkpoints' static activation scales
 
 
 def architecture(config: dict, tower: str | None = None):
   kind = config.get("model_type")
   if kind in TOWERS:
+    if tower is None and len(TOWERS[kind]) == 1:
+      tower = next(iter(TOWERS[kind]))
     if tower not in TOWERS[kind]:
-      raise CheckpointError(f"config.json: a {kind} checkpoint holds the towers "
+      raise CheckpointError(f"config.json: the towers of a {kind} checkpoint that load are "
                             f"{sorted(TOWERS[kind])}; choose one with tower=, got {tower!r}")
     module, config_cls, model_cls, prefixes = TOWERS[kind][tower]
   elif kind in ARCHITECTURES:
@@ -74,10 +82,11 @@ def _abstract(config_json: dict, tower: str | None, dtype, shapes):
     kind = config_json.get("model_type")
     quant = config_json.get("quantization_config")
     method = quant.get("quant_method") if isinstance(quant, dict) else quant
-    if quant is not None and method not in QUANTIZATIONS.get(kind, ()):
+    supported = ANY_MODEL_QUANTIZATIONS + QUANTIZATIONS.get(kind, ())
+    if quant is not None and method not in supported:
       raise CheckpointError(f"config.json quantization_config: quant_method {method!r} is "
                             f"not supported for model_type {kind!r} (supported: "
-                            f"{list(QUANTIZATIONS.get(kind, ())) or 'none'})")
+                            f"{list(supported)})")
     config = config_cls.from_hf(config_json)
   if getattr(config, "head", None) == "separate" and shapes("lm_head.weight") is None:
     config = dataclasses.replace(config, head="none")  # a bare model: hidden states only
@@ -136,10 +145,26 @@ def from_pretrained(checkpoint_dir: str, dtype=jnp.float32, *, tower: str | None
                           f"{type(abstract.config).__name__} model needs are missing, e.g. "
                           f"{missing[:3]}")
   used = set()
+  quant = ckpt.config.get("quantization_config")
+  fp8_block = quant.get("weight_block_size") if isinstance(quant, dict) else None
+
+  def read(name):
+    """A checkpoint tensor; an FP8 one times its scale."""
+    k = key(prefix, name)
+    value = ckpt.get(k)
+    if value.dtype in FP8_DTYPES:
+      scale = k + "_scale_inv"
+      if scale not in ckpt:
+        raise CheckpointError(f"{checkpoint_dir}: tensor {k!r} is {value.dtype} without its "
+                              f"scale {scale!r}")
+      used.add(scale)
+      value = dequantize_fp8(value, ckpt.get(scale), k, tuple(fp8_block) if fp8_block else None)
+    return value
+
   for (path, var), source in zip(flat, sources):
     keys = [key(prefix, n) for n in source.names]
     used.update(keys)
-    value = source.read(lambda k: ckpt.get(key(prefix, k)))
+    value = source.read(read)
     if tuple(value.shape) != tuple(var.get_value().shape):
       what = f" ({source.what})" if source.what else ""
       raise CheckpointError(f"{checkpoint_dir}: tensor {' + '.join(map(repr, keys))}{what} "
