@@ -50,6 +50,8 @@ flags.DEFINE_bool("resume", False, "continue an interrupted extraction into --ou
 flags.DEFINE_bool("overwrite", False, "replace a store that exists at --out (without this or "
                   "--resume, an existing store is an error and is left as it is)")
 flags.DEFINE_bool("progress", True, "show a progress bar")
+flags.DEFINE_integer("model_parallel", 1, "devices each model is split across, tensor-"
+                     "parallel (for a model too big for one device; a divisor of the devices)")
 
 
 def main(argv):
@@ -70,7 +72,7 @@ def main(argv):
                  on_bad_image=FLAGS.on_bad_image, on_empty_caption=FLAGS.on_empty_caption,
                  max_length=FLAGS.max_length, on_long_text=FLAGS.on_long_text,
                  chunk_rows=FLAGS.chunk_rows, resume=FLAGS.resume, overwrite=FLAGS.overwrite,
-                 progress=FLAGS.progress)
+                 progress=FLAGS.progress, model_parallel=FLAGS.model_parallel)
   try:
     store = extract(FLAGS.model, reader, FLAGS.out, opts, tower=FLAGS.tower,
                     dataset_name=FLAGS.data)

@@ -9,8 +9,9 @@ each caption's mean token loss and bits per byte as store columns (`loss`,
 `bits_per_byte`). Pooling and losses are computed in f32 from the compute dtype's hidden
 states.
 
-Batches run data-parallel over all devices (the batch axis sharded on a one-axis mesh,
-parameters replicated); text batches are sorted by length within a window of batches and
+Batches run data-parallel over all devices (the batch axis sharded over the mesh's "data"
+axis); parameters are replicated, or, with `model_parallel` > 1, split tensor-parallel over
+a "model" axis of that many devices (a model too big for one device); text batches are sorted by length within a window of batches and
 padded to a few bucket lengths, then written back in dataset order, so store rows follow
 the dataset order whatever the bucketing. Bad records (unreadable images, empty captions,
 over-long texts) fail the run or are skipped by option, and skipped ids are logged and
@@ -154,6 +155,7 @@ class Options:
   resume: bool = False
   overwrite: bool = False          # replace an existing store at `out` (else: an error)
   progress: bool = True
+  model_parallel: int = 1          # devices each model is split across (tensor parallel)
 
   def identity(self) -> dict:
     """The options a store's rows depend on: a resumed run must use the same."""
@@ -161,8 +163,12 @@ class Options:
                                           "max_length", "on_long_text")}
 
 
-def _mesh():
-  return Mesh(np.array(jax.devices()), ("data",))
+def _mesh(model_parallel: int = 1):
+  devices = jax.devices()
+  if model_parallel < 1 or len(devices) % model_parallel:
+    raise ValueError(f"model_parallel={model_parallel} must be a positive divisor of the "
+                     f"{len(devices)} devices")
+  return Mesh(np.array(devices).reshape(-1, model_parallel), ("data", "model"))
 
 
 def _dtype(name: str):
@@ -241,14 +247,13 @@ def extract(checkpoint_dir: str, dataset, out: str, opts: Options = Options(), *
     raise ValueError(f"a feature store exists at {out}: pass resume to continue it (the same "
                      f"run) or overwrite to replace it")
   dtype = _dtype(opts.dtype)
-  model = models.from_pretrained(checkpoint_dir, dtype=dtype, tower=tower)
+  mesh = _mesh(opts.model_parallel)
+  model = models.from_pretrained(checkpoint_dir, dtype=dtype, tower=tower, mesh=mesh)
   if modality is None:
     modality = "vision" if type(model).__name__ == "Vit" else "text"
-  mesh = _mesh()
-  ndev = mesh.devices.size
+  ndev = mesh.shape["data"]
   batch = -(-opts.batch_size // ndev) * ndev
   graphdef, params = nnx.split(model)
-  params = jax.device_put(params, NamedSharding(mesh, P()))
   split = NamedSharding(mesh, P("data"))
   skips = _Skips()
   total = len(reader)

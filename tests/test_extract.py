@@ -76,6 +76,26 @@ def dinov2_dir(tmp_path_factory):
   return path, model, processor
 
 
+def test_model_parallel_extraction_equals_replicated(rng, tmp_path, llama_dir, monkeypatch):
+  """The model split over a "model" axis of 4 devices (batches over the other 2): the same
+  features, losses and bits per byte as the replicated model."""
+  from plato_jax.models import parallel
+  monkeypatch.setattr(parallel, "MIN_SPLIT_ELEMENTS", 1)  # tiny: split all that divide
+  path, _, _ = llama_dir
+  (tmp_path / "d").mkdir()
+  (tmp_path / "d" / "captions.jsonl").write_text(
+      "\n".join(json.dumps({"caption": t}) for t in captions(rng, 13)))
+  stores = [extract(str(path), str(tmp_path / "d"), str(tmp_path / f"s{mp}"),
+                    Options(batch_size=4, dtype="float32", progress=False, model_parallel=mp))
+            for mp in (1, 4)]
+  assert_close_rel(stores[1].gather(np.arange(13)), stores[0].gather(np.arange(13)), rtol=1e-5)
+  for column in ("loss", "bits_per_byte"):
+    np.testing.assert_allclose(stores[1].column(column), stores[0].column(column), rtol=1e-5)
+  with pytest.raises(ValueError, match="model_parallel=3 must be a positive divisor of the 8"):
+    extract(str(path), str(tmp_path / "d"), str(tmp_path / "s3"),
+            Options(progress=False, model_parallel=3))
+
+
 def test_text_features_loss_and_bits_per_byte(rng, tmp_path, llama_dir):
   path, model, tok = llama_dir
   texts = captions(rng, 45)

@@ -13,7 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
+from plato_jax.models import parallel
 from plato_jax.models.hf import (FP8_DTYPES, Checkpoint, CheckpointError, Source,
                                  dequantize_fp8, tensor)
 
@@ -108,12 +110,16 @@ def _check_layer_count(ckpt) -> None:
                           f"checkpoint's tensors cover layers 0..{max(found)}")
 
 
-def from_pretrained(checkpoint_dir: str, dtype=jnp.float32, *, tower: str | None = None):
+def from_pretrained(checkpoint_dir: str, dtype=jnp.float32, *, tower: str | None = None,
+                    mesh: Mesh | None = None):
   """The encoder of a local Hugging Face checkpoint directory, parameters in `dtype`;
   `tower` ("vision" or "text") picks one tower of a two-tower (CLIP) checkpoint.
 
   Tensors are read one at a time from memory-mapped safetensors, converted on the host and
-  placed on the default device. Errors name the missing or mis-shaped tensor, or the field.
+  placed on the default device, or, with a `mesh` that has a "model" axis, split across
+  that axis's devices as `parallel.partition_spec` says (replicated over any other axis):
+  no device holds a whole copy of a large tensor. Errors name the missing or mis-shaped
+  tensor, or the field.
   A decoder also gets its output embedding (`lm_head`, or the tied input embedding) when
   the checkpoint has one, for token losses (`model.logits`).
   """
@@ -170,7 +176,13 @@ def from_pretrained(checkpoint_dir: str, dtype=jnp.float32, *, tower: str | None
       raise CheckpointError(f"{checkpoint_dir}: tensor {' + '.join(map(repr, keys))}{what} "
                             f"has shape {list(value.shape)}, the config implies "
                             f"{list(var.get_value().shape)}")
-    var.set_value(jnp.asarray(np.asarray(value).astype(var.get_value().dtype)))
+    host = np.asarray(value).astype(var.get_value().dtype)
+    if mesh is None:
+      var.set_value(jnp.asarray(host))
+    else:
+      name = ".".join(str(p) for p in path)
+      spec = parallel.partition_spec(name, host.shape, parallel.model_axis_size(mesh))
+      var.set_value(jax.device_put(host, NamedSharding(mesh, spec)))
   unused = [k for k in ckpt.keys() if k not in used
             and not IGNORED.search(k[len(prefix):] if k.startswith(prefix) else k)]
   if unused:
