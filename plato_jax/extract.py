@@ -36,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from plato_jax import data as datasets
 from plato_jax import models
+from plato_jax.models import resnet
 from plato_jax.progress import Progress
 from plato_jax.store import StoreWriter, exists as store_exists
 
@@ -62,8 +63,13 @@ class ImageSpec:
     config = models.hf.read_config(checkpoint_dir)
     timm = config.get("pretrained_cfg")
     if timm:
-      _, h, w = timm.get("test_input_size") or timm["input_size"]
-      pct = float(timm.get("test_crop_pct") or timm.get("crop_pct") or 0.875)
+      # As timm's resolve_data_config does by default: the train-time input size and crop
+      # (not test_input_size / test_crop_pct).
+      _, h, w = timm["input_size"]
+      pct = float(timm.get("crop_pct") or 0.875)
+      if timm.get("crop_mode", "center") != "center":
+        raise models.CheckpointError(f"{checkpoint_dir}: pretrained_cfg crop_mode "
+                                     f"{timm['crop_mode']!r} is not supported (center)")
       return cls(crop=(h, w), resize=int(math.floor(h / pct)),
                  mean=tuple(timm.get("mean", cls.mean)), std=tuple(timm.get("std", cls.std)),
                  resample=timm.get("interpolation", "bicubic"))
@@ -115,6 +121,14 @@ class ImageSpec:
 
 
 # ---- pooling and losses (the protocol, as functions of hidden states) -------------------------
+
+def vision_protocol(model):
+  """(features [B, L, D] f32 from the hidden states, layer names, pooling) of a vision
+  model: a ViT's CLS token after every block; a ResNet's last stage averaged over space."""
+  if isinstance(model, resnet.ResNet):
+    return resnet.pooled, [str(model.config.num_layers)], "mean_over_space_last_stage"
+  return cls_per_block, [str(i + 1) for i in range(model.config.num_layers)], "cls_per_block"
+
 
 def cls_per_block(states) -> jax.Array:
   """The CLS token (position 0) of every block's output (states[1:]): [B, L, D] f32."""
@@ -250,7 +264,7 @@ def extract(checkpoint_dir: str, dataset, out: str, opts: Options = Options(), *
   mesh = _mesh(opts.model_parallel)
   model = models.from_pretrained(checkpoint_dir, dtype=dtype, tower=tower, mesh=mesh)
   if modality is None:
-    modality = "vision" if type(model).__name__ == "Vit" else "text"
+    modality = "vision" if type(model).__name__ in ("Vit", "ResNet") else "text"
   ndev = mesh.shape["data"]
   batch = -(-opts.batch_size // ndev) * ndev
   graphdef, params = nnx.split(model)
@@ -260,12 +274,13 @@ def extract(checkpoint_dir: str, dataset, out: str, opts: Options = Options(), *
 
   if modality == "vision":
     spec = ImageSpec.from_checkpoint(checkpoint_dir)
+    features, layer_names, pooling = vision_protocol(model)
 
     @jax.jit
     def run(params, pixels):
-      return cls_per_block(nnx.merge(graphdef, params)(pixels.astype(dtype)))
+      return features(nnx.merge(graphdef, params)(pixels.astype(dtype)))
 
-    layers, columns = model.config.num_layers, {}
+    layers, columns = len(layer_names), {}
     batches = _image_batches(reader, spec, batch, skips, opts)
   else:
     tokenizer = load_tokenizer(checkpoint_dir)
@@ -281,6 +296,7 @@ def extract(checkpoint_dir: str, dataset, out: str, opts: Options = Options(), *
       return (pooled, *token_losses(m.logits(states[-1]), ids, mask))
 
     layers = model.config.num_layers + 1
+    layer_names, pooling = [str(i) for i in range(layers)], "mean_over_tokens"
     columns = {"loss": "float32", "bits_per_byte": "float32"} if has_head else {}
     batches = _text_batches(reader, tokenizer, batch, skips, opts)
   if getattr(reader, "group_field", None) is not None:
@@ -296,8 +312,7 @@ def extract(checkpoint_dir: str, dataset, out: str, opts: Options = Options(), *
         out, num_rows=total, num_layers=layers, dim=dim,
         dtype=opts.store_dtype or opts.dtype, model=identity["model"],
         dataset=identity["dataset"],
-        pooling="cls_per_block" if modality == "vision" else "mean_over_tokens",
-        layers=[str(i + (1 if modality == "vision" else 0)) for i in range(layers)],
+        pooling=pooling, layers=layer_names,
         columns=columns, overwrite=True, chunk_rows=opts.chunk_rows,
         shard_rows=opts.shard_rows,
         extra={"modality": modality, "protocol": identity["protocol"], "run": identity})

@@ -69,7 +69,9 @@ def dinov2_dir(tmp_path_factory):
   cfg = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                   image_size=28, patch_size=14)
   model = save_tiny(transformers.Dinov2Model, cfg, path)
-  processor = transformers.BitImageProcessor(size={"shortest_edge": 32},
+  # The PIL backend: the processor's reference path (the torchvision one, transformers'
+  # default where torchvision is installed, resizes tensors and differs by ~5e-4).
+  processor = transformers.BitImageProcessorPil(size={"shortest_edge": 32},
                                              crop_size={"height": 28, "width": 28},
                                              resample=3, do_convert_rgb=True)
   processor.save_pretrained(path)
@@ -136,6 +138,28 @@ def test_vision_cls_per_block_with_the_checkpoints_preprocessing(rng, tmp_path, 
       states = model(pixels, output_hidden_states=True).hidden_states
     ref = np.stack([h[0, 0].numpy() for h in states[1:]])
     assert_close_rel(feats[i], ref, rtol=1e-4, where=f"image {i}")
+
+
+def test_resnet_pooled_features_with_timms_own_transform(rng, tmp_path):
+  """A timm ResNet-18 (its hub format): one layer, the last stage averaged over space, equal
+  to timm's pre-logits features of timm's own eval transform of each image."""
+  import timm
+  from timm.models._hub import save_for_hf
+  from test_models_timm import randomize
+  model = randomize(timm.create_model("resnet18.a1_in1k", pretrained=False, num_classes=5))
+  model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 40, 40), "crop_pct": 0.8}
+  save_for_hf(model, str(tmp_path / "resnet"), safe_serialization=True)
+  write_image_folder(tmp_path / "imgs", rng, 6)
+  store = extract(str(tmp_path / "resnet"), str(tmp_path / "imgs"), str(tmp_path / "s"),
+                  Options(batch_size=4, dtype="float32", progress=False))
+  assert store.num_layers == 1 and store.dim == 512 and store.meta["modality"] == "vision"
+  transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+  for i in range(6):
+    image = Image.open(tmp_path / "imgs" / f"img{i}.png").convert("RGB")
+    with torch.no_grad():
+      ref = model.forward_head(model.forward_features(transform(image)[None]),
+                               pre_logits=True)
+    assert_close_rel(store.gather(np.array([i]))[0, 0], ref[0].numpy(), where=f"image {i}")
 
 
 def test_bad_images_fail_or_are_skipped_by_id(rng, tmp_path, dinov2_dir):

@@ -51,7 +51,8 @@ IGNORED = re.compile("|".join([
     r"^text_projection", r"^visual_projection", r"^logit_scale", r"^classifier\.",
     r"^norm\.", r"^fc_norm\.", r"^head\.", r"^(model\.)?vision_tower\.",
     r"^(model\.)?multi_modal_projector\.",  # (the last three: timm, Mistral 3's vision)
-    r"\.activation_scale$"]))  # FP8 checkpoints' static activation scales
+    r"\.activation_scale$",  # FP8 checkpoints' static activation scales
+    r"^fc\.", r"num_batches_tracked$"]))  # a ResNet's classifier, BatchNorm's step count
 
 
 def architecture(config: dict, tower: str | None = None):
@@ -76,9 +77,13 @@ def _abstract(config_json: dict, tower: str | None, dtype, shapes):
   """(abstract model, checkpoint prefixes) for a checkpoint's config.json; `shapes(name)`
   gives a checkpoint tensor's shape, or None when it is absent."""
   if "model_type" not in config_json and "architecture" in config_json:  # a timm checkpoint
-    from plato_jax.models import vit
-    config = vit.timm_config(config_json, shapes)
-    model_cls, prefixes = vit.Vit, ("", "model.")
+    from plato_jax.models import resnet, vit
+    arch = str(config_json["architecture"])
+    if re.match(r"(tv_)?resnet\d", arch):  # (torchvision's ResNets: the same names)
+      config, model_cls = resnet.ResNetConfig.from_tensors(arch, shapes), resnet.ResNet
+    else:
+      config, model_cls = vit.timm_config(config_json, shapes), vit.Vit
+    prefixes = ("", "model.")
   else:
     config_cls, model_cls, prefixes = architecture(config_json, tower)
     kind = config_json.get("model_type")

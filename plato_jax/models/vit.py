@@ -64,6 +64,8 @@ class VitConfig:
   patch_bias: bool = True       # CLIP: none
   flat_embeddings: bool = False  # HF CLIP: class embedding [D], positions [N, D]
   antialias: bool = False       # position resize with torch's antialias=True
+  class_position: bool = True   # a position embedding for the class token (timm's
+  #                               DINOv2-with-registers has none: patches only)
 
   @classmethod
   def from_hf(cls, config: dict) -> "VitConfig":
@@ -157,7 +159,9 @@ def timm_config(config: dict, shapes) -> VitConfig:
   fc1, fc2 = need("blocks.0.mlp.fc1.weight"), need("blocks.0.mlp.fc2.weight")
   swiglu = fc1[0] == 2 * fc2[1]  # packed gate and value (DINOv2 giant)
   regs = shapes("reg_token")
-  grid = int(round((need("pos_embed")[1] - 1) ** 0.5))
+  positions = need("pos_embed")[1]  # grid² (no class position) or 1 + grid²
+  class_position = round(positions ** 0.5) ** 2 != positions
+  grid = int(round((positions - class_position) ** 0.5))
   clip = "clip" in arch
   return VitConfig(
       family="timm", hidden_size=hidden, num_layers=depth, num_heads=int(heads),
@@ -167,7 +171,8 @@ def timm_config(config: dict, shapes) -> VitConfig:
       qkv_bias=shapes("blocks.0.attn.qkv.bias") is not None,
       layer_scale=shapes("blocks.0.ls1.gamma") is not None, swiglu=bool(swiglu),
       num_registers=regs[1] if regs else 0, pre_norm=shapes("norm_pre.weight") is not None,
-      patch_bias=shapes("patch_embed.proj.bias") is not None, antialias=True)
+      patch_bias=shapes("patch_embed.proj.bias") is not None, antialias=True,
+      class_position=class_position)
 
 def bicubic_matrix(in_size: int, out_size: int, antialias: bool = False) -> np.ndarray:
   """[out, in] weights of torch's bicubic resize (align_corners=False), so resizing an axis
@@ -205,7 +210,7 @@ class Embeddings(nnx.Module):
   def __init__(self, c: VitConfig, dtype):
     d = c.hidden_size
     self.cls_token = nnx.Param(jnp.zeros((d,) if c.flat_embeddings else (1, 1, d), dtype))
-    n = c.grid ** 2 + 1
+    n = c.grid ** 2 + c.class_position
     self.position_embeddings = nnx.Param(
         jnp.zeros((n, d) if c.flat_embeddings else (1, n, d), dtype))
     self.patch_embeddings = PatchEmbed(c, dtype)
@@ -215,21 +220,26 @@ class Embeddings(nnx.Module):
 
   def positions(self, rows: int, cols: int):
     pos = self.position_embeddings[...].reshape(-1, self.c.hidden_size)
-    g = self.c.grid
+    g, first = self.c.grid, int(self.c.class_position)
     if (rows, cols) == (g, g):
       return pos
-    patch = pos[1:].reshape(g, g, -1).astype(jnp.float32)
+    patch = pos[first:].reshape(g, g, -1).astype(jnp.float32)
     aa = self.c.antialias
     patch = jnp.einsum("hH,HWd,wW->hwd", bicubic_matrix(g, rows, aa), patch,
                        bicubic_matrix(g, cols, aa), precision=jax.lax.Precision.HIGHEST)
-    return jnp.concatenate([pos[:1], patch.reshape(rows * cols, -1).astype(pos.dtype)], axis=0)
+    return jnp.concatenate([pos[:first], patch.reshape(rows * cols, -1).astype(pos.dtype)],
+                           axis=0)
 
   def __call__(self, pixels):
     b = pixels.shape[0]
     patches, rows, cols = self.patch_embeddings(pixels)
     cls = jnp.broadcast_to(self.cls_token[...].reshape(1, 1, -1), (b, 1, patches.shape[-1]))
-    x = jnp.concatenate([cls.astype(patches.dtype), patches], axis=1)
-    x = x + self.positions(rows, cols)[None].astype(x.dtype)
+    if self.c.class_position:
+      x = jnp.concatenate([cls.astype(patches.dtype), patches], axis=1)
+      x = x + self.positions(rows, cols)[None].astype(x.dtype)
+    else:
+      patches = patches + self.positions(rows, cols)[None].astype(patches.dtype)
+      x = jnp.concatenate([cls.astype(patches.dtype), patches], axis=1)
     if self.c.num_registers:
       regs = jnp.broadcast_to(self.register_tokens[...], (b, *self.register_tokens.shape[1:]))
       x = jnp.concatenate([x[:, :1], regs.astype(x.dtype), x[:, 1:]], axis=1)
