@@ -156,8 +156,12 @@ def test_bad_checkpoints_name_the_problem(tmp_path):
   with pytest.raises(CheckpointError, match="model.safetensors: truncated"):
     from_pretrained(str(tmp_path))
   (tmp_path / "model.safetensors").unlink()
+  (tmp_path / "model.pth").write_bytes(b"")
+  with pytest.raises(CheckpointError, match=r"no model.safetensors, pytorch_model.bin.*"
+                                            r"model\.pth"):
+    from_pretrained(str(tmp_path))
   (tmp_path / "pytorch_model.bin").write_bytes(b"")
-  with pytest.raises(CheckpointError, match="no model.safetensors.*pytorch_model.bin"):
+  with pytest.raises(CheckpointError, match="pytorch_model.bin: not a torch.save zip"):
     from_pretrained(str(tmp_path))
 
 

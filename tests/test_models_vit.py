@@ -22,6 +22,8 @@ CASES = {
     "vit": (transformers.ViTModel, transformers.ViTConfig(**BASE)),
     "vit_mae": (transformers.ViTMAEModel, transformers.ViTMAEConfig(**BASE, mask_ratio=0.0)),
     "clip_vision": (transformers.CLIPVisionModel, transformers.CLIPVisionConfig(**BASE)),
+    "pixio": (transformers.PixioModel, transformers.PixioConfig(  # (sizes from mlp_ratio)
+        **{k: v for k, v in BASE.items() if k != "intermediate_size"}, n_cls_tokens=3)),
 }
 
 
@@ -32,7 +34,7 @@ def test_vision_parity_any_image_size(tmp_path, name):
   ours = from_pretrained(str(tmp_path))
   for h, w in [(28, 28), (42, 70)]:  # native, and non-square with interpolated positions
     x = torch.randn(2, 3, h, w)
-    kw = {} if name.startswith("dinov2") else {"interpolate_pos_encoding": True}
+    kw = {} if name.startswith(("dinov2", "pixio")) else {"interpolate_pos_encoding": True}
     if name == "vit_mae":  # MAE shuffles patches by `noise`; ascending noise keeps the order
       kw["noise"] = torch.arange((h // 14) * (w // 14), dtype=torch.float32)[None].repeat(2, 1)
     with torch.no_grad():

@@ -1,7 +1,8 @@
 """Hugging Face checkpoint directories, read without torch: config.json + safetensors.
 
 A checkpoint directory holds `config.json` and either `model.safetensors` or shards named
-by `model.safetensors.index.json` (`weight_map`: tensor name → shard file). Tensors are
+by `model.safetensors.index.json` (`weight_map`: tensor name → shard file); without them,
+`pytorch_model.bin` or its shards (`torch_pickle.py`). Tensors are
 memory-mapped and read one at a time, so loading needs about one tensor of host memory
 above the parameters themselves.
 
@@ -157,48 +158,79 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata=None) 
       f.write(blob)
 
 
+class TorchFile:
+  """A torch.save shard (pytorch_model.bin) with SafetensorsFile's interface."""
+
+  def __init__(self, path: str):
+    from plato_jax.models import torch_pickle
+    self.path = path
+    self._tensors = torch_pickle.state_dict(path)
+
+  def keys(self) -> list[str]:
+    return list(self._tensors)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return self._tensors[name].shape
+
+  def get(self, name: str) -> np.ndarray:
+    return self._tensors[name].numpy()
+
+
+# Weight files, by preference: (index of shards, single file, opener).
+WEIGHT_FILES = (("model.safetensors.index.json", "model.safetensors", SafetensorsFile),
+                ("pytorch_model.bin.index.json", "pytorch_model.bin", TorchFile))
+
+
 class Checkpoint:
-  """The tensors of a checkpoint directory by name, across shards, read lazily."""
+  """The tensors of a checkpoint directory by name, across shards, read lazily: safetensors,
+  or where a directory has none, torch.save files (read without running their pickles)."""
 
   def __init__(self, checkpoint_dir: str):
     self.dir = checkpoint_dir
     self.config = read_config(checkpoint_dir)
-    index = os.path.join(checkpoint_dir, "model.safetensors.index.json")
-    single = os.path.join(checkpoint_dir, "model.safetensors")
-    self._files: dict[str, SafetensorsFile] = {}
+    self._files: dict = {}
     self._where: dict[str, str] = {}
-    if os.path.isfile(index):
-      try:
-        with open(index) as f:
-          weight_map = json.load(f)["weight_map"]
-      except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index}: no readable weight_map ({e!r})") from None
-      if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{index}: weight_map is not an object")
-      for name, shard in weight_map.items():
-        # A shard is a file of this directory: no paths that lead out of it.
-        if not isinstance(shard, str) or os.path.basename(shard) != shard or \
-            shard in ("", ".", ".."):
-          raise CheckpointError(f"{index}: tensor {name!r} names shard {shard!r}, not a file "
-                                f"name in {checkpoint_dir}")
-        self._where[name] = shard
-      for shard in sorted(set(weight_map.values())):
-        path = os.path.join(checkpoint_dir, shard)
-        if not os.path.isfile(path):
-          raise CheckpointError(f"{index} names shard {shard!r}, which is missing")
-        f = self._files[shard] = SafetensorsFile(path)
-        absent = [n for n, s in weight_map.items() if s == shard and n not in f._entries]
-        if absent:
-          raise CheckpointError(f"{path}: tensors listed in the index are absent: {absent[:5]}")
-    elif os.path.isfile(single):
-      f = self._files["model.safetensors"] = SafetensorsFile(single)
-      self._where = {name: "model.safetensors" for name in f.keys()}
+    for index_name, single_name, opener in WEIGHT_FILES:
+      index = os.path.join(checkpoint_dir, index_name)
+      single = os.path.join(checkpoint_dir, single_name)
+      if os.path.isfile(index):
+        self._read_index(index, opener)
+        break
+      if os.path.isfile(single):
+        f = self._files[single_name] = opener(single)
+        self._where = {name: single_name for name in f.keys()}
+        break
     else:
       other = [n for n in os.listdir(checkpoint_dir) if n.endswith((".bin", ".pth", ".pt"))]
       raise CheckpointError(
-          f"{checkpoint_dir}: no model.safetensors or model.safetensors.index.json"
-          + (f" (found {other[:3]}: PyTorch pickles are not read; convert them to "
-             f"safetensors)" if other else ""))
+          f"{checkpoint_dir}: no model.safetensors, pytorch_model.bin or their shard indexes"
+          + (f" (found {other[:3]}: name a torch.save file pytorch_model.bin, or convert it "
+             f"to safetensors)" if other else ""))
+
+  def _read_index(self, index: str, opener) -> None:
+    try:
+      with open(index) as f:
+        weight_map = json.load(f)["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+      raise CheckpointError(f"{index}: no readable weight_map ({e!r})") from None
+    if not isinstance(weight_map, dict):
+      raise CheckpointError(f"{index}: weight_map is not an object")
+    for name, shard in weight_map.items():
+      # A shard is a file of this directory: no paths that lead out of it.
+      if not isinstance(shard, str) or os.path.basename(shard) != shard or \
+          shard in ("", ".", ".."):
+        raise CheckpointError(f"{index}: tensor {name!r} names shard {shard!r}, not a file "
+                              f"name in {self.dir}")
+      self._where[name] = shard
+    for shard in sorted(set(weight_map.values())):
+      path = os.path.join(self.dir, shard)
+      if not os.path.isfile(path):
+        raise CheckpointError(f"{index} names shard {shard!r}, which is missing")
+      f = self._files[shard] = opener(path)
+      present = set(f.keys())
+      absent = [n for n, s in weight_map.items() if s == shard and n not in present]
+      if absent:
+        raise CheckpointError(f"{path}: tensors listed in the index are absent: {absent[:5]}")
 
   def __contains__(self, name: str) -> bool:
     return name in self._where

@@ -1,5 +1,6 @@
 """Vision transformers: ViT (HF and timm augreg naming), DINOv2 (layer scale, SwiGLU,
-register tokens), the MAE encoder (no masking) and CLIP's vision tower.
+register tokens), the MAE encoder (no masking), CLIP's vision tower and Pixio (eight class
+tokens).
 
 One module serves all of them; a `VitConfig` decoded from config.json says which parts a
 family has, and `checkpoint_key` renames our parameter paths (the HF ViT names) to the
@@ -23,13 +24,14 @@ from plato_jax.models import layers
 from plato_jax.models.hf import CheckpointError, config_value, sliced, sub_config
 
 MODEL_TYPES = ("vit", "vit_mae", "dinov2", "dinov2_with_registers", "clip_vision_model", "clip",
-               "timm")
+               "pixio", "timm")
 
 # Our paths (HF ViT names) → each family's checkpoint names.
 _RENAMES = {
     "dinov2": [(r"\.layernorm_before\.", ".norm1."), (r"\.layernorm_after\.", ".norm2."),
                (r"(layer\.\d+)\.intermediate\.dense\.", r"\1.mlp.fc1."),
                (r"(layer\.\d+)\.output\.dense\.", r"\1.mlp.fc2.")],
+    "pixio": [(r"\.layernorm_before\.", ".norm1."), (r"\.layernorm_after\.", ".norm2.")],
     "clip": [(r"^embeddings\.cls_token$", "embeddings.class_embedding"),
              (r"^embeddings\.position_embeddings$", "embeddings.position_embedding.weight"),
              (r"^embeddings\.patch_embeddings\.projection\.", "embeddings.patch_embedding."),
@@ -66,6 +68,7 @@ class VitConfig:
   antialias: bool = False       # position resize with torch's antialias=True
   class_position: bool = True   # a position embedding for the class token (timm's
   #                               DINOv2-with-registers has none: patches only)
+  num_class_tokens: int = 1     # Pixio: 8 (each with a position)
 
   @classmethod
   def from_hf(cls, config: dict) -> "VitConfig":
@@ -77,8 +80,9 @@ class VitConfig:
     get = lambda key, default=None: config_value(config, key, default)  # noqa: E731
     hidden = int(need("hidden_size"))
     family = {"vit": "vit", "vit_mae": "vit", "dinov2": "dinov2",
-              "dinov2_with_registers": "dinov2", "clip_vision_model": "clip"}[kind]
-    if family == "dinov2":
+              "dinov2_with_registers": "dinov2", "clip_vision_model": "clip",
+              "pixio": "pixio"}[kind]
+    if family in ("dinov2", "pixio"):
       inter = int(hidden * float(get("mlp_ratio", 4)))
     else:
       inter = int(need("intermediate_size"))
@@ -95,7 +99,8 @@ class VitConfig:
                swiglu=swiglu, num_registers=int(get("num_register_tokens", 0)),
                pre_norm=family == "clip", patch_bias=family != "clip",
                flat_embeddings=family == "clip",
-               antialias=kind == "dinov2_with_registers")
+               antialias=kind == "dinov2_with_registers",
+               num_class_tokens=int(get("n_cls_tokens", 8)) if family == "pixio" else 1)
 
   @property
   def grid(self) -> int:
@@ -209,8 +214,9 @@ def bicubic_matrix(in_size: int, out_size: int, antialias: bool = False) -> np.n
 class Embeddings(nnx.Module):
   def __init__(self, c: VitConfig, dtype):
     d = c.hidden_size
-    self.cls_token = nnx.Param(jnp.zeros((d,) if c.flat_embeddings else (1, 1, d), dtype))
-    n = c.grid ** 2 + c.class_position
+    self.cls_token = nnx.Param(jnp.zeros((d,) if c.flat_embeddings else
+                                         (1, c.num_class_tokens, d), dtype))
+    n = c.grid ** 2 + c.class_position * c.num_class_tokens
     self.position_embeddings = nnx.Param(
         jnp.zeros((n, d) if c.flat_embeddings else (1, n, d), dtype))
     self.patch_embeddings = PatchEmbed(c, dtype)
@@ -220,7 +226,7 @@ class Embeddings(nnx.Module):
 
   def positions(self, rows: int, cols: int):
     pos = self.position_embeddings[...].reshape(-1, self.c.hidden_size)
-    g, first = self.c.grid, int(self.c.class_position)
+    g, first = self.c.grid, self.c.class_position * self.c.num_class_tokens
     if (rows, cols) == (g, g):
       return pos
     patch = pos[first:].reshape(g, g, -1).astype(jnp.float32)
@@ -233,7 +239,9 @@ class Embeddings(nnx.Module):
   def __call__(self, pixels):
     b = pixels.shape[0]
     patches, rows, cols = self.patch_embeddings(pixels)
-    cls = jnp.broadcast_to(self.cls_token[...].reshape(1, 1, -1), (b, 1, patches.shape[-1]))
+    n_cls = self.c.num_class_tokens
+    cls = jnp.broadcast_to(self.cls_token[...].reshape(1, n_cls, -1),
+                           (b, n_cls, patches.shape[-1]))
     if self.c.class_position:
       x = jnp.concatenate([cls.astype(patches.dtype), patches], axis=1)
       x = x + self.positions(rows, cols)[None].astype(x.dtype)
@@ -242,7 +250,7 @@ class Embeddings(nnx.Module):
       x = jnp.concatenate([cls.astype(patches.dtype), patches], axis=1)
     if self.c.num_registers:
       regs = jnp.broadcast_to(self.register_tokens[...], (b, *self.register_tokens.shape[1:]))
-      x = jnp.concatenate([x[:, :1], regs.astype(x.dtype), x[:, 1:]], axis=1)
+      x = jnp.concatenate([x[:, :n_cls], regs.astype(x.dtype), x[:, n_cls:]], axis=1)
     return x
 
 
