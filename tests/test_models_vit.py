@@ -45,6 +45,20 @@ def test_vision_parity_any_image_size(tmp_path, name):
       assert_close_rel(a, b.numpy(), where=f"{name} {h}x{w} hidden state {i}")
 
 
+@pytest.mark.parametrize("qv_bias", [True, False])
+def test_videomae_tubelets_and_sinusoid_positions(tmp_path, qv_bias):
+  cfg = transformers.VideoMAEConfig(**BASE, num_frames=4, tubelet_size=2, qv_bias=qv_bias,
+                                    layer_norm_eps=1e-6)
+  model = save_tiny(transformers.VideoMAEModel, cfg, tmp_path)
+  x = torch.randn(2, 4, 3, 28, 28)  # [B, T, C, H, W]
+  with torch.no_grad():
+    theirs = model(x, output_hidden_states=True).hidden_states
+  ours = from_pretrained(str(tmp_path))(jnp.asarray(x.numpy()))
+  assert len(ours) == len(theirs) == 3
+  for i, (a, b) in enumerate(zip(ours, theirs)):
+    assert_close_rel(a, b.numpy(), where=f"hidden state {i}")
+
+
 def test_clip_two_towers_from_one_checkpoint(rng, tmp_path):
   text = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
               vocab_size=50, bos_token_id=0, eos_token_id=1, pad_token_id=1,

@@ -1,6 +1,7 @@
 """Vision transformers: ViT (HF and timm augreg naming), DINOv2 (layer scale, SwiGLU,
-register tokens), the MAE encoder (no masking), CLIP's vision tower and Pixio (eight class
-tokens).
+register tokens), the MAE encoder (no masking), CLIP's vision tower, Pixio (eight class
+tokens) and VideoMAE (tubelets of frames, fixed sinusoid positions, no class token; input
+[B, T, C, H, W]).
 
 One module serves all of them; a `VitConfig` decoded from config.json says which parts a
 family has, and `checkpoint_key` renames our parameter paths (the HF ViT names) to the
@@ -24,7 +25,7 @@ from plato_jax.models import layers
 from plato_jax.models.hf import CheckpointError, config_value, sliced, sub_config
 
 MODEL_TYPES = ("vit", "vit_mae", "dinov2", "dinov2_with_registers", "clip_vision_model", "clip",
-               "pixio", "timm")
+               "pixio", "videomae", "timm")
 
 # Our paths (HF ViT names) → each family's checkpoint names.
 _RENAMES = {
@@ -32,6 +33,8 @@ _RENAMES = {
                (r"(layer\.\d+)\.intermediate\.dense\.", r"\1.mlp.fc1."),
                (r"(layer\.\d+)\.output\.dense\.", r"\1.mlp.fc2.")],
     "pixio": [(r"\.layernorm_before\.", ".norm1."), (r"\.layernorm_after\.", ".norm2.")],
+    "videomae": [(r"\.attention\.query\.bias$", ".attention.q_bias"),
+                 (r"\.attention\.value\.bias$", ".attention.v_bias")],
     "clip": [(r"^embeddings\.cls_token$", "embeddings.class_embedding"),
              (r"^embeddings\.position_embeddings$", "embeddings.position_embedding.weight"),
              (r"^embeddings\.patch_embeddings\.projection\.", "embeddings.patch_embedding."),
@@ -59,6 +62,8 @@ class VitConfig:
   layer_norm_eps: float
   hidden_act: str
   qkv_bias: bool = True
+  key_bias: bool = True         # VideoMAE: biases on queries and values only
+  tubelet_size: int = 0         # VideoMAE: frames per patch (0: images)
   layer_scale: bool = False     # DINOv2
   swiglu: bool = False          # DINOv2 giant
   num_registers: int = 0        # DINOv2 with registers
@@ -81,7 +86,7 @@ class VitConfig:
     hidden = int(need("hidden_size"))
     family = {"vit": "vit", "vit_mae": "vit", "dinov2": "dinov2",
               "dinov2_with_registers": "dinov2", "clip_vision_model": "clip",
-              "pixio": "pixio"}[kind]
+              "pixio": "pixio", "videomae": "videomae"}[kind]
     if family in ("dinov2", "pixio"):
       inter = int(hidden * float(get("mlp_ratio", 4)))
     else:
@@ -95,12 +100,15 @@ class VitConfig:
                num_channels=int(get("num_channels", 3)),
                layer_norm_eps=float(get("layer_norm_eps", 1e-12)),
                hidden_act=str(get("hidden_act", "gelu")),
-               qkv_bias=bool(get("qkv_bias", True)), layer_scale=family == "dinov2",
+               qkv_bias=bool(get("qv_bias" if family == "videomae" else "qkv_bias", True)),
+               layer_scale=family == "dinov2",
                swiglu=swiglu, num_registers=int(get("num_register_tokens", 0)),
                pre_norm=family == "clip", patch_bias=family != "clip",
                flat_embeddings=family == "clip",
                antialias=kind == "dinov2_with_registers",
-               num_class_tokens=int(get("n_cls_tokens", 8)) if family == "pixio" else 1)
+               num_class_tokens=int(get("n_cls_tokens", 8)) if family == "pixio" else 1,
+               **(dict(key_bias=False, tubelet_size=int(get("tubelet_size", 2)))
+                  if family == "videomae" else {}))
 
   @property
   def grid(self) -> int:
@@ -254,12 +262,42 @@ class Embeddings(nnx.Module):
     return x
 
 
+def sinusoid_positions(n: int, d: int) -> np.ndarray:
+  """VideoMAE's fixed positions [n, d]: sin / cos of pos / 10000^(2⌊j/2⌋/d), in f64."""
+  angle = np.arange(n, dtype=np.float64)[:, None] / np.power(
+      10000.0, 2 * (np.arange(d) // 2) / d)[None]
+  angle[:, 0::2], angle[:, 1::2] = np.sin(angle[:, 0::2]), np.cos(angle[:, 1::2])
+  return angle.astype(np.float32)
+
+
+class VideoEmbeddings(nnx.Module):
+  """Tubelets (t frames × p × p pixels) projected, plus fixed sinusoid positions."""
+
+  def __init__(self, c: VitConfig, dtype):
+    self.patch_embeddings = PatchEmbed(c, dtype)
+    self.c = c
+
+  def __call__(self, video):
+    """video [B, T, C, H, W] → [B, T/t · H/p · W/p, D] (time-major, as a Conv3d flattens)."""
+    b, t, ch, h, w = video.shape
+    k = self.c.tubelet_size
+    if t % k:
+      raise ValueError(f"{t} frames is not a multiple of the tubelet size {k}")
+    # Frames of a tubelet fold into the channels, so the 2-D patch projection does the rest.
+    folded = video.reshape(b, t // k, k, ch, h, w).transpose(0, 1, 3, 2, 4, 5)
+    folded = folded.reshape(b * (t // k), ch * k, h, w)
+    x, rows, cols = self.patch_embeddings(folded)
+    x = x.reshape(b, (t // k) * rows * cols, -1)
+    return x + jnp.asarray(sinusoid_positions(x.shape[1], x.shape[2]), x.dtype)[None]
+
+
 class PatchEmbed(nnx.Module):
   def __init__(self, c: VitConfig, dtype):
-    self.projection = layers.Linear(c.num_channels * c.patch_size ** 2, c.hidden_size,
-                                    bias=c.patch_bias, dtype=dtype)
-    self.projection.weight = nnx.Param(
-        jnp.zeros((c.hidden_size, c.num_channels, c.patch_size, c.patch_size), dtype))
+    frames = (c.tubelet_size,) if c.tubelet_size else ()  # a Conv3d's [D, C, t, p, p]
+    self.projection = layers.Linear(c.num_channels * max(c.tubelet_size, 1) * c.patch_size ** 2,
+                                    c.hidden_size, bias=c.patch_bias, dtype=dtype)
+    self.projection.weight = nnx.Param(jnp.zeros(
+        (c.hidden_size, c.num_channels, *frames, c.patch_size, c.patch_size), dtype))
     self.p = c.patch_size
 
   def __call__(self, pixels):
@@ -280,7 +318,7 @@ class SelfAttention(nnx.Module):
   def __init__(self, c: VitConfig, dtype):
     d = c.hidden_size
     self.query = layers.Linear(d, d, bias=c.qkv_bias, dtype=dtype)
-    self.key = layers.Linear(d, d, bias=c.qkv_bias, dtype=dtype)
+    self.key = layers.Linear(d, d, bias=c.qkv_bias and c.key_bias, dtype=dtype)
     self.value = layers.Linear(d, d, bias=c.qkv_bias, dtype=dtype)
     self.heads = c.num_heads
 
@@ -357,7 +395,7 @@ class Vit(nnx.Module):
   def __init__(self, config: VitConfig, *, dtype=jnp.float32):
     c = config
     self.config = c
-    self.embeddings = Embeddings(c, dtype)
+    self.embeddings = VideoEmbeddings(c, dtype) if c.tubelet_size else Embeddings(c, dtype)
     if c.pre_norm:
       self.pre_layernorm = layers.LayerNorm(c.hidden_size, eps=c.layer_norm_eps, dtype=dtype)
     self.encoder = Encoder(c, dtype)
@@ -366,7 +404,8 @@ class Vit(nnx.Module):
     return rename(name, self.config.family, self.config.hidden_size)
 
   def __call__(self, pixel_values):
-    """pixel_values [B, C, H, W] → the L+1 hidden states [B, 1 + registers + patches, D]."""
+    """pixel_values [B, C, H, W] (VideoMAE: [B, T, C, H, W]) → the L+1 hidden states
+    [B, class tokens + registers + patches, D]."""
     x = self.embeddings(pixel_values)
     if self.config.pre_norm:
       x = self.pre_layernorm(x)
