@@ -22,6 +22,9 @@ from typing import Callable, Iterator
 import ml_dtypes
 import numpy as np
 
+from plato_jax.models import torch_pickle
+from plato_jax.models.errors import CheckpointError
+
 SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
@@ -33,10 +36,6 @@ SAFETENSORS_DTYPES = {
 SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                "num_attention_heads", "num_key_value_heads", "head_dim",
                "max_position_embeddings", "image_size", "patch_size", "num_channels")
-
-
-class CheckpointError(ValueError):
-  """A checkpoint that cannot be loaded; the message names the file, tensor or field."""
 
 
 def read_config(checkpoint_dir: str) -> dict:
@@ -162,7 +161,6 @@ class TorchFile:
   """A torch.save shard (pytorch_model.bin) with SafetensorsFile's interface."""
 
   def __init__(self, path: str):
-    from plato_jax.models import torch_pickle
     self.path = path
     self._tensors = torch_pickle.state_dict(path)
 

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from plato_jax.models.errors import CheckpointError
+
 
 def _param(shape, dtype, value=0.0):
   return nnx.Param(jnp.full(shape, value, dtype))
@@ -85,7 +87,6 @@ ACTIVATIONS = {
 
 def activation(name: str, where: str = "config.json hidden_act"):
   if name not in ACTIVATIONS:
-    from plato_jax.models.hf import CheckpointError
     raise CheckpointError(f"{where}: unsupported activation {name!r} "
                           f"(supported: {sorted(ACTIVATIONS)})")
   return ACTIVATIONS[name]
@@ -147,7 +148,6 @@ def rope_configs_by_layer_type(config: dict, layer_types, sliding_theta_key: str
 def rope_frequencies(config: dict, head_dim: int, seq_len: int) -> tuple[np.ndarray, float]:
   """Inverse frequencies [rotary_dim/2] and the cos/sin scale, as transformers computes
   them for rope types default, linear, dynamic, llama3 and yarn (float32)."""
-  from plato_jax.models.hf import CheckpointError
   p = rope_parameters(config)
   kind, base = p["rope_type"], float(p["rope_theta"])
   dim = int(head_dim * p.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)))

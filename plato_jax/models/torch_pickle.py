@@ -21,7 +21,7 @@ import zipfile
 import ml_dtypes
 import numpy as np
 
-from plato_jax.models.hf import CheckpointError
+from plato_jax.models.errors import CheckpointError
 
 STORAGE_DTYPES = {
     "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
