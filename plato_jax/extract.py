@@ -2,7 +2,10 @@
 
 Vision (PRH §C.2, Koepke §3): the CLS token after every block, before the final norm —
 [N, L, D]; images preprocessed as the checkpoint says (timm `pretrained_cfg`: resize the
-short side to size/crop_pct, centre crop; or HF preprocessor_config.json), bicubic.
+short side to size/crop_pct, centre crop; or HF preprocessor_config.json), bicubic. A
+ResNet: its last stage averaged over space [N, 1, C]. Video (VideoMAE): config.json's
+`num_frames` frames sampled uniformly (as transformers' video processors), each
+preprocessed as an image, every block's tokens averaged [N, L, D].
 Language: every hidden state including the embedding output, mean-pooled over the real
 tokens — [N, L+1, D]; left padding, pad = eos when the tokenizer has none, no prompt; and
 each caption's mean token loss and bits per byte as store columns (`loss`,
@@ -124,10 +127,19 @@ class ImageSpec:
 
 def vision_protocol(model):
   """(features [B, L, D] f32 from the hidden states, layer names, pooling) of a vision
-  model: a ViT's CLS token after every block; a ResNet's last stage averaged over space."""
+  model: a ViT's CLS token after every block; a ResNet's last stage averaged over space; a
+  video model's tokens (it has no class token) averaged after every block."""
   if isinstance(model, resnet.ResNet):
     return resnet.pooled, [str(model.config.num_layers)], "mean_over_space_last_stage"
-  return cls_per_block, [str(i + 1) for i in range(model.config.num_layers)], "cls_per_block"
+  blocks = [str(i + 1) for i in range(model.config.num_layers)]
+  if getattr(model.config, "tubelet_size", 0):
+    return mean_per_block, blocks, "mean_over_tokens_per_block"
+  return cls_per_block, blocks, "cls_per_block"
+
+
+def mean_per_block(states) -> jax.Array:
+  """Every block's output averaged over its tokens: [B, L, D] f32."""
+  return jnp.stack([s.astype(jnp.float32).mean(axis=1) for s in states[1:]], axis=1)
 
 
 def cls_per_block(states) -> jax.Array:
@@ -265,6 +277,8 @@ def extract(checkpoint_dir: str, dataset, out: str, opts: Options = Options(), *
   model = models.from_pretrained(checkpoint_dir, dtype=dtype, tower=tower, mesh=mesh)
   if modality is None:
     modality = "vision" if type(model).__name__ in ("Vit", "ResNet") else "text"
+    if getattr(model.config, "tubelet_size", 0):
+      modality = "video"
   ndev = mesh.shape["data"]
   batch = -(-opts.batch_size // ndev) * ndev
   graphdef, params = nnx.split(model)
@@ -272,16 +286,18 @@ def extract(checkpoint_dir: str, dataset, out: str, opts: Options = Options(), *
   skips = _Skips()
   total = len(reader)
 
-  if modality == "vision":
+  if modality in ("vision", "video"):
     spec = ImageSpec.from_checkpoint(checkpoint_dir)
     features, layer_names, pooling = vision_protocol(model)
+    frames = int(models.hf.read_config(checkpoint_dir).get("num_frames", 16)) \
+        if modality == "video" else 0
 
     @jax.jit
     def run(params, pixels):
       return features(nnx.merge(graphdef, params)(pixels.astype(dtype)))
 
     layers, columns = len(layer_names), {}
-    batches = _image_batches(reader, spec, batch, skips, opts)
+    batches = _pixel_batches(reader, spec, frames, batch, skips, opts)
   else:
     tokenizer = load_tokenizer(checkpoint_dir)
     has_head = getattr(model.config, "head", "none") != "none"
@@ -368,9 +384,24 @@ def _write(writer, chunk: _Chunk, results, skips: _Skips):
   writer.commit(wait_all=False)  # durable progress chunk by chunk (one write left in flight)
 
 
-def _image_batches(reader, spec: ImageSpec, batch: int, skips: _Skips, opts: Options):
+def _pixel_batches(reader, spec: ImageSpec, frames: int, batch: int, skips: _Skips,
+                   opts: Options):
+  """Batches of images [B, 3, H, W], or with `frames` > 0 of videos [B, frames, 3, H, W]
+  (frames sampled as `datasets.video_frame_indices`, each preprocessed as an image)."""
+  shape = (frames, 3, *spec.crop) if frames else (3, *spec.crop)
+  what = "video" if frames else "image"
+
+  def load(record):
+    if record.image is None:
+      return None
+    if frames:
+      clip = datasets.decode_video(record.image, frames)
+      return None if clip is None else np.stack([spec(f) for f in clip])
+    image = datasets.decode_image(record.image)
+    return None if image is None else spec(image)
+
   def chunk(pixels, kept, consumed, start):
-    x = np.zeros((batch, 3, *spec.crop), np.float32)
+    x = np.zeros((batch, *shape), np.float32)
     if pixels:
       x[:len(pixels)] = np.stack(pixels)
     return _Chunk([{"pixels": x}], [np.arange(len(kept))],
@@ -381,11 +412,12 @@ def _image_batches(reader, spec: ImageSpec, batch: int, skips: _Skips, opts: Opt
     pixels, kept, consumed = [], [], start
     for record in reader.records(start):
       consumed += 1
-      image = datasets.decode_image(record.image) if record.image is not None else None
-      if image is None:
-        skips.bad(record, "missing or unreadable image", opts.on_bad_image)
+      x = load(record)
+      if x is None:
+        skips.bad(record, f"missing or unreadable {what}"
+                  + (f" (or fewer than {frames} frames)" if frames else ""), opts.on_bad_image)
       else:
-        pixels.append(spec(image))
+        pixels.append(x)
         kept.append(record)
       if len(pixels) == batch:
         yield chunk(pixels, kept, consumed, start)

@@ -162,6 +162,59 @@ def test_resnet_pooled_features_with_timms_own_transform(rng, tmp_path):
     assert_close_rel(store.gather(np.array([i]))[0, 0], ref[0].numpy(), where=f"image {i}")
 
 
+def write_video(path, rng, frames, h=40, w=48, fps=8):
+  import av
+  with av.open(str(path), mode="w") as out:
+    stream = out.add_stream("mpeg4", rate=fps)
+    stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+    for _ in range(frames):
+      image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+      for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+        out.mux(packet)
+    for packet in stream.encode():
+      out.mux(packet)
+
+
+def test_video_features_with_the_processors_frames(rng, tmp_path):
+  """VideoMAE over a folder of mp4 clips: the frames transformers' video processor samples
+  (decoded by PyAV), its PIL image processor's preprocessing, every block's tokens
+  averaged; a clip shorter than num_frames and a broken file are bad rows."""
+  import av
+  from transformers.video_utils import VideoMetadata
+  cfg = transformers.VideoMAEConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                    intermediate_size=64, image_size=28, patch_size=14,
+                                    num_frames=4, tubelet_size=2)
+  model = save_tiny(transformers.VideoMAEModel, cfg, tmp_path / "videomae")
+  processor = transformers.VideoMAEImageProcessorPil(size={"shortest_edge": 32},
+                                                     crop_size={"height": 28, "width": 28})
+  processor.save_pretrained(tmp_path / "videomae")
+  (tmp_path / "clips").mkdir()
+  lengths = [9, 4, 13, 3, 7]
+  for i, n in enumerate(lengths):
+    write_video(tmp_path / "clips" / f"c{i}.mp4", rng, n)
+  (tmp_path / "clips" / "c5.mp4").write_bytes(b"not a video")
+  (tmp_path / "clips" / "captions.jsonl").write_text("\n".join(
+      json.dumps({"image": f"c{i}.mp4", "caption": "w1"}) for i in range(6)))
+  with pytest.raises(ValueError, match=r"row id 3 .*c3.mp4.*unreadable video \(or fewer than "
+                                       r"4 frames\)"):
+    extract(str(tmp_path / "videomae"), str(tmp_path / "clips"), str(tmp_path / "s0"),
+            Options(progress=False))
+  store = extract(str(tmp_path / "videomae"), str(tmp_path / "clips"), str(tmp_path / "s"),
+                  Options(batch_size=2, dtype="float32", on_bad_image="skip", progress=False))
+  assert store.meta["modality"] == "video" and store.meta["skipped_ids"] == [3, 5]
+  assert store.meta["pooling"] == "mean_over_tokens_per_block" and store.num_layers == 2
+  sampler = transformers.VideoMAEVideoProcessor()
+  for row, i in enumerate([0, 1, 2, 4]):
+    with av.open(str(tmp_path / "clips" / f"c{i}.mp4")) as container:
+      decoded = [f.to_image() for f in container.decode(video=0)]
+    picked = sampler.sample_frames(VideoMetadata(total_num_frames=len(decoded)), num_frames=4)
+    pixels = processor([decoded[j] for j in picked], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+      states = model(pixels, output_hidden_states=True).hidden_states
+    ref = np.stack([h[0].mean(0).numpy() for h in states[1:]])
+    assert_close_rel(store.gather(np.array([row]))[0], ref, where=f"clip {i}")
+
+
 def test_bad_images_fail_or_are_skipped_by_id(rng, tmp_path, dinov2_dir):
   path = str(dinov2_dir[0])
   write_image_folder(tmp_path / "imgs", rng, 9, bad={3})

@@ -1,6 +1,7 @@
 """The dataset readers (`plato_jax.data`): image folders with captions, Parquet, WebDataset."""
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import glob
@@ -9,6 +10,8 @@ import json
 import os
 import tarfile
 from typing import Iterator
+
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,3 +282,38 @@ def decode_image(data: bytes):
   except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError,
           Image.DecompressionBombWarning):
     return None
+
+
+def video_frame_indices(total: int, num_frames: int) -> np.ndarray:
+  """Frames sampled uniformly over a video, as transformers' video processors do by default:
+  i · total // num_frames for i < num_frames."""
+  return np.arange(num_frames, dtype=np.int64) * total // num_frames
+
+
+def decode_video(data: bytes, num_frames: int):
+  """`num_frames` RGB PIL frames of a video (bytes of any container FFmpeg reads, decoded by
+  PyAV), sampled by `video_frame_indices`; None when the bytes are missing, not a decodable
+  video, or it has fewer frames than asked for. Only the sampled frames are kept."""
+  import av
+  if not data:
+    return None
+  try:
+    with av.open(io.BytesIO(data)) as container:
+      if not container.streams.video:
+        return None
+      stream = container.streams.video[0]
+      total = stream.frames or sum(1 for p in container.demux(stream) if p.size)
+      if total < num_frames:
+        return None
+      if not stream.frames:  # counted by demuxing: decode from the start again
+        container.seek(0)
+      wanted = collections.Counter(video_frame_indices(total, num_frames).tolist())
+      frames = []
+      for i, frame in enumerate(container.decode(stream)):
+        if wanted[i]:
+          frames.extend([frame.to_image().convert("RGB")] * wanted[i])
+        if len(frames) == num_frames:
+          return frames
+  except (av.error.FFmpegError, ValueError, OSError, IndexError):
+    return None
+  return None  # fewer decodable frames than the container declared
