@@ -213,6 +213,16 @@ def test_video_features_with_the_processors_frames(rng, tmp_path):
       states = model(pixels, output_hidden_states=True).hidden_states
     ref = np.stack([h[0].mean(0).numpy() for h in states[1:]])
     assert_close_rel(store.gather(np.array([row]))[0], ref, where=f"clip {i}")
+  with tarfile.open(tmp_path / "clips.tar", "w") as tar:  # the same clips as webdataset
+    for i in (0, 1, 2, 4):
+      tar.add(tmp_path / "clips" / f"c{i}.mp4", arcname=f"{i:04d}.mp4")
+      caption = tmp_path / f"{i}.json"
+      caption.write_text(json.dumps({"caption": "w1", "id": i}))
+      tar.add(caption, arcname=f"{i:04d}.json")
+  shards = extract(str(tmp_path / "videomae"), str(tmp_path / "clips.tar"), str(tmp_path / "w"),
+                   Options(batch_size=2, dtype="float32", progress=False))
+  np.testing.assert_array_equal(shards.ids(), store.ids())
+  np.testing.assert_array_equal(shards.gather(np.arange(4)), store.gather(np.arange(4)))
 
 
 def test_bad_images_fail_or_are_skipped_by_id(rng, tmp_path, dinov2_dir):

@@ -170,11 +170,12 @@ class Parquet:
 
 class WebDataset:
   """webdataset tar shards: files grouped by key (the name before the first dot); the image
-  from .jpg/.jpeg/.png/.webp, the caption from .txt or .json (`caption` field), an id from
+  from .jpg/.jpeg/.png/.webp (or a video from .mp4/.webm/.mkv/.avi/.mov), the caption from .txt or .json (`caption` field), an id from
   .id or the json's `id`, else the sample's position over the sorted shards; a group from
   the json's `group_field` when given."""
 
   IMAGE = (".jpg", ".jpeg", ".png", ".webp")
+  VIDEO = (".mp4", ".webm", ".mkv", ".avi", ".mov")
 
   def __init__(self, path: str, *, caption_field: str = "caption", id_field: str = "id",
                group_field: str | None = None):
@@ -218,7 +219,7 @@ class WebDataset:
     for position, (where, parts) in enumerate(self._samples()):
       if position < start:
         continue
-      image = next((parts[e] for e in self.IMAGE if e in parts), None)
+      image = next((parts[e] for e in self.IMAGE + self.VIDEO if e in parts), None)
       meta = {}
       if ".json" in parts:
         try:
