@@ -26,3 +26,17 @@ def assert_close_rel(ours, theirs, rtol=1e-4, where=""):
   assert ours.shape == theirs.shape, f"{where}: shape {ours.shape} vs {theirs.shape}"
   err = np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-30)
   assert err <= rtol, f"{where}: relative error {err:.2e} > {rtol:.0e}"
+
+
+def assert_bf16_runs(path, inputs, reference, rtol=0.1, tower=None):
+  """The checkpoint loaded in bf16 runs and its hidden states stay near `reference` (the
+  f32 ones): bf16 rounding only, max |diff| <= rtol · max |reference| per state."""
+  import jax.numpy as jnp
+
+  from plato_jax.models import from_pretrained
+  states = from_pretrained(str(path), dtype=jnp.bfloat16, tower=tower)(*inputs)
+  assert len(states) == len(reference)
+  for i, (a, b) in enumerate(zip(states, reference)):
+    assert a.dtype == jnp.bfloat16, f"hidden state {i} is {a.dtype}"
+    assert_close_rel(np.asarray(a, np.float32), np.asarray(b), rtol=rtol,
+                     where=f"bf16 hidden state {i}")

@@ -277,7 +277,10 @@ def ministral3(num_layers=2):
 
 def test_ministral3_language_model_of_a_mistral3_checkpoint(rng, tmp_path):
   model = save_tiny(transformers.Mistral3ForConditionalGeneration, ministral3(), tmp_path)
-  check_parity(model.model.language_model, tmp_path, *batch(rng, t=17))
+  ids, mask = batch(rng, t=17)
+  check_parity(model.model.language_model, tmp_path, ids, mask)
+  bf16 = from_pretrained(str(tmp_path), dtype=jnp.bfloat16)(jnp.asarray(ids), jnp.asarray(mask))
+  assert all(s.dtype == jnp.bfloat16 for s in bf16)
   assert from_pretrained(str(tmp_path), tower="text").config.query_scale_beta == 0.1
   with pytest.raises(CheckpointError, match=r"towers of a mistral3 checkpoint that load are "
                                             r"\['text'\].*got 'vision'"):

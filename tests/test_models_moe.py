@@ -59,7 +59,11 @@ def test_gpt_oss_sinks_sliding_layers_yarn_and_clamped_experts(rng, tmp_path):
   config = json.loads((tmp_path / "config.json").read_text())
   assert config["layer_types"][:2] == ["sliding_attention", "full_attention"]
   # swiglu_limit 1.5 with weights of std 0.2: the clamps are active on many entries.
-  check_parity(model.model, tmp_path, *batch(rng, t=17))
+  ids, mask = batch(rng, t=17)
+  check_parity(model.model, tmp_path, ids, mask)
+  bf16 = from_pretrained(str(tmp_path), dtype=jnp.bfloat16)(jnp.asarray(ids), jnp.asarray(mask))
+  assert all(s.dtype == jnp.bfloat16 and np.isfinite(np.asarray(s, np.float32)).all()
+             for s in bf16)
 
 
 def test_gpt_oss_mxfp4_experts_dequantized_as_transformers_does(rng, tmp_path):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from model_reference import assert_close_rel
+from model_reference import assert_bf16_runs, assert_close_rel
 from timm.models._hub import save_for_hf
 
 from plato_jax.models import from_pretrained
@@ -70,6 +70,7 @@ def test_timm_vits(tmp_path, name):
   assert len(ours) == len(theirs)
   for i, (a, b) in enumerate(zip(ours, theirs)):
     assert_close_rel(a, b, where=f"{name} hidden state {i}")
+  assert_bf16_runs(tmp_path, (jnp.asarray(x.numpy()),), theirs)
 
 
 def check_resnet(tmp_path, model, x):
@@ -78,6 +79,7 @@ def check_resnet(tmp_path, model, x):
   ours = from_pretrained(str(tmp_path))(jnp.asarray(x.numpy()))
   for i, (a, b) in enumerate(zip(ours, theirs)):
     assert_close_rel(a, b, where=f"stage {i}")
+  assert_bf16_runs(tmp_path, (jnp.asarray(x.numpy()),), theirs)
   with torch.no_grad():  # the pooled feature is the classifier's input
     reference = model.forward_head(model.forward_features(x), pre_logits=True) \
         if hasattr(model, "forward_head") else \

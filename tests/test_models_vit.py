@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from model_reference import assert_close_rel, save_tiny
+from model_reference import assert_bf16_runs, assert_close_rel, save_tiny
 
 from plato_jax.models import from_pretrained
 from plato_jax.models.hf import CheckpointError
@@ -43,6 +43,7 @@ def test_vision_parity_any_image_size(tmp_path, name):
     assert len(states) == len(theirs) == 3
     for i, (a, b) in enumerate(zip(states, theirs)):
       assert_close_rel(a, b.numpy(), where=f"{name} {h}x{w} hidden state {i}")
+  assert_bf16_runs(tmp_path, (jnp.asarray(x.numpy()),), [t.numpy() for t in theirs])
 
 
 @pytest.mark.parametrize("qv_bias", [True, False])
@@ -57,6 +58,7 @@ def test_videomae_tubelets_and_sinusoid_positions(tmp_path, qv_bias):
   assert len(ours) == len(theirs) == 3
   for i, (a, b) in enumerate(zip(ours, theirs)):
     assert_close_rel(a, b.numpy(), where=f"hidden state {i}")
+  assert_bf16_runs(tmp_path, (jnp.asarray(x.numpy()),), [t.numpy() for t in theirs])
 
 
 def test_clip_two_towers_from_one_checkpoint(rng, tmp_path):

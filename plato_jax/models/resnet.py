@@ -141,7 +141,8 @@ class ResNet(nnx.Module):
 
   def __call__(self, pixel_values):
     """pixel_values [B, C, H, W] → [stem, stage 1, …, stage 4] feature maps."""
-    x = jax.nn.relu(self.bn1(self.conv1(pixel_values)))
+    x = pixel_values.astype(self.conv1.weight.dtype)  # compute in the parameters' dtype
+    x = jax.nn.relu(self.bn1(self.conv1(x)))
     x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 1, 3, 3), (1, 1, 2, 2),
                               [(0, 0), (0, 0), (1, 1), (1, 1)])
     states = [x]
