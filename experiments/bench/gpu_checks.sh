@@ -2,11 +2,13 @@
 # The GPU session's checks and benchmarks in one go, each step under its own time limit so
 # one slow step cannot starve the rest; logs go to $OUT (or ./gpu_logs).
 #   bash experiments/bench/gpu_checks.sh [step ...]     steps: env tune bench profile tests fusedbf16 stream
-#                                             encoders scaling mosaic mosaicbench (fusedbf16: the engine test of
+#                                             encoders moe scaling mosaic mosaicbench (fusedbf16: the engine test of
 #                                             the fused kernel that failed on the H100 in bf16, alone,
 #                                             with its full report; mosaic: the Mosaic GPU lowering's
 #                                             tests, compiled, then its tuning rows alone;
-#                                             mosaicbench: the engine call with it)
+#                                             mosaicbench: the engine call with it; moe:
+#                                             Mixtral-8x7B and GPT-OSS-20b widths, 4 layers,
+#                                             against transformers, then the MoE tests on CUDA)
 set -u
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}. PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu_logs}; mkdir -p "$OUT"
@@ -40,6 +42,10 @@ for s in $steps; do case $s in
         --kernel=fused:mosaic_gpu ;;
   stream) step stream 200 $PY -m plato_jax.experiments.bench.stream --rows=${STREAM_ROWS:-4000000} --dir=/tmp/bench_store ;;
   encoders) step encoders 180 $PY -m plato_jax.experiments.bench.encoders ;;
+  moe) step moe 240 $PY -m plato_jax.experiments.bench.encoders --models=mixtral,gpt_oss --batch=8 \
+        --seq=512 --moe_layers=${MOE_LAYERS:-4}
+       TAIL=20 step moe_tests 120 env JAX_PLATFORMS=cuda $PY -m pytest -q -p no:cacheprovider -rf \
+        tests/test_models_moe.py ;;
   scaling) step scaling 200 $PY -m experiments.scaling ${SCALING_ARGS:---gallery=1m} --out=/tmp/scaling_gpu ;;
   *) echo "unknown step $s" ;;
 esac; done
