@@ -25,15 +25,18 @@ def test_tensors_equal_what_torch_saved(tmp_path):
       "f16": torch.randn(2, 2).half(), "i64": torch.arange(10), "bool": torch.rand(5) > 0.5,
       "transposed": base.t(), "row": base[2], "slice": base[1:4, 2:],  # views of one storage
       "scalar": torch.tensor(3.5), "param": torch.nn.Parameter(torch.randn(4, 3)),
-      "empty": torch.zeros(0, 3)}
+      "empty": torch.zeros(0, 3),
+      "fp8": torch.randn(3, 4).to(torch.float8_e4m3fn)}  # (an untyped storage, dtype apart)
   torch.save(saved, tmp_path / "x.pt")
   loaded = state_dict(str(tmp_path / "x.pt"))
   assert list(loaded) == list(saved)
   for name, t in saved.items():
     ours = loaded[name].numpy()
-    ref = t.detach().float().numpy() if t.dtype == torch.bfloat16 else t.detach().numpy()
+    low = t.dtype in (torch.bfloat16, torch.float8_e4m3fn)
+    ref = t.detach().float().numpy() if low else t.detach().numpy()
     assert ours.shape == tuple(t.shape), name
-    assert ours.dtype == {torch.bfloat16: np.dtype(ml_dtypes.bfloat16)}.get(
+    assert ours.dtype == {torch.bfloat16: np.dtype(ml_dtypes.bfloat16),
+                          torch.float8_e4m3fn: np.dtype(ml_dtypes.float8_e4m3fn)}.get(
         t.dtype, ref.dtype), name
     np.testing.assert_array_equal(np.asarray(ours, ref.dtype), ref, err_msg=name)
 
@@ -61,6 +64,14 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path, monkeypatch):
   with pytest.raises(CheckpointError, match=r"refers to (posix|os)\.system"):
     TorchArchive(str(tmp_path / "evil.pt"))
   assert not (tmp_path / "pwned").exists()
+  nested = []
+  nested.append(nested)  # a list that holds itself
+  torch.save({"w": torch.zeros(2), "loop": nested}, tmp_path / "loop.pt")
+  with pytest.raises(CheckpointError, match="unreadable pickle"):
+    TorchArchive(str(tmp_path / "loop.pt"))
+  torch.save({"w": ("tensor", "x", 0, (), 0)}, tmp_path / "fake.pt")  # a look-alike tuple
+  with pytest.raises(CheckpointError, match=r"entries that are not tensors: \['w'\]"):
+    state_dict(str(tmp_path / "fake.pt"))
   (tmp_path / "junk.pt").write_bytes(b"\x80\x02junk")
   with pytest.raises(CheckpointError, match="not a torch.save zip archive"):
     TorchArchive(str(tmp_path / "junk.pt"))

@@ -300,9 +300,11 @@ def decode_video(data: bytes, num_frames: int):
     return None
   try:
     with av.open(io.BytesIO(data)) as container:
-      if not container.streams.video:
+      # The first video stream that is not attached cover art (FFmpeg's attached_pic).
+      stream = next((v for v in container.streams.video
+                     if not int(getattr(v, "disposition", 0)) & 0x400), None)
+      if stream is None:
         return None
-      stream = container.streams.video[0]
       total = stream.frames or sum(1 for p in container.demux(stream) if p.size)
       if total < num_frames:
         return None

@@ -275,15 +275,17 @@ def sub_config(config: dict, outer: str, key: str, inner: str | None = None) -> 
 @dataclasses.dataclass(frozen=True)
 class Source:
   """How one model parameter is read: the checkpoint tensors `names`, read in order and
-  joined by `combine` (None: the one tensor as it is). A name with a leading "/" is absolute
-  (no checkpoint prefix)."""
+  joined by `combine(tensors, keys, dtype)` (None: the one tensor as it is; `keys` are the
+  names with the checkpoint's prefix, for messages; `dtype` the parameter's, so a large
+  join is built once, in it). A name with a leading "/" is absolute (no checkpoint
+  prefix)."""
   names: tuple[str, ...]
   combine: Callable | None = None
   what: str = ""  # how the tensors are joined, for error messages
 
-  def read(self, get: Callable[[str], np.ndarray]) -> np.ndarray:
+  def read(self, get: Callable[[str], np.ndarray], keys, dtype) -> np.ndarray:
     tensors = [get(name) for name in self.names]
-    return tensors[0] if self.combine is None else self.combine(*tensors)
+    return tensors[0] if self.combine is None else self.combine(tensors, list(keys), dtype)
 
 
 def tensor(name: str) -> Source:
@@ -292,12 +294,24 @@ def tensor(name: str) -> Source:
 
 def sliced(name: str, index: tuple) -> Source:
   """A slice of one tensor (timm's fused qkv)."""
-  return Source((name,), lambda t: t[index], f"part {index}")
+  return Source((name,), lambda ts, keys, dtype: ts[0][index], f"part {index}")
+
+
+def _stack(tensors, keys, dtype) -> np.ndarray:
+  first = tuple(tensors[0].shape)
+  for key, t in zip(keys, tensors):
+    if tuple(t.shape) != first:
+      raise CheckpointError(f"tensor {key!r} has shape {list(t.shape)}, unlike {keys[0]!r} "
+                            f"({list(first)}): stacked experts must share a shape")
+  out = np.empty((len(tensors), *first), dtype)
+  for i, t in enumerate(tensors):
+    out[i] = t  # converted into the parameter's dtype one expert at a time
+  return out
 
 
 def stacked(names) -> Source:
   """Per-expert tensors stacked on a new leading axis (Mixtral, OLMoE experts)."""
-  return Source(tuple(names), lambda *ts: np.stack(ts), f"{len(names)} tensors stacked")
+  return Source(tuple(names), _stack, f"{len(names)} tensors stacked")
 
 
 # MXFP4 (OCP microscaling): 4-bit E2M1 values, two per byte (low nibble first), in blocks of
@@ -306,8 +320,9 @@ FP4_E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
                      -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
 
 
-def dequantize_mxfp4(blocks: np.ndarray, scales: np.ndarray, name: str = "") -> np.ndarray:
-  """GPT-OSS expert weights: blocks uint8 [E, R, G, 16] and scales uint8 [E, R, G] → f32
+def dequantize_mxfp4(blocks: np.ndarray, scales: np.ndarray, name: str = "",
+                     dtype=np.float32) -> np.ndarray:
+  """GPT-OSS expert weights: blocks uint8 [E, R, G, 16] and scales uint8 [E, R, G] → `dtype`
   [E, G·32, R] (the transpose of the quantized [E, R, G·32], as the model multiplies x @ W),
   one expert at a time."""
   if blocks.dtype != np.uint8 or scales.dtype != np.uint8:
@@ -317,7 +332,7 @@ def dequantize_mxfp4(blocks: np.ndarray, scales: np.ndarray, name: str = "") -> 
     raise CheckpointError(f"MXFP4 tensor {name!r}: blocks {list(blocks.shape)} and scales "
                           f"{list(scales.shape)} are not [E, R, G, 16] and [E, R, G]")
   e, r, g, _ = blocks.shape
-  out = np.empty((e, g * 32, r), np.float32)
+  out = np.empty((e, g * 32, r), dtype)
   for i in range(e):
     scale = np.asarray(scales[i])
     if (scale == 255).any():
@@ -334,7 +349,8 @@ def dequantize_mxfp4(blocks: np.ndarray, scales: np.ndarray, name: str = "") -> 
 def mxfp4(base: str) -> Source:
   """An expert weight stored as `{base}_blocks` + `{base}_scales`."""
   return Source((f"{base}_blocks", f"{base}_scales"),
-                lambda b, s: dequantize_mxfp4(b, s, base), "MXFP4, dequantized")
+                lambda ts, keys, dtype: dequantize_mxfp4(*ts, " + ".join(keys), dtype),
+                "MXFP4, dequantized")
 
 
 FP8_DTYPES = (np.dtype(ml_dtypes.float8_e4m3fn), np.dtype(ml_dtypes.float8_e5m2))

@@ -176,13 +176,13 @@ def from_pretrained(checkpoint_dir: str, dtype=jnp.float32, *, tower: str | None
   for (path, var), source in zip(flat, sources):
     keys = [key(prefix, n) for n in source.names]
     used.update(keys)
-    value = source.read(read)
+    value = source.read(read, keys, var.get_value().dtype)
     if tuple(value.shape) != tuple(var.get_value().shape):
       what = f" ({source.what})" if source.what else ""
       raise CheckpointError(f"{checkpoint_dir}: tensor {' + '.join(map(repr, keys))}{what} "
                             f"has shape {list(value.shape)}, the config implies "
                             f"{list(var.get_value().shape)}")
-    host = np.asarray(value).astype(var.get_value().dtype)
+    host = np.asarray(value).astype(var.get_value().dtype, copy=False)
     if mesh is None:
       var.set_value(jnp.asarray(host))
     else:

@@ -70,35 +70,68 @@ class LazyTensor:
         data[self.offset:], self.shape, tuple(s * item for s in self.stride), writeable=False)
 
 
-def _rebuild_tensor(storage, offset, shape, stride, *_):
-  return ("tensor", storage, int(offset), tuple(shape), tuple(stride))
+# torch dtypes by name, for _rebuild_tensor_v3 (which takes the dtype apart from the storage).
+DTYPES = {"float32": np.float32, "float64": np.float64, "float16": np.float16,
+          "bfloat16": ml_dtypes.bfloat16, "int64": np.int64, "int32": np.int32,
+          "int16": np.int16, "int8": np.int8, "uint8": np.uint8, "bool": np.bool_,
+          "float8_e4m3fn": ml_dtypes.float8_e4m3fn, "float8_e5m2": ml_dtypes.float8_e5m2}
 
 
-def _rebuild_parameter(data, *_):
-  return data
+@dataclasses.dataclass(frozen=True)
+class _Dtype:
+  dtype: np.dtype
+
+
+class _TensorSpec:
+  """A tensor as the pickle describes it (a private class: a pickle cannot build one except
+  through the rebuild functions below, which check their arguments)."""
+
+  def __init__(self, storage, offset, shape, stride, dtype=None, where=""):
+    ints = lambda v: isinstance(v, tuple) and all(  # noqa: E731
+        isinstance(i, int) and not isinstance(i, bool) for i in v)
+    if not isinstance(storage, _Storage) or not isinstance(offset, int) or \
+        not ints(tuple(shape)) or not ints(tuple(stride)) or len(shape) != len(stride):
+      raise CheckpointError(f"{where}: a tensor with malformed storage, offset, size or "
+                            f"stride")
+    if dtype is not None and dtype != storage.dtype:  # an untyped storage read as `dtype`
+      itemsize = np.dtype(dtype).itemsize
+      storage = _Storage(storage.key, np.dtype(dtype),
+                         storage.numel * np.dtype(storage.dtype).itemsize // itemsize)
+    self.args = (storage, offset, tuple(shape), tuple(stride))
 
 
 class _Unpickler(pickle.Unpickler):
-  ALLOWED = {("collections", "OrderedDict"): collections.OrderedDict,
-             ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-             ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-             ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter}
-
   def __init__(self, file, where: str):
     super().__init__(file)
     self.where = where
+    # Fresh functions per unpickler: a pickle's BUILD on one of them changes nothing else.
+    self.allowed = {
+        ("collections", "OrderedDict"): collections.OrderedDict,
+        ("torch._utils", "_rebuild_tensor_v2"):
+            lambda st, off, size, stride, *_: _TensorSpec(st, off, size, stride, where=where),
+        ("torch._utils", "_rebuild_tensor_v3"): self._rebuild_v3,
+        ("torch._utils", "_rebuild_parameter"): lambda data, *_: data,
+        ("torch._utils", "_rebuild_parameter_with_state"): lambda data, *_: data,
+        ("torch.storage", "UntypedStorage"): _StorageType(np.dtype(np.uint8))}
+
+  def _rebuild_v3(self, storage, offset, size, stride, _grad, _hooks, dtype, *_):
+    if not isinstance(dtype, _Dtype):
+      raise CheckpointError(f"{self.where}: a tensor whose dtype is {dtype!r:.40}")
+    return _TensorSpec(storage, offset, size, stride, dtype.dtype, self.where)
 
   def find_class(self, module, name):
-    if (module, name) in self.ALLOWED:
-      return self.ALLOWED[(module, name)]
+    if (module, name) in self.allowed:
+      return self.allowed[(module, name)]
     if module == "torch" and name in STORAGE_DTYPES:
       return _StorageType(np.dtype(STORAGE_DTYPES[name]))
+    if module == "torch" and name in DTYPES:
+      return _Dtype(np.dtype(DTYPES[name]))
     raise CheckpointError(f"{self.where}: the pickle refers to {module}.{name}, which a "
                           f"checkpoint of tensors does not need (not loaded)")
 
   def persistent_load(self, pid):
     if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-            and isinstance(pid[1], _StorageType)):
+            and isinstance(pid[1], _StorageType) and isinstance(pid[4], int)):
       raise CheckpointError(f"{self.where}: unsupported persistent id {pid!r:.80}")
     _, kind, key, _location, numel = pid
     return _Storage(str(key), kind.dtype, int(numel))
@@ -124,16 +157,15 @@ class TorchArchive:
     self._map = None
     try:
       with self._zip.open(pickles[0]) as f:
-        raw = _Unpickler(f, path).load()
+        self.obj = self._lazy(_Unpickler(f, path).load())
     except CheckpointError:
       raise
-    except Exception as e:  # noqa: BLE001  (a truncated or corrupt pickle)
+    except Exception as e:  # noqa: BLE001  (a truncated, corrupt or self-nested pickle)
       raise CheckpointError(f"{path}: unreadable pickle ({type(e).__name__}: {e})") from None
-    self.obj = self._lazy(raw)
 
   def _lazy(self, value):
-    if isinstance(value, tuple) and len(value) == 5 and value[0] == "tensor":
-      return LazyTensor(self, *value[1:])
+    if isinstance(value, _TensorSpec):
+      return LazyTensor(self, *value.args)
     if isinstance(value, dict):
       return {k: self._lazy(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -161,8 +193,9 @@ class TorchArchive:
       if self._map is None:
         self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
       raw = self._map[start:start + nbytes]
-    else:
-      raw = np.frombuffer(self._zip.read(name)[:nbytes], np.uint8)
+    else:  # deflated: read no more than the storage's bytes
+      with self._zip.open(name) as f:
+        raw = np.frombuffer(f.read(nbytes), np.uint8)
     return raw.view(s.dtype)
 
 
