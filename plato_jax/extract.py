@@ -14,8 +14,8 @@ states.
 
 Batches run data-parallel over all devices (the batch axis sharded over the mesh's "data"
 axis); parameters are replicated, or, with `model_parallel` > 1, split tensor-parallel over
-a "model" axis of that many devices (a model too big for one device); text batches are sorted by length within a window of batches and
-padded to a few bucket lengths, then written back in dataset order, so store rows follow
+a "model" axis of that many devices (a model too big for one device); text batches are
+sorted by length within a window of batches and padded to a few bucket lengths, then written back in dataset order, so store rows follow
 the dataset order whatever the bucketing. Bad records (unreadable images, empty captions,
 over-long texts) fail the run or are skipped by option, and skipped ids are logged and
 kept in the store's metadata — rows never shift silently. Writes are asynchronous; a
@@ -289,8 +289,7 @@ def extract(checkpoint_dir: str, dataset, out: str, opts: Options = Options(), *
   if modality in ("vision", "video"):
     spec = ImageSpec.from_checkpoint(checkpoint_dir)
     features, layer_names, pooling = vision_protocol(model)
-    frames = int(models.hf.read_config(checkpoint_dir).get("num_frames", 16)) \
-        if modality == "video" else 0
+    frames = model.config.num_frames if modality == "video" else 0
 
     @jax.jit
     def run(params, pixels):

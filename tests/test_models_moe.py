@@ -47,7 +47,8 @@ def test_olmoe_qk_norm_and_top_k(rng, tmp_path, renormalise):
 
 def gpt_oss_config(**kw):
   return transformers.GptOssConfig(
-      **{**SMALL, "num_hidden_layers": 4, "intermediate_size": 64}, head_dim=16, num_local_experts=4,
+      **{**SMALL, "num_hidden_layers": 4, "intermediate_size": 64}, head_dim=16,
+      num_local_experts=4,
       num_experts_per_tok=2, sliding_window=4, swiglu_limit=1.5,
       rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 32.0,
                        "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,

@@ -99,7 +99,7 @@ def main(argv):
       else:
         config_cls, model_cls = TEXT[which]
         sizes = dict(shapes[which])
-        if which in ("mixtral", "gpt_oss"):
+        if which in TEXT_MOE:
           sizes.setdefault("num_hidden_layers", FLAGS.moe_layers)
         config = getattr(transformers, config_cls)(**sizes)
         model = getattr(transformers, model_cls)._from_config(

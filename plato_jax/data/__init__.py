@@ -1,7 +1,8 @@
 """Dataset readers: image–caption records with stable integer row ids.
 
 Every reader yields `Record(row_id, image, caption)` in a fixed order (image: encoded
-bytes of an image, or of a video for a video model, or None; caption: str or None) and can start at a position (a resumed extraction):
+bytes of an image, or of a video for a video model, or None; caption: str or None) and can
+start at a position (a resumed extraction):
 
     ImageFolder(root, captions="captions.jsonl")   # jsonl or csv: image path, caption, id
     Parquet(path_or_dir)                           # WIT / HF-datasets layout

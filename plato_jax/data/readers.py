@@ -170,7 +170,8 @@ class Parquet:
 
 class WebDataset:
   """webdataset tar shards: files grouped by key (the name before the first dot); the image
-  from .jpg/.jpeg/.png/.webp (or a video from .mp4/.webm/.mkv/.avi/.mov), the caption from .txt or .json (`caption` field), an id from
+  from .jpg/.jpeg/.png/.webp (or a video from .mp4/.webm/.mkv/.avi/.mov), the caption from
+  .txt or .json (`caption` field), an id from
   .id or the json's `id`, else the sample's position over the sorted shards; a group from
   the json's `group_field` when given."""
 

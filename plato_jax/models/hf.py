@@ -375,5 +375,6 @@ def dequantize_fp8(weight: np.ndarray, scale: np.ndarray, name: str = "",
   bm, bn = block or (rows // s.shape[0], cols // s.shape[1])
   if bm < 1 or bn < 1 or (-(-rows // bm), -(-cols // bn)) != s.shape:
     raise CheckpointError(f"FP8 tensor {name!r}: weight {list(w.shape)} does not match the "
-                          f"scale grid {list(s.shape)}" + (f" of {bm}×{bn} blocks" if block else ""))
+                          f"scale grid {list(s.shape)}"
+                          + (f" of {bm}×{bn} blocks" if block else ""))
   return w * np.repeat(np.repeat(s, bm, axis=0)[:rows], bn, axis=1)[:, :cols]

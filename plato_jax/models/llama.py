@@ -107,7 +107,8 @@ class LlamaConfig:
       raise CheckpointError("config.json: sliding_attention layers but no sliding_window")
     rope = layers.rope_configs_by_layer_type(
         config, types, scaled_types=("full_attention",) if kind == "olmo3" else None)
-    beta = layers.rope_parameters(config).get("llama_4_scaling_beta")
+    rope_params = layers.rope_parameters(config)
+    beta = rope_params.get("llama_4_scaling_beta")
     olmo2 = kind in ("olmo2", "olmo3")
     quant = (get("quantization_config") or {}).get("quant_method")  # checked by the loader
     experts = None
@@ -147,8 +148,8 @@ class LlamaConfig:
                   if kind == "granite" else {}),
                sinks=kind == "gpt_oss", moe=experts, model_type=kind,
                query_scale_beta=None if beta is None else float(beta),
-               query_scale_period=int(layers.rope_parameters(config).get(
-                   "original_max_position_embeddings") or 1),
+               query_scale_period=int(rope_params.get("original_max_position_embeddings")
+                                      or 1),
                experts_stored="mxfp4" if quant == "mxfp4" else "stacked" if kind == "gpt_oss"
                else "per_expert")
 

@@ -29,8 +29,6 @@ from flax import nnx
 
 from plato_jax.models import layers
 
-ROUTINGS = ("softmax_topk", "topk_softmax")
-EXPERT_KINDS = ("swiglu", "clamped_swiglu")
 MAX_BLOCK = 256  # rows per expert block: big enough for an efficient matmul per scan step
 
 

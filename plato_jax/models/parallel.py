@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import re
 
+import jax
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
@@ -58,7 +59,6 @@ def partition_spec(path: str, shape: tuple[int, ...], axis_size: int) -> P:
 
 def device_bytes(params) -> np.ndarray:
   """Bytes of `params` (a pytree of jax arrays) that each device holds, by device id."""
-  import jax
   held = {}
   for leaf in jax.tree.leaves(params):
     for shard in leaf.addressable_shards:

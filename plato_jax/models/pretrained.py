@@ -20,20 +20,21 @@ from plato_jax.models.hf import (FP8_DTYPES, Checkpoint, CheckpointError, Source
                                  dequantize_fp8, tensor)
 
 # model_type → (module, config class, model class, checkpoint prefixes to try)
-_LLAMA = ("llama", "LlamaConfig", "Llama",
-          ("", "model.", "model.language_model.", "language_model.model."))
+# Decoders, bare, as a causal LM, or the language model of a multimodal checkpoint.
+_DECODER_PREFIXES = ("", "model.", "model.language_model.", "language_model.model.")
+_LLAMA = ("llama", "LlamaConfig", "Llama", _DECODER_PREFIXES)
 _VIT = ("vit", "VitConfig", "Vit", ("", "vit.", "vision_model.", "dinov2.", "pixio.",
                                     "videomae."))
 _CLIP_TEXT = ("clip", "ClipTextConfig", "ClipText", ("", "text_model."))
 _BLOOM = ("bloom", "BloomConfig", "Bloom", ("", "transformer."))
-_GEMMA = ("gemma", "GemmaConfig", "Gemma",
-          ("", "model.", "model.language_model.", "language_model.model."))
+_GEMMA = ("gemma", "GemmaConfig", "Gemma", _DECODER_PREFIXES)
 ARCHITECTURES = {
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "granite": _LLAMA,
     "olmo": _LLAMA, "olmo2": _LLAMA, "olmo3": _LLAMA, "mixtral": _LLAMA, "olmoe": _LLAMA,
     "gpt_oss": _LLAMA, "ministral3": _LLAMA,
     "vit": _VIT, "vit_mae": _VIT, "dinov2": _VIT, "dinov2_with_registers": _VIT,
-    "clip_vision_model": _VIT, "pixio": _VIT, "videomae": _VIT, "clip_text_model": _CLIP_TEXT, "bloom": _BLOOM,
+    "clip_vision_model": _VIT, "pixio": _VIT, "videomae": _VIT,
+    "clip_text_model": _CLIP_TEXT, "bloom": _BLOOM,
     "gemma": _GEMMA, "gemma2": _GEMMA, "gemma3_text": _GEMMA, "gemma3": _GEMMA,
 }
 # Quantized checkpoints read (dequantized on load): FP8 weights (with their

@@ -18,8 +18,7 @@ from flax import nnx
 
 from plato_jax.models.hf import CheckpointError
 
-_DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3),
-           152: (3, 8, 36, 3)}
+DEPTHS = (18, 34, 50, 101, 152)  # the names; blocks per stage come from the tensors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,9 +43,9 @@ class ResNetConfig:
     """From a timm/torchvision architecture name (resnet18 … resnet152, tv_resnet50, …)
     and the checkpoint's tensor shapes (`shapes(name)` → shape or None)."""
     m = re.match(r"(?:tv_)?resnet(\d+)(?:$|[._])", arch)
-    if not m or int(m.group(1)) not in _DEPTHS:
+    if not m or int(m.group(1)) not in DEPTHS:
       raise CheckpointError(f"config.json: architecture {arch!r} is not a supported ResNet "
-                            f"(resnet{{{','.join(map(str, _DEPTHS))}}})")
+                            f"(resnet{{{','.join(map(str, DEPTHS))}}})")
     depths = []
     for stage in range(1, 5):
       n = 0

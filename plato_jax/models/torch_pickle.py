@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import os
 import pickle
 import struct
 import zipfile
@@ -27,9 +26,8 @@ STORAGE_DTYPES = {
     "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
     "BFloat16Storage": ml_dtypes.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32,
     "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8,
-    "BoolStorage": np.bool_, "Float8_e4m3fnStorage": ml_dtypes.float8_e4m3fn,
-    "Float8_e5m2Storage": ml_dtypes.float8_e5m2,
-}
+    "BoolStorage": np.bool_,
+}  # (float8 tensors come as an UntypedStorage with the dtype apart: _rebuild_tensor_v3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,7 +212,3 @@ def state_dict(path: str, key: str | None = None) -> dict:
   if bad:
     raise CheckpointError(f"{path}: entries that are not tensors: {bad[:5]}")
   return obj
-
-
-def is_torch_archive(path: str) -> bool:
-  return os.path.isfile(path) and zipfile.is_zipfile(path)

@@ -64,6 +64,7 @@ class VitConfig:
   qkv_bias: bool = True
   key_bias: bool = True         # VideoMAE: biases on queries and values only
   tubelet_size: int = 0         # VideoMAE: frames per patch (0: images)
+  num_frames: int = 1           # VideoMAE: frames per clip (sampled by extraction)
   layer_scale: bool = False     # DINOv2
   swiglu: bool = False          # DINOv2 giant
   num_registers: int = 0        # DINOv2 with registers
@@ -107,7 +108,8 @@ class VitConfig:
                flat_embeddings=family == "clip",
                antialias=kind == "dinov2_with_registers",
                num_class_tokens=int(get("n_cls_tokens", 8)) if family == "pixio" else 1,
-               **(dict(key_bias=False, tubelet_size=int(get("tubelet_size", 2)))
+               **(dict(key_bias=False, tubelet_size=int(get("tubelet_size", 2)),
+                       num_frames=int(get("num_frames", 16)))
                   if family == "videomae" else {}))
 
   @property
