@@ -5,7 +5,9 @@ Vision (PRH §C.2, Koepke §3): the CLS token after every block, before the fina
 short side to size/crop_pct, centre crop; or HF preprocessor_config.json), bicubic. A
 ResNet: its last stage averaged over space [N, 1, C]. Video (VideoMAE): config.json's
 `num_frames` frames sampled uniformly (as transformers' video processors), each
-preprocessed as an image, every block's tokens averaged [N, L, D].
+preprocessed as an image, every block's tokens averaged [N, L, D]. Audio (Dasheng): mono
+at the model's rate (16 kHz; resampled as torchaudio does), at most `max_audio_seconds`
+(default: one 10.08 s chunk of the model), every block's real tokens averaged [N, L, D].
 Language: every hidden state including the embedding output, mean-pooled over the real
 tokens — [N, L+1, D]; left padding, pad = eos when the tokenizer has none, no prompt; and
 each caption's mean token loss and bits per byte as store columns (`loss`,
@@ -15,9 +17,10 @@ states.
 Batches run data-parallel over all devices (the batch axis sharded over the mesh's "data"
 axis); parameters are replicated, or, with `model_parallel` > 1, split tensor-parallel over
 a "model" axis of that many devices (a model too big for one device); text batches are
-sorted by length within a window of batches and padded to a few bucket lengths, then written back in dataset order, so store rows follow
-the dataset order whatever the bucketing. Bad records (unreadable images, empty captions,
-over-long texts) fail the run or are skipped by option, and skipped ids are logged and
+sorted by length within a window of batches and padded to a few bucket lengths, then
+written back in dataset order, so store rows follow the dataset order whatever the
+bucketing. Bad records (unreadable images, videos or audio, empty captions, over-long
+texts) fail the run or are skipped by option, and skipped ids are logged and
 kept in the store's metadata — rows never shift silently. Writes are asynchronous; a
 rerun with `resume=True` continues from the last durable row.
 """
@@ -39,7 +42,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from plato_jax import data as datasets
 from plato_jax import models
-from plato_jax.models import resnet
+from plato_jax.models import dasheng, resnet
 from plato_jax.progress import Progress
 from plato_jax.store import StoreWriter, exists as store_exists
 
@@ -148,7 +151,7 @@ def cls_per_block(states) -> jax.Array:
 
 
 def mean_pool(states, mask) -> jax.Array:
-  """Each hidden state averaged over the real tokens (mask 1): [B, L+1, D] f32."""
+  """Each hidden state averaged over the real tokens (mask 1): [B, len(states), D] f32."""
   m = mask.astype(jnp.float32)[:, :, None]
   pooled = [jnp.sum(s.astype(jnp.float32) * m, axis=1) for s in states]
   return jnp.stack(pooled, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)[:, None, :]
@@ -171,7 +174,7 @@ class Options:
   batch_size: int = 32
   dtype: str = "bfloat16"          # compute dtype
   store_dtype: str | None = None   # default: the compute dtype
-  on_bad_image: str = "fail"       # "fail" | "skip"
+  on_bad_image: str = "fail"       # "fail" | "skip" (any bad image, video or audio)
   on_empty_caption: str = "fail"   # "fail" | "skip" | "keep" (an empty string: BOS/EOS only)
   max_length: int | None = None    # tokens; None: no limit
   on_long_text: str = "fail"       # "fail" | "truncate" | "skip" (beyond max_length)
@@ -182,11 +185,12 @@ class Options:
   overwrite: bool = False          # replace an existing store at `out` (else: an error)
   progress: bool = True
   model_parallel: int = 1          # devices each model is split across (tensor parallel)
+  max_audio_seconds: float | None = None  # audio kept per clip (default: one model chunk)
 
   def identity(self) -> dict:
     """The options a store's rows depend on: a resumed run must use the same."""
     return {k: getattr(self, k) for k in ("dtype", "on_bad_image", "on_empty_caption",
-                                          "max_length", "on_long_text")}
+                                          "max_length", "on_long_text", "max_audio_seconds")}
 
 
 def _mesh(model_parallel: int = 1):
@@ -227,8 +231,9 @@ def _fingerprint(paths) -> str:
 def _run_identity(checkpoint_dir: str, reader, dataset_name: str, opts: Options,
                   tower: str | None) -> dict:
   """What a store's rows depend on, recorded at creation and checked on resume."""
-  files = [os.path.join(checkpoint_dir, f) for f in os.listdir(checkpoint_dir)
-           if f.endswith((".json", ".safetensors", ".model", ".txt"))]
+  files = [checkpoint_dir] if os.path.isfile(checkpoint_dir) else [
+      os.path.join(checkpoint_dir, f) for f in os.listdir(checkpoint_dir)
+      if f.endswith((".json", ".safetensors", ".bin", ".pt", ".pth", ".model", ".txt"))]
   data_files = getattr(reader, "files", None) or [getattr(reader, "path", None)]
   data_files = [f for f in data_files if f and os.path.isfile(f)]
   return {"model": os.path.abspath(checkpoint_dir), "model_files": _fingerprint(files),
@@ -279,6 +284,8 @@ def extract(checkpoint_dir: str, dataset, out: str, opts: Options = Options(), *
     modality = "vision" if type(model).__name__ in ("Vit", "ResNet") else "text"
     if getattr(model.config, "tubelet_size", 0):
       modality = "video"
+    if isinstance(model, dasheng.Dasheng):
+      modality = "audio"
   ndev = mesh.shape["data"]
   batch = -(-opts.batch_size // ndev) * ndev
   graphdef, params = nnx.split(model)
@@ -297,6 +304,17 @@ def extract(checkpoint_dir: str, dataset, out: str, opts: Options = Options(), *
 
     layers, columns = len(layer_names), {}
     batches = _pixel_batches(reader, spec, frames, batch, skips, opts)
+  elif modality == "audio":
+
+    @jax.jit
+    def run(params, audio, lengths):
+      states, real = nnx.merge(graphdef, params)(audio, lengths)
+      return mean_pool(states[1:], real)
+
+    layers, columns = model.config.num_layers, {}
+    layer_names = [str(i + 1) for i in range(layers)]
+    pooling = "mean_over_tokens_per_block"
+    batches = _audio_batches(reader, model, batch, skips, opts)
   else:
     tokenizer = load_tokenizer(checkpoint_dir)
     has_head = getattr(model.config, "head", "none") != "none"
@@ -383,47 +401,97 @@ def _write(writer, chunk: _Chunk, results, skips: _Skips):
   writer.commit(wait_all=False)  # durable progress chunk by chunk (one write left in flight)
 
 
-def _pixel_batches(reader, spec: ImageSpec, frames: int, batch: int, skips: _Skips,
-                   opts: Options):
-  """Batches of images [B, 3, H, W], or with `frames` > 0 of videos [B, frames, 3, H, W]
-  (frames sampled as `datasets.video_frame_indices`, each preprocessed as an image)."""
-  shape = (frames, 3, *spec.crop) if frames else (3, *spec.crop)
-  what = "video" if frames else "image"
+def _media_batches(reader, load, stack, what: str, batch: int, skips: _Skips, opts: Options):
+  """Chunks of one batch of decoded media: `load(record)` → an array, or None for a bad
+  record (its reason from `load.why`); `stack(arrays)` → the batch's {name: host array},
+  padded to `batch` rows."""
 
-  def load(record):
-    if record.image is None:
-      return None
-    if frames:
-      clip = datasets.decode_video(record.image, frames)
-      return None if clip is None else np.stack([spec(f) for f in clip])
-    image = datasets.decode_image(record.image)
-    return None if image is None else spec(image)
-
-  def chunk(pixels, kept, consumed, start):
-    x = np.zeros((batch, *shape), np.float32)
-    if pixels:
-      x[:len(pixels)] = np.stack(pixels)
-    return _Chunk([{"pixels": x}], [np.arange(len(kept))],
+  def chunk(items, kept, consumed, start):
+    return _Chunk([stack(items)], [np.arange(len(kept))],
                   np.asarray([r.row_id for r in kept], np.int64), [r.group for r in kept],
                   np.zeros(len(kept)), consumed, consumed - start)
 
   def gen(start: int) -> Iterator[_Chunk]:
-    pixels, kept, consumed = [], [], start
+    items, kept, consumed = [], [], start
     for record in reader.records(start):
       consumed += 1
-      x = load(record)
+      x = load(record) if record.media is not None else None
       if x is None:
-        skips.bad(record, f"missing or unreadable {what}"
-                  + (f" (or fewer than {frames} frames)" if frames else ""), opts.on_bad_image)
+        skips.bad(record, f"missing or unreadable {what}{load.why}", opts.on_bad_image)
       else:
-        pixels.append(x)
+        items.append(x)
         kept.append(record)
-      if len(pixels) == batch:
-        yield chunk(pixels, kept, consumed, start)
-        start, pixels, kept = consumed, [], []
+      if len(items) == batch:
+        yield chunk(items, kept, consumed, start)
+        start, items, kept = consumed, [], []
     if consumed > start:
-      yield chunk(pixels, kept, consumed, start)
+      yield chunk(items, kept, consumed, start)
   return gen
+
+
+def _pixel_batches(reader, spec: ImageSpec, frames: int, batch: int, skips: _Skips,
+                   opts: Options):
+  """Batches {"pixels": [B, 3, H, W]}, or with `frames` > 0 of videos [B, frames, 3, H, W]
+  (frames sampled as `datasets.video_frame_indices`, each preprocessed as an image)."""
+  shape = (frames, 3, *spec.crop) if frames else (3, *spec.crop)
+
+  def load(record):
+    if frames:
+      clip = datasets.decode_video(record.media, frames)
+      return None if clip is None else np.stack([spec(f) for f in clip])
+    image = datasets.decode_image(record.media)
+    return None if image is None else spec(image)
+  load.why = f" (or fewer than {frames} frames)" if frames else ""
+
+  def stack(pixels):
+    x = np.zeros((batch, *shape), np.float32)
+    if pixels:
+      x[:len(pixels)] = np.stack(pixels)
+    return {"pixels": x}
+  return _media_batches(reader, load, stack, "video" if frames else "image", batch, skips,
+                        opts)
+
+
+def audio_seconds(model, opts: Options) -> float:
+  """The longest audio an extraction keeps: `opts.max_audio_seconds`, by default one chunk
+  of the model (Dasheng: target_length frames, 10.08 s)."""
+  c = model.config
+  return opts.max_audio_seconds or c.target_length * c.hop_size / c.sample_rate
+
+
+def _audio_batches(reader, model, batch: int, skips: _Skips, opts: Options):
+  """Batches {"audio": [B, S], "lengths": [B]}: clips at the model's rate, each cut to
+  `audio_seconds`, padded to one of eight lengths up to that (few shapes to compile)."""
+  c = model.config
+  seconds = audio_seconds(model, opts)
+  longest = math.ceil(seconds * c.sample_rate)
+  step, shortest = -(-longest // 8), dasheng.min_samples(c)
+  cut = [0]
+
+  def load(record):
+    decoded = datasets.decode_audio(record.media, c.sample_rate, seconds)
+    if decoded is None or len(decoded[0]) < shortest:
+      return None
+    cut[0] += decoded[1] > seconds
+    return decoded[0]
+  load.why = f" (or shorter than {1000 * shortest / c.sample_rate:g} ms)"
+
+  def stack(clips):
+    size = min(longest, -(-max([len(a) for a in clips] or [1]) // step) * step)
+    x = np.zeros((batch, size), np.float32)
+    lengths = np.full((batch,), size, np.int32)  # (empty slots: any valid length)
+    for i, a in enumerate(clips):
+      x[i, :len(a)], lengths[i] = a, len(a)
+    return {"audio": x, "lengths": lengths}
+
+  gen = _media_batches(reader, load, stack, "audio", batch, skips, opts)
+
+  def counted(start: int) -> Iterator[_Chunk]:
+    yield from gen(start)
+    if cut[0]:
+      logging.info("%d clips longer than %g s: their first %g s extracted", cut[0], seconds,
+                   seconds)
+  return counted
 
 
 def load_tokenizer(checkpoint_dir: str):

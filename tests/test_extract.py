@@ -345,7 +345,7 @@ def test_readers_agree_on_records(rng, tmp_path):
     records = list(reader.records())
     assert len(reader) == 7
     assert [r.row_id for r in records] == list(range(7))
-    assert [r.image for r in records] == images and [r.caption for r in records] == texts
+    assert [r.media for r in records] == images and [r.caption for r in records] == texts
     assert [r.row_id for r in reader.records(4)] == [4, 5, 6]
   with pytest.raises(ValueError, match="no caption column 'text'"):
     datasets.Parquet(str(tmp_path / "a.parquet"), caption_column="text")

@@ -1,23 +1,21 @@
-"""The dataset readers (`plato_jax.data`): image folders with captions, Parquet, WebDataset."""
+"""The dataset readers (`plato_jax.data`): media folders with captions, Parquet, WebDataset;
+and the decoders of their media (images, videos, audio)."""
 from __future__ import annotations
 
-import collections
 import csv
 import dataclasses
 import glob
-import io
 import json
 import os
 import tarfile
 from typing import Iterator
 
-import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
 class Record:
   row_id: int
-  image: bytes | None
+  media: bytes | None  # an image, a video or an audio clip, as stored (decoded by extraction)
   caption: str | None
   source: str = ""   # where the record came from (file, line), for error messages
   group: int | None = None  # the item's source (e.g. the image of one of its captions),
@@ -59,8 +57,9 @@ def _group(value, field: str | None, where: str) -> int | None:
 
 
 class ImageFolder:
-  """Images under `root` listed by a captions file (jsonl: one object per line; csv with a
-  header) with fields `image` (a path relative to root), `caption`, and optionally `id` and a
+  """Media files (images, videos or audio clips) under `root` listed by a captions file
+  (jsonl: one object per line; csv with a header) with fields `image` (a path relative to
+  root; `image_field` names another, e.g. "audio"), `caption`, and optionally `id` and a
   group field (`group_field`)."""
 
   def __init__(self, root: str, captions: str = "captions.jsonl", *, image_field: str = "image",
@@ -98,24 +97,24 @@ class ImageFolder:
       where = f"{self.path}:{line}"
       if not isinstance(row, dict) or (image_field not in row and caption_field not in row):
         raise ValueError(f"{where}: needs a {image_field!r} or {caption_field!r} field")
-      image = None
+      media = None
       if row.get(image_field):
         path = os.path.join(self.root, row[image_field])
         try:
           with open(path, "rb") as f:
-            image = f.read()
+            media = f.read()
         except OSError:
-          image = b""  # unreadable: the extractor skips or fails, naming the row
+          media = b""  # unreadable: the extractor skips or fails, naming the row
         where = f"{where} ({path})"
       row_id = _row_id(row[id_field], where) if row.get(id_field) not in (None, "") else position
-      yield Record(row_id, image, row.get(caption_field), where,
+      yield Record(row_id, media, row.get(caption_field), where,
                    _group(row.get(self.group_field), self.group_field, where))
 
 
 class Parquet:
-  """Parquet files in the WIT / HF-datasets layout: an image column holding bytes (or a
-  struct {bytes, path}) and caption column(s); row ids from `id_column` or the position; a
-  group from `group_column` when given."""
+  """Parquet files in the WIT / HF-datasets layout: an image (or video, audio) column
+  holding bytes (or a struct {bytes, path}) and caption column(s); row ids from `id_column`
+  or the position; a group from `group_column` when given."""
 
   def __init__(self, path: str, *, image_column: str | None = "image",
                caption_column: str | None = "caption", id_column: str | None = "id",
@@ -156,27 +155,28 @@ class Parquet:
         for i in range(n):
           if position >= start:
             where = f"{path} row {position}"
-            image = table[image_column][i] if image_column in table else None
-            if isinstance(image, dict):
-              image = image.get("bytes")
+            media = table[image_column][i] if image_column in table else None
+            if isinstance(media, dict):
+              media = media.get("bytes")
             caption = table[caption_column][i] if caption_column in table else None
             ident = table[id_column][i] if id_column in table else None
             row_id = _row_id(ident, where) if ident is not None else position
             group = table[self.group_field][i] if self.group_field in table else None
-            yield Record(row_id, image, caption, where,
+            yield Record(row_id, media, caption, where,
                          _group(group, self.group_field, where))
           position += 1
 
 
 class WebDataset:
-  """webdataset tar shards: files grouped by key (the name before the first dot); the image
-  from .jpg/.jpeg/.png/.webp (or a video from .mp4/.webm/.mkv/.avi/.mov), the caption from
-  .txt or .json (`caption` field), an id from
+  """webdataset tar shards: files grouped by key (the name before the first dot); the media
+  from .jpg/.jpeg/.png/.webp (an image), .mp4/.webm/.mkv/.avi/.mov (a video) or
+  .flac/.wav/.mp3/.ogg/.opus (audio), the caption from .txt or .json (`caption` field), an id from
   .id or the json's `id`, else the sample's position over the sorted shards; a group from
   the json's `group_field` when given."""
 
   IMAGE = (".jpg", ".jpeg", ".png", ".webp")
   VIDEO = (".mp4", ".webm", ".mkv", ".avi", ".mov")
+  AUDIO = (".flac", ".wav", ".mp3", ".ogg", ".opus")
 
   def __init__(self, path: str, *, caption_field: str = "caption", id_field: str = "id",
                group_field: str | None = None):
@@ -220,7 +220,8 @@ class WebDataset:
     for position, (where, parts) in enumerate(self._samples()):
       if position < start:
         continue
-      image = next((parts[e] for e in self.IMAGE + self.VIDEO if e in parts), None)
+      media = next((parts[e] for e in self.IMAGE + self.VIDEO + self.AUDIO if e in parts),
+                   None)
       meta = {}
       if ".json" in parts:
         try:
@@ -231,7 +232,7 @@ class WebDataset:
           meta.get(self.caption_field)
       ident = parts[".id"].decode().strip() if ".id" in parts else meta.get(self.id_field)
       row_id = _row_id(ident, where) if ident not in (None, "") else position
-      yield Record(row_id, image, caption, where,
+      yield Record(row_id, media, caption, where,
                    _group(meta.get(self.group_field), self.group_field, where))
 
 
@@ -265,59 +266,3 @@ def open_dataset(path: str, *, image: str = "image", caption: str = "caption", i
   raise ValueError(f"{path}: not a dataset this reader knows (an image folder with "
                    f"captions.jsonl/csv, .parquet files, .tar shards; globs must end in "
                    f".parquet or .tar)")
-
-
-def decode_image(data: bytes):
-  """An RGB PIL image, or None when the bytes are missing, not a readable image, or a
-  decompression bomb (more pixels than PIL's `Image.MAX_IMAGE_PIXELS`)."""
-  import warnings
-
-  from PIL import Image, UnidentifiedImageError
-  if not data:
-    return None
-  try:
-    with warnings.catch_warnings():
-      warnings.simplefilter("error", Image.DecompressionBombWarning)  # bombs are bad records
-      image = Image.open(io.BytesIO(data))
-      image.load()
-      return image.convert("RGB")
-  except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError,
-          Image.DecompressionBombWarning):
-    return None
-
-
-def video_frame_indices(total: int, num_frames: int) -> np.ndarray:
-  """Frames sampled uniformly over a video, as transformers' video processors do by default:
-  i · total // num_frames for i < num_frames."""
-  return np.arange(num_frames, dtype=np.int64) * total // num_frames
-
-
-def decode_video(data: bytes, num_frames: int):
-  """`num_frames` RGB PIL frames of a video (bytes of any container FFmpeg reads, decoded by
-  PyAV), sampled by `video_frame_indices`; None when the bytes are missing, not a decodable
-  video, or it has fewer frames than asked for. Only the sampled frames are kept."""
-  import av
-  if not data:
-    return None
-  try:
-    with av.open(io.BytesIO(data)) as container:
-      # The first video stream that is not attached cover art (FFmpeg's attached_pic).
-      stream = next((v for v in container.streams.video
-                     if not int(getattr(v, "disposition", 0)) & 0x400), None)
-      if stream is None:
-        return None
-      total = stream.frames or sum(1 for p in container.demux(stream) if p.size)
-      if total < num_frames:
-        return None
-      if not stream.frames:  # counted by demuxing: decode from the start again
-        container.seek(0)
-      wanted = collections.Counter(video_frame_indices(total, num_frames).tolist())
-      frames = []
-      for i, frame in enumerate(container.decode(stream)):
-        if wanted[i]:
-          frames.extend([frame.to_image().convert("RGB")] * wanted[i])
-        if len(frames) == num_frames:
-          return frames
-  except (av.error.FFmpegError, ValueError, OSError, IndexError):
-    return None
-  return None  # fewer decodable frames than the container declared

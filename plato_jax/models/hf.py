@@ -158,11 +158,12 @@ def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata=None) 
 
 
 class TorchFile:
-  """A torch.save shard (pytorch_model.bin) with SafetensorsFile's interface."""
+  """A torch.save shard (pytorch_model.bin), or a state dict already read from a torch.save
+  file, with SafetensorsFile's interface."""
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, tensors: dict | None = None):
     self.path = path
-    self._tensors = torch_pickle.state_dict(path)
+    self._tensors = torch_pickle.state_dict(path) if tensors is None else tensors
 
   def keys(self) -> list[str]:
     return list(self._tensors)
@@ -179,15 +180,25 @@ WEIGHT_FILES = (("model.safetensors.index.json", "model.safetensors", Safetensor
                 ("pytorch_model.bin.index.json", "pytorch_model.bin", TorchFile))
 
 
+# torch.save files of a model's own package, {"model": state dict, "config": the model's
+# arguments}: model_type ← a tensor only that family has.
+PACKAGE_FILES = {"dasheng": "freq_pos_embed"}
+
+
 class Checkpoint:
   """The tensors of a checkpoint directory by name, across shards, read lazily: safetensors,
-  or where a directory has none, torch.save files (read without running their pickles)."""
+  or where a directory has none, torch.save files (read without running their pickles); or
+  one torch.save file of a model's own package (`PACKAGE_FILES`), its arguments becoming
+  config.json's `encoder_kwargs`."""
 
   def __init__(self, checkpoint_dir: str):
     self.dir = checkpoint_dir
-    self.config = read_config(checkpoint_dir)
     self._files: dict = {}
     self._where: dict[str, str] = {}
+    if os.path.isfile(checkpoint_dir):
+      self._read_package_file(checkpoint_dir)
+      return
+    self.config = read_config(checkpoint_dir)
     for index_name, single_name, opener in WEIGHT_FILES:
       index = os.path.join(checkpoint_dir, index_name)
       single = os.path.join(checkpoint_dir, single_name)
@@ -204,6 +215,21 @@ class Checkpoint:
           f"{checkpoint_dir}: no model.safetensors, pytorch_model.bin or their shard indexes"
           + (f" (found {other[:3]}: name a torch.save file pytorch_model.bin, or convert it "
              f"to safetensors)" if other else ""))
+
+  def _read_package_file(self, path: str) -> None:
+    saved = torch_pickle.TorchArchive(path).obj
+    if not (isinstance(saved, dict) and isinstance(saved.get("model"), dict)
+            and isinstance(saved.get("config"), dict)):
+      raise CheckpointError(f"{path}: not a checkpoint directory, nor a torch.save file of "
+                            f"{{'model': state dict, 'config': arguments}}")
+    tensors = torch_pickle.state_dict(path, "model")
+    kind = next((k for k, name in PACKAGE_FILES.items() if name in tensors), None)
+    if kind is None:
+      raise CheckpointError(f"{path}: a torch.save file of no package this loader knows "
+                            f"(it looks for {sorted(PACKAGE_FILES.values())})")
+    self.config = {"model_type": kind, "encoder_kwargs": saved["config"]}
+    self._files[os.path.basename(path)] = TorchFile(path, tensors)
+    self._where = {name: os.path.basename(path) for name in tensors}
 
   def _read_index(self, index: str, opener) -> None:
     try:

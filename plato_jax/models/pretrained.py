@@ -28,6 +28,7 @@ _VIT = ("vit", "VitConfig", "Vit", ("", "vit.", "vision_model.", "dinov2.", "pix
 _CLIP_TEXT = ("clip", "ClipTextConfig", "ClipText", ("", "text_model."))
 _BLOOM = ("bloom", "BloomConfig", "Bloom", ("", "transformer."))
 _GEMMA = ("gemma", "GemmaConfig", "Gemma", _DECODER_PREFIXES)
+_DASHENG = ("dasheng", "DashengConfig", "Dasheng", ("", "encoder."))
 ARCHITECTURES = {
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "granite": _LLAMA,
     "olmo": _LLAMA, "olmo2": _LLAMA, "olmo3": _LLAMA, "mixtral": _LLAMA, "olmoe": _LLAMA,
@@ -36,6 +37,7 @@ ARCHITECTURES = {
     "clip_vision_model": _VIT, "pixio": _VIT, "videomae": _VIT,
     "clip_text_model": _CLIP_TEXT, "bloom": _BLOOM,
     "gemma": _GEMMA, "gemma2": _GEMMA, "gemma3_text": _GEMMA, "gemma3": _GEMMA,
+    "dasheng": _DASHENG,
 }
 # Quantized checkpoints read (dequantized on load): FP8 weights (with their
 # `weight_scale_inv`) in any model, and model_type → the methods only it has.
@@ -54,7 +56,8 @@ IGNORED = re.compile("|".join([
     r"^norm\.", r"^fc_norm\.", r"^head\.", r"^(model\.)?vision_tower\.",
     r"^(model\.)?multi_modal_projector\.",  # (the last three: timm, Mistral 3's vision)
     r"\.activation_scale$",  # FP8 checkpoints' static activation scales
-    r"^fc\.", r"num_batches_tracked$"]))  # a ResNet's classifier, BatchNorm's step count
+    r"^fc\.", r"num_batches_tracked$",  # a ResNet's classifier, BatchNorm's step count
+    r"^front_end\."]))  # Dasheng's mel filterbank and window (computed from the config)
 
 
 def architecture(config: dict, tower: str | None = None):
@@ -96,7 +99,13 @@ def _abstract(config_json: dict, tower: str | None, dtype, shapes):
       raise CheckpointError(f"config.json quantization_config: quant_method {method!r} is "
                             f"not supported for model_type {kind!r} (supported: "
                             f"{list(supported)})")
-    config = config_cls.from_hf(config_json)
+    from_checkpoint = getattr(config_cls, "from_checkpoint", None)  # sizes from the tensors
+
+    def prefixed(name):  # a tensor's shape under whichever prefix the checkpoint uses
+      return next((s for s in (shapes(p + name) for p in prefixes) if s is not None), None)
+
+    config = from_checkpoint(config_json, prefixed) if from_checkpoint else \
+        config_cls.from_hf(config_json)
   if getattr(config, "head", None) == "separate" and shapes("lm_head.weight") is None:
     config = dataclasses.replace(config, head="none")  # a bare model: hidden states only
   return nnx.eval_shape(lambda: model_cls(config, dtype=dtype)), prefixes
@@ -119,8 +128,9 @@ def _check_layer_count(ckpt) -> None:
 
 def from_pretrained(checkpoint_dir: str, dtype=jnp.float32, *, tower: str | None = None,
                     mesh: Mesh | None = None):
-  """The encoder of a local Hugging Face checkpoint directory, parameters in `dtype`;
-  `tower` ("vision" or "text") picks one tower of a two-tower (CLIP) checkpoint.
+  """The encoder of a local Hugging Face checkpoint directory (or of a model package's own
+  torch.save file: Dasheng's), parameters in `dtype`; `tower` ("vision" or "text") picks one
+  tower of a two-tower (CLIP) checkpoint.
 
   Tensors are read one at a time from memory-mapped safetensors, converted on the host and
   placed on the default device, or, with a `mesh` that has a "model" axis, split across
