@@ -1,6 +1,8 @@
 """Vision transformer and CLIP parity: every hidden state of our Flax ports equals
 transformers' PyTorch model (eager, f32) within 1e-4 relative, through save_pretrained →
 from_pretrained, at the native image size and at a non-square, non-native one."""
+import json
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -59,6 +61,78 @@ def test_videomae_tubelets_and_sinusoid_positions(tmp_path, qv_bias):
   for i, (a, b) in enumerate(zip(ours, theirs)):
     assert_close_rel(a, b.numpy(), where=f"hidden state {i}")
   assert_bf16_runs(tmp_path, (jnp.asarray(x.numpy()),), [t.numpy() for t in theirs])
+
+
+def videomae_v2_checkpoint(model, cfg, path, gammas=None):
+  """transformers' VideoMAE saved as OpenGVLab publishes VideoMAE-v2 (its VisionTransformer
+  inside `model.`: fused qkv weight, q_bias / v_bias, timm names, config.json's
+  model_config); `gammas` [layer] → (gamma_1, gamma_2) as layer scales."""
+  from plato_jax.models.hf import write_safetensors
+  sd = {k: v.numpy() for k, v in model.state_dict().items()}
+  out = {"model.patch_embed.proj.weight": sd["embeddings.patch_embeddings.projection.weight"],
+         "model.patch_embed.proj.bias": sd["embeddings.patch_embeddings.projection.bias"],
+         "model.fc_norm.weight": np.ones(cfg.hidden_size, np.float32),
+         "model.fc_norm.bias": np.zeros(cfg.hidden_size, np.float32)}
+  for i in range(cfg.num_hidden_layers):
+    hf, v2 = f"encoder.layer.{i}.", f"model.blocks.{i}."
+    out[v2 + "attn.qkv.weight"] = np.concatenate(
+        [sd[hf + f"attention.attention.{n}.weight"] for n in ("query", "key", "value")])
+    out[v2 + "attn.q_bias"] = sd[hf + "attention.attention.query.bias"]
+    out[v2 + "attn.v_bias"] = sd[hf + "attention.attention.value.bias"]
+    for ours, theirs in (("attention.output.dense", "attn.proj"), ("layernorm_before", "norm1"),
+                         ("layernorm_after", "norm2"), ("intermediate.dense", "mlp.fc1"),
+                         ("output.dense", "mlp.fc2")):
+      for leaf in ("weight", "bias"):
+        out[f"{v2}{theirs}.{leaf}"] = sd[f"{hf}{ours}.{leaf}"]
+    if gammas is not None:
+      out[v2 + "gamma_1"], out[v2 + "gamma_2"] = gammas[i]
+  path.mkdir()
+  write_safetensors(str(path / "model.safetensors"), out)
+  (path / "config.json").write_text(json.dumps({
+      "model_type": "VideoMAEv2_Base", "architectures": ["VideoMAEv2_Base"],
+      "model_config": {"img_size": cfg.image_size, "patch_size": cfg.patch_size, "in_chans": 3,
+                       "num_classes": 0, "embed_dim": cfg.hidden_size,
+                       "depth": cfg.num_hidden_layers, "num_heads": cfg.num_attention_heads,
+                       "mlp_ratio": cfg.intermediate_size / cfg.hidden_size, "qkv_bias": True,
+                       "qk_scale": None, "norm_layer": "nn.LayerNorm", "layer_norm_eps": 1e-6,
+                       "init_values": 0.1 if gammas is not None else 0.0,
+                       "use_learnable_pos_emb": False, "tubelet_size": cfg.tubelet_size,
+                       "use_mean_pooling": True, "with_cp": False,
+                       "num_frames": cfg.num_frames, "cos_attn": False}}))
+
+
+def test_videomae_v2_published_layout(rng, tmp_path):
+  """VideoMAE-v2 as OpenGVLab publishes it equals the same weights in transformers' VideoMAE
+  (the same ViT); its layer scales equal transformers' model with the scales folded into
+  the attention output and fc2 weights (γ ⊙ (Wx + b) = (γW)x + γb)."""
+  cfg = transformers.VideoMAEConfig(**BASE, num_frames=4, tubelet_size=2, layer_norm_eps=1e-6)
+  model = save_tiny(transformers.VideoMAEModel, cfg, tmp_path / "v1")
+  x = torch.randn(2, 4, 3, 28, 28)
+  with torch.no_grad():
+    theirs = model(x, output_hidden_states=True).hidden_states
+  videomae_v2_checkpoint(model, cfg, tmp_path / "v2")
+  ours = from_pretrained(str(tmp_path / "v2"))
+  assert ours.config.num_frames == 4 and ours.config.tubelet_size == 2
+  for i, (a, b) in enumerate(zip(ours(jnp.asarray(x.numpy())), theirs)):
+    assert_close_rel(a, b.numpy(), where=f"v2 hidden state {i}")
+  gammas = [tuple(rng.uniform(0.5, 1.5, (2, 32)).astype(np.float32))
+            for _ in range(cfg.num_hidden_layers)]
+  videomae_v2_checkpoint(model, cfg, tmp_path / "v2_scaled", gammas)
+  with torch.no_grad():
+    for layer, (g1, g2) in zip(model.encoder.layer, gammas):
+      for linear, g in ((layer.attention.output.dense, g1), (layer.output.dense, g2)):
+        linear.weight.mul_(torch.from_numpy(g)[:, None])
+        linear.bias.mul_(torch.from_numpy(g))
+    theirs = model(x, output_hidden_states=True).hidden_states
+  scaled = from_pretrained(str(tmp_path / "v2_scaled"))
+  assert scaled.config.layer_scale
+  for i, (a, b) in enumerate(zip(scaled(jnp.asarray(x.numpy())), theirs)):
+    assert_close_rel(a, b.numpy(), where=f"v2 layer-scaled hidden state {i}")
+  config = json.loads((tmp_path / "v2" / "config.json").read_text())
+  config["model_config"]["cos_attn"] = True
+  (tmp_path / "v2" / "config.json").write_text(json.dumps(config))
+  with pytest.raises(CheckpointError, match="model_config: cos_attn=True is not supported"):
+    from_pretrained(str(tmp_path / "v2"))
 
 
 def test_clip_two_towers_from_one_checkpoint(rng, tmp_path):

@@ -15,7 +15,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from plato_jax.models import parallel
+from plato_jax.models import parallel, vit
 from plato_jax.models.hf import (FP8_DTYPES, Checkpoint, CheckpointError, Source,
                                  dequantize_fp8, tensor)
 
@@ -24,7 +24,7 @@ from plato_jax.models.hf import (FP8_DTYPES, Checkpoint, CheckpointError, Source
 _DECODER_PREFIXES = ("", "model.", "model.language_model.", "language_model.model.")
 _LLAMA = ("llama", "LlamaConfig", "Llama", _DECODER_PREFIXES)
 _VIT = ("vit", "VitConfig", "Vit", ("", "vit.", "vision_model.", "dinov2.", "pixio.",
-                                    "videomae."))
+                                    "videomae.", "model."))
 _CLIP_TEXT = ("clip", "ClipTextConfig", "ClipText", ("", "text_model."))
 _BLOOM = ("bloom", "BloomConfig", "Bloom", ("", "transformer."))
 _GEMMA = ("gemma", "GemmaConfig", "Gemma", _DECODER_PREFIXES)
@@ -34,7 +34,7 @@ ARCHITECTURES = {
     "olmo": _LLAMA, "olmo2": _LLAMA, "olmo3": _LLAMA, "mixtral": _LLAMA, "olmoe": _LLAMA,
     "gpt_oss": _LLAMA, "ministral3": _LLAMA,
     "vit": _VIT, "vit_mae": _VIT, "dinov2": _VIT, "dinov2_with_registers": _VIT,
-    "clip_vision_model": _VIT, "pixio": _VIT, "videomae": _VIT,
+    "clip_vision_model": _VIT, "pixio": _VIT, "videomae": _VIT, "videomaev2": _VIT,
     "clip_text_model": _CLIP_TEXT, "bloom": _BLOOM,
     "gemma": _GEMMA, "gemma2": _GEMMA, "gemma3_text": _GEMMA, "gemma3": _GEMMA,
     "dasheng": _DASHENG,
@@ -62,6 +62,8 @@ IGNORED = re.compile("|".join([
 
 def architecture(config: dict, tower: str | None = None):
   kind = config.get("model_type")
+  if vit.is_videomae_v2(kind):  # one model_type per size
+    kind = "videomaev2"
   if kind in TOWERS:
     if tower is None and len(TOWERS[kind]) == 1:
       tower = next(iter(TOWERS[kind]))

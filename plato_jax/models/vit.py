@@ -1,7 +1,8 @@
 """Vision transformers: ViT (HF and timm augreg naming), DINOv2 (layer scale, SwiGLU,
 register tokens), the MAE encoder (no masking), CLIP's vision tower, Pixio (eight class
 tokens) and VideoMAE (tubelets of frames, fixed sinusoid positions, no class token; input
-[B, T, C, H, W]).
+[B, T, C, H, W]), v1 as transformers has it and v2 as OpenGVLab publishes it (config.json
+`model_config`, the original names under `model.`, layer scale as `gamma_1/2`).
 
 One module serves all of them; a `VitConfig` decoded from config.json says which parts a
 family has, and `checkpoint_key` renames our parameter paths (the HF ViT names) to the
@@ -25,7 +26,7 @@ from plato_jax.models import layers
 from plato_jax.models.hf import CheckpointError, config_value, sliced, sub_config
 
 MODEL_TYPES = ("vit", "vit_mae", "dinov2", "dinov2_with_registers", "clip_vision_model", "clip",
-               "pixio", "videomae", "timm")
+               "pixio", "videomae", "videomaev2", "timm")
 
 # Our paths (HF ViT names) → each family's checkpoint names.
 _RENAMES = {
@@ -80,6 +81,8 @@ class VitConfig:
   def from_hf(cls, config: dict) -> "VitConfig":
     config = sub_config(config, "clip", "vision_config", "clip_vision_model")
     kind = config.get("model_type")
+    if is_videomae_v2(kind):
+      return cls.from_videomae_v2(config)
     if kind not in MODEL_TYPES:
       raise CheckpointError(f"config.json model_type {kind!r} is not a vision transformer")
     need = lambda key: config_value(config, key, required=True)  # noqa: E731
@@ -112,6 +115,36 @@ class VitConfig:
                        num_frames=int(get("num_frames", 16)))
                   if family == "videomae" else {}))
 
+  @classmethod
+  def from_videomae_v2(cls, config: dict) -> "VitConfig":
+    """OpenGVLab's VideoMAE-v2 (`VideoMAEv2_Base`, ...): its VisionTransformer's arguments
+    in config.json's `model_config`."""
+    where = "config.json model_config"
+    args = config.get("model_config")
+    if not isinstance(args, dict):
+      raise CheckpointError(f"config.json: a {config.get('model_type')} checkpoint needs a "
+                            f"model_config object")
+    need = lambda key: config_value(args, key, required=True, where=where)  # noqa: E731
+    for key, wanted in (("cos_attn", False), ("use_learnable_pos_emb", False),
+                        ("qk_scale", None), ("attn_head_dim", None)):
+      if args.get(key, wanted) not in (wanted, 0):
+        raise CheckpointError(f"{where}: {key}={args[key]!r} is not supported (only "
+                              f"{wanted!r})")
+    norm = args.get("norm_layer", "nn.LayerNorm")
+    if norm not in (None, "nn.LayerNorm", "LayerNorm"):
+      raise CheckpointError(f"{where}: norm_layer={norm!r} is not supported (nn.LayerNorm)")
+    hidden = int(need("embed_dim"))
+    return cls(family="videomaev2", hidden_size=hidden, num_layers=int(need("depth")),
+               num_heads=int(need("num_heads")),
+               intermediate_size=int(hidden * float(args.get("mlp_ratio", 4.0))),
+               image_size=int(args.get("img_size", 224)), patch_size=int(need("patch_size")),
+               num_channels=int(args.get("in_chans", 3)),
+               layer_norm_eps=float(args.get("layer_norm_eps", 1e-6)), hidden_act="gelu",
+               qkv_bias=bool(args.get("qkv_bias", False)), key_bias=False,
+               tubelet_size=int(args.get("tubelet_size", 2)),
+               num_frames=int(args.get("num_frames", args.get("all_frames", 16))),
+               layer_scale=float(args.get("init_values") or 0.0) > 0)
+
   @property
   def grid(self) -> int:
     return self.image_size // self.patch_size
@@ -129,6 +162,16 @@ _RENAMES["timm"] = [
     (r"(blocks\.\d+)\.output\.dense\.", r"\1.mlp.fc2."),
     (r"\.mlp\.weights_in\.", ".mlp.fc1."), (r"\.mlp\.weights_out\.", ".mlp.fc2.")]
 _TIMM_QKV = re.compile(r"^(blocks\.\d+)\.attention\.attention\.(query|key|value)\.(weight|bias)$")
+# VideoMAE-v2: timm's names, but separate query and value biases and gamma_1/2 layer scales.
+_RENAMES["videomaev2"] = [
+    (r"\.attention\.attention\.query\.bias$", ".attn.q_bias"),
+    (r"\.attention\.attention\.value\.bias$", ".attn.v_bias"),
+    (r"\.layer_scale(\d)\.lambda1$", r".gamma_\1")] + _RENAMES["timm"]
+
+
+def is_videomae_v2(model_type) -> bool:
+  """OpenGVLab's model types: VideoMAEv2_Base, VideoMAEv2_Large, ..."""
+  return isinstance(model_type, str) and model_type.lower().startswith("videomaev2")
 
 
 def rename(name: str, family: str, hidden_size: int = 0):
@@ -136,7 +179,7 @@ def rename(name: str, family: str, hidden_size: int = 0):
   checkpoint tensor (timm's fused qkv)."""
   for pattern, repl in _RENAMES.get(family, []):
     name = re.sub(pattern, repl, name)
-  qkv = _TIMM_QKV.match(name) if family == "timm" else None
+  qkv = _TIMM_QKV.match(name) if family in ("timm", "videomaev2") else None
   if qkv:
     part = ("query", "key", "value").index(qkv.group(2))
     return sliced(f"{qkv.group(1)}.attn.qkv.{qkv.group(3)}",
