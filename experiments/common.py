@@ -25,6 +25,9 @@ flags.DEFINE_string("layer_a", "auto", "layer of a (index or name), or 'auto': b
 flags.DEFINE_string("layer_b", "auto", "layer of b (index or name), or 'auto'")
 flags.DEFINE_string("queries", "1024", "number of queries (drawn with --seed), or a file of "
                     "query ids (one per line)")
+flags.DEFINE_string("gallery_ids", None, "a file of row ids (one per line), the only rows "
+                    "galleries draw from besides the queries: e.g. experiments.build_gallery's "
+                    "deduplicated pool")
 flags.DEFINE_string("gallery", None, "largest gallery size, e.g. 100k, 15m (default: all rows "
                     "of the stores; synthetic: 200k)")
 flags.DEFINE_list("sizes", None, "gallery sizes (default: the experiment's, up to --gallery, "
@@ -66,6 +69,7 @@ class Setup:
   num_queries: int
   largest: int
   out: str
+  gallery_ids: np.ndarray | None = None
 
 
 def out_dir(experiment: str) -> str:
@@ -88,14 +92,19 @@ def out_dir(experiment: str) -> str:
 _seen_at_start: dict = {}  # experiment -> the set `<out>/<experiment>` showed at the start
 
 
-def start(experiment: str, synthetic_rows: str | None = None, clamps: bool = True) -> Setup:
+def start(experiment: str, synthetic_rows: str | None = None, clamps: bool = True,
+          gallery_ids: bool = False) -> Setup:
   """Logging, multi-host start-up, the two stores (given or synthetic) and the query set.
   `synthetic_rows`: the synthetic world's size when neither --features nor --gallery is
   given (default `plato_jax.synthetic.DEFAULT_ROWS`). `clamps`: the experiment applies
-  --clamp and --concat (else they are refused, not ignored)."""
+  --clamp and --concat; `gallery_ids`: it applies --gallery_ids (what it does not apply is
+  refused, not ignored)."""
   if not clamps and (FLAGS.clamp != "none" or FLAGS.concat):
     raise app.UsageError(f"experiments.{experiment} does not apply --clamp or --concat; run "
                          f"it without them")
+  if not gallery_ids and FLAGS.gallery_ids:
+    raise app.UsageError(f"experiments.{experiment} does not apply --gallery_ids; run it "
+                         f"without")
   if FLAGS.features_a is None and FLAGS.gallery is None and synthetic_rows is not None:
     FLAGS.gallery = synthetic_rows
   if not FLAGS["verbosity"].present:
@@ -128,12 +137,20 @@ def start(experiment: str, synthetic_rows: str | None = None, clamps: bool = Tru
       print(f"--common_rows: {rows:,} rows in both stores; {store_a.num_rows - rows:,} of "
             f"{store_a.root} and {store_b.num_rows - rows:,} of {store_b.root} left out",
             flush=True)
-  largest = parse_count(FLAGS.gallery) if FLAGS.gallery else rows
-  if largest > rows:
-    raise app.UsageError(f"--gallery={FLAGS.gallery} exceeds the stores' {rows:,} rows")
   queries = read_queries()
   num_queries = queries if isinstance(queries, int) else len(queries)
-  return Setup(experiment, store_a, store_b, queries, num_queries, largest, out)
+  gallery_ids = None
+  if FLAGS.gallery_ids:
+    gallery_ids = np.unique(read_ids(FLAGS.gallery_ids, "--gallery_ids"))
+    rows = len(gallery_ids) + (0 if isinstance(queries, int) else
+                               int((~np.isin(queries, gallery_ids)).sum()))
+  largest = parse_count(FLAGS.gallery) if FLAGS.gallery else rows
+  if gallery_ids is not None and FLAGS.features_a is None:
+    largest = min(largest, rows)  # (--gallery sized the synthetic world)
+  if largest > rows:
+    where = "--gallery_ids and the queries" if gallery_ids is not None else "the stores"
+    raise app.UsageError(f"--gallery={FLAGS.gallery} exceeds the {rows:,} rows of {where}")
+  return Setup(experiment, store_a, store_b, queries, num_queries, largest, out, gallery_ids)
 
 
 def read_queries() -> int | list[int]:
@@ -141,14 +158,21 @@ def read_queries() -> int | list[int]:
   from plato_jax.gallery import parse_count
   if not os.path.exists(FLAGS.queries):
     return parse_count(FLAGS.queries)
+  return read_ids(FLAGS.queries, "--queries")
+
+
+def read_ids(path: str, flag: str) -> list[int]:
+  """Integer ids, one per line (errors name the file and line)."""
+  if not os.path.isfile(path):
+    raise app.UsageError(f"{flag}={path}: no such file")
   ids = []
-  with open(FLAGS.queries) as f:
+  with open(path) as f:
     for number, line in enumerate(f, start=1):
       if line.strip():
         try:
           ids.append(int(line))
         except ValueError:
-          raise app.UsageError(f"{FLAGS.queries}, line {number}: {line.strip()!r} is not an "
+          raise app.UsageError(f"{path}, line {number}: {line.strip()!r} is not an "
                                f"integer id") from None
   return ids
 
@@ -195,6 +219,9 @@ def run(setup: Setup, sizes, ks, store_a=None, store_b=None, **config):
       store_a=store_a.root, store_b=store_b.root, sizes=list(sizes), k=list(ks), **config)
   # The stores' contents too: a rewritten store starts its searches afresh.
   contents = dict(store_a=store_a.fingerprint(), store_b=store_b.fingerprint())
+  if setup.gallery_ids is not None:
+    config["gallery_ids"] = FLAGS.gallery_ids
+    contents["gallery_ids"] = hashlib.sha256(setup.gallery_ids.tobytes()).hexdigest()[:16]
   results = []
   for draw in range(FLAGS.gallery_seeds):
     # Draw d's searches do not depend on how many draws there are: its checkpoints stay.
@@ -205,7 +232,7 @@ def run(setup: Setup, sizes, ks, store_a=None, store_b=None, **config):
         store_a, store_b, layer_a=layers[0], layer_b=layers[1], queries=setup.queries,
         sizes=sizes, ks=ks, seed=FLAGS.seed, gallery_seed=FLAGS.seed + draw,
         common_rows=FLAGS.common_rows, clamp=FLAGS.clamp, concat=FLAGS.concat,
-        resume_dir=resume_dir, checkpoint_every=FLAGS.checkpoint_every,
+        gallery_ids=setup.gallery_ids, resume_dir=resume_dir, checkpoint_every=FLAGS.checkpoint_every,
         tile_rows=FLAGS.tile_rows, progress=FLAGS.progress))
     import jax
     if resume_dir is not None and jax.process_count() == 1:
@@ -243,26 +270,36 @@ def is_writer() -> bool:
   return jax.process_index() == 0
 
 
-def write(setup: Setup, name: str, payload: dict, rows, figure) -> list[str]:
+def write(setup: Setup, name: str, payload: dict, rows, figure,
+          extra: dict[str, bytes] | None = None) -> list[str]:
   """<name>.json (payload), <name>.csv (rows), <name>.png and <name>.pdf (a matplotlib
-  figure, for the screen and for print): one result set, published as `<out>/<name>/` in
-  one step. Returns the files' paths."""
+  figure, for the screen and for print), and any `extra` files: one result set, published
+  as `<out>/<name>/` in one step. Returns the files' paths."""
+  return write_to(setup.out, name, payload, rows, figure, extra)
+
+
+def write_to(out: str, name: str, payload: dict, rows, figure,
+             extra: dict[str, bytes] | None = None) -> list[str]:
+  """`write` into the folder `out` (an experiment without stores)."""
   import matplotlib.pyplot as plt
 
   from plato_jax import report
   config = payload.get("config", {})
-  result = report.ResultSet(setup.out, name, run_id(dict(config, experiment=name)), config)
+  result = report.ResultSet(out, name, run_id(dict(config, experiment=name)), config)
   result.write_json(f"{name}.json", payload)
   result.write_csv(f"{name}.csv", rows)
   for ext in FIGURE_FORMATS:
     result.write_plot(f"{name}.{ext}", figure)
   plt.close(figure)
+  for file, data in (extra or {}).items():
+    result.write_bytes(file, data)
   replaced = result.publish()
   if replaced is not None and replaced.get("folder") != _seen_at_start.get(name):
-    print(f"note: another run published at {os.path.join(setup.out, name)} while this one "
+    print(f"note: another run published at {os.path.join(out, name)} while this one "
           f"ran ({report.describe(replaced)}); its results stay in {replaced['folder']}")
-  return [os.path.join(setup.out, name, f"{name}.{ext}")
-          for ext in ("json", "csv", *FIGURE_FORMATS)]
+  return [os.path.join(out, name, f) for f in
+          (f"{name}.json", f"{name}.csv", *(f"{name}.{e}" for e in FIGURE_FORMATS),
+           *(extra or {}))]
 
 
 def band(ax, line, xs, rows, key: str) -> None:

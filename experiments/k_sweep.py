@@ -33,7 +33,7 @@ def main(argv):
   del argv
   from plato_jax import report
   from plato_jax.gallery import parse_count
-  setup = common.start("k_sweep")
+  setup = common.start("k_sweep", gallery_ids=True)
   sizes = common.gallery_sizes(setup, ())  # the queries alone and the largest gallery
   spec = f"log:{FLAGS.num_k}:{parse_count(FLAGS.max_k)}"
   result, config = common.run(setup, sizes, [spec])

@@ -137,7 +137,7 @@ def main(argv):
   if (FLAGS.models_a is None) != (FLAGS.models_b is None):
     raise app.UsageError("give both --models_a and --models_b, or neither (synthetic world)")
   if FLAGS.models_a is None:
-    setup = common.start("llm_trend", synthetic_rows=SYNTHETIC_ROWS)
+    setup = common.start("llm_trend", synthetic_rows=SYNTHETIC_ROWS, gallery_ids=True)
     vision, language, bench_path = synthetic_stores(setup)
     if FLAGS.benchmarks:
       bench_path = FLAGS.benchmarks
@@ -147,9 +147,11 @@ def main(argv):
     vision = [FeatureStore.open(p) for p in FLAGS.models_a]
     language = [FeatureStore.open(p) for p in FLAGS.models_b]
     queries = common.read_queries()
+    gallery_ids = (np.unique(common.read_ids(FLAGS.gallery_ids, "--gallery_ids"))
+                   if FLAGS.gallery_ids else None)
     setup = common.Setup("llm_trend", vision[0], language[0], queries,
                          queries if isinstance(queries, int) else len(queries),
-                         language[0].num_rows, common.out_dir("llm_trend"))
+                         language[0].num_rows, common.out_dir("llm_trend"), gallery_ids)
     bench_path = FLAGS.benchmarks
   names, table = read_benchmarks(bench_path)
   missing = [model_name(s) for s in language if model_name(s) not in table]

@@ -29,7 +29,7 @@ def plot(result, setup):
 def main(argv):
   del argv
   from plato_jax import report
-  setup = common.start("scaling")
+  setup = common.start("scaling", gallery_ids=True)
   from plato_jax.gallery import DEFAULT_SIZES
   sizes = common.gallery_sizes(setup, DEFAULT_SIZES)
   result, config = common.run(setup, sizes, FLAGS.k)

@@ -67,7 +67,7 @@ def plot(rows):
 def main(argv):
   del argv
   from plato_jax import report
-  setup = common.start("within_modality")
+  setup = common.start("within_modality", gallery_ids=True)
   from plato_jax.gallery import DEFAULT_SIZES
   sizes = common.gallery_sizes(setup, DEFAULT_SIZES)
   rows, runs = [], []

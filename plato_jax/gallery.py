@@ -125,13 +125,15 @@ class GalleryPlan:
 
 def plan_galleries(store_a: FeatureStore, store_b: FeatureStore, queries, sizes, ks,
                    seed: int, gallery_seed: int | None = None,
-                   common_rows: bool = False) -> GalleryPlan:
+                   common_rows: bool = False, gallery_ids=None) -> GalleryPlan:
   """Checks that the stores hold the same rows (or, with `common_rows`, which they share) and
   resolves queries, sizes, ks and the gallery order (see the module docstring); errors name
   what is wrong. `seed` draws the
   queries and, unless `gallery_seed` is given, the gallery order. With `common_rows`, stores
   whose rows differ (some items failed in one model) are measured on the ids both hold;
-  the plan is in store a's rows (`GalleryPlan.on` gives store b's)."""
+  the plan is in store a's rows (`GalleryPlan.on` gives store b's). `gallery_ids` (e.g. a
+  deduplicated pool, `plato_jax.dedup`): the only rows galleries draw from besides the
+  queries (a query count is drawn from them too); every one must be in the stores."""
   ids = store_a.ids()
   ids_b = store_b.ids()
   shared = np.ones(len(ids), bool)
@@ -146,13 +148,21 @@ def plan_galleries(store_a: FeatureStore, store_b: FeatureStore, queries, sizes,
                        f"{store_b.root}): {where}; {len(ids) - shared.sum():,} ids of a are not "
                        f"in b, {len(ids_b) - shared.sum():,} of b not in a (common_rows / "
                        f"--common_rows measures the {shared.sum():,} both hold)")
+  if gallery_ids is not None:
+    gallery_ids = np.unique(np.asarray(gallery_ids, np.int64))
+    absent = gallery_ids[~np.isin(gallery_ids, ids[shared])]
+    if len(absent):
+      raise ValueError(f"{len(absent):,} of the {len(gallery_ids):,} gallery ids are not in "
+                       f"both stores, e.g. {absent[:5].tolist()}")
+    shared = shared & np.isin(ids, gallery_ids)
   common = np.flatnonzero(shared)
-  n_total = len(common)
   if isinstance(queries, (int, np.integer)):
     query_rows = common[resolve_queries(common, queries, seed)]
   else:
     query_rows = resolve_queries(ids, queries, seed, where=store_a.root)
     IdRows(ids_b)(ids[query_rows], f"query ids not in {store_b.root}")
+    shared[query_rows] = True
+  n_total = int(shared.sum())
   num_q = len(query_rows)
   size_list = sorted({parse_count(s) for s in sizes})
   if size_list[0] < num_q:

@@ -226,7 +226,7 @@ def compute_score(feats_A, feats_B, metric="mutual_knn", topk=10, normalize=True
   if len(layers_a[0]) != len(layers_b[0]):
     raise ValueError(f"feats_A has {len(layers_a[0])} rows but feats_B has {len(layers_b[0])}; "
                      "row i of both must describe the same sample")
-  table = _score_table(metric, layers_a, layers_b, topk)
+  table = score_table(metric, layers_a, layers_b, topk)
 
   def visit_order(num_layers):
     # The concatenation (stored last, index -1) is visited first, as range(-1, L) does.
@@ -343,7 +343,11 @@ def _pair_metric(metric, topk) -> _PairMetric:
   raise ValueError(f"Unrecognized metric: {metric!r}")
 
 
-def _score_table(metric, layers_a, layers_b, topk):
+def score_table(metric, layers_a, layers_b, topk=None) -> np.ndarray:
+  """[len(layers_a), len(layers_b)] float64: the metric of every pair of unit-row feature
+  matrices [N, D] (the same N rows; D may differ), each side's once-per-matrix work (its
+  neighbours, its kernel) done once: what compute_score maximises, or a model-by-model
+  matrix when each entry is a model."""
   if metric == "mutual_knn":
     k = _check_topk(topk, len(layers_a[0]))
     return _mutual_knn_table([_neighbours(x, k) for x in layers_a],

@@ -127,6 +127,9 @@ class ResultSet:
     _atomic_write(path, data)
     self.manifest["files"][file] = hashlib.sha256(data).hexdigest()
 
+  def write_bytes(self, file: str, data: bytes) -> None:
+    self._put(file, data)
+
   def write_json(self, file: str, obj) -> None:
     self._put(file, _json_bytes(obj))
 

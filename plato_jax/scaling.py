@@ -56,7 +56,7 @@ def run_scaling(store_a: FeatureStore, store_b: FeatureStore, *, layer_a="auto",
                 queries: int | Sequence[int] = 1024, sizes: Sequence[str | int] = DEFAULT_SIZES,
                 ks: Sequence[str] = DEFAULT_KS, seed: int = 0, gallery_seed: int | None = None,
                 common_rows: bool = False, clamp: str = "none", concat: bool = False,
-                resume_dir: str | None = None,
+                gallery_ids=None, resume_dir: str | None = None,
                 checkpoint_every: int = 16, mesh=None, tile_rows: int | None = None,
                 progress: bool = True) -> ScalingResult:
   """Runs the scaling protocol on two stores of the same rows (see the module docstring).
@@ -65,11 +65,13 @@ def run_scaling(store_a: FeatureStore, store_b: FeatureStore, *, layer_a="auto",
   Sizes above the stores' rows are an error; `sizes` are counts like '10k'. `gallery_seed`
   (default `seed`) draws the gallery order alone: the same queries in another gallery.
   `common_rows`: stores whose rows differ are measured on the ids both hold.
+  `gallery_ids`: the rows galleries draw from besides the queries (`plan_galleries`).
   `clamp` ("none", "exact", "approx"): PRH's 95-percentile clamp, each model's threshold
   from its largest gallery, every layer (`plato_jax.clamp`); `concat`: `auto` layers may
   choose the concatenation of all layers.
   """
-  plan = plan_galleries(store_a, store_b, queries, sizes, ks, seed, gallery_seed, common_rows)
+  plan = plan_galleries(store_a, store_b, queries, sizes, ks, seed, gallery_seed, common_rows,
+                        gallery_ids)
   query_rows, size_list, k_by_size = plan.query_rows, plan.sizes, plan.k_by_size
   num_q = len(query_rows)
   # Per size: its largest k, 10 for the top-10 cosine, RBO_DEPTH for the rank-biased overlap.

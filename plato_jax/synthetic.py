@@ -247,3 +247,70 @@ def _blocks(config: WorldConfig, models, units, num_rows: int, workers: int | No
       for i in itertools.islice(todo, 1):
         pending.append(pool.submit(_block, config, models, i, num_rows))
       yield block
+
+
+# ---- a synthetic image–caption pool (gallery construction) --------------------------------------
+
+def build_image_pool(directory: str, rows: int = 3000, queries: int = 128,
+                     seed: int = 0) -> tuple[str, str]:
+  """(pool, queries): two parquet datasets (`image` PNG bytes, `caption`, `id`) for
+  `experiments.build_gallery` without data. Images are smooth random patterns (distinct
+  pHashes); the pool plants what deduplication must find — copies of query images, copies
+  and lightly noised copies of earlier pool images, repeated captions (some the queries'),
+  and a few unreadable images. Written once per (rows, queries, seed)."""
+  import io
+
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  from PIL import Image
+  root = os.path.join(directory, f"image_pool-{rows}-{queries}-{seed}")
+  paths = os.path.join(root, "pool.parquet"), os.path.join(root, "queries.parquet")
+  if all(os.path.isfile(p) for p in paths):
+    return paths
+  rng = np.random.default_rng(seed)
+
+  def pattern():
+    small = rng.integers(0, 256, (6, 6, 3)).astype(np.uint8)
+    return np.asarray(Image.fromarray(small).resize((48, 48), Image.Resampling.BICUBIC))
+
+  def png(pixels):
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+  words = [f"w{i}" for i in range(400)]
+
+  def caption():
+    return " ".join(rng.choice(words, int(rng.integers(3, 9))))
+
+  q_pixels = [pattern() for _ in range(queries)]
+  q_captions = [caption() for _ in range(queries)]
+  pixels, captions = [], []
+  for i in range(rows):
+    kind = rng.random()
+    if kind < 0.02:                                   # a query's image
+      p = q_pixels[int(rng.integers(queries))]
+    elif kind < 0.15 and pixels:                       # an earlier pool image
+      p = pixels[int(rng.integers(len(pixels)))]
+    elif kind < 0.22 and pixels:                       # ... lightly noised
+      base = pixels[int(rng.integers(len(pixels)))].astype(np.int16)
+      p = np.clip(base + rng.integers(-2, 3, base.shape), 0, 255).astype(np.uint8)
+    else:
+      p = pattern()
+    pixels.append(p)
+    c = rng.random()
+    captions.append(q_captions[int(rng.integers(queries))] if c < 0.01 else
+                    captions[int(rng.integers(len(captions)))] if c < 0.08 and captions else
+                    caption())
+  images = [png(p) for p in pixels]
+  for i in rng.choice(rows, max(1, rows // 500), replace=False):
+    images[i] = b"not an image"
+  os.makedirs(root, exist_ok=True)
+  for path, imgs, caps, first_id in ((paths[0], images, captions, 0),
+                                     (paths[1], [png(p) for p in q_pixels], q_captions,
+                                      10**9)):
+    table = pa.table({"image": imgs, "caption": caps,
+                      "id": np.arange(first_id, first_id + len(imgs), dtype=np.int64)})
+    pq.write_table(table, path + ".tmp", row_group_size=1024)
+    os.replace(path + ".tmp", path)
+  return paths

@@ -507,3 +507,67 @@ def test_exact_vs_approx_numbers_equal_numpy(world):
     assert (ok, missing) == (["bucketed", "hnswlib"], [])
   else:  # a method whose library is absent is skipped and reported
     assert (ok, missing) == (["bucketed"], ["hnswlib"])
+
+
+def test_vision_vision_matrix_bins_and_rank_correlations_equal_direct_computation(tmp_path):
+  """The command on a synthetic family: its matrix equals a float64 brute force on the
+  stores' clamped, normalised query rows; the bins and Spearman correlations are recomputed
+  from it with numpy (ranks by argsort, ties averaged)."""
+  from plato_jax import metrics
+  from plato_jax.clamp import QUANTILE
+  from plato_jax.gallery import resolve_queries
+  from plato_jax.store import FeatureStore
+  out = run_experiment("vision_vision", "--synthetic_models=6", "--queries=300", "--topk=5",
+                       "--noumap", "--rank_metrics=mutual_knn,cka,svcca", "--bins=2",
+                       f"--world_dir={tmp_path / 'w'}", f"--out={tmp_path}")
+  assert "6 models, 15 pairs, 300 rows" in out
+  result = json.loads((tmp_path / "vision_vision" / "vision_vision.json").read_text())
+  stores = [FeatureStore.open(p) for p in result["config"]["models"]]
+  rows = resolve_queries(stores[0].ids(), 300, 0)
+  feats = [metrics.prepare_features(s.gather(rows)[:, -1].astype(np.float32), q=QUANTILE)
+           for s in stores]
+  matrix = np.array(result["matrix"])
+  for i in range(6):
+    for j in range(6):
+      want = brute_mutual_knn(feats[i], feats[j], 300, 5)
+      assert matrix[i, j] == pytest.approx(want, abs=1e-9), (i, j)
+  scores = np.array([result["scores"][n] for n in result["models"]])
+  edges = np.quantile(scores, [0, 0.5, 1])
+  for b in result["bins"]:
+    members = [k for k in range(6) if (edges[b["bin"]] <= scores[k] < edges[b["bin"] + 1])
+               or (b["bin"] == 1 and scores[k] == edges[2])]
+    assert sorted(b["models"]) == sorted(result["models"][k] for k in members)
+    pairs = [matrix[x, y] for x in members for y in members if x < y]
+    assert b["alignment"] == pytest.approx(np.mean(pairs))
+  # Spearman: Pearson of average ranks, by hand, over the 15 pairs.
+  iu = np.triu_indices(6, 1)
+  cka = np.array([[metrics.cka(feats[i], feats[j]) for j in range(6)] for i in range(6)])
+
+  def ranks(v):
+    order = np.argsort(v, kind="stable")
+    r = np.empty(len(v))
+    r[order] = np.arange(len(v))
+    for value in np.unique(v):  # ties: their mean rank
+      r[v == value] = r[v == value].mean()
+    return r
+
+  rho = np.corrcoef(ranks(matrix[iu]), ranks(cka[iu]))[0, 1]
+  got = next(r for r in result["rank_correlations"]
+             if r["metric_a"] == "mutual_knn@5" and r["metric_b"] == "cka")
+  assert got["spearman"] == pytest.approx(rho, abs=1e-9) and got["pairs"] == 15
+
+
+def test_embedding_separates_two_families(rng):
+  """UMAP of −log(alignment) on two families (high alignment within, low across): every
+  model lies nearer its own family's centre than the other's."""
+  from plato_jax import model_matrix
+  m = np.full((12, 12), 0.01) + rng.uniform(0, 0.005, (12, 12))
+  m[:6, :6] = m[6:, 6:] = 0.3
+  np.fill_diagonal(m, 1.0)
+  emb = model_matrix.embedding(m, floor=1e-4, seed=0)
+  centres = emb[:6].mean(0), emb[6:].mean(0)
+  for i, point in enumerate(emb):
+    own, other = centres[i // 6], centres[1 - i // 6]
+    assert np.linalg.norm(point - own) < np.linalg.norm(point - other), i
+  assert np.array_equal(model_matrix.cluster_order(m, 1e-4)[:6] < 6, [True] * 6) or \
+      np.array_equal(model_matrix.cluster_order(m, 1e-4)[:6] >= 6, [True] * 6)
