@@ -17,7 +17,6 @@ score averaged over the models a. On the synthetic world the value is each model
 """
 from __future__ import annotations
 
-import csv
 
 import numpy as np
 from absl import app, flags
@@ -57,22 +56,8 @@ def stores(setup):
     return family[0], family[1], values, FLAGS.value_name or "model quality (synthetic)"
   models_a = [FeatureStore.open(p) for p in FLAGS.models_a]
   models_b = [FeatureStore.open(p) for p in FLAGS.models_b]
-  values = read_values(FLAGS.values) if FLAGS.values else None
+  values = common.read_values(FLAGS.values) if FLAGS.values else None
   return models_a, models_b, values, FLAGS.value_name or "value"
-
-
-def read_values(path: str) -> dict[str, float]:
-  with open(path, newline="") as f:
-    reader = csv.DictReader(f)
-    if reader.fieldnames is None or not {"model", "value"} <= set(reader.fieldnames):
-      raise app.UsageError(f"{path}: needs columns 'model' and 'value', has {reader.fieldnames}")
-    out = {}
-    for line, row in enumerate(reader, start=2):
-      try:
-        out[row["model"]] = float(row["value"])
-      except ValueError:
-        raise app.UsageError(f"{path}, line {line}: value {row['value']!r} is not a number")
-  return out
 
 
 def plot(rows, names_a, names_b, values, value_name):

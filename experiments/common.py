@@ -6,6 +6,7 @@ of results (JSON + CSV + PNG + PDF) as one result set, `<out>/<experiment>/` (`p
 from __future__ import annotations
 
 import contextlib
+import csv
 import dataclasses
 import hashlib
 import json
@@ -175,6 +176,21 @@ def read_ids(path: str, flag: str) -> list[int]:
           raise app.UsageError(f"{path}, line {number}: {line.strip()!r} is not an "
                                f"integer id") from None
   return ids
+
+
+def read_values(path: str) -> dict[str, float]:
+  """{model: value} of a CSV with columns `model` and `value` (errors name the line)."""
+  with open(path, newline="") as f:
+    reader = csv.DictReader(f)
+    if reader.fieldnames is None or not {"model", "value"} <= set(reader.fieldnames):
+      raise app.UsageError(f"{path}: needs columns 'model' and 'value', has {reader.fieldnames}")
+    out = {}
+    for line, row in enumerate(reader, start=2):
+      try:
+        out[row["model"]] = float(row["value"])
+      except ValueError:
+        raise app.UsageError(f"{path}, line {line}: value {row['value']!r} is not a number")
+  return out
 
 
 def synthetic(setup: Setup) -> bool:

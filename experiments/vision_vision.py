@@ -52,8 +52,7 @@ def stores(setup):
     return family, {model_name(s): float(s.meta["quality"]) for s in family}
   paths = [p for pattern in FLAGS.models for p in (sorted(glob.glob(pattern)) or [pattern])]
   models = [FeatureStore.open(p) for p in paths]
-  from experiments.alignment_grid import read_values
-  scores = read_values(FLAGS.scores) if FLAGS.scores else {}
+  scores = common.read_values(FLAGS.scores) if FLAGS.scores else {}
   return models, scores
 
 

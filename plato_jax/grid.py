@@ -41,6 +41,16 @@ def query_features(stores, queries, seed: int):
   return rows, [s.gather(rows).astype(np.float32) for s in stores]
 
 
+def prepared_queries(stores, queries, seed: int, clamp: str):
+  """(query rows, [Q, L, D] features per store) clamped as PRH does (`clamp`: "exact",
+  "approx" at the 0.95 quantile, or "none"); compute_score normalises the layers."""
+  if clamp not in CLAMPS:
+    raise ValueError(f"clamp must be one of {CLAMPS}, got {clamp!r}")
+  rows, feats = query_features(stores, queries, seed)
+  return rows, [f if clamp == "none" else
+                metrics.prepare_features(f, q=QUANTILE, exact=clamp == "exact") for f in feats]
+
+
 @dataclasses.dataclass(frozen=True)
 class MetricSpec:
   metric: str
@@ -69,11 +79,7 @@ def alignment_grid(stores_a, stores_b, specs: Sequence[MetricSpec], *, queries=1
                    seed: int = 0, clamp: str = "exact", concat: bool = False,
                    progress: bool = True) -> list[dict]:
   """One row per (model a, model b, metric): best score and its layer pair (-1: concat)."""
-  rows, feats = query_features(list(stores_a) + list(stores_b), queries, seed)
-  if clamp not in CLAMPS:
-    raise ValueError(f"clamp must be one of {CLAMPS}, got {clamp!r}")
-  prepared = [f if clamp == "none" else
-              metrics.prepare_features(f, q=QUANTILE, exact=clamp == "exact") for f in feats]
+  rows, prepared = prepared_queries(list(stores_a) + list(stores_b), queries, seed, clamp)
   fa, fb = prepared[:len(stores_a)], prepared[len(stores_a):]
   out = []
   for i, (sa, xa) in enumerate(zip(stores_a, fa)):
@@ -82,17 +88,63 @@ def alignment_grid(stores_a, stores_b, specs: Sequence[MetricSpec], *, queries=1
         print(f"pair {i + 1}/{len(stores_a)} x {j + 1}/{len(stores_b)}: {model_name(sa)} vs "
               f"{model_name(sb)}", flush=True)
       for spec in specs:
-        best = metrics.compute_score(xa, xb, spec.metric, topk=spec.topk, normalize=True,
-                                     concat=concat)
-        layer_a, layer_b = best.indices if best.indices is not None else (None, None)
+        if spec.metric == "mutual_knn":
+          score, (layer_a, layer_b), per_row = best_pair_overlaps(xa, xb, spec.topk, concat)
+        else:
+          best = metrics.compute_score(xa, xb, spec.metric, topk=spec.topk, normalize=True,
+                                       concat=concat)
+          score, per_row = best.score, None
+          layer_a, layer_b = best.indices if best.indices is not None else (None, None)
         row = dict(model_a=model_name(sa), model_b=model_name(sb), metric=spec.label,
-                   score=best.score, layer_a=layer_a, layer_b=layer_b, num_queries=len(rows))
-        if spec.metric == "mutual_knn" and best.indices is not None:
-          # Its 95% interval over the queries, for the pair the search chose.
-          per_row = metrics.mutual_knn_per_row(_layer(xa, layer_a), _layer(xb, layer_b),
-                                               spec.topk)
+                   score=score, layer_a=layer_a, layer_b=layer_b, num_queries=len(rows))
+        if per_row is not None:
           row["score_low"], row["score_high"] = metrics.bootstrap_interval(per_row, seed=seed)
         out.append(row)
+  return out
+
+
+def best_pair_overlaps(xa, xb, topk: int, concat: bool = False):
+  """(score, (layer a, layer b), per-query overlaps |N_a ∩ N_b| / k [Q] or None) of mutual
+  k-NN's best layer pair of prepared features [Q, L, D] (-1: the concatenation): what its
+  interval over the queries resamples (the choice itself is not resampled)."""
+  best = metrics.compute_score(xa, xb, "mutual_knn", topk=topk, normalize=True, concat=concat)
+  if best.indices is None:
+    return best.score, (None, None), None
+  layer_a, layer_b = best.indices
+  return best.score, (layer_a, layer_b), metrics.mutual_knn_per_row(
+      _layer(xa, layer_a), _layer(xb, layer_b), topk)
+
+
+def caption_length_alignment(stores_a, texts: dict, *, topk: int = 10, queries=1024,
+                             seed: int = 0, clamp: str = "exact", concat: bool = False,
+                             words: dict | None = None) -> list[dict]:
+  """Alignment against caption length (PRH Fig. 9, Koepke Fig. 25): `texts` maps each
+  caption length (a name, in order) to the language models' stores of the same rows'
+  captions at that length. Per model a and length: best-layer mutual k-NN against each
+  language model, their mean, its 95% interval (bootstrap over the queries of the
+  per-query overlap averaged over the language models) and the spread over them (sd).
+  `words`: each length's mean caption words, reported beside it."""
+  lengths = list(texts)
+  flat = [s for name in lengths for s in texts[name]]
+  rows, prepared = prepared_queries(list(stores_a) + flat, queries, seed, clamp)
+  fa, fb = prepared[:len(stores_a)], iter(prepared[len(stores_a):])
+  by_length = {name: [(s, next(fb)) for s in texts[name]] for name in lengths}
+  out = []
+  for sa, xa in zip(stores_a, fa):
+    for position, name in enumerate(lengths):
+      scores, per_rows = [], []
+      for sb, xb in by_length[name]:
+        score, _, per_row = best_pair_overlaps(xa, xb, topk, concat)
+        scores.append(score)
+        per_rows.append(per_row if per_row is not None else np.zeros(len(rows)))
+      mean_rows = np.mean(per_rows, axis=0)
+      low, high = metrics.bootstrap_interval(mean_rows, seed=seed)
+      out.append(dict(model_a=model_name(sa), length=name, position=position,
+                      words=(words or {}).get(name), models_b=[model_name(s) for s, _ in
+                                                               by_length[name]],
+                      alignment=float(np.mean(scores)), alignment_low=low, alignment_high=high,
+                      sd_over_models_b=float(np.std(scores, ddof=1)) if len(scores) > 1
+                      else float("nan"), num_queries=len(rows)))
   return out
 
 

@@ -43,6 +43,7 @@ from plato_jax.store import FeatureStore, StoreWriter
 
 BLOCK_ROWS = 8192
 DEFAULT_ROWS = 200_000  # the experiments' default world (experiments.scaling's gallery)
+MODALITIES = "abcd"     # vision, language; video and audio (experiments.other_modalities)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,9 +55,10 @@ class WorldConfig:
   concept_scale: float = 1.25
   shared_scale: float = 0.8
   own_scale: float = 1.0
-  dims: tuple[int, int] = (64, 96)      # D of modality a ("vision"), b ("language")
-  layers: tuple[int, int] = (6, 8)
-  best_layer: tuple[int, int] = (-1, -2)
+  # Per modality: a ("vision"), b ("language"), and the optional c ("video"), d ("audio").
+  dims: tuple[int, ...] = (64, 96, 48, 40)
+  layers: tuple[int, ...] = (6, 8, 4, 6)
+  best_layer: tuple[int, ...] = (-1, -2, -1, -1)
   noise_min: float = 0.15
   noise_max: float = 1.2
   seed: int = 0
@@ -75,7 +77,7 @@ class World:
     self.centres = rng.standard_normal((c.num_concepts, c.concept_dims))
     latent = c.concept_dims + c.shared_dims + c.own_dims
     self.maps, self.noise = [], []
-    for m in range(2):
+    for m in range(len(c.dims)):  # (a and b first: their maps do not depend on c and d)
       maps = rng.standard_normal((c.layers[m], latent, c.dims[m])) / np.sqrt(latent)
       best = c.best_layer[m] % c.layers[m]
       spread = np.abs(np.arange(c.layers[m]) - best) / max(1, c.layers[m] - 1)
@@ -149,7 +151,9 @@ def build_model(directory: str, num_rows: int, modality: int, model: int, qualit
   if model < 0 or quality <= 0:
     raise ValueError(f"model must be >= 0 and quality > 0, got {model}, {quality}")
   root = world_root(directory, num_rows, config, dtype)
-  name = "ab"[modality] if model == 0 else f"{'ab'[modality]}{model}-q{quality:g}"
+  if not 0 <= modality < len(config.dims):
+    raise ValueError(f"modality {modality}: this world has {MODALITIES[:len(config.dims)]}")
+  name = MODALITIES[modality] if model == 0 else f"{MODALITIES[modality]}{model}-q{quality:g}"
   return _build([os.path.join(root, name)], ((modality, model, float(quality)),), num_rows,
                 config, dtype, progress, workers)[0]
 
@@ -165,7 +169,7 @@ def build_items(directory: str, num_rows: int, modality: int, items: int,
   if items < 1:
     raise ValueError(f"items must be >= 1, got {items}")
   root = world_root(directory, num_rows, config, dtype)
-  return _build([os.path.join(root, f"{'ab'[modality]}-items{items}")],
+  return _build([os.path.join(root, f"{MODALITIES[modality]}-items{items}")],
                 ((modality, 0, 1.0),), num_rows, config, dtype, progress, workers, items)[0]
 
 
@@ -186,10 +190,10 @@ def _build(paths, models, num_rows, config, dtype, progress, workers, items: int
     except ValueError:
       writers.append(StoreWriter.create(
           path, num_rows=num_rows * items, num_layers=config.layers[m], dim=config.dims[m],
-          dtype=dtype, model=f"synthetic-{'ab'[m]}" + (f"{j}-q{quality:g}" if j else ""),
+          dtype=dtype, model=f"synthetic-{MODALITIES[m]}" + (f"{j}-q{quality:g}" if j else ""),
           dataset=f"synthetic-world-{config.fingerprint()}", pooling="none", overwrite=True,
           shard_rows=BLOCK_ROWS * 4, columns=columns,
-          extra={"world": dataclasses.asdict(config), "modality": "ab"[m], "model_index": j,
+          extra={"world": dataclasses.asdict(config), "modality": MODALITIES[m], "model_index": j,
                  "quality": quality, "items_per_source": items}))
   # Work units, item-major: (item, block index, first row); the stores restart at the
   # last unit boundary their durable rows reach.

@@ -571,3 +571,126 @@ def test_embedding_separates_two_families(rng):
     assert np.linalg.norm(point - own) < np.linalg.norm(point - other), i
   assert np.array_equal(model_matrix.cluster_order(m, 1e-4)[:6] < 6, [True] * 6) or \
       np.array_equal(model_matrix.cluster_order(m, 1e-4)[:6] >= 6, [True] * 6)
+
+
+def test_caption_length_equals_best_layer_brute_force(tmp_path):
+  """Each (length, language model): the best layer pair's mutual k-NN by a float64 brute
+  force over every layer pair; the row: their mean, and the bootstrap interval of the
+  per-query overlap averaged over the language models."""
+  from plato_jax import metrics
+  from plato_jax.clamp import QUANTILE
+  from plato_jax.gallery import resolve_queries
+  from plato_jax.store import FeatureStore
+  run_experiment("caption_length", "--queries=150", "--topk=5", f"--out={tmp_path}",
+                 f"--world_dir={tmp_path / 'w'}")
+  result = json.loads((tmp_path / "caption_length" / "caption_length.json").read_text())
+  a = FeatureStore.open(result["config"]["models_a"][0])
+  rows = resolve_queries(a.ids(), 150, 0)
+  xa = metrics.prepare_features(a.gather(rows).astype(np.float32), q=QUANTILE)
+
+  def overlaps(xa, xb):
+    best, per = -1, None
+    for i in range(xa.shape[1]):
+      for j in range(xb.shape[1]):
+        na, nb = cosine_top_k(xa[:, i], 150, 5), cosine_top_k(xb[:, j], 150, 5)
+        o = np.array([len(np.intersect1d(r, t)) / 5 for r, t in zip(na, nb)])
+        if o.mean() > best:
+          best, per = o.mean(), o
+    return per
+
+  assert [r["length"] for r in result["rows"]] == ["one_sentence", "short", "100w", "250w",
+                                                   "500w"]
+  for row in result["rows"]:
+    per = [overlaps(xa, metrics.prepare_features(FeatureStore.open(p).gather(rows).astype(
+        np.float32), q=QUANTILE)) for p in result["config"]["captions"][row["length"]]]
+    assert row["alignment"] == pytest.approx(np.mean([p.mean() for p in per]), abs=2 / 750)
+    low, high = metrics.bootstrap_interval(np.mean(per, axis=0), seed=0)
+    assert (row["alignment_low"], row["alignment_high"]) == pytest.approx((low, high),
+                                                                          abs=2 / 750)
+  first, last = result["rows"][0], result["rows"][-1]
+  assert last["alignment"] > first["alignment"]  # the synthetic world's longer captions
+
+
+def test_other_modalities_on_stores_equal_brute_force(world, tmp_path):
+  """Video and audio stores (the SMALL world's modalities c and d) against two language
+  models: every row a float64 brute force in the scaling protocol's gallery order; the
+  capability trend the least-squares line through the alignments at the largest size."""
+  from plato_jax.synthetic import WorldConfig, build_model
+  config = WorldConfig(num_concepts=20, dims=(16, 24, 12, 10), layers=(3, 4, 2, 3))
+  w = str(tmp_path / "w")
+  video, audio = (build_model(w, ROWS, m, 0, 1.0, config, progress=False) for m in (2, 3))
+  texts = [build_model(w, ROWS, 1, j, q, config, progress=False) for j, q in ((1, 0.3), (2, 2.0))]
+  (tmp_path / "bench.csv").write_text("model,value\n" + "".join(
+      f"{t.meta['model']},{t.meta['quality']}\n" for t in texts))
+  names = ",".join(t.root for t in texts)
+  run_experiment("other_modalities", f"--video={video.root}", f"--video_texts={names}",
+                 f"--audio={audio.root}", f"--audio_texts={names}",
+                 f"--benchmarks={tmp_path / 'bench.csv'}", f"--queries={QUERIES}",
+                 f"--sizes={QUERIES},{ROWS}", "--k=1,10", f"--out={tmp_path / 'out'}")
+  result = json.loads((tmp_path / "out" / "other_modalities" / "other_modalities.json").read_text())
+  assert [(r["modality"], len(r["rows"])) for r in result["runs"]] == [
+      ("video", 4), ("video", 4), ("audio", 4), ("audio", 4)]
+  for run, (x, y) in zip(result["runs"], [(video, t) for t in texts] + [(audio, t) for t in texts]):
+    xs, ys = gallery(x, run["layer_a"]), gallery(y, run["layer_b"])
+    for r in run["rows"]:
+      want = brute_mutual_knn(xs[:r["size"]], ys[:r["size"]], QUERIES, r["k"])
+      assert r["mutual_knn"] == pytest.approx(want, abs=2.0 / (QUERIES * r["k"])), r
+  for modality in ("video", "audio"):
+    trend = result["trend"][modality]
+    at = [next(r for r in run["rows"] if r["size"] == ROWS and r["k_spec"] == "10")
+          for run in result["runs"] if run["modality"] == modality]
+    slope, intercept = np.polyfit([0.3, 2.0], [r["mutual_knn"] for r in at], 1)
+    assert (trend["slope"], trend["intercept"]) == pytest.approx((slope, intercept))
+
+
+def test_recipe_runs_equal_brute_force_and_bad_recipes_are_named(world, tmp_path):
+  from plato_jax.synthetic import build_model
+  a, b = world
+  b2 = build_model(str(tmp_path / "w"), ROWS, 1, 1, 0.5, SMALL, progress=False)
+  (tmp_path / "r.toml").write_text(f"""
+title = "test"
+[defaults]
+k = ["1", "10"]
+queries = "{QUERIES}"
+sizes = ["{QUERIES}", "{ROWS}"]
+[[run]]
+name = "a x b"
+features_a = "${{A}}"
+features_b = "{b.root}"
+[[run]]
+name = "a x b2"
+features_a = "${{A}}"
+features_b = "{b2.root}"
+""")
+  run_experiment("recipe", f"--recipe={tmp_path / 'r.toml'}", f"--var=A={a.root}",
+                 f"--out={tmp_path / 'out'}")
+  result = json.loads((tmp_path / "out" / "r" / "r.json").read_text())
+  assert [r["run"]["name"] for r in result["runs"]] == ["a x b", "a x b2"]
+  for run, y in zip(result["runs"], (b, b2)):
+    xs, ys = gallery(a, run["layer_a"]), gallery(y, run["layer_b"])
+    assert len(run["rows"]) == 4
+    for r in run["rows"]:
+      want = brute_mutual_knn(xs[:r["size"]], ys[:r["size"]], QUERIES, r["k"])
+      assert r["mutual_knn"] == pytest.approx(want, abs=2.0 / (QUERIES * r["k"])), r
+  assert not (tmp_path / "out" / "resume").exists() or \
+      not list((tmp_path / "out" / "resume").iterdir())
+  bad = tmp_path / "bad.toml"
+  bad.write_text('[[run]]\nname = "x"\nfeatures_a = "${A}"\nfeatures_b = "b"\nk_values = [1]\n')
+  done = subprocess.run([sys.executable, "-m", "experiments.recipe", f"--recipe={bad}",
+                         f"--out={tmp_path}"], cwd=REPO, capture_output=True, text=True)
+  assert done.returncode != 0 and "run 1 (x): unknown settings ['k_values']" in done.stderr
+  bad.write_text('[[run]]\nname = "x"\nfeatures_a = "${A}"\nfeatures_b = "b"\n')
+  done = subprocess.run([sys.executable, "-m", "experiments.recipe", f"--recipe={bad}",
+                         f"--out={tmp_path}"], cwd=REPO, capture_output=True, text=True)
+  assert done.returncode != 0 and "uses ${A}: give --var=A=..." in done.stderr
+
+
+def test_the_papers_recipe_names_eight_runs_of_known_settings():
+  import tomllib
+  with open(os.path.join(REPO, "experiments", "recipes", "koepke_e12.toml"), "rb") as f:
+    recipe = tomllib.load(f)
+  from experiments.recipe import SETTINGS
+  assert len(recipe["run"]) == 8
+  for run in recipe["run"]:
+    assert set(run) | set(recipe["defaults"]) <= SETTINGS
+    assert run["features_a"].startswith("${STORES}/")
