@@ -2,7 +2,7 @@ r"""Alignment among many vision models (PRH Fig. 2 and 12): the model-by-model m
 matrix on one image set, its means within bins of a per-model score, a UMAP embedding of
 −log(alignment), and the rank correlation of the eight metrics over the model pairs.
 
-    python -m experiments.vision_vision           # 24 synthetic models of graded quality
+    python -m experiments.vision_vision           # 20 synthetic models of graded quality
     python -m experiments.vision_vision --models=resnet18-*.store,vit-*.store \
         --scores=vtab_solved.csv --bins=0,4,8,12,16,20 --queries=1000
 
@@ -34,7 +34,7 @@ flags.DEFINE_list("bins", ["4"], "a number of equal-count bins, or the bin edges
 flags.DEFINE_list("rank_metrics", ["all"], "metrics whose rank correlations over the pairs "
                   "are reported ('all': the eight of PRH; 'none': skip)")
 flags.DEFINE_bool("umap", True, "the UMAP embedding of -log(alignment) (umap-learn)")
-flags.DEFINE_integer("synthetic_models", 24, "models of the synthetic family")
+flags.DEFINE_integer("synthetic_models", 20, "models of the synthetic family")
 FLAGS.set_default("clamp", "exact")   # PRH clamps its features
 FLAGS.set_default("queries", "1000")  # PRH: 1,000 Places-365 images
 

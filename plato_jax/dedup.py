@@ -353,9 +353,19 @@ def _load_part(directory: str, index: int) -> Hashes:
   path = os.path.join(directory, f"part-{index:06d}.npz")
   if not os.path.isfile(path):
     raise ValueError(f"{path}: a hash part that state.json lists is missing")
-  with np.load(path) as z:
-    return Hashes(z["ids"], z["phash"], z["digest"], z["image_ok"], z["caption_ok"],
-                  int(z["recomputed"]))
+  try:
+    with np.load(path) as z:
+      part = Hashes(z["ids"], z["phash"], z["digest"], z["image_ok"], z["caption_ok"],
+                    int(z["recomputed"]))
+  except (OSError, ValueError, KeyError) as e:
+    raise ValueError(f"{path}: an unreadable hash part ({e}); remove the folder to hash "
+                     f"afresh") from None
+  lengths = {len(part.ids), len(part.phash), len(part.digest), len(part.image_ok),
+             len(part.caption_ok)}
+  if len(lengths) != 1:
+    raise ValueError(f"{path}: its ids, hashes and flags do not line up ({sorted(lengths)} "
+                     f"rows); remove the folder to hash afresh")
+  return part
 
 
 def _write_json(path: str, obj) -> None:

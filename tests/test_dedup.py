@@ -212,6 +212,13 @@ def test_hashing_resumes_after_a_crash_and_refuses_another_dataset(tmp_path):
     np.testing.assert_array_equal(getattr(resumed, field), getattr(whole, field))
   with pytest.raises(ValueError, match="holds hashes of another dataset"):
     dedup.hash_dataset(data.open_dataset(queries_path), str(tmp_path / "b"), progress=False)
+  part = tmp_path / "b" / "part-000001.npz"
+  with np.load(part) as z:
+    arrays = dict(z)
+  np.savez(part, **dict(arrays, ids=arrays["ids"][:-3]))
+  with pytest.raises(ValueError, match=r"part-000001.npz: its ids, hashes and flags do not "
+                                       r"line up \(\[61, 64\] rows\)"):
+    dedup.hash_dataset(pool, str(tmp_path / "b"), part_rows=64, progress=False)
 
 
 def test_scaling_draws_galleries_from_gallery_ids_only(tmp_path):

@@ -517,9 +517,15 @@ def test_vision_vision_matrix_bins_and_rank_correlations_equal_direct_computatio
   from plato_jax.clamp import QUANTILE
   from plato_jax.gallery import resolve_queries
   from plato_jax.store import FeatureStore
-  out = run_experiment("vision_vision", "--synthetic_models=6", "--queries=300", "--topk=5",
+  from plato_jax.synthetic import build_model
+  family = [build_model(str(tmp_path / "w"), ROWS, 0, j + 1, q, SMALL, progress=False)
+            for j, q in enumerate((0.1, 0.2, 0.4, 0.8, 1.6, 3.2))]
+  (tmp_path / "scores.csv").write_text("model,value\n" + "".join(
+      f"{s.meta['model']},{s.meta['quality']}\n" for s in family))
+  out = run_experiment("vision_vision", f"--models={','.join(s.root for s in family)}",
+                       f"--scores={tmp_path / 'scores.csv'}", "--queries=300", "--topk=5",
                        "--noumap", "--rank_metrics=mutual_knn,cka,svcca", "--bins=2",
-                       f"--world_dir={tmp_path / 'w'}", f"--out={tmp_path}")
+                       f"--out={tmp_path}")
   assert "6 models, 15 pairs, 300 rows" in out
   result = json.loads((tmp_path / "vision_vision" / "vision_vision.json").read_text())
   stores = [FeatureStore.open(p) for p in result["config"]["models"]]
@@ -573,7 +579,7 @@ def test_embedding_separates_two_families(rng):
       np.array_equal(model_matrix.cluster_order(m, 1e-4)[:6] >= 6, [True] * 6)
 
 
-def test_caption_length_equals_best_layer_brute_force(tmp_path):
+def test_caption_length_equals_best_layer_brute_force(world, tmp_path):
   """Each (length, language model): the best layer pair's mutual k-NN by a float64 brute
   force over every layer pair; the row: their mean, and the bootstrap interval of the
   per-query overlap averaged over the language models."""
@@ -581,10 +587,15 @@ def test_caption_length_equals_best_layer_brute_force(tmp_path):
   from plato_jax.clamp import QUANTILE
   from plato_jax.gallery import resolve_queries
   from plato_jax.store import FeatureStore
-  run_experiment("caption_length", "--queries=150", "--topk=5", f"--out={tmp_path}",
-                 f"--world_dir={tmp_path / 'w'}")
+  from plato_jax.synthetic import build_model
+  a = world[0]
+  llms = {name: [build_model(str(tmp_path / "w"), ROWS, 1, j, q, SMALL, progress=False)
+                 for j, q in models]
+          for name, models in (("short", ((1, 0.15), (2, 0.1))), ("long", ((3, 1.5), (4, 1.0))))}
+  captions = ",".join(f"{n}={s.root}" for n, stores in llms.items() for s in stores)
+  run_experiment("caption_length", f"--models_a={a.root}", f"--captions={captions}",
+                 "--words=short=12,long=480", "--queries=150", "--topk=5", f"--out={tmp_path}")
   result = json.loads((tmp_path / "caption_length" / "caption_length.json").read_text())
-  a = FeatureStore.open(result["config"]["models_a"][0])
   rows = resolve_queries(a.ids(), 150, 0)
   xa = metrics.prepare_features(a.gather(rows).astype(np.float32), q=QUANTILE)
 
@@ -598,8 +609,7 @@ def test_caption_length_equals_best_layer_brute_force(tmp_path):
           best, per = o.mean(), o
     return per
 
-  assert [r["length"] for r in result["rows"]] == ["one_sentence", "short", "100w", "250w",
-                                                   "500w"]
+  assert [(r["length"], r["words"]) for r in result["rows"]] == [("short", 12), ("long", 480)]
   for row in result["rows"]:
     per = [overlaps(xa, metrics.prepare_features(FeatureStore.open(p).gather(rows).astype(
         np.float32), q=QUANTILE)) for p in result["config"]["captions"][row["length"]]]
