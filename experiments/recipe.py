@@ -32,6 +32,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("recipe", os.path.join(os.path.dirname(__file__), "recipes",
                                            "synthetic.toml"), "the recipe (TOML)")
 flags.DEFINE_multi_string("var", [], "NAME=value substituted for ${NAME} in the recipe")
+flags.DEFINE_bool("dry_run", False, "check the recipe and print its runs; run nothing")
 
 SETTINGS = {"name", "features_a", "features_b", "k", "queries", "gallery", "sizes", "layer_a",
             "layer_b", "seed", "clamp", "concat", "common_rows", "gallery_ids"}
@@ -158,6 +159,11 @@ def main(argv):
       raise app.UsageError(f"--var={entry!r} is not NAME=value")
     variables[name] = value
   title, runs = load(FLAGS.recipe, variables)
+  if FLAGS.dry_run:
+    print(f"{title}: {len(runs)} runs")
+    for run in runs:
+      print(json.dumps(run, sort_keys=True))
+    return
   name = os.path.splitext(os.path.basename(FLAGS.recipe))[0]
   out = common.out_dir(name)
   rows, results = [], []

@@ -15,8 +15,9 @@
 // whatever the tile, block, thread or position of its row: duplicate rows score
 // identically (ties are decided by id, not by rounding), and results do not depend on how
 // the gallery is cut into tiles or devices. (Host BLAS sgemm kernels do not promise this:
-// OpenBLAS's values move by ulps with a row's position in the call.) The AVX2 path runs
-// 8 such chains per vector lane-wise; the portable path runs them with fmaf.
+// OpenBLAS's values move by ulps with a row's position in the call.) The AVX-512 path runs
+// 16 such chains per vector lane-wise (a micro-tile of 6 queries × two strips), the AVX2
+// path 8, the portable path one at a time with fmaf: the three give the same bits.
 //
 // Blocking follows BLIS: a block of gallery rows is packed feature-major into strips of 16
 // (8 × 8 register transposes), a group of query panels waits in L2, and features go in
@@ -77,7 +78,11 @@ struct Problem {
   int64_t k, capacity, num_t, dim;
   bool normalize;              // scale each column by 1 / its row's norm (0 for a zero row)
   bool avx2;                   // the AVX2/FMA path (else the portable one)
+  bool avx512;                 // its micro-tiles on AVX-512F, two strips at a time
 };
+
+// Instruction sets, as the `isa` attribute names them.
+enum Isa : int64_t { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
 
 // Per-thread scratch space of the compactions.
 struct Scratch {
@@ -400,6 +405,48 @@ __attribute__((target("avx2,fma"))) void MicroTileAvx2(const float* a, const flo
   _mm256_store_ps(acc + 5 * kCols, c50), _mm256_store_ps(acc + 5 * kCols + 8, c51);
 }
 
+// The AVX-512 micro-tile: 6 queries × two strips (32 gallery rows), 12 accumulators of 16
+// lanes; each lane the same chain as the AVX2 and portable micro-tiles (the strips' layouts
+// and accumulators are theirs: a strip's finish is unchanged).
+__attribute__((target("avx512f,avx2,fma"))) void MicroTilePairAvx512(
+    const float* a, const float* b0, const float* b1, int64_t depth, float* acc0, float* acc1,
+    bool fresh) {
+  __m512 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
+  if (fresh) {
+    c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = c40 = c41 = c50 = c51 = _mm512_setzero_ps();
+  } else {
+    c00 = _mm512_load_ps(acc0 + 0 * kCols), c01 = _mm512_load_ps(acc1 + 0 * kCols);
+    c10 = _mm512_load_ps(acc0 + 1 * kCols), c11 = _mm512_load_ps(acc1 + 1 * kCols);
+    c20 = _mm512_load_ps(acc0 + 2 * kCols), c21 = _mm512_load_ps(acc1 + 2 * kCols);
+    c30 = _mm512_load_ps(acc0 + 3 * kCols), c31 = _mm512_load_ps(acc1 + 3 * kCols);
+    c40 = _mm512_load_ps(acc0 + 4 * kCols), c41 = _mm512_load_ps(acc1 + 4 * kCols);
+    c50 = _mm512_load_ps(acc0 + 5 * kCols), c51 = _mm512_load_ps(acc1 + 5 * kCols);
+  }
+#pragma GCC unroll 4
+  for (int64_t f = 0; f < depth; ++f) {
+    const __m512 x0 = _mm512_load_ps(b0 + f * kCols), x1 = _mm512_load_ps(b1 + f * kCols);
+    const float* af = a + f * kRows;
+    __m512 q = _mm512_set1_ps(af[0]);
+    c00 = _mm512_fmadd_ps(q, x0, c00), c01 = _mm512_fmadd_ps(q, x1, c01);
+    q = _mm512_set1_ps(af[1]);
+    c10 = _mm512_fmadd_ps(q, x0, c10), c11 = _mm512_fmadd_ps(q, x1, c11);
+    q = _mm512_set1_ps(af[2]);
+    c20 = _mm512_fmadd_ps(q, x0, c20), c21 = _mm512_fmadd_ps(q, x1, c21);
+    q = _mm512_set1_ps(af[3]);
+    c30 = _mm512_fmadd_ps(q, x0, c30), c31 = _mm512_fmadd_ps(q, x1, c31);
+    q = _mm512_set1_ps(af[4]);
+    c40 = _mm512_fmadd_ps(q, x0, c40), c41 = _mm512_fmadd_ps(q, x1, c41);
+    q = _mm512_set1_ps(af[5]);
+    c50 = _mm512_fmadd_ps(q, x0, c50), c51 = _mm512_fmadd_ps(q, x1, c51);
+  }
+  _mm512_store_ps(acc0 + 0 * kCols, c00), _mm512_store_ps(acc1 + 0 * kCols, c01);
+  _mm512_store_ps(acc0 + 1 * kCols, c10), _mm512_store_ps(acc1 + 1 * kCols, c11);
+  _mm512_store_ps(acc0 + 2 * kCols, c20), _mm512_store_ps(acc1 + 2 * kCols, c21);
+  _mm512_store_ps(acc0 + 3 * kCols, c30), _mm512_store_ps(acc1 + 3 * kCols, c31);
+  _mm512_store_ps(acc0 + 4 * kCols, c40), _mm512_store_ps(acc1 + 4 * kCols, c41);
+  _mm512_store_ps(acc0 + 5 * kCols, c50), _mm512_store_ps(acc1 + 5 * kCols, c51);
+}
+
 // Offers a finished micro-tile's scores to queries q0..q0 + rows. Lanes above a query's
 // threshold value are appended 8 at a time; the rare lanes equal to it (decided by id), and
 // rows near a full pool or in a partial strip, go through the scalar Offer.
@@ -456,6 +503,14 @@ __attribute__((target("avx2,fma"))) void FinishTileAvx2(const Problem& p, const 
 bool HasAvx2() {
 #ifdef PLATO_X86
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+bool HasAvx512() {
+#ifdef PLATO_X86
+  return HasAvx2() && __builtin_cpu_supports("avx512f");
 #else
   return false;
 #endif
@@ -534,12 +589,18 @@ void FoldQueries(const Problem& p, const float* queries, int64_t q_begin, int64_
       const int64_t g1 = std::min(panels, g0 + group_panels);
       for (int64_t f0 = 0; f0 == 0 || f0 < dim; f0 += depth_chunk) {  // once when dim = 0
         const int64_t depth = std::min(depth_chunk, dim - f0);
-        for (int64_t s = 0; s < strips; ++s) {
+        // AVX-512 takes the strips two at a time (an odd last one as AVX2 does).
+        const int64_t step = p.avx512 ? 2 : 1;
+        for (int64_t s = 0; s < strips; s += step) {
           const float* bp = b.data() + s * kCols * dim + f0 * kCols;
           for (int64_t i = g0; i < g1; ++i) {
             const float* ap = a.data() + i * kRows * dim + f0 * kRows;
             float* out = acc + ((i - g0) * block_strips + s) * kTile;
 #ifdef PLATO_X86
+            if (p.avx512 && s + 1 < strips) {
+              MicroTilePairAvx512(ap, bp, bp + kCols * dim, depth, out, out + kTile, f0 == 0);
+              continue;
+            }
             if (avx2) {
               MicroTileAvx2(ap, bp, depth, out, f0 == 0);
               continue;
@@ -580,7 +641,7 @@ ffi::Error TileTopKImpl(ffi::Buffer<ffi::F32> values_in, ffi::Buffer<ffi::S32> i
                         ffi::ResultBuffer<ffi::S32> threshold_id_out,
                         ffi::ResultBuffer<ffi::F32> row_sumsq, int64_t k, int64_t block_cols,
                         int64_t group_panels, int64_t depth_chunk, int64_t threads,
-                        bool normalize, bool portable) {
+                        bool normalize, int64_t isa) {
   const auto qd = queries.dimensions(), sd = values_in.dimensions();
   const int64_t num_q = qd[0], dim = qd[1], num_t = tile_ids.element_count(),
                 capacity = sd[1];
@@ -595,6 +656,12 @@ ffi::Error TileTopKImpl(ffi::Buffer<ffi::F32> values_in, ffi::Buffer<ffi::S32> i
                       "be in [1, 2^20]");
   }
   // The pools must be this kernel's own state (empty_pools, or a previous call's output).
+  if (isa < kPortable || isa > kAvx512 || (isa >= kAvx2 && !HasAvx2()) ||
+      (isa == kAvx512 && !HasAvx512())) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "plato_tile_topk: isa must be 0 (portable), 1 (AVX2) or 2 (AVX-512) and "
+                      "one this CPU has");
+  }
   const int32_t* counts = count_in.typed_data();
   for (int64_t q = 0; q < num_q; ++q) {
     if (counts[q] < 0 || counts[q] >= capacity) {
@@ -615,8 +682,8 @@ ffi::Error TileTopKImpl(ffi::Buffer<ffi::F32> values_in, ffi::Buffer<ffi::S32> i
   Problem p{rows.typed_data() + offset, tile_ids.typed_data(), query_ids.typed_data(),
             values_out->typed_data(), ids_out->typed_data(), count_out->typed_data(),
             threshold_value_out->typed_data(), threshold_id_out->typed_data(),
-            row_sumsq->typed_data(), k, capacity, real_t, dim, normalize,
-            !portable && HasAvx2()};
+            row_sumsq->typed_data(), k, capacity, real_t, dim, normalize, isa >= kAvx2,
+            isa == kAvx512};
   // In place when XLA aliased the state (it does: input_output_aliases); else copy it over.
   auto keep = [](void* out, const void* in, size_t bytes) {
     if (out != in) std::memcpy(out, in, bytes);
@@ -669,4 +736,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PlatoTileTopK, TileTopKImpl,
                                   .Attr<int64_t>("depth_chunk")
                                   .Attr<int64_t>("threads")
                                   .Attr<bool>("normalize")
-                                  .Attr<bool>("portable"));
+                                  .Attr<int64_t>("isa"));

@@ -34,8 +34,9 @@ f32 only: the kernel exists for the CPU, where narrower dtypes are widened anywa
 
 The handler is compiled on first use with the host C++ compiler against the XLA FFI
 headers jaxlib ships, and cached (`PLATO_JAX_CACHE`, default ~/.cache/plato_jax). It runs
-AVX2/FMA code where the CPU has it, else a portable fmaf loop giving the same numbers,
-slowly. `unavailable_reason()` says why it cannot run (no compiler, no AVX2), and the
+the fastest instruction set the CPU has (`default_isa`; `PLATO_CPU_ISA` forces one):
+AVX-512F micro-tiles over two strips, AVX2/FMA, or a portable fmaf loop — all giving the
+same numbers. `unavailable_reason()` says why it cannot run (no compiler, no AVX2), and the
 engine then keeps its XLA kernel.
 
 `reference_update` is the plain-numpy reference the tests compare to.
@@ -111,13 +112,44 @@ def _load() -> None:
   jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.PlatoTileTopK), platform="cpu")
 
 
-def has_avx2() -> bool:
+def _cpu_flags() -> set[str]:
   try:
     with open("/proc/cpuinfo") as f:
-      flags = next((line for line in f if line.startswith("flags")), "").split()
+      return set(next((line for line in f if line.startswith("flags")), "").split())
   except OSError:
-    return False
-  return "avx2" in flags and "fma" in flags
+    return set()
+
+
+def has_avx2() -> bool:
+  return {"avx2", "fma"} <= _cpu_flags()
+
+
+# The kernel's instruction sets, slowest first; every one gives the same bits.
+ISAS = ("portable", "avx2", "avx512")
+ISA_ENV = "PLATO_CPU_ISA"  # forces one (e.g. to time or test a path)
+
+
+def available_isas() -> tuple[str, ...]:
+  """The instruction sets this CPU runs the kernel with."""
+  flags = _cpu_flags()
+  out = ["portable"]
+  if {"avx2", "fma"} <= flags:
+    out.append("avx2")
+    if "avx512f" in flags:
+      out.append("avx512")
+  return tuple(out)
+
+
+def default_isa() -> str:
+  """$PLATO_CPU_ISA when set (an error if this CPU lacks it), else the fastest available."""
+  forced = os.environ.get(ISA_ENV)
+  if forced:
+    if forced not in ISAS:
+      raise ValueError(f"{ISA_ENV}={forced!r}: not one of {ISAS}")
+    if forced not in available_isas():
+      raise ValueError(f"{ISA_ENV}={forced!r}: this CPU has only {available_isas()}")
+    return forced
+  return available_isas()[-1]
 
 
 def unavailable_reason() -> str | None:
@@ -155,14 +187,19 @@ def empty_pools(num_queries: int, k: int):
 def cpu_update(pools, queries, query_ids, rows, tile_ids, *, k: int, row_offset=0,
                normalize: bool = False, block_cols: int = 128, group_panels: int = 24,
                depth_chunk: int = 256, threads: int | None = None,
-               portable: bool = False):
+               isa: str | None = None):
   """(`pools` (as `empty_pools`) with the tile's rows folded in, the rows' f32 squared
   norms [T], 0 for the padding after the last real row). queries f32 [Q, D]; query_ids int32 [Q]; tile_ids int32 [T] (< 0: padding);
   rows f32 [T, D], or any flat f32 buffer holding row r at `row_offset` + r·D (a scalar,
   traced or not). normalize: each column is scaled by 1 / its row's norm (0 for a zero
   row). Blocking (speed only; results are bit-identical for any values): `block_cols`
   gallery rows packed at a time, `group_panels` panels of 6 queries per pass over them,
-  features in chunks of `depth_chunk`. Call inside jit on a CPU device."""
+  features in chunks of `depth_chunk`. `isa` ("portable", "avx2", "avx512"; default
+  `default_isa()`): the instruction set, speed only — every one gives the same bits. Call
+  inside jit on a CPU device."""
+  isa = default_isa() if isa is None else isa
+  if isa not in available_isas():
+    raise ValueError(f"isa={isa!r}: this CPU runs {available_isas()}")
   _load()
   pools = tuple(jnp.asarray(x) for x in pools)
   outputs = (*pools, jnp.zeros(tile_ids.shape, jnp.float32))
@@ -175,7 +212,7 @@ def cpu_update(pools, queries, query_ids, rows, tile_ids, *, k: int, row_offset=
       tile_ids.astype(jnp.int32), k=np.int64(k), block_cols=np.int64(block_cols),
       group_panels=np.int64(group_panels), depth_chunk=np.int64(depth_chunk),
       threads=np.int64(default_threads() if threads is None else threads),
-      normalize=bool(normalize), portable=bool(portable))
+      normalize=bool(normalize), isa=np.int64(ISAS.index(isa)))
   return tuple(pools), row_sumsq
 
 

@@ -9,6 +9,10 @@ from plato_jax.kernels.primitives import top_by_score_then_id
 
 pytestmark = pytest.mark.skipif(cpu_topk.unavailable_reason() is not None,
                                 reason=f"CPU kernel unavailable: {cpu_topk.unavailable_reason()}")
+# Every instruction set the kernel has; those this CPU lacks are skipped, not passed.
+ISAS = [pytest.param(isa, marks=pytest.mark.skipif(
+    isa not in cpu_topk.available_isas(), reason=f"this CPU has no {isa}"))
+    for isa in cpu_topk.ISAS]
 
 
 def fold(tiles, queries, query_ids, k, **kw):
@@ -77,9 +81,9 @@ def test_stream_of_integer_tiles_equals_reference(rng, q, t, d, k, block_cols, t
 
 
 @pytest.mark.parametrize("k", [5, 300])
-@pytest.mark.parametrize("portable", [False, True])
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("outlier", [False, True])
-def test_ties_across_compactions_keep_the_smallest_ids(rng, k, portable, outlier):
+def test_ties_across_compactions_keep_the_smallest_ids(rng, k, isa, outlier):
   """Many equal scores, ids in random order: every compaction splits a run of ties at the
   k-th value, and must keep the smallest ids (and make the largest kept one the
   threshold), or the final top-k differs. outlier: one score of 1e30 stretches the
@@ -95,7 +99,7 @@ def test_ties_across_compactions_keep_the_smallest_ids(rng, k, portable, outlier
   queries = np.zeros((7, d), np.float32)
   queries[:, 0] = 1
   query_ids = np.full(7, -2, np.int32)
-  got = fold(tiles, queries, query_ids, k, portable=portable)
+  got = fold(tiles, queries, query_ids, k, isa=isa)
   want = reference(tiles, queries, query_ids, k)
   np.testing.assert_array_equal(got[1], want[1])
   np.testing.assert_array_equal(got[0], want[0])
@@ -134,10 +138,11 @@ def test_a_window_too_short_for_its_rows_is_an_error(rng):
                                  np.full(3, -2, np.int32), rows, np.arange(10, dtype=np.int32)))
 
 
-def test_float_scores_are_position_invariant_and_portable_path_agrees(rng):
+def test_float_scores_are_position_invariant_and_every_isa_agrees(rng):
   """Each score is one FMA chain: the same number wherever its row sits in the tile, with
   any block size, thread count or feature chunking (partial sums stored and reloaded), on
-  the AVX2 and the portable path alike."""
+  every instruction set this CPU has (AVX-512's strip pairs, odd strips and partial strips
+  included)."""
   t, d, k = 500, 77, 20
   rows = rng.standard_normal((t, d)).astype(np.float32)
   queries = rng.standard_normal((31, d)).astype(np.float32)
@@ -146,9 +151,9 @@ def test_float_scores_are_position_invariant_and_portable_path_agrees(rng):
   base = fold([(rows, ids)], queries, no_ids, k, block_cols=128, threads=2)
   perm = rng.permutation(t)
   for kw in [dict(block_cols=16, threads=1), dict(block_cols=512, threads=5),
-             dict(block_cols=64, threads=2, portable=True),
              dict(block_cols=48, threads=2, group_panels=1, depth_chunk=10),
-             dict(block_cols=32, threads=1, group_panels=3, depth_chunk=32, portable=True)]:
+             *[dict(block_cols=b, threads=2, group_panels=3, depth_chunk=32, isa=isa)
+               for isa in cpu_topk.available_isas() for b in (48, 64, 80)]]:
     moved = fold([(rows[perm], ids[perm])], queries, no_ids, k, **kw)
     np.testing.assert_array_equal(moved[1], base[1])
     np.testing.assert_array_equal(moved[0], base[0])
@@ -156,8 +161,8 @@ def test_float_scores_are_position_invariant_and_portable_path_agrees(rng):
   np.testing.assert_allclose(base[0], np.take_along_axis(exact, base[1], 1), atol=1e-4)
 
 
-@pytest.mark.parametrize("portable", [False, True])
-def test_negative_zero_nan_and_overflow_handling(portable):
+@pytest.mark.parametrize("isa", ISAS)
+def test_negative_zero_nan_and_overflow_handling(isa):
   d = 8
   queries = np.zeros((2, d), np.float32)
   queries[:, 0] = [1, -1]
@@ -168,7 +173,7 @@ def test_negative_zero_nan_and_overflow_handling(portable):
   ids = np.arange(40, dtype=np.int32)  # which must rank (and come back) as +0.0
   rows[[20, 39], 2] = np.nan  # a NaN score is never selected (a full strip and a partial one)
   got = fold([(rows, ids)], queries, np.full(2, -2, np.int32), 40 - 2, normalize=True,
-             portable=portable)
+             isa=isa)
   want = reference([(rows, ids)], queries, np.full(2, -2, np.int32), 40 - 2, normalize=True)
   np.testing.assert_array_equal(got[1], want[1])
   np.testing.assert_allclose(got[0], want[0], rtol=1e-6)  # norms summed in another order
@@ -182,8 +187,8 @@ def test_negative_zero_nan_and_overflow_handling(portable):
 
 
 @pytest.mark.parametrize("k", [5, 300])
-@pytest.mark.parametrize("portable", [False, True])
-def test_infinite_scores_and_ranges_past_f32(rng, k, portable):
+@pytest.mark.parametrize("isa", ISAS)
+def test_infinite_scores_and_ranges_past_f32(rng, k, isa):
   """Scores of +inf (ties among them decided by id), and finite scores whose range overflows
   f32 (the compaction's histogram cannot bin either), through several compactions."""
   t, d = 1200, 4
@@ -197,7 +202,7 @@ def test_infinite_scores_and_ranges_past_f32(rng, k, portable):
                         [1, 0, 10, 0],    # + inf wherever rows[:, 2] = 3e38
                         [1, -1, 0, 0]])
   query_ids = np.full(3, -2, np.int32)
-  got = fold(tiles, queries, query_ids, k, portable=portable)
+  got = fold(tiles, queries, query_ids, k, isa=isa)
   with np.errstate(over="ignore"):
     want = reference(tiles, queries, query_ids, k)
   assert np.isfinite(want[0][0]).all() and np.isposinf(want[0][1, :5]).all()  # tied infs
@@ -226,3 +231,18 @@ def test_a_damaged_cached_build_is_rebuilt(tmp_path, monkeypatch):
   digest = again.with_name(again.name + ".sha256").read_text().strip()
   assert again == built and len(again.read_bytes()) == len(good)
   assert hashlib.sha256(again.read_bytes()).hexdigest() == digest
+
+
+def test_the_instruction_set_is_chosen_by_the_cpu_or_forced(monkeypatch):
+  monkeypatch.delenv(cpu_topk.ISA_ENV, raising=False)
+  assert cpu_topk.default_isa() == cpu_topk.available_isas()[-1]
+  monkeypatch.setenv(cpu_topk.ISA_ENV, "portable")
+  assert cpu_topk.default_isa() == "portable"
+  monkeypatch.setenv(cpu_topk.ISA_ENV, "sse9")
+  with pytest.raises(ValueError, match=r"PLATO_CPU_ISA='sse9': not one of"):
+    cpu_topk.default_isa()
+  missing = [isa for isa in cpu_topk.ISAS if isa not in cpu_topk.available_isas()]
+  if missing:
+    monkeypatch.setenv(cpu_topk.ISA_ENV, missing[0])
+    with pytest.raises(ValueError, match="this CPU has only"):
+      cpu_topk.default_isa()

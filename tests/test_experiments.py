@@ -696,11 +696,10 @@ features_b = "{b2.root}"
 
 
 def test_the_papers_recipe_names_eight_runs_of_known_settings():
-  import tomllib
-  with open(os.path.join(REPO, "experiments", "recipes", "koepke_e12.toml"), "rb") as f:
-    recipe = tomllib.load(f)
-  from experiments.recipe import SETTINGS
-  assert len(recipe["run"]) == 8
-  for run in recipe["run"]:
-    assert set(run) | set(recipe["defaults"]) <= SETTINGS
-    assert run["features_a"].startswith("${STORES}/")
+  out = run_experiment("recipe", "--recipe=experiments/recipes/koepke_e12.toml",
+                       "--var=STORES=/data/stores", "--dry_run")
+  lines = out.strip().splitlines()
+  assert lines[0].endswith(": 8 runs") and len(lines) == 9
+  runs = [json.loads(line) for line in lines[1:]]
+  assert all(r["features_a"].startswith("/data/stores/") for r in runs)
+  assert len({r["name"] for r in runs}) == 8
