@@ -242,14 +242,14 @@ def test_command_on_its_synthetic_pool_then_scaling_on_the_gallery(tmp_path):
   run = lambda *args: subprocess.run(  # noqa: E731
       [sys.executable, "-m", *args, "--progress=false", f"--world_dir={tmp_path / 'w'}"],
       cwd=REPO, capture_output=True, text=True, timeout=600)
-  done = run("experiments.build_gallery", "--synthetic_rows=600", f"--out={tmp_path}")
+  done = run("experiments.build_gallery", "--synthetic_rows=400", f"--out={tmp_path}")
   assert done.returncode == 0, done.stdout + done.stderr
   result = json.loads((tmp_path / "build_gallery" / "build_gallery.json").read_text())
   ids = (tmp_path / "build_gallery" / "gallery_ids.txt").read_text().split()
-  assert result["gallery_rows"] == len(ids) == result["counts"][-1]["rows"] > 300
+  assert result["gallery_rows"] == len(ids) == result["counts"][-1]["rows"] > 200
   assert "final pool" in done.stdout
   # The synthetic feature world's rows 0..n-1 stand in for the pool's features here.
-  done = run("experiments.scaling", "--gallery=5000", "--queries=64", "--sizes=64,300",
+  done = run("experiments.scaling", "--gallery=2000", "--queries=64", "--sizes=64,200",
              f"--gallery_ids={tmp_path / 'build_gallery' / 'gallery_ids.txt'}",
              f"--out={tmp_path / 'res'}")
   assert done.returncode == 0, done.stdout + done.stderr
