@@ -79,8 +79,11 @@ def main(argv):
   config = {name: FLAGS[name].value for name in (
       "data", "query_set", "query_ids", "max_distance", "image_column", "caption_column",
       "id_column")}
-  # The hashes depend on the datasets alone: a rerun with another --max_distance reuses them.
-  dataset = {k: v for k, v in config.items() if k != "max_distance"}
+  # The pool's hashes depend on the pool alone: a rerun with other queries or another
+  # --max_distance reuses them.
+  dataset = {k: config[k] for k in ("data", "image_column", "caption_column", "id_column")}
+  if FLAGS.data is None:
+    dataset["synthetic_rows"] = FLAGS.synthetic_rows
   hashes = os.path.join(out, "cache", f"build_gallery-hashes-{common.run_id(dataset)}")
   try:
     gallery = dedup.build_gallery(pool, hashes, queries=queries, query_ids=query_ids,

@@ -4,7 +4,8 @@ images, captions of each length through the same language models.
 
     python -m experiments.caption_length          # synthetic: 5 lengths x 2 language models
     python -m experiments.caption_length --models_a=dinov2.store \
-        --captions=one_sentence=llama/one.store,one_sentence=bloom/one.store,short=llama/short.store,... \
+        --captions=one_sentence=llama/one.store,one_sentence=bloom/one.store,\
+short=llama/short.store,... \
         --words=one_sentence=11,short=31,100w=98 --queries=1000
 
 --captions lists `length=store` entries, lengths in the order to plot, each length once per
@@ -109,6 +110,7 @@ def main(argv):
   if FLAGS.captions is None:
     setup = common.start("caption_length", synthetic_rows=SYNTHETIC_ROWS)
   else:
+    common.refuse_unapplied("caption_length")
     setup = common.Setup("caption_length", None, None, None, 0, 0,
                          common.out_dir("caption_length"))
   models_a, texts, words = inputs(setup)

@@ -154,6 +154,15 @@ def start(experiment: str, synthetic_rows: str | None = None, clamps: bool = Tru
   return Setup(experiment, store_a, store_b, queries, num_queries, largest, out, gallery_ids)
 
 
+def refuse_unapplied(experiment: str) -> None:
+  """For an experiment on lists of stores (no `start`): the flags it does not apply are
+  refused, not ignored."""
+  for flag in ("gallery_ids", "coordinator"):
+    if FLAGS[flag].value:
+      raise app.UsageError(f"experiments.{experiment} does not apply --{flag}; run it "
+                           f"without")
+
+
 def read_queries() -> int | list[int]:
   """--queries: a count, or a file of query ids (one per line; errors name the line)."""
   from plato_jax.gallery import parse_count
@@ -248,7 +257,8 @@ def run(setup: Setup, sizes, ks, store_a=None, store_b=None, **config):
         store_a, store_b, layer_a=layers[0], layer_b=layers[1], queries=setup.queries,
         sizes=sizes, ks=ks, seed=FLAGS.seed, gallery_seed=FLAGS.seed + draw,
         common_rows=FLAGS.common_rows, clamp=FLAGS.clamp, concat=FLAGS.concat,
-        gallery_ids=setup.gallery_ids, resume_dir=resume_dir, checkpoint_every=FLAGS.checkpoint_every,
+        gallery_ids=setup.gallery_ids, resume_dir=resume_dir,
+        checkpoint_every=FLAGS.checkpoint_every,
         tile_rows=FLAGS.tile_rows, progress=FLAGS.progress))
     import jax
     if resume_dir is not None and jax.process_count() == 1:

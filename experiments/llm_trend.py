@@ -147,6 +147,9 @@ def main(argv):
     vision = [FeatureStore.open(p) for p in FLAGS.models_a]
     language = [FeatureStore.open(p) for p in FLAGS.models_b]
     queries = common.read_queries()
+    if FLAGS.coordinator:
+      raise app.UsageError("experiments.llm_trend on --models_a/--models_b runs on one host; "
+                           "run it without --coordinator")
     gallery_ids = (np.unique(common.read_ids(FLAGS.gallery_ids, "--gallery_ids"))
                    if FLAGS.gallery_ids else None)
     setup = common.Setup("llm_trend", vision[0], language[0], queries,

@@ -20,6 +20,7 @@ models of graded quality (their capability is their quality).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 from absl import app, flags
@@ -69,7 +70,8 @@ def plot(rows, trend, modalities):
     ax = grid[0, col]
     for llm in dict.fromkeys(r["model_b"] for r in rows if r["modality"] == modality):
       colour = None  # one colour per language model, one line style per k
-      for style, spec in zip(("o-", "s--", "^:", "d-."), dict.fromkeys(r["k_spec"] for r in rows)):
+      for style, spec in zip(itertools.cycle(("o-", "s--", "^:", "d-.")),
+                             dict.fromkeys(r["k_spec"] for r in rows)):
         pts = [r for r in rows if r["modality"] == modality and r["model_b"] == llm
                and r["k_spec"] == spec]
         line, = ax.plot([r["size"] for r in pts], [r["mutual_knn"] for r in pts], style, ms=3,
@@ -126,9 +128,12 @@ def main(argv):
   synthetic = FLAGS.video is None and FLAGS.audio is None
   if FLAGS.features_a or FLAGS.features_b:
     raise app.UsageError("other_modalities takes --video/--audio and their --*_texts")
+  if FLAGS.trend_k not in FLAGS.k:
+    raise app.UsageError(f"--trend_k={FLAGS.trend_k} is not one of --k {FLAGS.k}")
   if synthetic:
     setup = common.start("other_modalities", synthetic_rows=SYNTHETIC_ROWS)
   else:
+    common.refuse_unapplied("other_modalities")
     setup = None
   pairs, capability = inputs(setup)
   if not synthetic:

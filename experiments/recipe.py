@@ -107,13 +107,21 @@ def run_one(run: dict, out: str):
   queries = run.get("queries", "1024")
   queries = common.read_ids(queries, "queries") if os.path.exists(str(queries)) else \
       parse_count(queries)
-  largest = min(rows if "gallery" in run else a.num_rows, a.num_rows)
+  gallery_ids = (np.unique(common.read_ids(run["gallery_ids"], "gallery_ids"))
+                 if run.get("gallery_ids") else None)
+  ids = a.ids()
+  usable = np.isin(ids, b.ids()) if run.get("common_rows") else np.ones(len(ids), bool)
+  if gallery_ids is not None:
+    usable &= np.isin(ids, gallery_ids) | (False if isinstance(queries, int) else
+                                           np.isin(ids, queries))
+  available = int(usable.sum())
+  largest = min(rows, available) if "gallery" in run else available
   num_q = queries if isinstance(queries, int) else len(queries)
   sizes = sorted({parse_count(s) for s in run.get("sizes", DEFAULT_SIZES)
                   if parse_count(s) <= largest} | {largest, num_q})
-  gallery_ids = (np.unique(common.read_ids(run["gallery_ids"], "gallery_ids"))
-                 if run.get("gallery_ids") else None)
-  key = dict(run, store_a=a.fingerprint(), store_b=b.fingerprint())
+  key = dict(run, store_a=a.fingerprint(), store_b=b.fingerprint(),  # and files' contents
+             **{f"{k}_content": hashlib.sha256(open(run[k], "rb").read()).hexdigest()
+                for k in ("gallery_ids", "queries") if os.path.isfile(str(run.get(k, "")))})
   resume = os.path.join(out, "resume", "recipe-" + hashlib.sha256(
       json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12])
   result = run_scaling(a, b, layer_a=run.get("layer_a", "auto"),

@@ -279,7 +279,8 @@ class Hashes:
 
 def _hash_record(record):
   from plato_jax.data import decode_image
-  image = decode_image(record.media) if record.media else None
+  # In its stored mode: imagehash converts that to grayscale (via RGB differs for CMYK).
+  image = decode_image(record.media, mode=None) if record.media else None
   pixels = phash_pixels(image) if image is not None else None
   caption = record.caption if isinstance(record.caption, str) else None
   caption = caption if caption and caption.strip() else None
@@ -392,7 +393,8 @@ def build_gallery(reader, directory: str, *, queries=None, query_ids=None,
                   progress: bool = True) -> Gallery:
   """The deduplicated gallery of `reader`'s records (see the module docstring). The query
   set is another dataset (`queries`, a reader) or rows of this one (`query_ids`: they are
-  left out of the gallery). Hashes are kept under `directory` (a rerun resumes)."""
+  left out of the gallery). Hashes are kept under `directory` — the pool's, and each query
+  set's beside them — so a rerun resumes, and another query set or distance reuses them."""
   if (queries is None) == (query_ids is None):
     raise ValueError("give the query set as a dataset (queries) or as ids of this one "
                      "(query_ids)")
@@ -400,8 +402,11 @@ def build_gallery(reader, directory: str, *, queries=None, query_ids=None,
                       progress=progress, label="hash pool")
   _check_ids(pool.ids, "the pool")
   if queries is not None:
-    asked = hash_dataset(queries, os.path.join(directory, "query_hashes"), workers=workers,
-                         progress=progress, label="hash queries")
+    files = sorted(str(f) for f in (getattr(queries, "files", None) or
+                                    [getattr(queries, "path", "")]))
+    key = hashlib.sha256(json.dumps(files).encode()).hexdigest()[:12]
+    asked = hash_dataset(queries, os.path.join(directory, f"query_hashes-{key}"),
+                         workers=workers, progress=progress, label="hash queries")
     in_pool = np.zeros(len(pool.ids), bool)
   else:
     query_ids = np.unique(np.asarray(query_ids, np.int64))

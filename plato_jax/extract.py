@@ -189,8 +189,11 @@ class Options:
 
   def identity(self) -> dict:
     """The options a store's rows depend on: a resumed run must use the same."""
-    return {k: getattr(self, k) for k in ("dtype", "on_bad_image", "on_empty_caption",
-                                          "max_length", "on_long_text", "max_audio_seconds")}
+    out = {k: getattr(self, k) for k in ("dtype", "on_bad_image", "on_empty_caption",
+                                         "max_length", "on_long_text")}
+    if self.max_audio_seconds is not None:  # (absent by default: earlier stores resume)
+      out["max_audio_seconds"] = self.max_audio_seconds
+    return out
 
 
 def _mesh(model_parallel: int = 1):
@@ -231,9 +234,15 @@ def _fingerprint(paths) -> str:
 def _run_identity(checkpoint_dir: str, reader, dataset_name: str, opts: Options,
                   tower: str | None) -> dict:
   """What a store's rows depend on, recorded at creation and checked on resume."""
-  files = [checkpoint_dir] if os.path.isfile(checkpoint_dir) else [
-      os.path.join(checkpoint_dir, f) for f in os.listdir(checkpoint_dir)
-      if f.endswith((".json", ".safetensors", ".bin", ".pt", ".pth", ".model", ".txt"))]
+  if os.path.isfile(checkpoint_dir):
+    files = [checkpoint_dir]
+  else:
+    names = os.listdir(checkpoint_dir)
+    # torch.save weights count only where they are what loads (no safetensors beside them).
+    weights = (".safetensors",) if any(n.endswith(".safetensors") for n in names) else \
+        (".bin", ".pt", ".pth")
+    files = [os.path.join(checkpoint_dir, f) for f in names
+             if f.endswith((".json", ".model", ".txt", *weights))]
   data_files = getattr(reader, "files", None) or [getattr(reader, "path", None)]
   data_files = [f for f in data_files if f and os.path.isfile(f)]
   return {"model": os.path.abspath(checkpoint_dir), "model_files": _fingerprint(files),
@@ -286,6 +295,8 @@ def extract(checkpoint_dir: str, dataset, out: str, opts: Options = Options(), *
       modality = "video"
     if isinstance(model, dasheng.Dasheng):
       modality = "audio"
+  if modality != "text" and hasattr(reader, "prefer"):  # (a sample's clip, not its thumbnail)
+    reader.prefer({"vision": "image"}.get(modality, modality))
   ndev = mesh.shape["data"]
   batch = -(-opts.batch_size // ndev) * ndev
   graphdef, params = nnx.split(model)
@@ -456,6 +467,8 @@ def audio_seconds(model, opts: Options) -> float:
   """The longest audio an extraction keeps: `opts.max_audio_seconds`, by default one chunk
   of the model (Dasheng: target_length frames, 10.08 s)."""
   c = model.config
+  if opts.max_audio_seconds is not None and not opts.max_audio_seconds > 0:
+    raise ValueError(f"max_audio_seconds={opts.max_audio_seconds} must be positive")
   return opts.max_audio_seconds or c.target_length * c.hop_size / c.sample_rate
 
 

@@ -169,7 +169,8 @@ def plan_galleries(store_a: FeatureStore, store_b: FeatureStore, queries, sizes,
     raise ValueError(f"gallery size {size_list[0]} is smaller than the {num_q} queries it "
                      f"must contain")
   if size_list[-1] > n_total:
-    raise ValueError(f"gallery size {size_list[-1]:,} exceeds the stores' {n_total:,} rows")
+    where = "the gallery ids and queries" if gallery_ids is not None else "the stores"
+    raise ValueError(f"gallery size {size_list[-1]:,} exceeds the {n_total:,} rows of {where}")
   k_by_size = {n: list(dict.fromkeys((spec, k) for spec in ks for k in expand_k(spec, n)))
                for n in size_list}
   for n, pairs in k_by_size.items():

@@ -30,15 +30,16 @@ def model_features(stores, layer="-1", *, queries=1000, seed: int = 0,
   _, feats = query_features(list(stores), queries, seed)
   out = []
   for store, f in zip(stores, feats):
-    x = f[:, store.layer_index(str(layer))]
-    out.append(metrics.prepare_features(x, q=1.0 if clamp == "none" else QUANTILE,
-                                        exact=clamp == "exact"))
+    # PRH's clamp: one threshold over all the model's layers; then the chosen layer.
+    prepared = metrics.prepare_features(f, q=1.0 if clamp == "none" else QUANTILE,
+                                        exact=clamp == "exact")
+    out.append(prepared[:, store.layer_index(str(layer))])
   return [model_name(s) for s in stores], out
 
 
 def pairwise_matrix(features: Sequence[np.ndarray], spec: MetricSpec) -> np.ndarray:
-  """[M, M] float64: the metric between every two models (symmetric metrics; the diagonal
-  is each model against itself)."""
+  """[M, M] float64: entry (i, j) the metric of model i against model j (the diagonal: each
+  against itself; cycle_knn is not symmetric, the pair tables take i < j)."""
   return metrics.score_table(spec.metric, list(features), list(features), spec.topk)
 
 
@@ -55,9 +56,16 @@ def bin_alignment(matrix: np.ndarray, scores: Sequence[float], bins: int | Seque
   (off the diagonal), with the spread over pairs (sd) — PRH Fig. 2's bars."""
   scores = np.asarray(scores, np.float64)
   if isinstance(bins, (int, np.integer)):
-    edges = np.quantile(scores, np.linspace(0, 1, int(bins) + 1))
+    # (integer scores repeat quantiles: equal edges merge, so fewer bins may come out)
+    edges = np.unique(np.quantile(scores, np.linspace(0, 1, int(bins) + 1)))
+    if len(edges) == 1:
+      edges = np.repeat(edges, 2)
   else:
     edges = np.asarray(bins, np.float64)
+    outside = np.flatnonzero((scores < edges[0]) | (scores > edges[-1])) if len(edges) else []
+    if len(outside):
+      raise ValueError(f"scores {scores[outside][:5].tolist()} lie outside the bin edges "
+                       f"[{edges[0]}, {edges[-1]}]")
   if len(edges) < 2 or np.any(np.diff(edges) < 0):
     raise ValueError(f"bin edges must be at least two ascending values, got {edges.tolist()}")
   which = np.clip(np.searchsorted(edges, scores, side="right") - 1, 0, len(edges) - 2)

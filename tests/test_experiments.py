@@ -530,8 +530,8 @@ def test_vision_vision_matrix_bins_and_rank_correlations_equal_direct_computatio
   result = json.loads((tmp_path / "vision_vision" / "vision_vision.json").read_text())
   stores = [FeatureStore.open(p) for p in result["config"]["models"]]
   rows = resolve_queries(stores[0].ids(), 300, 0)
-  feats = [metrics.prepare_features(s.gather(rows)[:, -1].astype(np.float32), q=QUANTILE)
-           for s in stores]
+  feats = [metrics.prepare_features(s.gather(rows).astype(np.float32), q=QUANTILE)[:, -1]
+           for s in stores]  # PRH's clamp: one threshold over all layers
   matrix = np.array(result["matrix"])
   for i in range(6):
     for j in range(6):
@@ -561,6 +561,18 @@ def test_vision_vision_matrix_bins_and_rank_correlations_equal_direct_computatio
   got = next(r for r in result["rank_correlations"]
              if r["metric_a"] == "mutual_knn@5" and r["metric_b"] == "cka")
   assert got["spearman"] == pytest.approx(rho, abs=1e-9) and got["pairs"] == 15
+
+
+def test_bins_by_score(rng):
+  from plato_jax import model_matrix
+  m = rng.uniform(0, 1, (5, 5))
+  rows = model_matrix.bin_alignment(m, [1, 2, 2, 3, 9], [0, 2.5, 10])
+  assert [r["models"] for r in rows] == [[0, 1, 2], [3, 4]]
+  assert rows[0]["alignment"] == pytest.approx(np.mean([m[0, 1], m[0, 2], m[1, 2]]))
+  with pytest.raises(ValueError, match=r"scores \[9.0\] lie outside the bin edges"):
+    model_matrix.bin_alignment(m, [1, 2, 2, 3, 9], [0, 5])
+  equal = model_matrix.bin_alignment(m, [4, 4, 4, 4, 7], 4)  # repeated quantiles merge
+  assert [len(r["models"]) for r in equal] == [5]
 
 
 def test_embedding_separates_two_families(rng):
@@ -657,6 +669,7 @@ def test_recipe_runs_equal_brute_force_and_bad_recipes_are_named(world, tmp_path
   from plato_jax.synthetic import build_model
   a, b = world
   b2 = build_model(str(tmp_path / "w"), ROWS, 1, 1, 0.5, SMALL, progress=False)
+  (tmp_path / "even.txt").write_text("".join(f"{i}\n" for i in range(0, ROWS, 2)))
   (tmp_path / "r.toml").write_text(f"""
 title = "test"
 [defaults]
@@ -671,11 +684,18 @@ features_b = "{b.root}"
 name = "a x b2"
 features_a = "${{A}}"
 features_b = "{b2.root}"
+[[run]]
+name = "a x b, even rows"
+features_a = "${{A}}"
+features_b = "{b.root}"
+gallery_ids = "{tmp_path / 'even.txt'}"
+sizes = ["{QUERIES}", "500"]
 """)
   run_experiment("recipe", f"--recipe={tmp_path / 'r.toml'}", f"--var=A={a.root}",
                  f"--out={tmp_path / 'out'}")
   result = json.loads((tmp_path / "out" / "r" / "r.json").read_text())
-  assert [r["run"]["name"] for r in result["runs"]] == ["a x b", "a x b2"]
+  assert [r["run"]["name"] for r in result["runs"]] == ["a x b", "a x b2", "a x b, even rows"]
+  assert sorted({r["size"] for r in result["runs"][2]["rows"]}) == [QUERIES, 500, ROWS // 2]
   for run, y in zip(result["runs"], (b, b2)):
     xs, ys = gallery(a, run["layer_a"]), gallery(y, run["layer_b"])
     assert len(run["rows"]) == 4

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from model_reference import assert_close_rel
+from PIL import Image
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchaudio")
@@ -176,6 +177,13 @@ def test_bad_checkpoints_name_the_tensor_or_field(tmp_path):
   torch.save({"model": state, "config": {**TINY, "n_mels": 40}}, tmp_path / "f.pt")
   with pytest.raises(CheckpointError, match=r"patch_size=\[64, 4\] does not fit n_mels=40"):
     from_pretrained(str(tmp_path / "f.pt"))
+  torch.save({"model": state, "config": {**TINY, "target_length": 64}}, tmp_path / "g.pt")
+  with pytest.raises(CheckpointError, match=r"time_pos_embed covers 8 patches, a chunk of "
+                                            r"target_length=64 has 16"):
+    from_pretrained(str(tmp_path / "g.pt"))
+  no_length = {k: v for k, v in TINY.items() if k != "target_length"}
+  torch.save({"model": state, "config": no_length}, tmp_path / "h.pt")
+  assert from_pretrained(str(tmp_path / "h.pt")).config.target_length == 32  # the positions'
   torch.save(state, tmp_path / "e.pt")
   with pytest.raises(CheckpointError, match="e.pt: not a checkpoint directory"):
     from_pretrained(str(tmp_path / "e.pt"))
@@ -212,7 +220,8 @@ def test_decode_audio_mono_resampled_and_cut(rng):
   np.testing.assert_array_equal(cut, full[:4000])  # the cut leaves the samples it keeps as they are
   flac = encoded(stereo[:, 0], 16000, "FLAC")
   np.testing.assert_allclose(datasets.decode_audio(flac, 16000)[0], stereo[:, 0], atol=1e-4)
-  for bad in (b"", b"RIFF not really a wave file", encoded(stereo[:0], 16000, "WAV")):
+  for bad in (b"", b"RIFF not really a wave file", encoded(stereo[:0], 16000, "WAV"),
+              encoded(stereo, 44099, "WAV")):  # (a rate whose resampling kernel is huge)
     assert datasets.decode_audio(bad, 16000) is None
 
 
@@ -264,6 +273,9 @@ def test_audio_extraction_equals_the_package_per_clip(rng, tmp_path):
     for i in kept:
       name = json.loads(lines[i])["audio"]
       tar.add(root / name, arcname=f"{i:04d}.{name.split('.')[1]}")
+      thumb = tmp_path / "thumb.png"  # a cover image beside the clip: the clip is the media
+      Image.new("RGB", (8, 8)).save(thumb)
+      tar.add(thumb, arcname=f"{i:04d}.png")
       meta = tmp_path / f"{i}.json"
       meta.write_text(json.dumps({"caption": f"w{i}", "id": 10 + i}))
       tar.add(meta, arcname=f"{i:04d}.json")

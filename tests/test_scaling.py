@@ -91,7 +91,7 @@ def test_results_equal_brute_force_per_size_and_k(world):
 
 def test_argument_errors(world):
   store_a, store_b = world
-  with pytest.raises(ValueError, match="exceeds the stores' 6,000 rows"):
+  with pytest.raises(ValueError, match="exceeds the 6,000 rows of the stores"):
     run_scaling(store_a, store_b, queries=100, sizes=[100, 7000], progress=False)
   with pytest.raises(ValueError, match="smaller than the 100 queries"):
     run_scaling(store_a, store_b, queries=100, sizes=[50, 1000], progress=False)

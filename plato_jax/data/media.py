@@ -10,9 +10,9 @@ import math
 import numpy as np
 
 
-def decode_image(data: bytes):
-  """An RGB PIL image, or None when the bytes are missing, not a readable image, or a
-  decompression bomb (more pixels than PIL's `Image.MAX_IMAGE_PIXELS`)."""
+def decode_image(data: bytes, mode: str | None = "RGB"):
+  """A PIL image in `mode` (None: as stored), or None when the bytes are missing, not a
+  readable image, or a decompression bomb (more pixels than PIL's `Image.MAX_IMAGE_PIXELS`)."""
   import warnings
 
   from PIL import Image, UnidentifiedImageError
@@ -23,7 +23,7 @@ def decode_image(data: bytes):
       warnings.simplefilter("error", Image.DecompressionBombWarning)  # bombs are bad records
       image = Image.open(io.BytesIO(data))
       image.load()
-      return image.convert("RGB")
+      return image if mode is None else image.convert(mode)
   except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError,
           Image.DecompressionBombWarning):
     return None
@@ -86,10 +86,16 @@ def decode_audio(data: bytes, sample_rate: int, max_seconds: float | None = None
   if wave.size == 0 or rate <= 0:
     return None
   wave = wave.mean(axis=1, dtype=np.float64) if wave.shape[1] > 1 else wave[:, 0]
-  wave = resample(wave, rate, sample_rate)
+  try:
+    wave = resample(wave, rate, sample_rate)
+  except ValueError:  # an odd rate whose kernel would not fit: a bad record, not a crash
+    return None
   if max_seconds is not None:
     wave = wave[:math.ceil(max_seconds * sample_rate)]
   return wave.astype(np.float32), total / rate
+
+
+MAX_RESAMPLE_KERNEL = 1 << 24  # elements of the polyphase kernel (f64: 128 MB)
 
 
 def resample(wave: np.ndarray, orig_rate: int, new_rate: int, *, lowpass_filter_width: int = 6,
@@ -101,6 +107,9 @@ def resample(wave: np.ndarray, orig_rate: int, new_rate: int, *, lowpass_filter_
     return np.asarray(wave)
   g = math.gcd(int(orig_rate), int(new_rate))
   orig, new = int(orig_rate) // g, int(new_rate) // g
+  if new * orig > MAX_RESAMPLE_KERNEL:  # (44,099 → 16,000 Hz would need a 5.6 GB kernel)
+    raise ValueError(f"resampling {orig_rate} → {new_rate} Hz needs a {new} × {orig}+ "
+                     f"kernel; convert the file to a common rate first")
   cutoff = min(orig, new) * rolloff
   width = math.ceil(lowpass_filter_width * orig / cutoff)
   # kernel[p, j]: the weight of input sample (frame start − width + j) for output phase p.

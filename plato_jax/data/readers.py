@@ -183,6 +183,13 @@ class WebDataset:
     self.files = _files(path, (".tar",))
     self.caption_field, self.id_field = caption_field, id_field
     self.group_field = group_field
+    self.media_extensions = self.IMAGE + self.VIDEO + self.AUDIO
+
+  def prefer(self, kind: str) -> None:
+    """Which file is a sample's media when it holds several kinds (a clip with a .jpg
+    thumbnail): `kind`'s ("image", "video" or "audio") before the others."""
+    first = {"image": self.IMAGE, "video": self.VIDEO, "audio": self.AUDIO}[kind]
+    self.media_extensions = first + tuple(e for e in self.media_extensions if e not in first)
 
   @staticmethod
   def _key_ext(member) -> tuple[str, str]:
@@ -220,8 +227,7 @@ class WebDataset:
     for position, (where, parts) in enumerate(self._samples()):
       if position < start:
         continue
-      media = next((parts[e] for e in self.IMAGE + self.VIDEO + self.AUDIO if e in parts),
-                   None)
+      media = next((parts[e] for e in self.media_extensions if e in parts), None)
       meta = {}
       if ".json" in parts:
         try:

@@ -5,7 +5,8 @@ a BatchNorm per band), patches of 64 bands × 4 frames, and a pre-norm ViT over 
 `target_length` frames (10.08 s): each chunk is encoded on its own (time positions restart)
 and the chunks' tokens are concatenated.
 
-Semantics are the `dasheng` package's (`dasheng.pretrained.Dasheng`) run on **one clip**:
+Semantics are the `dasheng` package's (0.0.9 on PyPI, `dasheng.pretrained.Dasheng`) run on
+**one clip**:
 a batch of clips of different lengths gives each clip what it gets alone — the STFT's
 reflect padding at the clip's own end, the dB floor from the clip's own peak (torchaudio's
 `AmplitudeToDB` takes it over the whole batch), a last partial chunk attended over its real
@@ -93,7 +94,7 @@ class DashengConfig:
         raise CheckpointError(f"Dasheng checkpoint: tensor {tensor!r} is missing")
       return shape
 
-    hidden = need("time_pos_embed")[1]
+    hidden, grid = need("time_pos_embed")[1], need("time_pos_embed")[-1]
     depth = 0
     while shapes(f"blocks.{depth}.norm1.weight") is not None:
       depth += 1
@@ -120,7 +121,9 @@ class DashengConfig:
         layer_scale=shapes("blocks.0.ls1.gamma") is not None, pooling=pooling,
         patch_size=_pair(kw.get("patch_size", (64, 4)), "patch_size"),
         patch_stride=_pair(kw.get("patch_stride", (64, 4)), "patch_stride"),
-        target_length=int(kw.get("target_length", 1008)),
+        # (a config without it: the length the positions were trained for)
+        target_length=int(kw.get("target_length",
+                                 grid * _pair(kw.get("patch_stride", (64, 4)), "patch_stride")[1])),
         init_bn=shapes("init_bn.1.running_mean") is not None,
         n_fft=int(kw.get("n_fft", 512)), win_size=int(kw.get("win_size", 512)),
         hop_size=int(kw.get("hop_size", 160)), n_mels=int(kw.get("n_mels", 64)),
@@ -139,8 +142,7 @@ class DashengConfig:
     if fb is not None and list(fb) != [c.n_fft // 2 + 1, c.n_mels]:
       raise CheckpointError(f"Dasheng checkpoint: front_end.0.mel_scale.fb has shape "
                             f"{list(fb)}, the config implies {[c.n_fft // 2 + 1, c.n_mels]}")
-    grid = need("time_pos_embed")[-1]
-    if grid < c.chunk_patches:
+    if grid != c.chunk_patches:
       raise CheckpointError(f"Dasheng checkpoint: time_pos_embed covers {grid} patches, a "
                             f"chunk of target_length={c.target_length} has {c.chunk_patches}")
     return c
@@ -214,8 +216,9 @@ class BatchNorm(nnx.Module):
   """Inference BatchNorm over the mel bands (running statistics, eps 1e-5)."""
 
   def __init__(self, n: int, dtype):
-    self.weight = nnx.Param(jnp.ones((n,), dtype))
-    self.bias = nnx.Param(jnp.zeros((n,), dtype))
+    del dtype  # f32 whatever the compute dtype: the front end runs in f32 (the package's too)
+    self.weight = nnx.Param(jnp.ones((n,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((n,), jnp.float32))
     self.running_mean = nnx.Param(jnp.zeros((n,), jnp.float32))
     self.running_var = nnx.Param(jnp.ones((n,), jnp.float32))
 
