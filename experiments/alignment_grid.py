@@ -99,9 +99,7 @@ def main(argv):
   setup = common.start("alignment_grid", synthetic_rows=SYNTHETIC_ROWS) \
       if FLAGS.models_a is None else None
   if setup is None:  # the lists name the stores; only the shared settings are needed
-    common.refuse_unapplied("alignment_grid")
-    setup = common.Setup("alignment_grid", None, None, None, 0, 0,
-                          common.out_dir("alignment_grid"))
+    setup = common.store_list_setup("alignment_grid")
   models_a, models_b, values, value_name = stores(setup)
   specs = metric_specs(FLAGS.metrics, FLAGS.topk, [int(k) for k in FLAGS.cknna_k])
   queries = common.read_queries()

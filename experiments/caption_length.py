@@ -18,7 +18,6 @@ lengths' order). Writes caption_length.json/.csv/.png.
 """
 from __future__ import annotations
 
-import numpy as np
 from absl import app, flags
 
 from . import common
@@ -110,9 +109,7 @@ def main(argv):
   if FLAGS.captions is None:
     setup = common.start("caption_length", synthetic_rows=SYNTHETIC_ROWS)
   else:
-    common.refuse_unapplied("caption_length")
-    setup = common.Setup("caption_length", None, None, None, 0, 0,
-                         common.out_dir("caption_length"))
+    setup = common.store_list_setup("caption_length")
   models_a, texts, words = inputs(setup)
   try:
     rows = caption_length_alignment(models_a, texts, topk=FLAGS.topk,

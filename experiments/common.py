@@ -163,6 +163,13 @@ def refuse_unapplied(experiment: str) -> None:
                            f"without")
 
 
+def store_list_setup(experiment: str) -> Setup:
+  """The setup of an experiment whose stores its own flags list (no `start`): only the
+  shared settings and the output folder; unapplied flags refused."""
+  refuse_unapplied(experiment)
+  return Setup(experiment, None, None, None, 0, 0, out_dir(experiment))
+
+
 def read_queries() -> int | list[int]:
   """--queries: a count, or a file of query ids (one per line; errors name the line)."""
   from plato_jax.gallery import parse_count

@@ -117,9 +117,7 @@ def main(argv):
   if setup is None:
     if FLAGS.features_a or FLAGS.features_b:
       raise app.UsageError("vision_vision takes --models (a list of stores)")
-    common.refuse_unapplied("vision_vision")
-    setup = common.Setup("vision_vision", None, None, None, 0, 0,
-                         common.out_dir("vision_vision"))
+    setup = common.store_list_setup("vision_vision")
   if FLAGS.concat:
     raise app.UsageError("vision_vision compares one layer per model: run it without --concat")
   models, scores = stores(setup)

@@ -121,7 +121,7 @@ def _cpu_flags() -> set[str]:
 
 
 def has_avx2() -> bool:
-  return {"avx2", "fma"} <= _cpu_flags()
+  return "avx2" in available_isas()
 
 
 # The kernel's instruction sets, slowest first; every one gives the same bits.

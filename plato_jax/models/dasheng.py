@@ -21,7 +21,6 @@ config.json with `name` and `encoder_kwargs`, tensors under `encoder.`).
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +29,7 @@ from flax import nnx
 
 from plato_jax.models import layers
 from plato_jax.models.errors import CheckpointError
+from plato_jax.models.hf import count_indexed, required_shape
 
 # The published sizes (hidden, layers, heads), as the package's dasheng_base/06B/12B and the
 # Hugging Face config's `name` set them; the heads of a published width are these.
@@ -89,15 +89,10 @@ class DashengConfig:
                             f"{sorted(VARIANTS)}")
 
     def need(tensor):
-      shape = shapes(tensor)
-      if shape is None:
-        raise CheckpointError(f"Dasheng checkpoint: tensor {tensor!r} is missing")
-      return shape
+      return required_shape(shapes, tensor, "Dasheng checkpoint")
 
     hidden, grid = need("time_pos_embed")[1], need("time_pos_embed")[-1]
-    depth = 0
-    while shapes(f"blocks.{depth}.norm1.weight") is not None:
-      depth += 1
+    depth = count_indexed(shapes, "blocks.{}.norm1.weight")
     # The published widths' heads override the file's (as the package's constructors do).
     heads = VARIANTS[name][2] if name else _HEADS_BY_WIDTH.get(hidden, kw.get("num_heads"))
     if not isinstance(heads, int) or heads < 1 or hidden % heads:

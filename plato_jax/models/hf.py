@@ -222,7 +222,7 @@ class Checkpoint:
             and isinstance(saved.get("config"), dict)):
       raise CheckpointError(f"{path}: not a checkpoint directory, nor a torch.save file of "
                             f"{{'model': state dict, 'config': arguments}}")
-    tensors = torch_pickle.state_dict(path, "model")
+    tensors = torch_pickle.tensors_of(saved, path, "model")
     kind = next((k for k, name in PACKAGE_FILES.items() if name in tensors), None)
     if kind is None:
       raise CheckpointError(f"{path}: a torch.save file of no package this loader knows "
@@ -282,6 +282,24 @@ def config_value(config: dict, key: str, default=None, *, required: bool = False
   if required:
     raise CheckpointError(f"{where}: required field {key!r} is missing")
   return default
+
+
+def required_shape(shapes, name: str, where: str) -> list:
+  """`shapes(name)` (a checkpoint tensor's shape, None when absent: how configs are read
+  from tensors), or an error naming the tensor."""
+  shape = shapes(name)
+  if shape is None:
+    raise CheckpointError(f"{where}: tensor {name!r} is missing")
+  return shape
+
+
+def count_indexed(shapes, template: str) -> int:
+  """How many of template.format(0), template.format(1), ... the checkpoint holds in a
+  row (layers, blocks)."""
+  n = 0
+  while shapes(template.format(n)) is not None:
+    n += 1
+  return n
 
 
 def sub_config(config: dict, outer: str, key: str, inner: str | None = None) -> dict:

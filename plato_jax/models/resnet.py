@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from plato_jax.models.hf import CheckpointError
+from plato_jax.models.hf import CheckpointError, count_indexed, required_shape
 
 DEPTHS = (18, 34, 50, 101, 152)  # the names; blocks per stage come from the tensors
 
@@ -46,18 +46,11 @@ class ResNetConfig:
     if not m or int(m.group(1)) not in DEPTHS:
       raise CheckpointError(f"config.json: architecture {arch!r} is not a supported ResNet "
                             f"(resnet{{{','.join(map(str, DEPTHS))}}})")
-    depths = []
-    for stage in range(1, 5):
-      n = 0
-      while shapes(f"layer{stage}.{n}.conv1.weight") is not None:
-        n += 1
-      depths.append(n)
+    depths = [count_indexed(shapes, f"layer{stage}.{{}}.conv1.weight") for stage in range(1, 5)]
     if 0 in depths:
       raise CheckpointError(f"ResNet checkpoint ({arch}): no blocks for stage "
                             f"layer{depths.index(0) + 1}")
-    stem = shapes("conv1.weight")
-    if stem is None:
-      raise CheckpointError(f"ResNet checkpoint ({arch}): tensor 'conv1.weight' is missing")
+    stem = required_shape(shapes, "conv1.weight", f"ResNet checkpoint ({arch})")
     bottleneck = shapes("layer1.0.conv3.weight") is not None
     widths = tuple(shapes(f"layer{s}.0.conv1.weight")[0] if not bottleneck else
                    shapes(f"layer{s}.0.conv2.weight")[0] for s in range(1, 5))

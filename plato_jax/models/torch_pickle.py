@@ -200,7 +200,11 @@ class TorchArchive:
 def state_dict(path: str, key: str | None = None) -> dict:
   """{name: LazyTensor} of a torch.save file holding a state dict (or, with `key`, a dict
   holding one under `key`, as Dasheng's {"model": ..., "config": ...})."""
-  obj = TorchArchive(path).obj
+  return tensors_of(TorchArchive(path).obj, path, key)
+
+
+def tensors_of(obj, path: str, key: str | None = None) -> dict:
+  """`state_dict` of an already unpickled object (`TorchArchive(path).obj`)."""
   if key is not None:
     if not isinstance(obj, dict) or key not in obj:
       raise CheckpointError(f"{path}: no {key!r} entry in the saved object")

@@ -23,7 +23,8 @@ import numpy as np
 from flax import nnx
 
 from plato_jax.models import layers
-from plato_jax.models.hf import CheckpointError, config_value, sliced, sub_config
+from plato_jax.models.hf import (CheckpointError, config_value, count_indexed, required_shape,
+                                 sliced, sub_config)
 
 MODEL_TYPES = ("vit", "vit_mae", "dinov2", "dinov2_with_registers", "clip_vision_model", "clip",
                "pixio", "videomae", "videomaev2", "timm")
@@ -204,16 +205,11 @@ def timm_config(config: dict, shapes) -> VitConfig:
                           f"(vit_<tiny|small|base|large|huge|giant>_..., or model_args.num_heads)")
 
   def need(name):
-    shape = shapes(name)
-    if shape is None:
-      raise CheckpointError(f"timm checkpoint ({arch}): tensor {name!r} is missing")
-    return shape
+    return required_shape(shapes, name, f"timm checkpoint ({arch})")
 
   hidden = need("cls_token")[-1]
   proj = need("patch_embed.proj.weight")
-  depth = 0
-  while shapes(f"blocks.{depth}.norm1.weight") is not None:
-    depth += 1
+  depth = count_indexed(shapes, "blocks.{}.norm1.weight")
   fc1, fc2 = need("blocks.0.mlp.fc1.weight"), need("blocks.0.mlp.fc2.weight")
   swiglu = fc1[0] == 2 * fc2[1]  # packed gate and value (DINOv2 giant)
   regs = shapes("reg_token")
