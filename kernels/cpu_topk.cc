@@ -33,7 +33,11 @@
 //
 // The tile's rows are read from anywhere inside a flat buffer (row r at row_offset + r·D):
 // the engine hands over host rows that do not start on a 64-byte boundary as an aligned
-// window of the memory around them, which XLA takes without a copy.
+// window of the memory around them, which XLA takes without a copy. Rows may be f32, bf16
+// or f16; narrow ones are widened (exactly) a strip at a time while packing.
+//
+// bf16 products (bf16_inputs: queries and rows rounded to bf16 to nearest even) run on AMX
+// tiles where the CPU has them (FoldQueriesAmx), else through the same FMA micro-tiles.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -43,8 +47,16 @@
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #define PLATO_X86 1
+// Compilers whose intrinsics know AMX's tile instructions.
+#if (defined(__clang__) && __clang_major__ >= 12) || \
+    (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11)
+#define PLATO_AMX 1
+#endif
 #endif
 
 #include "xla/ffi/api/ffi.h"
@@ -65,8 +77,11 @@ struct Entry {
   int32_t id;
 };
 
+// How the tile's rows are stored (the `rows` buffer's element type).
+enum RowType : int64_t { kF32 = 0, kBf16 = 1, kF16 = 2 };
+
 struct Problem {
-  const float* rows;           // row r of the tile at rows + r * dim
+  const void* rows;            // row r of the tile at rows + r * dim, of `row_type`
   const int32_t* gallery_ids;  // [T], < 0: padding
   const int32_t* query_ids;    // [Q]
   float* values;               // [Q, capacity] pools; unused slots hold (-inf, -1)
@@ -79,10 +94,14 @@ struct Problem {
   bool normalize;              // scale each column by 1 / its row's norm (0 for a zero row)
   bool avx2;                   // the AVX2/FMA path (else the portable one)
   bool avx512;                 // its micro-tiles on AVX-512F, two strips at a time
+  int64_t row_type;
+  bool bf16_inputs;            // the products take queries and rows rounded to bf16
+  bool amx;                    // bf16 products on AMX tiles (FoldQueriesAmx); f32 ones
+                               // then take the AVX-512 path
 };
 
 // Instruction sets, as the `isa` attribute names them.
-enum Isa : int64_t { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
+enum Isa : int64_t { kPortable = 0, kAvx2 = 1, kAvx512 = 2, kAmx = 3 };
 
 // Per-thread scratch space of the compactions.
 struct Scratch {
@@ -278,6 +297,101 @@ void Offer(const Problem& p, int64_t q, int64_t col, const float* raw, const flo
     if (slot + 1 == p.capacity) Compact(p, q, scratch);
   }
 }
+
+// Narrow values, one at a time, as numpy (ml_dtypes) converts them: bf16 and f16 widen
+// exactly; f32 rounds to bf16 to nearest, ties to even (a NaN stays a NaN).
+inline float Bf16ToF32(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t F32ToBf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>(u >> 16 | 0x40);
+  return static_cast<uint16_t>((u + 0x7fffu + (u >> 16 & 1)) >> 16);
+}
+
+inline float F16ToF32(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h >> 15) << 31, exponent = h >> 10 & 31,
+                 mantissa = h & 1023;
+  uint32_t u;
+  if (exponent == 31) {
+    u = sign | 0x7f800000u | mantissa << 13;
+  } else if (exponent) {
+    u = sign | (exponent + 112) << 23 | mantissa << 13;
+  } else {  // zero or subnormal: mantissa · 2^-24, exact in f32
+    const float f = std::ldexp(static_cast<float>(mantissa), -24);
+    std::memcpy(&u, &f, 4);
+    u |= sign;
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline float RowValue(const Problem& p, int64_t i) {
+  switch (p.row_type) {
+    case kBf16: return Bf16ToF32(static_cast<const uint16_t*>(p.rows)[i]);
+    case kF16: return F16ToF32(static_cast<const uint16_t*>(p.rows)[i]);
+    default: return static_cast<const float*>(p.rows)[i];
+  }
+}
+
+inline float RoundedToBf16(float f) { return Bf16ToF32(F32ToBf16(f)); }
+
+#ifdef PLATO_X86
+// Eight values at once, as the scalar functions above.
+__attribute__((target("avx2,fma,f16c"))) __m256 LoadAsF32Avx2(const Problem& p, int64_t i) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(
+      static_cast<const uint16_t*>(p.rows) + i));
+  switch (p.row_type) {
+    case kBf16: return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    case kF16: return _mm256_cvtph_ps(h);
+    default: return _mm256_loadu_ps(static_cast<const float*>(p.rows) + i);
+  }
+}
+
+__attribute__((target("avx2,fma"))) __m256 RoundedToBf16Avx2(__m256 x) {
+  const __m256i u = _mm256_castps_si256(x);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd));
+  const __m256i nan = _mm256_or_si256(u, _mm256_set1_epi32(0x400000));
+  const __m256 is_nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+  const __m256i top = _mm256_castps_si256(_mm256_blendv_ps(
+      _mm256_castsi256_ps(rounded), _mm256_castsi256_ps(nan), is_nan));
+  return _mm256_castsi256_ps(_mm256_and_si256(top, _mm256_set1_epi32(-65536)));
+}
+
+__attribute__((target("avx2,fma,f16c"))) void RowsAsF32Avx2(const Problem& p, int64_t begin,
+                                                            int64_t n, float* out) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 x = LoadAsF32Avx2(p, begin + j);
+    _mm256_storeu_ps(out + j, p.bf16_inputs ? RoundedToBf16Avx2(x) : x);
+  }
+  for (; j < n; ++j) {
+    out[j] = p.bf16_inputs ? RoundedToBf16(RowValue(p, begin + j)) : RowValue(p, begin + j);
+  }
+}
+#endif
+
+// Rows [r0, r0 + count) of the tile as f32 values the products take (rounded to bf16 for
+// bf16 inputs), row-major: the micro-tiles' packing then reads them as f32 rows.
+void RowsAsF32(const Problem& p, int64_t r0, int64_t count, float* out) {
+  const int64_t begin = r0 * p.dim, n = count * p.dim;
+#ifdef PLATO_X86
+  if (p.avx2) return RowsAsF32Avx2(p, begin, n, out);
+#endif
+  for (int64_t j = 0; j < n; ++j) {
+    out[j] = p.bf16_inputs ? RoundedToBf16(RowValue(p, begin + j)) : RowValue(p, begin + j);
+  }
+}
+
+// The products read the rows in place when they are f32 and taken as they are.
+bool RowsReadInPlace(const Problem& p) { return p.row_type == kF32 && !p.bf16_inputs; }
 
 // Packs rows [r0, r0 + rows) of x [*, dim] feature-major: out[f * width + r] (zero-padded).
 void Pack(const float* x, int64_t r0, int64_t rows, int64_t width, int64_t dim, float* out) {
@@ -502,7 +616,8 @@ __attribute__((target("avx2,fma"))) void FinishTileAvx2(const Problem& p, const 
 
 bool HasAvx2() {
 #ifdef PLATO_X86
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
 #else
   return false;
 #endif
@@ -511,6 +626,21 @@ bool HasAvx2() {
 bool HasAvx512() {
 #ifdef PLATO_X86
   return HasAvx2() && __builtin_cpu_supports("avx512f");
+#else
+  return false;
+#endif
+}
+
+// AMX-BF16 in the CPU (CPUID leaf 7: EDX bits 22 and 24), and the kernel's permission to use
+// its tile state (Linux grants it per process, on request: arch_prctl(ARCH_REQ_XCOMP_PERM)).
+bool HasAmx() {
+#ifdef PLATO_AMX
+  unsigned eax, ebx, ecx, edx;
+  if (!HasAvx512() || !__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  if (!(edx >> 22 & 1) || !(edx >> 24 & 1)) return false;
+  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  static const bool granted = syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  return granted;
 #else
   return false;
 #endif
@@ -531,6 +661,199 @@ class LineAligned {
   std::vector<float> storage_;
   float* data_;
 };
+
+// --- AMX: bf16 products on tiles ---------------------------------------------------------
+//
+// TDPBF16PS multiplies a 16 × 32 bf16 tile A by a 32 × 16 one B (held as 16 rows of 16 bf16
+// pairs: "VNNI" order) into a 16 × 16 f32 tile C. Products of bf16 values are exact in f32;
+// only the additions round — in the hardware's order, not the FMA path's — and the engine's
+// certificate bounds any order (so the AMX path's scores may differ from the FMA path's by
+// a few ulps, but the neighbours do not). Queries are A (16 a panel), gallery rows B (16 a
+// strip); a 2 × 2 block of C tiles (32 queries × 32 rows) stays in the tile registers over
+// all features, then goes to memory (4 KiB, L1) for the same finish as the FMA micro-tiles.
+#ifdef PLATO_AMX
+constexpr int64_t kAmxRows = 16;    // queries per A tile, gallery rows per B tile
+constexpr int64_t kAmxDepth = 32;   // features per tile step
+constexpr int64_t kAmxTile = 512;   // bf16 elements of an A or B tile (1 KiB)
+
+// Rows [r0, r0 + count) as bf16 rows of `stride` elements (zero beyond dim, and rows count..
+// kAmxRows all zero): the values the products take.
+__attribute__((target("avx512f,avx2,fma,f16c"))) void RowsAsBf16(const Problem& p, int64_t r0,
+                                                                 int64_t count, int64_t stride,
+                                                                 uint16_t* out) {
+  const int64_t dim = p.dim;
+  for (int64_t r = 0; r < count; ++r) {
+    uint16_t* o = out + r * stride;
+    const int64_t begin = (r0 + r) * dim;
+    if (p.row_type == kBf16) {
+      std::memcpy(o, static_cast<const uint16_t*>(p.rows) + begin, sizeof(uint16_t) * dim);
+    } else {
+      int64_t j = 0;
+      for (; j + 8 <= dim; j += 8) {  // rounded as F32ToBf16, then the top halves packed
+        const __m256i top = _mm256_srli_epi32(
+            _mm256_castps_si256(RoundedToBf16Avx2(LoadAsF32Avx2(p, begin + j))), 16);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(o + j),
+                         _mm256_castsi256_si128(_mm256_permute4x64_epi64(
+                             _mm256_packus_epi32(top, top), 0x08)));
+      }
+      for (; j < dim; ++j) o[j] = F32ToBf16(RowValue(p, begin + j));
+    }
+    std::fill(o + dim, o + stride, uint16_t{0});
+  }
+  std::fill(out + count * stride, out + kAmxRows * stride, uint16_t{0});
+}
+
+// A strip's bf16 rows (row-major, `stride`) as B tiles, one per chunk of 32 features: word
+// [kk][n] of chunk c is row n's features 32c + 2kk and 32c + 2kk + 1 — a 16 × 16 transpose
+// of 32-bit words.
+__attribute__((target("avx512f"))) void PackStripVnni(const uint16_t* rows, int64_t stride,
+                                                      int64_t chunks, uint16_t* out) {
+  const int64_t words = stride / 2;
+  const uint32_t* w = reinterpret_cast<const uint32_t*>(rows);
+  uint32_t* o = reinterpret_cast<uint32_t*>(out);
+  const __m512i lanes = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6,
+                                                            5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32(static_cast<int>(words)));
+  for (int64_t c = 0; c < chunks; ++c) {
+    for (int64_t kk = 0; kk < 16; ++kk) {
+      _mm512_store_si512(o + (c * 16 + kk) * 16,
+                         _mm512_i32gather_epi32(lanes, w + c * 16 + kk, 4));
+    }
+  }
+}
+
+// Squared norms of a packed strip's 16 rows from its B tiles: one FMA chain per row in
+// feature order, as StripSumSqAvx2 (zero features add nothing), so the bits are the FMA
+// path's.
+__attribute__((target("avx512f"))) void StripSumSqVnni(const uint16_t* b, int64_t chunks,
+                                                       float* out) {
+  __m512 s = _mm512_setzero_ps();
+  const __m512i high = _mm512_set1_epi32(-65536);
+  for (int64_t j = 0; j < chunks * 16; ++j) {
+    const __m512i w = _mm512_load_si512(b + j * 32);
+    const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+    const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(w, high));
+    s = _mm512_fmadd_ps(even, even, s);
+    s = _mm512_fmadd_ps(odd, odd, s);
+  }
+  _mm512_storeu_ps(out, s);
+}
+
+// Queries [q0, q0 + count) (already bf16 values) as A tiles: panel i's chunk c at
+// out + (i · chunks + c) · kAmxTile, a row of 32 features per query; zero elsewhere.
+void PackQueriesAmx(const float* queries, int64_t q0, int64_t count, int64_t dim,
+                    int64_t chunks, uint16_t* out, int64_t panels) {
+  std::fill(out, out + panels * chunks * kAmxTile, uint16_t{0});
+  for (int64_t q = 0; q < count; ++q) {
+    const int64_t panel = q / kAmxRows, r = q % kAmxRows;
+    for (int64_t f = 0; f < dim; ++f) {
+      out[(panel * chunks + f / kAmxDepth) * kAmxTile + r * kAmxDepth + f % kAmxDepth] =
+          F32ToBf16(queries[(q0 + q) * dim + f]);
+    }
+  }
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// C tiles 0-3 = (A0, A1) × (B0, B1) over `chunks` steps, stored at c (each 16 × 16 f32).
+__attribute__((target("amx-tile,amx-bf16"))) void TileBlockAmx(const uint16_t* a0,
+                                                               const uint16_t* a1,
+                                                               const uint16_t* b0,
+                                                               const uint16_t* b1,
+                                                               int64_t chunks, float* c) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t j = 0; j < chunks; ++j) {
+    _tile_loadd(4, a0 + j * kAmxTile, 64);
+    _tile_loadd(6, b0 + j * kAmxTile, 64);
+    _tile_loadd(5, a1 + j * kAmxTile, 64);
+    _tile_loadd(7, b1 + j * kAmxTile, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c, 64);
+  _tile_stored(1, c + 256, 64);
+  _tile_stored(2, c + 512, 64);
+  _tile_stored(3, c + 768, 64);
+}
+
+__attribute__((target("amx-tile"))) void LoadTileConfig() {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) config.colsb[t] = 64, config.rows[t] = 16;
+  // Not _tile_loadconfig: GCC's asm for it names only the config's first 8 bytes as read,
+  // so the stores of the rest can be dropped (seen with GCC 12: a random config, a #GP).
+  asm volatile("ldtilecfg %0" : : "m"(config));
+}
+
+__attribute__((target("amx-tile"))) void ReleaseTiles() { _tile_release(); }
+
+// FoldQueries on AMX tiles (queries already bf16 values). A gallery block is packed once
+// per thread into B tiles; for each pair of strips, every pair of query panels passes.
+void FoldQueriesAmx(const Problem& p, const float* queries, int64_t q_begin, int64_t q_end,
+                    int64_t block_cols, bool first) {
+  const int64_t dim = p.dim, chunks = std::max<int64_t>(1, (dim + kAmxDepth - 1) / kAmxDepth);
+  const int64_t stride = chunks * kAmxDepth, strip_elems = chunks * kAmxTile;
+  int64_t panels = (q_end - q_begin + kAmxRows - 1) / kAmxRows;
+  panels += panels % 2;
+  LineAligned a(static_cast<size_t>(panels * strip_elems / 2));
+  uint16_t* a16 = reinterpret_cast<uint16_t*>(a.data());
+  PackQueriesAmx(queries, q_begin, q_end - q_begin, dim, chunks, a16, panels);
+  const int64_t pair = 2 * kAmxRows;
+  const int64_t block = (std::min(block_cols, p.num_t) + pair - 1) / pair * pair;
+  LineAligned b(static_cast<size_t>(block / kAmxRows * strip_elems / 2));
+  LineAligned rows(static_cast<size_t>(kAmxRows * stride / 2));
+  uint16_t* b16 = reinterpret_cast<uint16_t*>(b.data());
+  uint16_t* rows16 = reinterpret_cast<uint16_t*>(rows.data());
+  std::vector<float> sumsq(block), scale(block, 1.0f);
+  LineAligned acc(4 * kAmxRows * kAmxRows);
+  const bool norms = first || p.normalize;
+  Scratch scratch;
+  LoadTileConfig();
+  for (int64_t t0 = 0; t0 < p.num_t; t0 += block) {
+    const int64_t cols = std::min(block, p.num_t - t0);
+    const int64_t strips = (cols + pair - 1) / pair * 2;
+    for (int64_t s = 0; s < strips; ++s) {
+      const int64_t count = std::max<int64_t>(0, std::min(kAmxRows, cols - s * kAmxRows));
+      RowsAsBf16(p, t0 + s * kAmxRows, count, stride, rows16);
+      PackStripVnni(rows16, stride, chunks, b16 + s * strip_elems);
+      if (norms) StripSumSqVnni(b16 + s * strip_elems, chunks, sumsq.data() + s * kAmxRows);
+    }
+    if (p.normalize) {
+      for (int64_t j = 0; j < cols; ++j) {
+        scale[j] = sumsq[j] > 0.0f ? 1.0f / std::sqrt(sumsq[j]) : 0.0f;
+      }
+    }
+    if (first) std::memcpy(p.row_sumsq + t0, sumsq.data(), sizeof(float) * cols);
+    for (int64_t s = 0; s < strips; s += 2) {
+      const uint16_t* b0 = b16 + s * strip_elems;
+      for (int64_t i = 0; i < panels; i += 2) {
+        TileBlockAmx(a16 + i * strip_elems, a16 + (i + 1) * strip_elems, b0, b0 + strip_elems,
+                     chunks, acc.data());
+        for (int64_t di = 0; di < 2; ++di) {
+          const int64_t q0 = q_begin + (i + di) * kAmxRows;
+          const int64_t rows_here = std::min(kAmxRows, q_end - q0);
+          for (int64_t dj = 0; dj < 2 && rows_here > 0; ++dj) {
+            const int64_t col = t0 + (s + dj) * kAmxRows;
+            const int64_t n = std::min(kAmxRows, p.num_t - col);
+            if (n <= 0) continue;
+            FinishTileAvx2(p, acc.data() + (2 * di + dj) * kAmxRows * kAmxRows,
+                           scale.data() + (s + dj) * kAmxRows, q0, rows_here, col, n, scratch);
+          }
+        }
+      }
+    }
+  }
+  ReleaseTiles();
+}
+#endif
 
 // One thread's share: queries [q_begin, q_end) against the whole tile. The first thread
 // (`first`) also writes the rows' squared norms.
@@ -554,6 +877,7 @@ void FoldQueries(const Problem& p, const float* queries, int64_t q_begin, int64_
   const int64_t block = (std::min(block_cols, p.num_t) + kCols - 1) / kCols * kCols;
   const int64_t block_strips = block / kCols;
   LineAligned b(static_cast<size_t>(block * dim));
+  std::vector<float> converted(RowsReadInPlace(p) ? 0 : kCols * dim);  // one strip's rows
   std::vector<float> sumsq(block), scale(block, 1.0f);
   const bool norms = first || p.normalize;  // the others need no norms without normalize
   constexpr int64_t kTile = kRows * kCols;
@@ -565,18 +889,25 @@ void FoldQueries(const Problem& p, const float* queries, int64_t q_begin, int64_
     const int64_t strips = (cols + kCols - 1) / kCols;
     for (int64_t s = 0; s < strips; ++s) {
       float* strip = b.data() + s * kCols * dim;
+      const int64_t count = std::min(kCols, cols - s * kCols);
+      const float* src = static_cast<const float*>(p.rows);
+      int64_t r0 = t0 + s * kCols;
+      if (!RowsReadInPlace(p)) {
+        RowsAsF32(p, r0, count, converted.data());
+        src = converted.data(), r0 = 0;
+      }
 #ifdef PLATO_X86
       if (avx2) {
-        if (cols - s * kCols >= kCols) {
-          PackStripAvx2(p.rows, t0 + s * kCols, dim, strip);
+        if (count == kCols) {
+          PackStripAvx2(src, r0, dim, strip);
         } else {
-          Pack(p.rows, t0 + s * kCols, cols - s * kCols, kCols, dim, strip);
+          Pack(src, r0, count, kCols, dim, strip);
         }
         if (norms) StripSumSqAvx2(strip, dim, sumsq.data() + s * kCols);
         continue;
       }
 #endif
-      Pack(p.rows, t0 + s * kCols, std::min(kCols, cols - s * kCols), kCols, dim, strip);
+      Pack(src, r0, count, kCols, dim, strip);
       if (norms) StripSumSqPortable(strip, dim, sumsq.data() + s * kCols);
     }
     if (p.normalize) {
@@ -632,7 +963,7 @@ void FoldQueries(const Problem& p, const float* queries, int64_t q_begin, int64_
 ffi::Error TileTopKImpl(ffi::Buffer<ffi::F32> values_in, ffi::Buffer<ffi::S32> ids_in,
                         ffi::Buffer<ffi::S32> count_in, ffi::Buffer<ffi::F32> threshold_value_in,
                         ffi::Buffer<ffi::S32> threshold_id_in, ffi::Buffer<ffi::F32> queries,
-                        ffi::Buffer<ffi::S32> query_ids, ffi::Buffer<ffi::F32> rows,
+                        ffi::Buffer<ffi::S32> query_ids, ffi::AnyBuffer rows,
                         ffi::Buffer<ffi::S32> row_offset, ffi::Buffer<ffi::S32> tile_ids,
                         ffi::ResultBuffer<ffi::F32> values_out,
                         ffi::ResultBuffer<ffi::S32> ids_out,
@@ -641,7 +972,7 @@ ffi::Error TileTopKImpl(ffi::Buffer<ffi::F32> values_in, ffi::Buffer<ffi::S32> i
                         ffi::ResultBuffer<ffi::S32> threshold_id_out,
                         ffi::ResultBuffer<ffi::F32> row_sumsq, int64_t k, int64_t block_cols,
                         int64_t group_panels, int64_t depth_chunk, int64_t threads,
-                        bool normalize, int64_t isa) {
+                        bool normalize, bool bf16_inputs, int64_t isa) {
   const auto qd = queries.dimensions(), sd = values_in.dimensions();
   const int64_t num_q = qd[0], dim = qd[1], num_t = tile_ids.element_count(),
                 capacity = sd[1];
@@ -656,11 +987,20 @@ ffi::Error TileTopKImpl(ffi::Buffer<ffi::F32> values_in, ffi::Buffer<ffi::S32> i
                       "be in [1, 2^20]");
   }
   // The pools must be this kernel's own state (empty_pools, or a previous call's output).
-  if (isa < kPortable || isa > kAvx512 || (isa >= kAvx2 && !HasAvx2()) ||
-      (isa == kAvx512 && !HasAvx512())) {
+  if (isa < kPortable || isa > kAmx || (isa >= kAvx2 && !HasAvx2()) ||
+      (isa >= kAvx512 && !HasAvx512()) || (isa == kAmx && !HasAmx())) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "plato_tile_topk: isa must be 0 (portable), 1 (AVX2) or 2 (AVX-512) and "
-                      "one this CPU has");
+                      "plato_tile_topk: isa must be 0 (portable), 1 (AVX2), 2 (AVX-512) or 3 "
+                      "(AMX-BF16) and one this CPU has");
+  }
+  int64_t row_type;
+  switch (rows.element_type()) {
+    case ffi::DataType::F32: row_type = kF32; break;
+    case ffi::DataType::BF16: row_type = kBf16; break;
+    case ffi::DataType::F16: row_type = kF16; break;
+    default:
+      return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                        "plato_tile_topk: rows must be f32, bf16 or f16");
   }
   const int32_t* counts = count_in.typed_data();
   for (int64_t q = 0; q < num_q; ++q) {
@@ -679,11 +1019,13 @@ ffi::Error TileTopKImpl(ffi::Buffer<ffi::F32> values_in, ffi::Buffer<ffi::S32> i
   int64_t real_t = num_t;
   while (real_t > 0 && tile_ids.typed_data()[real_t - 1] < 0) --real_t;
   std::fill(row_sumsq->typed_data() + real_t, row_sumsq->typed_data() + num_t, 0.0f);
-  Problem p{rows.typed_data() + offset, tile_ids.typed_data(), query_ids.typed_data(),
+  const size_t item = row_type == kF32 ? 4 : 2;
+  Problem p{static_cast<const char*>(rows.untyped_data()) + offset * item,
+            tile_ids.typed_data(), query_ids.typed_data(),
             values_out->typed_data(), ids_out->typed_data(), count_out->typed_data(),
             threshold_value_out->typed_data(), threshold_id_out->typed_data(),
             row_sumsq->typed_data(), k, capacity, real_t, dim, normalize, isa >= kAvx2,
-            isa == kAvx512};
+            isa >= kAvx512, row_type, bf16_inputs, isa == kAmx && bf16_inputs};
   // In place when XLA aliased the state (it does: input_output_aliases); else copy it over.
   auto keep = [](void* out, const void* in, size_t bytes) {
     if (out != in) std::memcpy(out, in, bytes);
@@ -699,13 +1041,19 @@ ffi::Error TileTopKImpl(ffi::Buffer<ffi::F32> values_in, ffi::Buffer<ffi::S32> i
   const int64_t panels = (num_q + kRows - 1) / kRows;
   const int64_t workers = std::max<int64_t>(1, std::min(threads, panels));
   auto share = [&](int64_t w) { return std::min(num_q, panels * w / workers * kRows); };
+  // bf16 inputs: the queries rounded once, for every thread.
+  std::vector<float> rounded(bf16_inputs ? num_q * dim : 0);
+  for (size_t j = 0; j < rounded.size(); ++j) rounded[j] = RoundedToBf16(queries.typed_data()[j]);
+  const float* q = bf16_inputs ? rounded.data() : queries.typed_data();
+  auto fold = [&](int64_t w) {
+#ifdef PLATO_AMX
+    if (p.amx) return FoldQueriesAmx(p, q, share(w), share(w + 1), block_cols, w == 0);
+#endif
+    FoldQueries(p, q, share(w), share(w + 1), block_cols, group_panels, depth_chunk, w == 0);
+  };
   std::vector<std::thread> pool;
-  for (int64_t w = 1; w < workers; ++w) {
-    pool.emplace_back(FoldQueries, std::cref(p), queries.typed_data(), share(w), share(w + 1),
-                      block_cols, group_panels, depth_chunk, false);
-  }
-  FoldQueries(p, queries.typed_data(), share(0), share(1), block_cols, group_panels, depth_chunk,
-              true);
+  for (int64_t w = 1; w < workers; ++w) pool.emplace_back(fold, w);
+  fold(0);
   for (auto& t : pool) t.join();
   return ffi::Error::Success();
 }
@@ -721,7 +1069,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PlatoTileTopK, TileTopKImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()   // threshold ids
                                   .Arg<ffi::Buffer<ffi::F32>>()   // queries
                                   .Arg<ffi::Buffer<ffi::S32>>()   // query ids
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // rows (flat)
+                                  .Arg<ffi::AnyBuffer>()          // rows (flat): f32, bf16, f16
                                   .Arg<ffi::Buffer<ffi::S32>>()   // offset of row 0 in them
                                   .Arg<ffi::Buffer<ffi::S32>>()   // tile ids
                                   .Ret<ffi::Buffer<ffi::F32>>()
@@ -736,4 +1084,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PlatoTileTopK, TileTopKImpl,
                                   .Attr<int64_t>("depth_chunk")
                                   .Attr<int64_t>("threads")
                                   .Attr<bool>("normalize")
+                                  .Attr<bool>("bf16_inputs")
                                   .Attr<int64_t>("isa"));

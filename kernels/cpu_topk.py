@@ -29,14 +29,23 @@ multiplied (its norms read 0): a partial tile costs its real rows only.
 
 The rows are read from a flat buffer at an offset, so the engine passes host rows that are
 not 64-byte aligned (numpy's allocations are 16-byte aligned) as an aligned window around
-them (`primitives.RowWindow`), which the CPU client takes without a copy.
-f32 only: the kernel exists for the CPU, where narrower dtypes are widened anyway.
+them (`primitives.RowWindow`), which the CPU client takes without a copy. Rows may be f32,
+bf16 or f16: narrow rows are widened (exactly) while a strip is packed, never on the host.
+
+bf16 products (`bf16_inputs`: a bf16 compute dtype, or bf16 stores, whose values are bf16
+already): queries and rows are rounded to bf16 as numpy rounds them, and on CPUs with
+AMX-BF16 multiplied on tiles (`TDPBF16PS`: 16 × 32 by 32 × 16 bf16 into 16 × 16 f32, a 2 × 2
+block of tiles over all features, then the same finish into the pools). The products of
+bf16 values are exact in f32; AMX adds them in its own order (and flushes subnormals), so
+its scores may differ from the FMA paths' by rounding — within the bound the engine's
+float64 certificate allows for any order — while a row's score still does not depend on
+where it sits.
 
 The handler is compiled on first use with the host C++ compiler against the XLA FFI
 headers jaxlib ships, and cached (`PLATO_JAX_CACHE`, default ~/.cache/plato_jax). It runs
-the fastest instruction set the CPU has (`default_isa`; `PLATO_CPU_ISA` forces one):
-AVX-512F micro-tiles over two strips, AVX2/FMA, or a portable fmaf loop — all giving the
-same numbers. `unavailable_reason()` says why it cannot run (no compiler, no AVX2), and the
+the fastest instruction set the CPU has (`default_isa`; `PLATO_CPU_ISA` forces one, read
+when a search chooses its kernel): AMX tiles for bf16 products, AVX-512F micro-tiles over
+two strips, AVX2/FMA, or a portable fmaf loop — the last three giving the same numbers. `unavailable_reason()` says why it cannot run (no compiler, no AVX2), and the
 engine then keeps its XLA kernel.
 
 `reference_update` is the plain-numpy reference the tests compare to.
@@ -48,6 +57,7 @@ import functools
 import hashlib
 import os
 import pathlib
+import platform
 import subprocess
 import sys
 import tempfile
@@ -124,19 +134,37 @@ def has_avx2() -> bool:
   return "avx2" in available_isas()
 
 
-# The kernel's instruction sets, slowest first; every one gives the same bits.
-ISAS = ("portable", "avx2", "avx512")
+# The kernel's instruction sets, slowest first, each including the one before: f32
+# products give the same bits on every one; "amx" multiplies bf16 products on AMX tiles
+# (f32 products there take the AVX-512 path), adding in the tiles' own order.
+ISAS = ("portable", "avx2", "avx512", "amx")
 ISA_ENV = "PLATO_CPU_ISA"  # forces one (e.g. to time or test a path)
+
+
+@functools.cache
+def _amx_granted() -> bool:
+  """Linux lets a process use AMX's tile state once it asks (arch_prctl(ARCH_REQ_XCOMP_PERM,
+  XFEATURE_XTILEDATA)); a kernel or VM may refuse."""
+  if sys.platform != "linux" or platform.machine() != "x86_64":
+    return False
+  try:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    return libc.syscall(*map(ctypes.c_long, (158, 0x1023, 18))) == 0  # SYS_arch_prctl
+  except (OSError, AttributeError):
+    return False
 
 
 def available_isas() -> tuple[str, ...]:
   """The instruction sets this CPU runs the kernel with."""
   flags = _cpu_flags()
   out = ["portable"]
-  if {"avx2", "fma"} <= flags:
+  if {"avx2", "fma", "f16c"} <= flags:
     out.append("avx2")
     if "avx512f" in flags:
       out.append("avx512")
+      if {"amx_tile", "amx_bf16"} <= flags and _amx_granted():
+        out.append("amx")
   return tuple(out)
 
 
@@ -184,19 +212,25 @@ def empty_pools(num_queries: int, k: int):
           np.full(num_queries, -1, np.int32))
 
 
+# Row dtypes the kernel reads as they are (others are converted to f32 first).
+ROW_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
+
+
 def cpu_update(pools, queries, query_ids, rows, tile_ids, *, k: int, row_offset=0,
-               normalize: bool = False, block_cols: int = 128, group_panels: int = 24,
-               depth_chunk: int = 256, threads: int | None = None,
+               normalize: bool = False, bf16_inputs: bool = False, block_cols: int = 128,
+               group_panels: int = 24, depth_chunk: int = 256, threads: int | None = None,
                isa: str | None = None):
   """(`pools` (as `empty_pools`) with the tile's rows folded in, the rows' f32 squared
-  norms [T], 0 for the padding after the last real row). queries f32 [Q, D]; query_ids int32 [Q]; tile_ids int32 [T] (< 0: padding);
-  rows f32 [T, D], or any flat f32 buffer holding row r at `row_offset` + r·D (a scalar,
-  traced or not). normalize: each column is scaled by 1 / its row's norm (0 for a zero
-  row). Blocking (speed only; results are bit-identical for any values): `block_cols`
-  gallery rows packed at a time, `group_panels` panels of 6 queries per pass over them,
-  features in chunks of `depth_chunk`. `isa` ("portable", "avx2", "avx512"; default
-  `default_isa()`): the instruction set, speed only — every one gives the same bits. Call
-  inside jit on a CPU device."""
+  norms [T], 0 for the padding after the last real row). queries [Q, D] (taken as f32);
+  query_ids int32 [Q]; tile_ids int32 [T] (< 0: padding); rows [T, D] f32, bf16 or f16 (read
+  as they are; other dtypes are converted to f32), or any flat buffer of them holding row r
+  at `row_offset` + r·D (a scalar, traced or not). normalize: each column is scaled by 1 /
+  its row's norm (0 for a zero row). bf16_inputs: the products take queries and rows
+  rounded to bf16 (to nearest even, as numpy's astype; the norms too), and run on AMX tiles
+  where `isa` is "amx". Blocking (speed only; f32 products give bit-identical results for
+  any values): `block_cols` gallery rows packed at a time, `group_panels` panels of 6
+  queries per pass over them, features in chunks of `depth_chunk`. `isa` (`ISAS`; default
+  `default_isa()`): the instruction set, speed only. Call inside jit on a CPU device."""
   isa = default_isa() if isa is None else isa
   if isa not in available_isas():
     raise ValueError(f"isa={isa!r}: this CPU runs {available_isas()}")
@@ -208,20 +242,24 @@ def cpu_update(pools, queries, query_ids, rows, tile_ids, *, k: int, row_offset=
                           vmap_method="sequential")
   *pools, row_sumsq = call(
       *pools, queries.astype(jnp.float32), query_ids.astype(jnp.int32),
-      rows.astype(jnp.float32).reshape(-1), jnp.asarray(row_offset, jnp.int32).reshape(1),
+      (rows if rows.dtype in ROW_DTYPES else rows.astype(jnp.float32)).reshape(-1),
+      jnp.asarray(row_offset, jnp.int32).reshape(1),
       tile_ids.astype(jnp.int32), k=np.int64(k), block_cols=np.int64(block_cols),
       group_panels=np.int64(group_panels), depth_chunk=np.int64(depth_chunk),
       threads=np.int64(default_threads() if threads is None else threads),
-      normalize=bool(normalize), isa=np.int64(ISAS.index(isa)))
+      normalize=bool(normalize), bf16_inputs=bool(bf16_inputs),
+      isa=np.int64(ISAS.index(isa)))
   return tuple(pools), row_sumsq
 
 
 def reference_update(values, ids, queries, query_ids, tile, tile_ids, k: int,
-                     normalize: bool = False):
+                     normalize: bool = False, bf16_inputs: bool = False):
   """Plain numpy: the sorted top-k of the entries `values`/`ids` [Q, m] and the tile's
   finished scores."""
-  tile = np.asarray(tile, np.float32)
-  scores = np.asarray(queries, np.float32) @ tile.T
+  tile, queries = np.asarray(tile, np.float32), np.asarray(queries, np.float32)
+  if bf16_inputs:
+    tile, queries = (x.astype(jnp.bfloat16).astype(np.float32) for x in (tile, queries))
+  scores = queries @ tile.T
   if normalize:
     with np.errstate(over="ignore", divide="ignore"):
       sumsq = np.square(tile.astype(np.float64)).sum(1).astype(np.float32)  # exact on integers

@@ -1,6 +1,7 @@
 """plato_jax.kernels.cpu_topk (the C++ fused matmul + selection for CPU devices) against its numpy
 reference, one tile and a stream of tiles, on the cases the engine's tiles produce."""
 import jax
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -27,11 +28,12 @@ def fold(tiles, queries, query_ids, k, **kw):
   return tuple(np.asarray(x) for x in top_by_score_then_id(pools[0], pools[1], k))
 
 
-def reference(tiles, queries, query_ids, k, normalize=False):
+def reference(tiles, queries, query_ids, k, normalize=False, bf16_inputs=False):
   v = np.full((len(queries), k), -np.inf, np.float32)
   i = np.full((len(queries), k), -1, np.int32)
   for rows, ids in tiles:
-    v, i = cpu_topk.reference_update(v, i, queries, query_ids, rows, ids, k, normalize)
+    v, i = cpu_topk.reference_update(v, i, queries, query_ids, rows, ids, k, normalize,
+                                     bf16_inputs)
   return v, i
 
 
@@ -246,3 +248,114 @@ def test_the_instruction_set_is_chosen_by_the_cpu_or_forced(monkeypatch):
     monkeypatch.setenv(cpu_topk.ISA_ENV, missing[0])
     with pytest.raises(ValueError, match="this CPU has only"):
       cpu_topk.default_isa()
+
+
+ROW_DTYPES = [np.float32, ml_dtypes.bfloat16, np.float16]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("row_dtype", ROW_DTYPES)
+@pytest.mark.parametrize("normalize", [False, True])
+def test_bf16_inputs_equal_the_rounded_reference(rng, isa, row_dtype, normalize):
+  """bf16_inputs: queries and rows rounded to bf16 (to nearest even, as numpy), from f32, bf16
+  or f16 rows, on every instruction set (AMX tiles on "amx"). Integers below 2^10 — most
+  change when rounded to bf16's 8 bits, none in f16 — with 12 features: every product and
+  sum is exact in f32 whatever the order, so scores, ties and norms must match exactly.
+  Duplicate and zero rows, padding, self-exclusion, compactions (k = 300), tiles of 700
+  rows (no whole number of AMX's 32-row blocks) and 37 queries (nor of its 32 queries)."""
+  t, d, k = 700, 12, 300 if normalize else 7
+  tiles = []
+  for n in range(3):
+    rows = rng.integers(-1023, 1024, (t, d)).astype(np.float32)
+    rows[3], rows[5] = rows[t // 2], 0
+    ids = np.arange(n * t, (n + 1) * t, dtype=np.int32)
+    if n == 2:
+      ids[t - 11:] = -1
+    tiles.append((rows, ids))
+  queries = rng.integers(-1023, 1024, (37, d)).astype(np.float32)
+  query_ids = np.full(37, -2, np.int32)
+  query_ids[::4] = rng.integers(0, 3 * t, len(query_ids[::4]))
+  got = fold([(r.astype(row_dtype), i) for r, i in tiles], queries, query_ids, k,
+             normalize=normalize, bf16_inputs=True, isa=isa, block_cols=64, threads=2)
+  want = reference(tiles, queries, query_ids, k, normalize, bf16_inputs=True)
+  assert not np.array_equal(tiles[0][0].astype(ml_dtypes.bfloat16).astype(np.float32),
+                            tiles[0][0])  # the rounding matters
+  np.testing.assert_array_equal(got[1], want[1])
+  np.testing.assert_array_equal(got[0], want[0])
+  _, sumsq = jax.jit(lambda *a: cpu_topk.cpu_update(*a, k=3, bf16_inputs=True, isa=isa))(
+      cpu_topk.empty_pools(2, 3), queries[:2], query_ids[:2], tiles[0][0].astype(row_dtype),
+      tiles[0][1])
+  rounded = tiles[0][0].astype(ml_dtypes.bfloat16).astype(np.float64)
+  np.testing.assert_array_equal(np.asarray(sumsq), np.square(rounded).sum(1).astype(np.float32))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_rounding_to_bf16_is_numpys(isa):
+  """Halfway cases (ties to even, both ways), carries into the exponent, the largest finite
+  values (some round to inf: a bad row's overflow), negative values, and values already bf16:
+  the rows' rounded values come back as the scores of a query of ones on one feature."""
+  bits = np.array([0x3f808000, 0x3f818000, 0x3f80c000, 0x3f807fff, 0x3fff8000, 0x7f7f7fff,
+                   0x7f7f8000, 0x7f7fffff, 0xbf808000, 0xbf818000, 0x3f800000, 0x00800000,
+                   0x4b7fffff, 0x3effffff], np.uint32)
+  values = bits.view(np.float32)
+  rows = np.zeros((len(values), 16), np.float32)
+  rows[:, 0] = values
+  ids = np.arange(len(values), dtype=np.int32)
+  queries = np.zeros((1, 16), np.float32)
+  queries[0, 0] = 1
+  got_v, got_i = fold([(rows, ids)], queries, np.full(1, -2, np.int32), len(values),
+                      bf16_inputs=True, isa=isa)
+  rounded = values.astype(ml_dtypes.bfloat16).astype(np.float32)
+  np.testing.assert_array_equal(got_v[0], rounded[got_i[0]])
+  assert np.isinf(rounded).sum() == 2  # 0x7f7f8000 and 0x7f7fffff round to inf
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("row_dtype", [ml_dtypes.bfloat16, np.float16])
+def test_narrow_rows_are_widened_exactly_in_the_kernel(rng, isa, row_dtype):
+  """bf16 and f16 rows read as they are (not widened on the host) give the bits of the same
+  rows widened to f32, on random floats — f16's subnormals, infinities and NaN included
+  (the NaN row is never selected, the inf rows always are)."""
+  t, d, k = 300, 40, 25
+  rows = rng.standard_normal((t, d)).astype(row_dtype)
+  if row_dtype == np.float16:
+    rows[10, :3] = np.float16(3e-6)   # subnormal in f16
+    rows[11, 0] = np.inf
+    rows[12, 1] = np.nan
+  queries = rng.standard_normal((9, d)).astype(np.float32)
+  queries[:, :2] = np.abs(queries[:, :2])  # inf times a positive value: +inf
+  ids = np.arange(t, dtype=np.int32)
+  no_ids = np.full(9, -2, np.int32)
+  with np.errstate(invalid="ignore"):
+    want = fold([(rows.astype(np.float32), ids)], queries, no_ids, k, isa=isa)
+    got = fold([(rows, ids)], queries, no_ids, k, isa=isa)
+  np.testing.assert_array_equal(got[1], want[1])
+  np.testing.assert_array_equal(got[0], want[0])
+  if row_dtype == np.float16:
+    assert (got[1][:, 0] == 11).all() and 12 not in got[1]
+
+
+@pytest.mark.skipif("amx" not in cpu_topk.available_isas(), reason="this CPU has no AMX-BF16")
+def test_amx_scores_are_position_invariant_and_near_the_fma_path(rng):
+  """On AMX tiles each score is added in the tiles' order, the same wherever its row sits
+  (block size, threads, tile position): permuted rows give the same bits, and duplicate rows
+  tie exactly. Against the FMA path (another order) the scores differ by rounding only."""
+  t, d, k = 900, 100, 30
+  rows = rng.standard_normal((t, d)).astype(ml_dtypes.bfloat16)
+  rows[700] = rows[3]
+  queries = rng.standard_normal((40, d)).astype(ml_dtypes.bfloat16).astype(np.float32)
+  queries[7] = rows[3].astype(np.float32)  # rows 3 and 700 are query 7's two best
+  no_ids = np.full(40, -2, np.int32)
+  ids = np.arange(t, dtype=np.int32)
+  base = fold([(rows, ids)], queries, no_ids, k, bf16_inputs=True, isa="amx", block_cols=128)
+  assert list(base[1][7, :2]) == [3, 700] and base[0][7, 0] == base[0][7, 1]
+  perm = rng.permutation(t)
+  for kw in [dict(block_cols=32, threads=1), dict(block_cols=512, threads=3)]:
+    moved = fold([(rows[perm], ids[perm])], queries, no_ids, k, bf16_inputs=True, isa="amx",
+                 **kw)
+    np.testing.assert_array_equal(moved[1], base[1])
+    np.testing.assert_array_equal(moved[0], base[0])
+  exact = queries.astype(np.float64) @ rows.astype(np.float64).T
+  np.testing.assert_allclose(base[0], np.take_along_axis(exact, base[1], 1), atol=1e-3)
+  fma = fold([(rows, ids)], queries, no_ids, k, bf16_inputs=True, isa="avx512")
+  np.testing.assert_allclose(base[0], fma[0], atol=1e-3)

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from knn_reference import brute_force, integer_rows, one_device_mesh, skip_unless_runs_here
 
+from plato_jax.kernels import cpu_topk
 from plato_jax.knn import ArraySource, search, search_prefixes
+from plato_jax.knn.kernel_choice import selector_that_compiles
 from plato_jax.knn.sources import TensorStoreSource
 
 
@@ -194,6 +196,47 @@ def test_bfloat16_storage_exact_on_stored_values(rng):
   ids, scores = brute_force(q.astype(np.float32), g.astype(np.float32), 10, query_ids=np.arange(50))
   np.testing.assert_allclose(res.scores, scores, atol=1e-4)
   np.testing.assert_array_equal(res.ids, ids)
+
+
+CPU_ISAS = [pytest.param(isa, marks=pytest.mark.skipif(
+    isa not in cpu_topk.available_isas(), reason=f"this CPU has no {isa}"))
+    for isa in cpu_topk.ISAS]
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("store,compute_dtype,bf16_queries,normalize", [
+    (ml_dtypes.bfloat16, None, True, False),   # a bf16 store: bf16 products (AMX tiles)
+    (ml_dtypes.bfloat16, None, True, True),
+    (ml_dtypes.bfloat16, None, False, False),  # f32 queries: f32 products of bf16 rows
+    (np.float32, ml_dtypes.bfloat16, False, True),  # bf16 asked: the kernel rounds
+    (np.float16, None, False, False),          # f16 rows widened in the kernel
+])
+def test_cpu_kernel_on_narrow_inputs_equals_brute_force(rng, monkeypatch, isa, store,
+                                                        compute_dtype, bf16_queries, normalize):
+  """Every CPU kernel path (PLATO_CPU_ISA) on bf16/f16 stores and bf16 compute equals the
+  float64 brute force on the values the matmul takes: random floats, duplicate rows, a
+  gallery not a multiple of the tile, self-exclusion."""
+  skip_unless_runs_here("cpu")
+  monkeypatch.setenv(cpu_topk.ISA_ENV, isa)
+  selector_that_compiles.cache_clear()
+  g = rng.standard_normal((1500, 48)).astype(store)
+  g[[9, 1200]] = g[30]
+  q = g[:40] if bf16_queries else rng.standard_normal((40, 48)).astype(np.float32)
+  qids = np.arange(40) if bf16_queries else None
+  res = search(q, g, 15, query_ids=qids, tile_rows=256, compute_dtype=compute_dtype,
+               normalize=normalize)
+  assert res.kernel == "cpu"
+  taken = compute_dtype or store
+  g64 = g.astype(taken).astype(np.float64)
+  if normalize:
+    g64 /= np.linalg.norm(g64, axis=1, keepdims=True)
+  q64 = q.astype(taken).astype(np.float64) if compute_dtype else q.astype(np.float64)
+  ids, scores = brute_force(q64, g64, 15, query_ids=qids)
+  if normalize:
+    scores /= np.linalg.norm(q64, axis=1, keepdims=True)
+  np.testing.assert_array_equal(res.ids, ids)
+  np.testing.assert_allclose(res.scores, scores, rtol=1e-6, atol=1e-6)
+  selector_that_compiles.cache_clear()
 
 
 def test_matches_faiss_inner_product(rng, kernel):
@@ -491,9 +534,10 @@ def test_kernel_choice_is_checked_and_reported(rng):
   x = integer_rows(rng, 200, 8)
   auto = "cpu" if unavailable_reason() is None else "xla"
   assert search(x[:5], x, 3).kernel == auto  # auto on CPU, f32
-  assert search(x[:5], x, 3, compute_dtype=ml_dtypes.bfloat16).kernel == "xla"
-  with pytest.raises(ValueError, match="f32 only"):
-    search(x[:5], x, 3, kernel="cpu", compute_dtype=ml_dtypes.bfloat16)
+  assert search(x[:5], x, 3, compute_dtype=ml_dtypes.bfloat16).kernel == auto  # and bf16
+  assert search(x[:5], x, 3, compute_dtype=np.float16).kernel == "xla"
+  with pytest.raises(ValueError, match="f32 or bf16"):
+    search(x[:5], x, 3, kernel="cpu", compute_dtype=np.float16)
   with pytest.raises(ValueError, match="kernel must be"):
     search(x[:5], x, 3, kernel="triton")
   import types

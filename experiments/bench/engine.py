@@ -5,8 +5,9 @@
     python -m plato_jax.experiments.bench.engine --self_join --gallery=100000 --dim=256 --k=10
     python -m plato_jax.experiments.bench.engine --baseline=../old-checkout   # before vs after a change
 
-Peers: faiss-cpu IndexFlatIP and numpy matmul + argpartition on CPU (same thread count);
-torch matmul + topk on a GPU. The methods run interleaved (each round runs every method
+Peers: faiss-cpu IndexFlatIP, numpy matmul + argpartition and torch matmul + topk on CPU
+(same thread count; with --dtype=bfloat16 torch multiplies in bf16 — oneDNN, on AMX where the
+CPU has it — and its matmul rate alone is printed); torch matmul + topk on a GPU. The methods run interleaved (each round runs every method
 once), so the machine's drift falls on all of them. Prints best and median seconds,
 effective GFLOP/s (2·Q·N·d / best time) and the ratios peer_time / our_time of bests and of
 medians (> 1 means we are faster), and how many candidates per query the certificate
@@ -48,11 +49,12 @@ flags.DEFINE_list("kernel", ["auto"], "the engine's tile kernels to time: auto, 
 _WORKER = r"""
 import json, os, sys
 sys.path.insert(0, sys.argv[1])
+import ml_dtypes
 import numpy as np
 from plato_jax.knn import search
-data, self_join = sys.argv[2], sys.argv[3] == "1"
-g = np.load(os.path.join(data, "g.npy"))
-q = g if self_join else np.load(os.path.join(data, "q.npy"))
+data, self_join, dtype = sys.argv[2], sys.argv[3] == "1", np.dtype(getattr(ml_dtypes, sys.argv[4], sys.argv[4]))
+g = np.load(os.path.join(data, "g.npy")).view(dtype)  # (numpy saves bf16 as raw 2-byte items)
+q = g if self_join else np.load(os.path.join(data, "q.npy")).view(dtype)
 for line in sys.stdin:
   k, kernel, tile_rows = json.loads(line)
   res = search(q, g, k, exclude_self=self_join, kernel=kernel, tile_rows=tile_rows)
@@ -75,7 +77,8 @@ class Baseline:
     np.save(f"{self._data}/g.npy", g)
     np.save(f"{self._data}/q.npy", q)
     self._proc = subprocess.Popen(
-        [sys.executable, "-c", _WORKER, checkout, self._data, "1" if self_join else "0"],
+        [sys.executable, "-c", _WORKER, checkout, self._data, "1" if self_join else "0",
+         str(g.dtype)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=checkout)
 
   def __call__(self, k: int, kernel: str, tile_rows):
@@ -134,6 +137,43 @@ def _dot_time(q, g, repeats):
   return best_time(lambda: dot(qd, gd), repeats)[0]
 
 
+def _torch_topk(q32, g32, k, backend: str, threads: int, block: int = 65_536):
+  """torch's matmul (+ topk per block of gallery rows, merged) in the benchmark's dtype, or
+  None without torch. On CPU its bf16 matmul is oneDNN's (AMX where the CPU has it)."""
+  try:
+    import torch
+  except ImportError:
+    print("torch not installed: skipped")
+    return None
+  dtype = torch.bfloat16 if FLAGS.dtype == "bfloat16" else torch.float32
+  device = "cuda" if backend == "gpu" else "cpu"
+  torch.set_num_threads(threads)
+  tq = torch.from_numpy(q32).to(device, dtype)
+  tg = torch.from_numpy(g32).to(device, dtype)
+  if backend == "gpu":
+    block = tg.shape[0]
+
+  def run():
+    values, ids = [], []
+    for s in range(0, tg.shape[0], block):
+      out = torch.topk((tq @ tg[s:s + block].T).float(), min(k, tg.shape[0] - s), dim=1)
+      values.append(out.values)
+      ids.append(out.indices + s)
+    v, i = torch.cat(values, 1), torch.cat(ids, 1)
+    best = torch.topk(v, k, dim=1).indices
+    out = torch.gather(i, 1, best)
+    if backend == "gpu":
+      torch.cuda.synchronize()
+    return out.cpu().numpy()
+
+  # The matmul alone at the benchmark's shape, in blocks as `run` multiplies.
+  t = best_time(lambda: [tq @ tg[s:s + block].T for s in range(0, tg.shape[0], block)],
+                FLAGS.repeats)[0]
+  print(f"torch {FLAGS.dtype} matmul alone ({device}, blocks of {block} rows): "
+        f"{2.0 * tq.shape[0] * tg.shape[0] * tq.shape[1] / t / 1e9:.1f} GFLOP/s")
+  return run
+
+
 def main(argv):
   del argv
   import jax
@@ -189,18 +229,10 @@ def main(argv):
       methods["faiss-cpu IndexFlatIP"] = (lambda: index.search(q32, k), lambda r: r[1])
     if "numpy" in FLAGS.peers and backend == "cpu" and not FLAGS.self_join:
       methods["numpy matmul+argpartition"] = (lambda: numpy_topk(q32, g32, k), lambda r: r)
-    if "torch" in FLAGS.peers and backend == "gpu" and not FLAGS.self_join:
-      import torch
-      tq = torch.from_numpy(q32).cuda()
-      tg = torch.from_numpy(g32).cuda()
-      if FLAGS.dtype == "bfloat16":
-        tq, tg = tq.bfloat16(), tg.bfloat16()
-
-      def torch_topk():
-        out = torch.topk((tq @ tg.T).float(), k, dim=1)
-        torch.cuda.synchronize()
-        return out.indices.cpu().numpy()
-      methods["torch matmul+topk"] = (torch_topk, lambda r: r)
+    if "torch" in FLAGS.peers and backend in ("gpu", "cpu") and not FLAGS.self_join:
+      torch_peer = _torch_topk(q32, g32, k, backend, threads)
+      if torch_peer is not None:
+        methods["torch matmul+topk"] = (torch_peer, lambda r: r)
     timed = interleaved_times({name: fn for name, (fn, _) in methods.items()}, FLAGS.repeats)
     ours_name = next(iter(methods))
     ours_times, ours = timed[ours_name]

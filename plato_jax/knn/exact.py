@@ -36,6 +36,7 @@ import dataclasses
 import math
 from typing import Callable
 
+import ml_dtypes
 import numpy as np
 from jax import lax
 
@@ -311,6 +312,14 @@ def rounds_inputs(dtype, precision) -> bool:
   return any(lax.Precision(p) != lax.Precision.HIGHEST for p in parts)
 
 
+def _widens_exactly(stored, compute) -> bool:
+  """Stored values the compute dtype holds unchanged (bf16/f16 in f32): rescored as they
+  lie, with no cast."""
+  stored, compute = np.dtype(stored), np.dtype(compute)
+  narrow = (np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16))
+  return stored == compute or (stored in narrow and compute == np.float32)
+
+
 def rescorer(source, queries, query_norms, dtype, normalize: bool, max_row_norm: float):
   """(query index, gallery position) pairs, in any order → float64 scores from the gallery's
   rows, cast to the compute dtype as the matmul takes them (cosines with `normalize`).
@@ -323,7 +332,7 @@ def rescorer(source, queries, query_norms, dtype, normalize: bool, max_row_norm:
   many queries want its rows); pairs whose rows exceed RESCORE_BYTES are split into groups
   of whole queries, a gather each."""
   in_memory = host_rows(source)
-  if in_memory is not None and in_memory.dtype != np.dtype(dtype):
+  if in_memory is not None and not _widens_exactly(in_memory.dtype, dtype):
     in_memory = None
   limit = max(1, RESCORE_BYTES // (source.dim * np.dtype(dtype).itemsize))
 
@@ -335,12 +344,14 @@ def rescorer(source, queries, query_norms, dtype, normalize: bool, max_row_norm:
       parts = threads.each(lambda ab: take_rows(source, unique[ab[0]:ab[1]]),
                            threads.spans(unique.size, source.dim))
       rows = np.concatenate(parts) if parts else np.zeros((0, source.dim), source.dtype)
-    rows = rows.astype(dtype, copy=False)
+    if not _widens_exactly(rows.dtype, dtype):
+      rows = rows.astype(dtype)
     mine, local = np.unique(which, return_inverse=True)
     out[:] = exact_scores(queries[mine], rows, row_of, local, 1.01 * max_row_norm)
     if normalize:
       used, back = np.unique(row_of, return_inverse=True)
-      norms = np.sqrt(np.einsum("ij,ij->i", rows[used], rows[used], dtype=np.float64))
+      wide = rows[used].astype(np.float64)
+      norms = np.sqrt(np.einsum("ij,ij->i", wide, wide))
       out /= query_norms[which] * norms[back]
 
   def rescore(which, positions):

@@ -18,7 +18,8 @@ import jax
 import numpy as np
 from jax import lax
 
-from plato_jax.kernels.cpu_topk import default_threads, unavailable_reason
+from plato_jax.kernels.cpu_topk import (ROW_DTYPES, default_isa, default_threads,
+                                        unavailable_reason)
 from plato_jax.kernels.fused_contract import BACKENDS, FusedConfig
 from plato_jax.kernels.primitives import RowWindow
 from plato_jax.knn import sharding
@@ -35,10 +36,13 @@ FUSED_BY_DEFAULT_ON: frozenset[str] = frozenset()
 # (plato_jax.kernels.fused_contract.BACKENDS); "fused:<backend>" names one.
 FUSED_BACKEND_ON = {"tpu": "tpu"}
 DEFAULT_FUSED_BACKEND = "triton"
-# Platforms where kernel="auto" picks `plato_jax.kernels.cpu_topk` (f32 matmuls, where it builds and
-# the CPU has AVX2/FMA). On the 2-core reference machine (2026-11-23), one 1024 × 32,768 ×
-# 768 tile: 300–370 ms at k = 10, against 430–460 ms for the XLA step.
+# Platforms where kernel="auto" picks `plato_jax.kernels.cpu_topk` (f32 and bf16 matmuls, where it
+# builds and the CPU has AVX2/FMA). On the 2-core reference machine (2026-11-23), one 1024 ×
+# 32,768 × 768 tile: 300–370 ms at k = 10, against 430–460 ms for the XLA step.
 CPU_KERNEL_ON: frozenset[str] = frozenset({"cpu"})
+# Compute dtypes the CPU kernel multiplies (bf16: its inputs rounded to bf16, on AMX tiles
+# where the CPU has them).
+CPU_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(jax.numpy.bfloat16))
 
 
 def matmul_types(q_dtype, g_dtype, compute_dtype, precision, platform: str):
@@ -52,23 +56,50 @@ def matmul_types(q_dtype, g_dtype, compute_dtype, precision, platform: str):
       and platform != "cpu":
     dtype = np.dtype(q_dtype)
   else:  # XLA:CPU runs half-precision matmuls as f32 ones after a slow on-device
-    # conversion; the same exact products and f32 accumulation come cheaper from tiles
-    # converted on the host.
+    # conversion; the same exact products and f32 accumulation come cheaper from the CPU
+    # kernel, which reads narrow rows as they are (or from tiles widened on the host).
     dtype = np.dtype(np.float32)
   if precision is None:
     precision = lax.Precision.HIGHEST if dtype == np.float32 else lax.Precision.DEFAULT
   return dtype, precision
 
 
-def selector_for(kernel: str, k: int, tile_rows: int, bucket_width, mesh):
+def bf16_products(dtype, queries, gallery_dtype) -> bool:
+  """Whether every product the matmul takes is of two bf16 values: a bf16 compute dtype, or
+  an f32 one on a bf16 gallery and queries whose values are bf16 (a bf16 store's rows). The
+  CPU kernel then multiplies on AMX tiles where the CPU has them: the same exact products,
+  added in another order."""
+  bf16 = np.dtype(jax.numpy.bfloat16)
+  if np.dtype(dtype) == bf16:
+    return True
+  if np.dtype(dtype) != np.float32 or np.dtype(gallery_dtype) != bf16:
+    return False
+  queries = np.asarray(queries)
+  return queries.dtype == bf16 or bool(np.array_equal(
+      queries.astype(bf16).astype(np.float64), queries.astype(np.float64)))
+
+
+def travelling_dtype(kernel: str, dtype, storage_dtype) -> np.dtype:
+  """The dtype tiles travel in: the CPU kernel reads f32, bf16 and f16 rows as they are
+  (others widened to f32); other kernels take the storage dtype, unless the matmul's is
+  wider (XLA:CPU converts tiles slowly on the device: the host widens them)."""
+  dtype, storage_dtype = np.dtype(dtype), np.dtype(storage_dtype)
+  if kernel == "cpu":
+    return storage_dtype if storage_dtype in ROW_DTYPES else np.dtype(np.float32)
+  return dtype if dtype.itemsize > storage_dtype.itemsize else storage_dtype
+
+
+def selector_for(kernel: str, k: int, tile_rows: int, bucket_width, mesh,
+                 bf16_inputs: bool = False):
   """The selector of a kernel `pick_kernel` resolved: XLA's, the CPU kernel's or the fused
-  kernel's."""
+  kernel's. `bf16_inputs`: the CPU kernel rounds its inputs to bf16 (`bf16_products`)."""
   if kernel == "xla":
     return choose_selector(k, tile_rows, bucket_width)
   check_kernel_runs_on(kernel, mesh)
   if kernel == "cpu":
     # The host's cores are shared by the mesh's CPU devices, which run concurrently.
-    return CpuTopKSelector(k, threads=max(1, default_threads() // mesh.local_mesh.size))
+    return CpuTopKSelector(k, threads=max(1, default_threads() // mesh.local_mesh.size),
+                           bf16_inputs=bf16_inputs, isa=default_isa())
   return FusedTopKSelector(k, _fused_config(kernel),
                            interpret=mesh.devices.flat[0].platform == "cpu")
 
@@ -108,10 +139,10 @@ def pick_kernel(kernel: str, k: int, platform: str, dtype=np.float32) -> str:
   names = ("auto", "xla", "cpu", "fused", *(f"fused:{b}" for b in BACKENDS))
   if kernel not in names:
     raise ValueError(f"kernel must be one of {names}, got {kernel!r}")
-  f32 = np.dtype(dtype) == np.float32
-  if kernel == "cpu" and not f32:
-    raise ValueError(f"kernel='cpu' multiplies f32 only, got compute dtype {np.dtype(dtype)}")
-  if kernel == "auto" and platform in CPU_KERNEL_ON and f32:
+  cpu_dtype = np.dtype(dtype) in CPU_KERNEL_DTYPES
+  if kernel == "cpu" and not cpu_dtype:
+    raise ValueError(f"kernel='cpu' multiplies f32 or bf16, got compute dtype {np.dtype(dtype)}")
+  if kernel == "auto" and platform in CPU_KERNEL_ON and cpu_dtype:
     reason = unavailable_reason()
     if reason is None:
       return "cpu"
@@ -130,14 +161,14 @@ def _warn_once(message: str) -> None:
 
 @functools.lru_cache(maxsize=32)
 def selector_that_compiles(kernel, required, k, tile_rows, bucket_width, mesh, block, dim, dtype,
-                            tile_dtype, exclude_self, precision, normalize):
+                            tile_dtype, exclude_self, precision, normalize, bf16_inputs=False):
   """(selector, kernel name). The fused kernel is compiled ahead here; if that fails, the
   XLA selector takes over with a warning (requested explicitly, the error is raised)."""
   xla = choose_selector(k, tile_rows, bucket_width)
   if kernel == "xla":
     return xla, "xla"
   platform = mesh.devices.flat[0].platform
-  selector = selector_for(kernel, k, tile_rows, bucket_width, mesh)
+  selector = selector_for(kernel, k, tile_rows, bucket_width, mesh, bf16_inputs)
   try:
     p = mesh.devices.size
     split = sharding.NamedSharding(mesh, sharding.P(sharding.mesh_axis(mesh)))
@@ -148,7 +179,8 @@ def selector_that_compiles(kernel, required, k, tile_rows, bucket_width, mesh, b
                          sharding.empty_row_stats(p))
     if selector.reads_windows:
       tiles = RowWindow(
-          jax.ShapeDtypeStruct((p, window_length(tile_rows, dim)), tile_dtype, sharding=split),
+          jax.ShapeDtypeStruct((p, window_length(tile_rows, dim, np.dtype(tile_dtype).itemsize)),
+                               tile_dtype, sharding=split),
           jax.ShapeDtypeStruct((p,), np.int32, sharding=split))
     else:
       tiles = jax.ShapeDtypeStruct((p, tile_rows, dim), tile_dtype, sharding=split)

@@ -139,7 +139,7 @@ def ring_self_join(x, k, *, ids=None, exclude_self: bool = True, mesh: Mesh | No
   fallbacks, rescored, searched_again = 0, 0, 0
   result = None
   while queries.size:  # a query whose certificate needs more candidates runs again
-    selector = selector_for(kernel, kept, block, None, mesh)
+    selector = selector_for(kernel, kept, block, None, mesh, plan.bf16_products)
     fn = _ring_fn(mesh, selector, block, plan.exclude_self, precision, kept)
     v, i, more = fn(jax.device_put(padded, split), jax.device_put(padded_ids, split))
     fallbacks += int(np.asarray(more).sum())

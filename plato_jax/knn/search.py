@@ -32,7 +32,7 @@ from plato_jax.kernels.primitives import NO_ID
 from plato_jax.knn import exact, sharding
 from plato_jax.knn.bands import check_ranks
 from plato_jax.knn.checks import check_unique, ids_array, k_list
-from plato_jax.knn.kernel_choice import matmul_types, pick_kernel, row_unit
+from plato_jax.knn.kernel_choice import bf16_products, matmul_types, pick_kernel, row_unit
 from plato_jax.knn.sources import MAX_POSITION, IdRows, as_source
 from plato_jax.knn.stream import Stream
 
@@ -149,8 +149,9 @@ def search(queries, gallery, k, *, resume_dir: str | None = None, checkpoint_eve
       norm, and the certificate rescores as float64 cosines. All-zero rows are an error.
     kernel: the tile kernel. "xla": matmul, then `plato_jax.kernels.topk.bucket_topk` (or the
       threshold selector for k >= 128) on the score tile. "cpu": `plato_jax.kernels.cpu_topk`, a C++
-      kernel (XLA FFI) for CPU devices that selects inside its matmul (f32 only; built with
-      the host compiler on first use). "fused": `plato_jax.kernels.fused_topk`,
+      kernel (XLA FFI) for CPU devices that selects inside its matmul (f32 or bf16; built
+      with the host compiler on first use; bf16 products — a bf16 compute dtype, or bf16
+      stores — on AMX tiles where the CPU has them). "fused": `plato_jax.kernels.fused_topk`,
       the Pallas kernel that selects inside the matmul (small k), in the platform's
       lowering: Triton on GPUs, Pallas TPU on TPUs (interpreted on CPU — slow, for tests).
       "fused:<backend>" names one of `plato_jax.kernels.fused_contract.BACKENDS`:
@@ -246,11 +247,13 @@ class SearchPlan:
   normalize: bool
   exact_queries: np.ndarray  # float64 [Q, D]: the values the matmul takes
   query_norms: np.ndarray    # float64 [Q]
+  bf16_products: bool        # every product is of two bf16 values (`kernel_choice.bf16_products`)
 
   def stream(self) -> Stream:
     return Stream(self.source, self.gallery_ids, tuple(self.sizes), self.mesh, self.kernel,
                    self.kernel_named, self.tile_rows, self.bucket_width, self.query_block,
-                   self.dtype, self.exclude_self, self.precision, self.normalize, self.ranks)
+                   self.dtype, self.exclude_self, self.precision, self.normalize, self.ranks,
+                   bf16_products=self.bf16_products)
 
 
 def plan_search(queries, gallery, k, *, query_ids=None, gallery_ids=None,
@@ -331,7 +334,8 @@ def plan_search(queries, gallery, k, *, query_ids=None, gallery_ids=None,
                      f"{np.flatnonzero(q_norms == 0)[:10].tolist()}")
   return SearchPlan(source, q_host, g_ids, own, own_rank, ranks, ks, sizes, keep, kept, mesh,
                     platform, np.dtype(dtype), precision, kernel, requested != "auto", tile_rows, block,
-                    bucket_width, bool(exclude_self), bool(normalize), q_exact, q_norms)
+                    bucket_width, bool(exclude_self), bool(normalize), q_exact, q_norms,
+                    bf16_products(dtype, q_host, source.dtype))
 
 
 def _certified_results(plan: SearchPlan, stream: Stream, found: dict, progress: bool):

@@ -112,6 +112,8 @@ class CpuTopKSelector:
   k: int
   block_cols: int = 128
   threads: int | None = None
+  bf16_inputs: bool = False  # products of queries and rows rounded to bf16 (AMX where it is)
+  isa: str | None = None     # `cpu_topk.ISAS`; None: `cpu_topk.default_isa()` when traced
   fused = True
   reads_windows = True
 
@@ -119,13 +121,14 @@ class CpuTopKSelector:
     return CpuPools(*empty_pools(num_queries, self.k))
 
   def update_rows(self, state, queries, query_ids, tile, tile_ids, *, normalize, precision):
-    del precision  # f32 FMA chains: a true f32 product, what HIGHEST asks of an f32 matmul
+    del precision  # exact products added in f32: what HIGHEST asks of an f32 matmul
     if query_ids is None:
       query_ids = jnp.full((queries.shape[0],), NO_ID, jnp.int32)
     rows, offset = (tile.window, tile.offset) if isinstance(tile, RowWindow) else (tile, 0)
     pools, sumsq = cpu_update(state, queries, query_ids, rows, tile_ids, k=self.k,
                               row_offset=offset, normalize=normalize,
-                              block_cols=self.block_cols, threads=self.threads)
+                              bf16_inputs=self.bf16_inputs, block_cols=self.block_cols,
+                              threads=self.threads, isa=self.isa)
     return CpuPools(*pools), sumsq
 
   def result(self, state):
@@ -153,7 +156,7 @@ class FusedTopKSelector:
                      np.full((num_queries, self.k), -1, np.int32), np.zeros((), np.int32))
 
   def update_rows(self, state, queries, query_ids, tile, tile_ids, *, normalize, precision):
-    sumsq = row_sumsq(tile)
+    sumsq = row_sumsq(tile.astype(queries.dtype))  # the values the matmul takes
     column_scale = inverse_norms(sumsq) if normalize else None
     bq = self.config.block_q
     q, t = queries.shape[0], tile.shape[0]

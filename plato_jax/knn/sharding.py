@@ -160,7 +160,7 @@ def fold_tile(selector, state, queries, query_ids, tile, tile_ids, *, exclude_se
   if selector.fused:
     return selector.update_rows(state, queries, query_ids if exclude_self else None, tile,
                                 tile_ids, normalize=normalize, precision=precision)
-  sumsq = row_sumsq(tile)
+  sumsq = row_sumsq(tile.astype(queries.dtype))  # the values the matmul takes
   s = score_tile(queries, query_ids, tile, tile_ids, exclude_self=exclude_self,
                  precision=precision, row_sumsq=sumsq if normalize else None)
   return selector.update(state, s), sumsq

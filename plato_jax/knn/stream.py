@@ -19,7 +19,7 @@ import numpy as np
 from plato_jax.kernels.primitives import NO_ID, RowWindow
 from plato_jax.knn import sharding
 from plato_jax.knn.bands import band_tiles, merge_bands, plan_bands
-from plato_jax.knn.kernel_choice import selector_that_compiles
+from plato_jax.knn.kernel_choice import selector_that_compiles, travelling_dtype
 from plato_jax.knn.sources import (TileBuffers, aligned_empty, digest, fingerprint,
                                    on_accelerator, raise_for_bad_rows, window_length)
 from plato_jax.progress import Progress
@@ -70,14 +70,13 @@ class Stream:
   normalize: bool
   ranks: np.ndarray | None = None  # each position's rank (`plato_jax.knn.bands`); None: itself
   fallbacks: int = 0
+  bf16_products: bool = False  # every product of two bf16 values (the CPU kernel's AMX path)
 
   def run(self, q_host, own, kept: dict, resume_dir, checkpoint_every: int, progress: bool):
     source, sizes, mesh = self.source, list(self.sizes), self.mesh
     num_q, dtype = q_host.shape[0], self.dtype
     block = min(self.block, num_q)
-    # Tiles travel in the storage dtype, unless the matmul runs wider anyway (CPU).
-    tile_dtype = dtype if dtype.itemsize > np.dtype(source.dtype).itemsize else \
-        np.dtype(source.dtype)
+    tile_dtype = travelling_dtype(self.kernel, dtype, source.dtype)
     bands = plan_bands(sizes, self.tile_rows, mesh.devices.size, self.ranks)
     # A band's state keeps what the largest prefix holding it needs, at most its rows.
     widths = [kept[s] for s in sizes]
@@ -86,7 +85,8 @@ class Stream:
     steps = [sharding.sharded_step(mesh, sel, self.exclude_self, self.precision, self.normalize)
              for sel in selectors]
     # Host rows go to the CPU kernel where they lie (no copy of unaligned numpy rows).
-    window = window_length(self.tile_rows, source.dim) if selectors[0].reads_windows else None
+    window = (window_length(self.tile_rows, source.dim, tile_dtype.itemsize)
+              if selectors[0].reads_windows else None)
     on_host = mesh.devices.flat[0].platform in FINISH_ON_HOST
     groups = bands.groups
     mine = sharding.local_slots(mesh)
@@ -178,7 +178,7 @@ class Stream:
       picked = [selector_that_compiles(
           kernel, self.required, k[b], self.tile_rows, self.bucket_width, self.mesh, block,
           self.source.dim, self.dtype, tile_dtype, self.exclude_self, self.precision,
-          self.normalize) for b in range(count)]
+          self.normalize, self.bf16_products) for b in range(count)]
       self.kernel = picked[int(np.argmax(k))][1]
       return [selector for selector, _ in picked]
 
