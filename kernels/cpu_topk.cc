@@ -1038,9 +1038,10 @@ ffi::Error TileTopKImpl(ffi::Buffer<ffi::F32> values_in, ffi::Buffer<ffi::S32> i
   if (real_t == 0) return ffi::Error::Success();
   // Whole micro-tiles of queries per thread; with no queries, one thread still writes the
   // norms.
-  const int64_t panels = (num_q + kRows - 1) / kRows;
+  const int64_t unit = p.amx ? 32 : kRows;  // queries per AMX block (two A tiles), micro-tile
+  const int64_t panels = (num_q + unit - 1) / unit;
   const int64_t workers = std::max<int64_t>(1, std::min(threads, panels));
-  auto share = [&](int64_t w) { return std::min(num_q, panels * w / workers * kRows); };
+  auto share = [&](int64_t w) { return std::min(num_q, panels * w / workers * unit); };
   // bf16 inputs: the queries rounded once, for every thread.
   std::vector<float> rounded(bf16_inputs ? num_q * dim : 0);
   for (size_t j = 0; j < rounded.size(); ++j) rounded[j] = RoundedToBf16(queries.typed_data()[j]);

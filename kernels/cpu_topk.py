@@ -122,12 +122,13 @@ def _load() -> None:
   jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.PlatoTileTopK), platform="cpu")
 
 
-def _cpu_flags() -> set[str]:
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
   try:
     with open("/proc/cpuinfo") as f:
-      return set(next((line for line in f if line.startswith("flags")), "").split())
+      return frozenset(next((line for line in f if line.startswith("flags")), "").split())
   except OSError:
-    return set()
+    return frozenset()
 
 
 def has_avx2() -> bool:

@@ -9,7 +9,6 @@ from knn_reference import brute_force, integer_rows, one_device_mesh, skip_unles
 
 from plato_jax.kernels import cpu_topk
 from plato_jax.knn import ArraySource, search, search_prefixes
-from plato_jax.knn.kernel_choice import selector_that_compiles
 from plato_jax.knn.sources import TensorStoreSource
 
 
@@ -210,16 +209,23 @@ CPU_ISAS = [pytest.param(isa, marks=pytest.mark.skipif(
     (ml_dtypes.bfloat16, None, False, False),  # f32 queries: f32 products of bf16 rows
     (np.float32, ml_dtypes.bfloat16, False, True),  # bf16 asked: the kernel rounds
     (np.float16, None, False, False),          # f16 rows widened in the kernel
+    (np.float64, ml_dtypes.bfloat16, False, False),  # rounded once, from f64
 ])
 def test_cpu_kernel_on_narrow_inputs_equals_brute_force(rng, monkeypatch, isa, store,
                                                         compute_dtype, bf16_queries, normalize):
   """Every CPU kernel path (PLATO_CPU_ISA) on bf16/f16 stores and bf16 compute equals the
   float64 brute force on the values the matmul takes: random floats, duplicate rows, a
-  gallery not a multiple of the tile, self-exclusion."""
+  gallery not a multiple of the tile, self-exclusion. The f64 gallery sits just above
+  halfway between bf16 values: rounded once it goes up; through f32 it would be a tie."""
   skip_unless_runs_here("cpu")
   monkeypatch.setenv(cpu_topk.ISA_ENV, isa)
-  selector_that_compiles.cache_clear()
   g = rng.standard_normal((1500, 48)).astype(store)
+  if store == np.float64:
+    below = np.abs(g).astype(ml_dtypes.bfloat16).astype(np.float64)
+    half_ulp = 2.0 ** (np.floor(np.log2(below)) - 8)
+    g = np.sign(g) * (below + half_ulp * (1 + 2.0 ** -30))
+    assert not np.array_equal(g.astype(ml_dtypes.bfloat16),
+                              g.astype(np.float32).astype(ml_dtypes.bfloat16))
   g[[9, 1200]] = g[30]
   q = g[:40] if bf16_queries else rng.standard_normal((40, 48)).astype(np.float32)
   qids = np.arange(40) if bf16_queries else None
@@ -236,7 +242,6 @@ def test_cpu_kernel_on_narrow_inputs_equals_brute_force(rng, monkeypatch, isa, s
     scores /= np.linalg.norm(q64, axis=1, keepdims=True)
   np.testing.assert_array_equal(res.ids, ids)
   np.testing.assert_allclose(res.scores, scores, rtol=1e-6, atol=1e-6)
-  selector_that_compiles.cache_clear()
 
 
 def test_matches_faiss_inner_product(rng, kernel):
@@ -566,7 +571,7 @@ def test_a_fused_kernel_that_does_not_compile_falls_back_to_xla(rng, monkeypatch
   def broken(*args, **kwargs):
     raise NotImplementedError("no lowering for this primitive")
 
-  kernel_choice.selector_that_compiles.cache_clear()  # probes are cached per shape
+  kernel_choice._selector_that_compiles.cache_clear()  # probes are cached per shape
   monkeypatch.setattr(selectors.FusedTopKSelector, "update_rows", broken)
   monkeypatch.setattr(search_module, "pick_kernel", lambda *args: "fused:triton")
   with pytest.warns(UserWarning, match="did not compile.*using the XLA kernel"):
@@ -576,7 +581,7 @@ def test_a_fused_kernel_that_does_not_compile_falls_back_to_xla(rng, monkeypatch
   np.testing.assert_array_equal(res.ids, ids)
   with pytest.raises(NotImplementedError):
     search(x[:20], x, 4, kernel="fused")
-  kernel_choice.selector_that_compiles.cache_clear()
+  kernel_choice._selector_that_compiles.cache_clear()
 
 
 def test_host_topk_orders_by_score_then_id(rng):

@@ -94,7 +94,8 @@ def profile(queries: int, tile_rows: int, dim: int, k: int, dtype: str, repeats:
   else:
     from plato_jax.knn.kernel_choice import pick_kernel, selector_for
     resolved = pick_kernel(kernel, k, dev.platform, jdtype)
-    selector = selector_for(resolved, k, tile_rows, None, mesh)
+    selector = selector_for(resolved, k, tile_rows, None, mesh,
+                            bf16_inputs=np.dtype(jdtype) == np.dtype(jnp.bfloat16))
     name = f"{resolved} ({type(selector).__name__})"
     step = sharding.sharded_step(mesh, selector, True, precision, False)
     qids = sharding.put_whole(mesh, np.full(queries, -2, np.int32))

@@ -64,7 +64,7 @@ def matmul_types(q_dtype, g_dtype, compute_dtype, precision, platform: str):
   return dtype, precision
 
 
-def bf16_products(dtype, queries, gallery_dtype) -> bool:
+def bf16_products(dtype, queries, gallery_dtype, chunk: int = 65_536) -> bool:
   """Whether every product the matmul takes is of two bf16 values: a bf16 compute dtype, or
   an f32 one on a bf16 gallery and queries whose values are bf16 (a bf16 store's rows). The
   CPU kernel then multiplies on AMX tiles where the CPU has them: the same exact products,
@@ -75,8 +75,13 @@ def bf16_products(dtype, queries, gallery_dtype) -> bool:
   if np.dtype(dtype) != np.float32 or np.dtype(gallery_dtype) != bf16:
     return False
   queries = np.asarray(queries)
-  return queries.dtype == bf16 or bool(np.array_equal(
-      queries.astype(bf16).astype(np.float64), queries.astype(np.float64)))
+  if queries.dtype == bf16:
+    return True
+  for start in range(0, len(queries), chunk):  # (no temporary as large as the queries)
+    taken = queries[start:start + chunk].astype(np.float32)  # what an f32 matmul takes
+    if not np.array_equal(taken.astype(bf16).astype(np.float32), taken):
+      return False
+  return True
 
 
 def travelling_dtype(kernel: str, dtype, storage_dtype) -> np.dtype:
@@ -85,7 +90,11 @@ def travelling_dtype(kernel: str, dtype, storage_dtype) -> np.dtype:
   wider (XLA:CPU converts tiles slowly on the device: the host widens them)."""
   dtype, storage_dtype = np.dtype(dtype), np.dtype(storage_dtype)
   if kernel == "cpu":
-    return storage_dtype if storage_dtype in ROW_DTYPES else np.dtype(np.float32)
+    if storage_dtype in ROW_DTYPES:
+      return storage_dtype
+    # Others once, on the host: to bf16 when the products round to it (through f32 it
+    # would round twice, unlike the certificate's values), else to f32.
+    return dtype if dtype == np.dtype(jax.numpy.bfloat16) else np.dtype(np.float32)
   return dtype if dtype.itemsize > storage_dtype.itemsize else storage_dtype
 
 
@@ -159,11 +168,19 @@ def _warn_once(message: str) -> None:
   warnings.warn(message)
 
 
+def selector_that_compiles(*args):
+  """(selector, kernel name) for `_selector_that_compiles`'s arguments, compiled once per
+  arguments and CPU kernel path (`PLATO_CPU_ISA` is read on each call)."""
+  return _selector_that_compiles(*args, cpu_isa=default_isa())
+
+
 @functools.lru_cache(maxsize=32)
-def selector_that_compiles(kernel, required, k, tile_rows, bucket_width, mesh, block, dim, dtype,
-                            tile_dtype, exclude_self, precision, normalize, bf16_inputs=False):
+def _selector_that_compiles(kernel, required, k, tile_rows, bucket_width, mesh, block, dim,
+                            dtype, tile_dtype, exclude_self, precision, normalize,
+                            bf16_inputs=False, *, cpu_isa):
   """(selector, kernel name). The fused kernel is compiled ahead here; if that fails, the
   XLA selector takes over with a warning (requested explicitly, the error is raised)."""
+  del cpu_isa  # (a key: selector_for reads it again)
   xla = choose_selector(k, tile_rows, bucket_width)
   if kernel == "xla":
     return xla, "xla"

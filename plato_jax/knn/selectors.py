@@ -112,8 +112,12 @@ class CpuTopKSelector:
   k: int
   block_cols: int = 128
   threads: int | None = None
-  bf16_inputs: bool = False  # products of queries and rows rounded to bf16 (AMX where it is)
-  isa: str | None = None     # `cpu_topk.ISAS`; None: `cpu_topk.default_isa()` when traced
+  # Products of queries and rows rounded to bf16 (AMX where it is), and the instruction set
+  # (`cpu_topk.ISAS`; None: `cpu_topk.default_isa()` when traced). Not in the repr, which
+  # resumes compare: the inputs' dtypes decide the first, and no path changes what a
+  # checkpoint's candidates mean (the certificate bounds every path's rounding).
+  bf16_inputs: bool = dataclasses.field(default=False, repr=False)
+  isa: str | None = dataclasses.field(default=None, repr=False)
   fused = True
   reads_windows = True
 
