@@ -342,16 +342,20 @@ inline float RowValue(const Problem& p, int64_t i) {
 
 inline float RoundedToBf16(float f) { return Bf16ToF32(F32ToBf16(f)); }
 
+// Element i of the rows as the products take it.
+inline float TakenValue(const Problem& p, int64_t i) {
+  return p.bf16_inputs ? RoundedToBf16(RowValue(p, i)) : RowValue(p, i);
+}
+
 #ifdef PLATO_X86
 // Eight values at once, as the scalar functions above.
 __attribute__((target("avx2,fma,f16c"))) __m256 LoadAsF32Avx2(const Problem& p, int64_t i) {
+  if (p.row_type == kF32) return _mm256_loadu_ps(static_cast<const float*>(p.rows) + i);
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(
       static_cast<const uint16_t*>(p.rows) + i));
-  switch (p.row_type) {
-    case kBf16: return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    case kF16: return _mm256_cvtph_ps(h);
-    default: return _mm256_loadu_ps(static_cast<const float*>(p.rows) + i);
-  }
+  return p.row_type == kBf16
+             ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+             : _mm256_cvtph_ps(h);
 }
 
 __attribute__((target("avx2,fma"))) __m256 RoundedToBf16Avx2(__m256 x) {
@@ -373,7 +377,7 @@ __attribute__((target("avx2,fma,f16c"))) void RowsAsF32Avx2(const Problem& p, in
     _mm256_storeu_ps(out + j, p.bf16_inputs ? RoundedToBf16Avx2(x) : x);
   }
   for (; j < n; ++j) {
-    out[j] = p.bf16_inputs ? RoundedToBf16(RowValue(p, begin + j)) : RowValue(p, begin + j);
+    out[j] = TakenValue(p, begin + j);
   }
 }
 #endif
@@ -386,7 +390,7 @@ void RowsAsF32(const Problem& p, int64_t r0, int64_t count, float* out) {
   if (p.avx2) return RowsAsF32Avx2(p, begin, n, out);
 #endif
   for (int64_t j = 0; j < n; ++j) {
-    out[j] = p.bf16_inputs ? RoundedToBf16(RowValue(p, begin + j)) : RowValue(p, begin + j);
+    out[j] = TakenValue(p, begin + j);
   }
 }
 

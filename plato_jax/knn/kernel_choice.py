@@ -42,14 +42,15 @@ DEFAULT_FUSED_BACKEND = "triton"
 CPU_KERNEL_ON: frozenset[str] = frozenset({"cpu"})
 # Compute dtypes the CPU kernel multiplies (bf16: its inputs rounded to bf16, on AMX tiles
 # where the CPU has them).
-CPU_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(jax.numpy.bfloat16))
+BF16 = np.dtype(jax.numpy.bfloat16)
+CPU_KERNEL_DTYPES = (np.dtype(np.float32), BF16)
 
 
 def matmul_types(q_dtype, g_dtype, compute_dtype, precision, platform: str):
   """(input dtype, `lax.Precision`) of the matmul, `search`'s and `ring_self_join`'s
   defaults: bf16/f16 when both sides are (not on CPU), else f32; HIGHEST for f32 (a true
   f32 product), DEFAULT otherwise."""
-  half = {np.dtype(jax.numpy.bfloat16), np.dtype(np.float16)}
+  half = {BF16, np.dtype(np.float16)}
   if compute_dtype is not None:
     dtype = np.dtype(compute_dtype)
   elif np.dtype(q_dtype) == np.dtype(g_dtype) and np.dtype(q_dtype) in half \
@@ -69,17 +70,16 @@ def bf16_products(dtype, queries, gallery_dtype, chunk: int = 65_536) -> bool:
   an f32 one on a bf16 gallery and queries whose values are bf16 (a bf16 store's rows). The
   CPU kernel then multiplies on AMX tiles where the CPU has them: the same exact products,
   added in another order."""
-  bf16 = np.dtype(jax.numpy.bfloat16)
-  if np.dtype(dtype) == bf16:
+  if np.dtype(dtype) == BF16:
     return True
-  if np.dtype(dtype) != np.float32 or np.dtype(gallery_dtype) != bf16:
+  if np.dtype(dtype) != np.float32 or np.dtype(gallery_dtype) != BF16:
     return False
   queries = np.asarray(queries)
-  if queries.dtype == bf16:
+  if queries.dtype == BF16:
     return True
   for start in range(0, len(queries), chunk):  # (no temporary as large as the queries)
     taken = queries[start:start + chunk].astype(np.float32)  # what an f32 matmul takes
-    if not np.array_equal(taken.astype(bf16).astype(np.float32), taken):
+    if not np.array_equal(taken.astype(BF16).astype(np.float32), taken):
       return False
   return True
 
@@ -94,21 +94,22 @@ def travelling_dtype(kernel: str, dtype, storage_dtype) -> np.dtype:
       return storage_dtype
     # Others once, on the host: to bf16 when the products round to it (through f32 it
     # would round twice, unlike the certificate's values), else to f32.
-    return dtype if dtype == np.dtype(jax.numpy.bfloat16) else np.dtype(np.float32)
+    return dtype if dtype == BF16 else np.dtype(np.float32)
   return dtype if dtype.itemsize > storage_dtype.itemsize else storage_dtype
 
 
 def selector_for(kernel: str, k: int, tile_rows: int, bucket_width, mesh,
-                 bf16_inputs: bool = False):
+                 bf16_inputs: bool = False, cpu_isa: str | None = None):
   """The selector of a kernel `pick_kernel` resolved: XLA's, the CPU kernel's or the fused
-  kernel's. `bf16_inputs`: the CPU kernel rounds its inputs to bf16 (`bf16_products`)."""
+  kernel's. `bf16_inputs`: the CPU kernel rounds its inputs to bf16 (`bf16_products`);
+  `cpu_isa`: its instruction set (default `cpu_topk.default_isa()`)."""
   if kernel == "xla":
     return choose_selector(k, tile_rows, bucket_width)
   check_kernel_runs_on(kernel, mesh)
   if kernel == "cpu":
     # The host's cores are shared by the mesh's CPU devices, which run concurrently.
     return CpuTopKSelector(k, threads=max(1, default_threads() // mesh.local_mesh.size),
-                           bf16_inputs=bf16_inputs, isa=default_isa())
+                           bf16_inputs=bf16_inputs, isa=cpu_isa or default_isa())
   return FusedTopKSelector(k, _fused_config(kernel),
                            interpret=mesh.devices.flat[0].platform == "cpu")
 
@@ -180,12 +181,11 @@ def _selector_that_compiles(kernel, required, k, tile_rows, bucket_width, mesh, 
                             bf16_inputs=False, *, cpu_isa):
   """(selector, kernel name). The fused kernel is compiled ahead here; if that fails, the
   XLA selector takes over with a warning (requested explicitly, the error is raised)."""
-  del cpu_isa  # (a key: selector_for reads it again)
   xla = choose_selector(k, tile_rows, bucket_width)
   if kernel == "xla":
     return xla, "xla"
   platform = mesh.devices.flat[0].platform
-  selector = selector_for(kernel, k, tile_rows, bucket_width, mesh, bf16_inputs)
+  selector = selector_for(kernel, k, tile_rows, bucket_width, mesh, bf16_inputs, cpu_isa)
   try:
     p = mesh.devices.size
     split = sharding.NamedSharding(mesh, sharding.P(sharding.mesh_axis(mesh)))
